@@ -1,0 +1,1 @@
+"""fusedrl.engine: rollout -> pack -> score -> advantages -> update."""

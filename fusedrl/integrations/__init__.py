@@ -1,0 +1,1 @@
+"""Drop-ins for other trainers: ``fusedrl.integrations.hf`` and ``fusedrl.integrations.trl``."""

@@ -1,0 +1,331 @@
+"""Fused token log-probabilities and entropy: ``log softmax(logits / T)[label]`` and ``H(softmax(logits / T))``.
+
+One streaming pass over each vocabulary row (online max / sum-exp), the label logit gathered directly,
+a per-row logsumexp kept for backward. No (N, V) float32 tensor is ever allocated; backward writes the
+gradient w.r.t. the logits in their own dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._utils import (
+    as_rows,
+    check_float,
+    check_int,
+    check_labels_in_range,
+    check_same_device,
+    launch,
+    resolve_backend,
+    tl,
+    triton,
+    vocab_block,
+)
+
+# Rows per chunk on the PyTorch path: bounds the float32 temporaries at ~16M elements whatever N is.
+_TORCH_CHUNK_ELEMS = 1 << 22
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _logprobs_fwd_kernel(
+    X,  # (n_rows, V) logits, any float dtype, row r at (r // inner) * s_outer + (r % inner) * s_inner
+    LABELS,  # (n_rows,) int64
+    LOGP,  # (n_rows,) float32 out
+    ENT,  # (n_rows,) float32 out (written only when RETURN_ENTROPY)
+    LSE,  # (n_rows,) float32 out: logsumexp(logits / T), kept for backward
+    V,
+    inner,
+    s_outer,
+    s_inner,
+    s_v,
+    inv_temp,  # runtime float: a new temperature never recompiles
+    ignore_index,
+    RETURN_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = X + (row // inner) * s_outer + (row % inner) * s_inner
+    label = tl.load(LABELS + row)
+    valid = label != ignore_index
+    in_range = tl.where(label >= 0, label < V, False)
+    # Columns to read: none on an ignored row. (A vector mask & a scalar bool is not used anywhere in
+    # these kernels: Triton's interpreter turns that broadcast into int32 and rejects it as a mask.)
+    n_read = tl.where(valid, V, 0)
+    cols0 = tl.arange(0, BLOCK_V)
+
+    # Running max m, sum-exp s = sum exp(x - m) and, for the entropy, w = sum exp(x - m) * x.
+    m = float("-inf")
+    s = 0.0
+    w = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        x = tl.load(base + cols.to(tl.int64) * s_v, mask=cols < n_read, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(x - m_ref)
+        s = s * alpha + tl.sum(e, 0)
+        if RETURN_ENTROPY:
+            w = w * alpha + tl.sum(tl.where(e > 0.0, e * x, 0.0), 0)
+        m = m_new
+
+    lse = m + tl.log(s)
+    safe_label = tl.where(in_range, label, 0)
+    x_label = tl.load(base + safe_label * s_v).to(tl.float32) * inv_temp
+    # logp <= 0 by construction; the clamp removes the last-ulp excess of a dominant logit.
+    logp = tl.minimum(x_label - lse, 0.0)
+    logp = tl.where(in_range, logp, float("nan"))  # an out-of-range label never reads out of bounds
+    tl.store(LOGP + row, tl.where(valid, logp, 0.0))
+    tl.store(LSE + row, tl.where(valid, lse, 0.0))
+    if RETURN_ENTROPY:
+        ent = tl.maximum(lse - w / s, 0.0)
+        tl.store(ENT + row, tl.where(valid, ent, 0.0))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    X,  # (n_rows, V) logits (read)
+    DX,  # (n_rows, V) gradient out, logits dtype; may alias X (then same strides)
+    LABELS,
+    LSE,  # (n_rows,) float32 saved logsumexp
+    ENT,  # (n_rows,) float32 saved entropy (read only when HAS_DENT)
+    DLOGP,  # (n_rows,) upstream gradient of logp
+    DENT,  # (n_rows,) upstream gradient of entropy (read only when HAS_DENT)
+    V,
+    inner,
+    s_outer,
+    s_inner,
+    s_v,
+    dx_outer,
+    dx_inner,
+    dx_v,
+    inv_temp,
+    ignore_index,
+    HAS_DENT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = X + (row // inner) * s_outer + (row % inner) * s_inner
+    dbase = DX + (row // inner) * dx_outer + (row % inner) * dx_inner
+    label = tl.load(LABELS + row)
+    valid = label != ignore_index
+    lse = tl.load(LSE + row)
+    g_lp = tl.where(valid, tl.load(DLOGP + row).to(tl.float32), 0.0)
+    g_h = 0.0
+    ent = 0.0
+    if HAS_DENT:
+        g_h = tl.where(valid, tl.load(DENT + row).to(tl.float32), 0.0)
+        ent = tl.load(ENT + row)
+    n_read = tl.where(valid, V, 0)
+    cols0 = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = cols < V
+        x = tl.load(base + cols.to(tl.int64) * s_v, mask=cols < n_read, other=0.0).to(tl.float32) * inv_temp
+        lp = x - lse
+        p = tl.exp(lp)
+        # d logp / dx_j = [j == y] - p_j. At the label, 1 - p is formed as -expm1(lp) in float32: the
+        # naive 1 - p cancels catastrophically when p -> 1 (Liger-Kernel #1329 did it in bf16).
+        one_minus_p = tl.where(lp > -1e-2, -lp * (1.0 + lp * (0.5 + lp * (1.0 / 6.0))), 1.0 - p)
+        g = tl.where(cols == label, g_lp * one_minus_p, -g_lp * p)
+        if HAS_DENT:
+            # dH / dx_j = -p_j (log p_j + H)
+            g -= g_h * tl.where(p > 0.0, p * (lp + ent), 0.0)
+        g = tl.where(valid, g * inv_temp, 0.0)
+        tl.store(dbase + cols.to(tl.int64) * dx_v, g.to(DX.dtype.element_ty), mask=mask)
+
+
+def _logprobs_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy):
+    x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    V = logits.shape[-1]
+    dev = logits.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=dev)
+    if n > 0:
+        block, warps = vocab_block(V, logits.dtype, dev)
+        launch(
+            _logprobs_fwd_kernel, (n,), dev,
+            x, labels, logp, ent if return_entropy else logp, lse,
+            V, inner, s_outer, s_inner, s_v, inv_temp, ignore_index,
+            RETURN_ENTROPY=return_entropy, BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+    return logp, ent, lse
+
+
+def _logprobs_bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out=None):
+    """Gradient w.r.t. logits, written into ``out`` (default: a new tensor shaped like the logits)."""
+    x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    dx, _, _, d_outer, d_inner, d_v = as_rows(out)
+    V = logits.shape[-1]
+    if n > 0:
+        block, warps = vocab_block(V, logits.dtype, logits.device)
+        has_dent = dent is not None
+        launch(
+            _logprobs_bwd_kernel, (n,), logits.device,
+            x, dx, labels, lse, ent if has_dent else lse, dlogp, dent if has_dent else dlogp,
+            V, inner, s_outer, s_inner, s_v, d_outer, d_inner, d_v, inv_temp, ignore_index,
+            HAS_DENT=has_dent, BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch path: the reference, chunked over rows and recomputed in backward
+# ----------------------------------------------------------------------------------------------------
+def _row_blocks(x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(first_row, 2-D view) pieces covering a (..., V) tensor's rows in order, without copying."""
+    V = x.shape[-1]
+    try:
+        return [(0, x.view(-1, V))]
+    except RuntimeError:
+        flat = x.flatten(0, -3) if x.dim() > 3 else x  # (B, T, V) with non-mergeable strides
+        T = flat.shape[-2]
+        return [(b * T, flat[b]) for b in range(flat.shape[0])]
+
+
+def _row_chunks(x: torch.Tensor):
+    V = max(x.shape[-1], 1)
+    step = max(1, _TORCH_CHUNK_ELEMS // V)
+    for first, block in _row_blocks(x):
+        for i in range(0, block.shape[0], step):
+            yield first + i, block[i : i + step]
+
+
+class _LogProbsTorch(torch.autograd.Function):
+    """logp_i = x_{i,y_i} - logsumexp(x_i), H_i = logsumexp(x_i) - sum_j p_ij x_ij, with x = logits / T.
+    Forward and backward run ``logprobs_ref`` chunk by chunk (backward recomputes each chunk), so peak
+    memory is one chunk of float32 temporaries rather than (N, V)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy):
+        flat_labels = labels.reshape(-1)
+        n = flat_labels.numel()
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=logits.device)
+        for r0, chunk in _row_chunks(logits):
+            lab = flat_labels[r0 : r0 + chunk.shape[0]]
+            out = logprobs_ref(chunk, lab, temperature=temperature, ignore_index=ignore_index,
+                               return_entropy=return_entropy)  # fmt: skip
+            if return_entropy:
+                logp[r0 : r0 + len(lab)], ent[r0 : r0 + len(lab)] = out
+            else:
+                logp[r0 : r0 + len(lab)] = out
+        ctx.save_for_backward(logits, flat_labels)
+        ctx.cfg = (temperature, ignore_index, return_entropy)
+        if not return_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp.view(labels.shape), ent.view(labels.shape if return_entropy else (0,))
+
+    @staticmethod
+    def backward(ctx, dlogp, dent):
+        logits, flat_labels = ctx.saved_tensors
+        temperature, ignore_index, return_entropy = ctx.cfg
+        grad = torch.empty_like(logits)
+        dlogp = torch.zeros(flat_labels.shape, device=logits.device) if dlogp is None else dlogp.reshape(-1)
+        use_dent = return_entropy and dent is not None
+        for (r0, chunk), (_, gchunk) in zip(_row_chunks(logits), _row_chunks(grad)):
+            rows = slice(r0, r0 + chunk.shape[0])
+            with torch.enable_grad():
+                leaf = chunk.detach().requires_grad_(True)
+                out = logprobs_ref(leaf, flat_labels[rows], temperature=temperature,
+                                   ignore_index=ignore_index, return_entropy=use_dent)  # fmt: skip
+                if use_dent:
+                    obj = (out[0] * dlogp[rows]).sum() + (out[1] * dent.reshape(-1)[rows]).sum()
+                else:
+                    obj = (out * dlogp[rows]).sum()
+                (g,) = torch.autograd.grad(obj, leaf)
+            gchunk.copy_(g)
+        return grad, None, None, None, None
+
+
+class _LogProbsTriton(torch.autograd.Function):
+    """Same math as ``_LogProbsTorch``; forward keeps only the per-row logsumexp (and entropy), backward
+    streams the logits once more: d/dx_j = (1/T) [g_logp ([j = y] - p_j) - g_H p_j (log p_j + H)]."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy):
+        flat_labels = labels.reshape(-1).to(torch.int64)
+        inv_temp = 1.0 / temperature
+        logp, ent, lse = _logprobs_fwd_triton(logits, flat_labels, inv_temp, ignore_index, return_entropy)
+        ctx.save_for_backward(logits, flat_labels, lse, ent)
+        ctx.cfg = (inv_temp, ignore_index, return_entropy)
+        if not return_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp.view(labels.shape), ent.view(labels.shape if return_entropy else (0,))
+
+    @staticmethod
+    def backward(ctx, dlogp, dent):
+        logits, flat_labels, lse, ent = ctx.saved_tensors
+        inv_temp, ignore_index, return_entropy = ctx.cfg
+        if dlogp is None:
+            dlogp = torch.zeros_like(lse)
+        dlogp = dlogp.reshape(-1).float().contiguous()
+        if return_entropy and dent is not None:
+            dent = dent.reshape(-1).float().contiguous()
+        else:
+            dent = None
+        grad = _logprobs_bwd_triton(logits, flat_labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
+        return grad, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------
+def check_logits_labels(logits, labels, temperature, *, ignore_index=-100, backend="auto") -> str:
+    """Shared boundary checks for ops that take (..., V) logits and (...) labels; returns the backend."""
+    check_float("logits", logits)
+    check_int("labels", labels)
+    check_same_device(logits=logits, labels=labels)
+    if logits.dim() < 1 or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have the shape of logits without its last (vocabulary) dim: logits {tuple(logits.shape)} "
+            f"needs labels {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    return resolve_backend(backend, logits.device)
+
+
+def logprobs(
+    logits: torch.Tensor,  # (..., V) fp32 / bf16 / fp16, any strides
+    labels: torch.Tensor,  # (...) integer
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """Token log-probabilities ``log softmax(logits / temperature)[labels]`` as float32, and optionally the
+    entropy of ``softmax(logits / temperature)``.
+
+    Positions whose label is ``ignore_index`` give logp 0, entropy 0 and zero gradient. ``backend``:
+    ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` (a CPU tensor runs the same kernels in
+    Triton's interpreter) or ``"torch"`` (the chunked reference). Labels are range-checked with one host
+    sync unless ``fusedrl.kernels.set_validation(False)`` or during CUDA-graph capture.
+
+    Returns ``logp`` (shape of labels) or ``(logp, entropy)``.
+    """
+    backend = check_logits_labels(logits, labels, temperature, ignore_index=ignore_index, backend=backend)
+    fn = _LogProbsTriton if backend == "triton" else _LogProbsTorch
+    logp, ent = fn.apply(logits, labels, float(temperature), int(ignore_index), bool(return_entropy))
+    return (logp, ent) if return_entropy else logp
+
+
+def logprobs_ref(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """Textbook reference: full log-softmax in (at least) float32, gather, entropy. Differentiable by
+    autograd; float64 inputs stay float64 (the tests' ground truth)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    lp = torch.log_softmax(x, dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp = torch.where(valid, lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
+    if not return_entropy:
+        return logp
+    ent = torch.where(valid, -(lp.exp() * lp).sum(-1), 0.0)
+    return logp, ent

@@ -1,0 +1,55 @@
+"""The one comparison helper every test uses: max / mean error and the first bad index on failure."""
+from __future__ import annotations
+
+import torch
+
+# Per-dtype scale for atol in three-way comparisons: about one rounding step of the dtype.
+EPS = {torch.float32: 1e-6, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 1e-12}
+
+
+def _describe(diff: torch.Tensor, bad: torch.Tensor, actual, expected) -> str:
+    flat_bad = bad.flatten().nonzero()
+    first = int(flat_bad[0]) if flat_bad.numel() else -1
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), diff.shape)) if first >= 0 else ()
+    finite = diff[torch.isfinite(diff)]
+    return (
+        f"max err {finite.max().item() if finite.numel() else float('nan'):.3e}, "
+        f"mean err {finite.mean().item() if finite.numel() else float('nan'):.3e}, "
+        f"{int(bad.sum())} of {diff.numel()} bad, first bad index {idx}: "
+        f"actual {actual.flatten()[first].item() if first >= 0 else None!r} "
+        f"expected {expected.flatten()[first].item() if first >= 0 else None!r}"
+    )
+
+
+def assert_close(actual, expected, *, atol=1e-6, rtol=0.0, name="tensor"):
+    """|actual - expected| <= atol + rtol * |expected| everywhere, NaN/inf only where expected has them."""
+    actual = torch.as_tensor(actual).detach().double().cpu()
+    expected = torch.as_tensor(expected).detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    nonfinite_mismatch = (~torch.isfinite(actual) | ~torch.isfinite(expected)) & ~(
+        (actual == expected) | (torch.isnan(actual) & torch.isnan(expected))
+    )
+    diff = (actual - expected).abs()
+    bad = nonfinite_mismatch | (diff > atol + rtol * expected.abs())
+    bad &= ~((actual == expected) | (torch.isnan(actual) & torch.isnan(expected)))
+    if bool(bad.any()):
+        raise AssertionError(f"{name}: " + _describe(diff, bad, actual, expected))
+
+
+def assert_kernel_close(kernel, ref_low, truth, *, atol=None, name="tensor", factor=2.0):
+    """Three-way check: err(kernel) <= factor * err(same-dtype reference) + atol, errors against the
+    float64 truth. The default atol is ~ten rounding steps of float32 times the truth's scale."""
+    kernel = torch.as_tensor(kernel).detach().double().cpu()
+    ref_low = torch.as_tensor(ref_low).detach().double().cpu()
+    truth = torch.as_tensor(truth).detach().double().cpu()
+    assert kernel.shape == truth.shape == ref_low.shape, (
+        f"{name}: shapes kernel {tuple(kernel.shape)} ref {tuple(ref_low.shape)} truth {tuple(truth.shape)}"
+    )
+    scale = truth.abs().max().item() if truth.numel() else 1.0
+    if atol is None:
+        atol = 1e-5 * max(scale, 1.0)
+    assert torch.isfinite(truth).all(), f"{name}: float64 truth has non-finite values"
+    assert torch.isfinite(kernel).all(), f"{name}: kernel output has non-finite values"
+    err_ref = (ref_low - truth).abs().max().item() if truth.numel() else 0.0
+    bound = factor * err_ref + atol
+    assert_close(kernel, truth, atol=bound, name=f"{name} (bound {factor}*err_ref {err_ref:.3e} + atol {atol:.1e})")
