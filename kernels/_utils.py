@@ -1,17 +1,21 @@
 """Shared plumbing for the fused ops: Triton import, backend choice, launches on CPU (interpreter),
 input validation and row views of (..., V) tensors.
 
-Kernel rule kept by every file in this package: a ``@triton.jit`` kernel calls no other ``@triton.jit``
-function. That lets a CPU tensor run the very same kernel source through Triton's interpreter even when
-``TRITON_INTERPRET=1`` was not set before import (see ``launch``).
+CPU tensors run the very same kernel source through Triton's interpreter, which Triton only enables when
+``TRITON_INTERPRET=1`` is in the environment before it is imported. On a machine without CUDA, where no
+Triton kernel could be compiled anyway, importing fusedrl.kernels first sets it (if triton is not imported
+yet); on a CUDA machine set it yourself to run Triton kernels on CPU tensors (the tests do).
 """
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
-from typing import Any
 
 import torch
+
+if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 try:  # Triton ships wheels for Linux x86-64/aarch64 only; elsewhere the torch backend still works.
     import triton
@@ -80,22 +84,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-_interpreted: dict[Any, Any] = {}
-
-
 def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
-    """Launch a Triton kernel; tensors on the CPU go through Triton's interpreter.
-
-    With ``TRITON_INTERPRET=1`` set before import every kernel already is an interpreted function; if it
-    was not set, CPU launches wrap the kernel's Python source in the interpreter on the fly (the same
-    source the GPU compiles)."""
+    """Launch a Triton kernel; tensors on the CPU need it to be an interpreted function."""
     if device.type == "cpu" and not hasattr(kernel, "rewrite"):
-        fn = _interpreted.get(kernel)
-        if fn is None:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            fn = _interpreted[kernel] = InterpretedFunction(kernel.fn)
-        kernel = fn
+        raise RuntimeError(
+            "backend='triton' on CPU tensors runs Triton's interpreter, which needs TRITON_INTERPRET=1 in the "
+            "environment before triton is imported (it was not set, or triton was imported first)"
+        )
     kernel[grid](*args, **kwargs)
 
 

@@ -21,8 +21,8 @@ from ._utils import (
     vocab_block,
 )
 
-# Rows per chunk on the PyTorch path: bounds the float32 temporaries at ~16M elements whatever N is.
-_TORCH_CHUNK_ELEMS = 1 << 22
+# Rows per chunk on the PyTorch path: bounds the float32 temporaries at ~1M elements (4 MiB each) whatever N is.
+_TORCH_CHUNK_ELEMS = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -32,9 +32,10 @@ _TORCH_CHUNK_ELEMS = 1 << 22
 def _logprobs_fwd_kernel(
     X,  # (n_rows, V) logits, any float dtype, row r at (r // inner) * s_outer + (r % inner) * s_inner
     LABELS,  # (n_rows,) int64
+    n_rows,
     LOGP,  # (n_rows,) float32 out
     ENT,  # (n_rows,) float32 out (written only when RETURN_ENTROPY)
-    LSE,  # (n_rows,) float32 out: logsumexp(logits / T), kept for backward
+    STATS,  # (2, n_rows) float32 out: row max m of logits / T and log sum exp(logits / T - m), for backward
     V,
     inner,
     s_outer,
@@ -55,7 +56,9 @@ def _logprobs_fwd_kernel(
     n_read = tl.where(valid, V, 0)
     cols0 = tl.arange(0, BLOCK_V)
 
-    # Running max m, sum-exp s = sum exp(x - m) and, for the entropy, w = sum exp(x - m) * x.
+    # Running max m, sum-exp s = sum exp(x - m) and, for the entropy, w = sum exp(x - m) * (x - m).
+    # Keeping w relative to the running max makes H = log s - w / s a difference of O(1) terms; the
+    # algebraically equal lse - sum p x cancels two numbers of the size of the logits.
     m = float("-inf")
     s = 0.0
     w = 0.0
@@ -66,21 +69,24 @@ def _logprobs_fwd_kernel(
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
         alpha = tl.exp(m - m_ref)
         e = tl.exp(x - m_ref)
-        s = s * alpha + tl.sum(e, 0)
         if RETURN_ENTROPY:
-            w = w * alpha + tl.sum(tl.where(e > 0.0, e * x, 0.0), 0)
+            shift = tl.where(s > 0.0, (m - m_ref) * s, 0.0)  # re-reference the old terms to m_new
+            w = alpha * (w + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_ref), 0.0), 0)
+        s = s * alpha + tl.sum(e, 0)
         m = m_new
 
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
     safe_label = tl.where(in_range, label, 0)
     x_label = tl.load(base + safe_label * s_v).to(tl.float32) * inv_temp
-    # logp <= 0 by construction; the clamp removes the last-ulp excess of a dominant logit.
-    logp = tl.minimum(x_label - lse, 0.0)
+    # (x - m) - log s rather than x - (m + log s): rounding m + log s to float32 would lose log s when it
+    # is tiny (p -> 1), i.e. exactly the true-class term. logp <= 0; the clamp removes a last-ulp excess.
+    logp = tl.minimum((x_label - m) - log_s, 0.0)
     logp = tl.where(in_range, logp, float("nan"))  # an out-of-range label never reads out of bounds
     tl.store(LOGP + row, tl.where(valid, logp, 0.0))
-    tl.store(LSE + row, tl.where(valid, lse, 0.0))
+    tl.store(STATS + row, tl.where(valid, m, 0.0))
+    tl.store(STATS + n_rows + row, tl.where(valid, log_s, 0.0))
     if RETURN_ENTROPY:
-        ent = tl.maximum(lse - w / s, 0.0)
+        ent = tl.maximum(log_s - w / s, 0.0)
         tl.store(ENT + row, tl.where(valid, ent, 0.0))
 
 
@@ -89,7 +95,8 @@ def _logprobs_bwd_kernel(
     X,  # (n_rows, V) logits (read)
     DX,  # (n_rows, V) gradient out, logits dtype; may alias X (then same strides)
     LABELS,
-    LSE,  # (n_rows,) float32 saved logsumexp
+    n_rows,
+    STATS,  # (2, n_rows) float32 saved row max and log sum-exp (see the forward kernel)
     ENT,  # (n_rows,) float32 saved entropy (read only when HAS_DENT)
     DLOGP,  # (n_rows,) upstream gradient of logp
     DENT,  # (n_rows,) upstream gradient of entropy (read only when HAS_DENT)
@@ -98,6 +105,7 @@ def _logprobs_bwd_kernel(
     s_outer,
     s_inner,
     s_v,
+    dx_rows_inner,  # the gradient buffer has its own row layout (it may be contiguous while X is sliced)
     dx_outer,
     dx_inner,
     dx_v,
@@ -108,10 +116,11 @@ def _logprobs_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = X + (row // inner) * s_outer + (row % inner) * s_inner
-    dbase = DX + (row // inner) * dx_outer + (row % inner) * dx_inner
+    dbase = DX + (row // dx_rows_inner) * dx_outer + (row % dx_rows_inner) * dx_inner
     label = tl.load(LABELS + row)
     valid = label != ignore_index
-    lse = tl.load(LSE + row)
+    m = tl.load(STATS + row)
+    log_s = tl.load(STATS + n_rows + row)
     g_lp = tl.where(valid, tl.load(DLOGP + row).to(tl.float32), 0.0)
     g_h = 0.0
     ent = 0.0
@@ -124,7 +133,7 @@ def _logprobs_bwd_kernel(
         cols = start + cols0
         mask = cols < V
         x = tl.load(base + cols.to(tl.int64) * s_v, mask=cols < n_read, other=0.0).to(tl.float32) * inv_temp
-        lp = x - lse
+        lp = (x - m) - log_s
         p = tl.exp(lp)
         # d logp / dx_j = [j == y] - p_j. At the label, 1 - p is formed as -expm1(lp) in float32: the
         # naive 1 - p cancels catastrophically when p -> 1 (Liger-Kernel #1329 did it in bf16).
@@ -142,33 +151,37 @@ def _logprobs_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy)
     V = logits.shape[-1]
     dev = logits.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    stats = torch.empty(2, n, dtype=torch.float32, device=dev)
     ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=dev)
     if n > 0:
         block, warps = vocab_block(V, logits.dtype, dev)
         launch(
             _logprobs_fwd_kernel, (n,), dev,
-            x, labels, logp, ent if return_entropy else logp, lse,
+            x, labels, n, logp, ent if return_entropy else logp, stats,
             V, inner, s_outer, s_inner, s_v, inv_temp, ignore_index,
             RETURN_ENTROPY=return_entropy, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
-    return logp, ent, lse
+    return logp, ent, stats
 
 
-def _logprobs_bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out=None):
-    """Gradient w.r.t. logits, written into ``out`` (default: a new tensor shaped like the logits)."""
+def _logprobs_bwd_triton(logits, labels, stats, ent, dlogp, dent, inv_temp, ignore_index, out=None):
+    """Gradient w.r.t. logits, written into ``out`` (default: a new tensor shaped like the logits; pass
+    ``out=logits`` to overwrite them in place). ``stats`` is the forward kernel's (2, n) row max and log
+    sum-exp; a plain (n,) logsumexp is accepted too (slightly less accurate near p = 1)."""
     x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    if stats.dim() == 1:
+        stats = torch.stack([stats.float(), torch.zeros_like(stats, dtype=torch.float32)])
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    dx, _, _, d_outer, d_inner, d_v = as_rows(out)
+    dx, _, d_rows_inner, d_outer, d_inner, d_v = as_rows(out)
     V = logits.shape[-1]
     if n > 0:
         block, warps = vocab_block(V, logits.dtype, logits.device)
         has_dent = dent is not None
         launch(
             _logprobs_bwd_kernel, (n,), logits.device,
-            x, dx, labels, lse, ent if has_dent else lse, dlogp, dent if has_dent else dlogp,
-            V, inner, s_outer, s_inner, s_v, d_outer, d_inner, d_v, inv_temp, ignore_index,
+            x, dx, labels, n, stats, ent if has_dent else dlogp, dlogp, dent if has_dent else dlogp,
+            V, inner, s_outer, s_inner, s_v, d_rows_inner, d_outer, d_inner, d_v, inv_temp, ignore_index,
             HAS_DENT=has_dent, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
     return out
@@ -225,10 +238,11 @@ class _LogProbsTorch(torch.autograd.Function):
     def backward(ctx, dlogp, dent):
         logits, flat_labels = ctx.saved_tensors
         temperature, ignore_index, return_entropy = ctx.cfg
-        grad = torch.empty_like(logits)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_rows = grad.view(-1, logits.shape[-1])
         dlogp = torch.zeros(flat_labels.shape, device=logits.device) if dlogp is None else dlogp.reshape(-1)
         use_dent = return_entropy and dent is not None
-        for (r0, chunk), (_, gchunk) in zip(_row_chunks(logits), _row_chunks(grad)):
+        for r0, chunk in _row_chunks(logits):
             rows = slice(r0, r0 + chunk.shape[0])
             with torch.enable_grad():
                 leaf = chunk.detach().requires_grad_(True)
@@ -239,7 +253,7 @@ class _LogProbsTorch(torch.autograd.Function):
                 else:
                     obj = (out * dlogp[rows]).sum()
                 (g,) = torch.autograd.grad(obj, leaf)
-            gchunk.copy_(g)
+            grad_rows[rows].copy_(g)
         return grad, None, None, None, None
 
 
@@ -251,8 +265,8 @@ class _LogProbsTriton(torch.autograd.Function):
     def forward(ctx, logits, labels, temperature, ignore_index, return_entropy):
         flat_labels = labels.reshape(-1).to(torch.int64)
         inv_temp = 1.0 / temperature
-        logp, ent, lse = _logprobs_fwd_triton(logits, flat_labels, inv_temp, ignore_index, return_entropy)
-        ctx.save_for_backward(logits, flat_labels, lse, ent)
+        logp, ent, stats = _logprobs_fwd_triton(logits, flat_labels, inv_temp, ignore_index, return_entropy)
+        ctx.save_for_backward(logits, flat_labels, stats, ent)
         ctx.cfg = (inv_temp, ignore_index, return_entropy)
         if not return_entropy:
             ctx.mark_non_differentiable(ent)
@@ -260,16 +274,16 @@ class _LogProbsTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlogp, dent):
-        logits, flat_labels, lse, ent = ctx.saved_tensors
+        logits, flat_labels, stats, ent = ctx.saved_tensors
         inv_temp, ignore_index, return_entropy = ctx.cfg
         if dlogp is None:
-            dlogp = torch.zeros_like(lse)
+            dlogp = torch.zeros_like(stats[0])
         dlogp = dlogp.reshape(-1).float().contiguous()
         if return_entropy and dent is not None:
             dent = dent.reshape(-1).float().contiguous()
         else:
             dent = None
-        grad = _logprobs_bwd_triton(logits, flat_labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
+        grad = _logprobs_bwd_triton(logits, flat_labels, stats, ent, dlogp, dent, inv_temp, ignore_index)
         return grad, None, None, None, None
 
 
