@@ -86,12 +86,12 @@ def peak_memory_gb(fn, device: str) -> float:
         fn()
     # Walk allocation events in order to find the running peak of live bytes.
     events = sorted(
-        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0) != 0),
+        (e for e in prof.events() if e.self_cpu_memory_usage != 0),
         key=lambda e: e.time_range.start,
     )
     live = peak = 0
     for e in events:
-        live += e.cpu_memory_usage
+        live += e.self_cpu_memory_usage  # self: a parent op must not count its children's bytes again
         peak = max(peak, live)
     return peak / 2**30
 

@@ -209,50 +209,84 @@ def _row_chunks(x: torch.Tensor):
             yield first + i, block[i : i + step]
 
 
+def _torch_chunk_fwd(chunk, labels, inv_temp, ignore_index, return_entropy):
+    """The forward kernel's math on a (rows, V) chunk with torch ops: logp, entropy, row max, log sum-exp."""
+    valid = labels != ignore_index
+    x = chunk.float() * inv_temp  # (rows, V) float32 temporary, one chunk at a time
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    x.sub_(m)
+    e = x.exp()
+    s = e.sum(-1)
+    log_s = s.log()
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    logp = torch.where(valid, (x.gather(-1, safe).squeeze(-1) - log_s).clamp(max=0.0), 0.0)
+    ent = None
+    if return_entropy:
+        w = torch.where(e > 0, e * x, 0.0).sum(-1)  # sum exp(x - m) (x - m), as in the kernel
+        ent = torch.where(valid, (log_s - w / s).clamp(min=0.0), 0.0)
+    return logp, ent, m.squeeze(-1), log_s
+
+
+def _torch_chunk_bwd(chunk, labels, m, log_s, ent, g_lp, g_h, inv_temp, ignore_index):
+    """The backward kernel's math on a chunk: (1/T) [g_lp ([j = y] - p) - g_H p (log p + H)]."""
+    valid = labels != ignore_index
+    lp = chunk.float() * inv_temp
+    lp.sub_((m + log_s).unsqueeze(-1))
+    p = lp.exp()
+    g_lp = torch.where(valid, g_lp, 0.0).unsqueeze(-1)
+    grad = p * (-g_lp)
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    lp_y = lp.gather(-1, safe)
+    at_label = g_lp * (-torch.expm1(lp_y))  # 1 - p_y without cancellation near p = 1
+    if g_h is not None:
+        g_h = torch.where(valid, g_h, 0.0).unsqueeze(-1)
+        h = ent.unsqueeze(-1)
+        grad.sub_(g_h * torch.where(p > 0, p * (lp + h), 0.0))
+        at_label = at_label - g_h * lp_y.exp() * (lp_y + h)
+    grad.scatter_(-1, safe, at_label)
+    return grad.mul_(inv_temp)
+
+
 class _LogProbsTorch(torch.autograd.Function):
     """logp_i = x_{i,y_i} - logsumexp(x_i), H_i = logsumexp(x_i) - sum_j p_ij x_ij, with x = logits / T.
-    Forward and backward run ``logprobs_ref`` chunk by chunk (backward recomputes each chunk), so peak
-    memory is one chunk of float32 temporaries rather than (N, V)."""
+    The Triton kernels' math in torch ops, chunk by chunk over rows: forward keeps the per-row max and log
+    sum-exp, backward recomputes the softmax of one chunk at a time. Peak memory is a few float32 chunks
+    (~1M elements each) beyond the gradient itself, never (N, V)."""
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, return_entropy):
         flat_labels = labels.reshape(-1)
         n = flat_labels.numel()
+        inv_temp = 1.0 / temperature
         logp = torch.empty(n, dtype=torch.float32, device=logits.device)
         ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=logits.device)
+        stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
         for r0, chunk in _row_chunks(logits):
-            lab = flat_labels[r0 : r0 + chunk.shape[0]]
-            out = logprobs_ref(chunk, lab, temperature=temperature, ignore_index=ignore_index,
-                               return_entropy=return_entropy)  # fmt: skip
+            rows = slice(r0, r0 + chunk.shape[0])
+            lp, h, m, log_s = _torch_chunk_fwd(chunk, flat_labels[rows], inv_temp, ignore_index, return_entropy)
+            logp[rows], stats[0, rows], stats[1, rows] = lp, m, log_s
             if return_entropy:
-                logp[r0 : r0 + len(lab)], ent[r0 : r0 + len(lab)] = out
-            else:
-                logp[r0 : r0 + len(lab)] = out
-        ctx.save_for_backward(logits, flat_labels)
-        ctx.cfg = (temperature, ignore_index, return_entropy)
+                ent[rows] = h
+        ctx.save_for_backward(logits, flat_labels, stats, ent)
+        ctx.cfg = (inv_temp, ignore_index, return_entropy)
         if not return_entropy:
             ctx.mark_non_differentiable(ent)
         return logp.view(labels.shape), ent.view(labels.shape if return_entropy else (0,))
 
     @staticmethod
     def backward(ctx, dlogp, dent):
-        logits, flat_labels = ctx.saved_tensors
-        temperature, ignore_index, return_entropy = ctx.cfg
+        logits, flat_labels, stats, ent = ctx.saved_tensors
+        inv_temp, ignore_index, return_entropy = ctx.cfg
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = grad.view(-1, logits.shape[-1])
-        dlogp = torch.zeros(flat_labels.shape, device=logits.device) if dlogp is None else dlogp.reshape(-1)
-        use_dent = return_entropy and dent is not None
+        dlogp = torch.zeros_like(stats[0]) if dlogp is None else dlogp.reshape(-1).float()
+        dent = dent.reshape(-1).float() if (return_entropy and dent is not None) else None
         for r0, chunk in _row_chunks(logits):
             rows = slice(r0, r0 + chunk.shape[0])
-            with torch.enable_grad():
-                leaf = chunk.detach().requires_grad_(True)
-                out = logprobs_ref(leaf, flat_labels[rows], temperature=temperature,
-                                   ignore_index=ignore_index, return_entropy=use_dent)  # fmt: skip
-                if use_dent:
-                    obj = (out[0] * dlogp[rows]).sum() + (out[1] * dent.reshape(-1)[rows]).sum()
-                else:
-                    obj = (out * dlogp[rows]).sum()
-                (g,) = torch.autograd.grad(obj, leaf)
+            g = _torch_chunk_bwd(chunk, flat_labels[rows], stats[0, rows], stats[1, rows],
+                                 ent[rows] if dent is not None else None, dlogp[rows],
+                                 dent[rows] if dent is not None else None, inv_temp, ignore_index)  # fmt: skip
             grad_rows[rows].copy_(g)
         return grad, None, None, None, None
 
