@@ -1,0 +1,316 @@
+"""Models the engine trains and scores with: named tiny-to-small presets built from code (no downloads), the
+policy's output head and body, a critic (``ValueModel``) and a scalar reward model scored padding-free.
+
+Every model here is an ordinary transformers model (or wraps one), so ``use_packed_attention`` from
+``fusedrl.engine.attention`` applies to all of them.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import is_packed_attention
+
+# Special-token fields a preset may carry; dropped when a smaller vocabulary no longer contains them.
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model shape: a transformers config class and the fields that differ from its defaults."""
+
+    config_class: str
+    """Name of the config class in ``transformers`` (``"LlamaConfig"``, ``"GPT2Config"``, ...)."""
+    fields: dict[str, Any] = field(default_factory=dict)
+    """Config fields, vocabulary size included."""
+
+    def config(self, **overrides):
+        """A fresh config of this shape with ``overrides`` applied (None values are ignored)."""
+        import transformers
+
+        values = {**self.fields, **{k: v for k, v in overrides.items() if v is not None}}
+        vocab = values.get("vocab_size")
+        if not (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0):
+            raise ValueError(f"vocab_size must be a positive int, got {vocab!r}")
+        for name in _TOKEN_ID_FIELDS:
+            if name not in overrides and isinstance(values.get(name), int) and values[name] >= vocab:
+                values[name] = None
+        return getattr(transformers, self.config_class)(**values)
+
+
+# Tiny presets have no dropout, so train() and eval() compute the same function (tests compare both ways).
+_NO_DROPOUT_GPT2 = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+
+PRESETS: dict[str, Preset] = {
+    # ~0.1M parameters at vocab 256: unit tests.
+    "tiny-llama": Preset("LlamaConfig", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False,
+    )),
+    "tiny-gpt2": Preset("GPT2Config", dict(
+        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2,
+        **_NO_DROPOUT_GPT2,
+    )),
+    # ~14M parameters: end-to-end runs on CPU.
+    "small-llama": Preset("LlamaConfig", dict(
+        vocab_size=32000, hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+        intermediate_size=704, max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=True,
+    )),
+    # ~100M parameters: GPU benchmarks.
+    "llama-100m": Preset("LlamaConfig", dict(
+        vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+        intermediate_size=2048, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=True,
+    )),
+    # The shape of Qwen2-0.5B (~494M parameters) with random weights: the large-vocabulary benchmark case.
+    "qwen-0.5b-like": Preset("Qwen2Config", dict(
+        vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        intermediate_size=4864, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=True, use_sliding_window=False,
+    )),
+}  # fmt: skip
+
+
+def _config_for(preset_or_path: str, vocab_size: int | None, overrides: dict) -> Any:
+    """The preset's config, or None when ``preset_or_path`` is a local directory; raises for anything else."""
+    if not isinstance(preset_or_path, (str, os.PathLike)):
+        raise TypeError(f"preset_or_path must be a preset name or a directory, got {type(preset_or_path).__name__}")
+    name = os.fspath(preset_or_path)
+    if name in PRESETS:
+        return PRESETS[name].config(vocab_size=vocab_size, **overrides)
+    if os.path.isdir(name):
+        if vocab_size is not None:
+            raise ValueError(
+                f"vocab_size applies to presets only; {name!r} is a saved model (got vocab_size={vocab_size})"
+            )
+        return None
+    raise ValueError(
+        f"preset_or_path must be one of the presets {sorted(PRESETS)} or an existing directory, got {name!r}"
+    )
+
+
+def build_causal_lm(
+    preset_or_path: str,
+    *,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+):
+    """A causal LM: a preset name gives a random-weight model (weights drawn from ``seed``, the caller's RNG
+    state left untouched), a local directory is loaded with ``from_pretrained(local_files_only=True)``.
+
+    ``overrides`` are config fields (presets) or ``from_pretrained`` keyword arguments (directories). The
+    model is returned in eval mode, in ``dtype``, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config_for(preset_or_path, vocab_size, overrides)
+    if config is None:
+        model = AutoModelForCausalLM.from_pretrained(os.fspath(preset_or_path), local_files_only=True, **overrides)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype).eval()
+
+
+def build_reward_model(preset_or_path: str, vocab_size: int | None = None, seed: int = 0, pad_token_id: int = 0,
+                       *, dtype: torch.dtype = torch.float32, **overrides):  # fmt: skip
+    """A scalar reward model: ``AutoModelForSequenceClassification`` with ``num_labels=1`` from a preset
+    (random weights from ``seed``) or a local directory (a causal-LM checkpoint gets a fresh score head).
+
+    ``pad_token_id`` is what transformers' own (unpacked) scoring uses to find each row's last token;
+    ``score_packed`` does not need it."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = _config_for(preset_or_path, vocab_size, dict(overrides, pad_token_id=pad_token_id))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if config is None:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                os.fspath(preset_or_path), local_files_only=True, num_labels=1, pad_token_id=pad_token_id, **overrides
+            )
+        else:
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+    return model.to(dtype).eval()
+
+
+def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight (V, H), bias (V,) or None)`` of the model's output projection, for the fused linear ops.
+    Tied embeddings are fine (the weight is then the input embedding matrix)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear):
+        raise TypeError(
+            f"lm_head_of needs a model whose output embeddings are a plain nn.Linear; {type(model).__name__} has "
+            f"{type(head).__name__ if head is not None else 'none'}"
+        )
+    return head.weight, head.bias
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The body of a transformers model that returns hidden states (``model.model``, ``model.transformer``,
+    ...): ``backbone_of(m)(input_ids, position_ids=..., **attn_kwargs).last_hidden_state``."""
+    for attr in ("model", "transformer"):
+        body = getattr(model, attr, None)
+        if isinstance(body, nn.Module):
+            return body
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        return base
+    raise TypeError(
+        f"backbone_of needs a transformers model with a body (.model, .transformer or .base_model); got "
+        f"{type(model).__name__}"
+    )
+
+
+def _check_packed_ready(model: nn.Module, kwargs: dict, who: str) -> None:
+    if any(kwargs.get(k) is not None for k in _PACKING_KWARGS) and not is_packed_attention(model):
+        raise ValueError(
+            f"{who} got cu_seq_lens_* but its attention is {model_attention(model)!r}: call "
+            "fusedrl.engine.attention.use_packed_attention(model) first, or the packed sequences attend to each other"
+        )
+
+
+def model_attention(model: nn.Module) -> str | None:
+    """The attention implementation of the first transformers model inside ``model``."""
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            return cfg._attn_implementation
+    return None
+
+
+def _hidden_states(body: nn.Module, input_ids, position_ids, attention_mask, attn_kwargs) -> torch.Tensor:
+    out = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+               **attn_kwargs)  # fmt: skip
+    return out.last_hidden_state
+
+
+class ValueModel(nn.Module):
+    """Critic: a causal LM's body with a scalar head, ``V(s_t) = w . h_t + b`` at every token."""
+
+    HEAD_FILE = "value_head.pt"
+    BACKBONE_DIR = "backbone"
+
+    def __init__(self, backbone: nn.Module, *, seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        std = getattr(backbone.config, "initializer_range", 0.02)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # Small weights and a zero bias: initial values are near 0, so early advantages are not dominated
+            # by an arbitrary critic.
+            nn.init.normal_(self.value_head.weight, std=std)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(device=next(backbone.parameters()).device)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    @classmethod
+    def from_causal_lm(cls, policy: nn.Module, *, seed: int = 0) -> ValueModel:
+        """A critic initialised from (a deep copy of) ``policy``'s body: it shares no parameters with it."""
+        return cls(copy.deepcopy(backbone_of(policy)), seed=seed)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) integer; (1, N) when packed
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) padding mask, unpacked input only
+        **attn_kwargs,
+    ) -> torch.Tensor:
+        """Values (B, T) float32, one per token. Packed input: pass ``position_ids`` and ``cu_seq_lens_q/k``,
+        ``max_length_q/k`` after ``use_packed_attention(value_model)``."""
+        _check_packed_ready(self, attn_kwargs, "ValueModel")
+        h = _hidden_states(self.backbone, input_ids, position_ids, attention_mask, attn_kwargs)
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """``directory/backbone`` (transformers format) and ``directory/value_head.pt``, the head written to a
+        temporary file first and renamed so a crash never leaves a half-written head behind."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.backbone.save_pretrained(os.path.join(directory, self.BACKBONE_DIR))
+        path = os.path.join(directory, self.HEAD_FILE)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        state = {k: v.detach().cpu() for k, v in self.value_head.state_dict().items()}
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ValueModel:
+        """Load what ``save_pretrained`` wrote. The attention implementation is not saved: call
+        ``use_packed_attention`` again on the loaded model."""
+        from transformers import AutoModel
+
+        directory = os.fspath(directory)
+        body_dir = os.path.join(directory, cls.BACKBONE_DIR)
+        head_path = os.path.join(directory, cls.HEAD_FILE)
+        for p in (body_dir, head_path):
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"ValueModel.from_pretrained: {p} does not exist (expected what "
+                                        "ValueModel.save_pretrained writes)")  # fmt: skip
+        backbone = AutoModel.from_pretrained(body_dir, local_files_only=True)
+        model = cls(backbone)
+        state = torch.load(head_path, map_location="cpu", weights_only=True)
+        model.value_head.load_state_dict(state)
+        return model.eval()
+
+
+def score_head_of(reward_model: nn.Module) -> nn.Module:
+    """The classification head of a sequence-classification model (``.score`` or ``.classifier``)."""
+    for attr in ("score", "classifier"):
+        head = getattr(reward_model, attr, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise TypeError(f"reward model {type(reward_model).__name__} has no .score or .classifier head")
+
+
+def score_packed(
+    reward_model: nn.Module,
+    input_ids: torch.Tensor,  # (1, N) integer: B sequences packed back to back
+    position_ids: torch.Tensor,  # (1, N) restarting at 0 for each sequence
+    cu_seqlens: torch.Tensor,  # (B+1,) int32, leading 0
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """Reward of each packed sequence, ``(B,)`` float32: one padding-free forward of the body, then the score
+    head applied to the hidden state of each sequence's last token (``cu_seqlens[1:] - 1``). The model must
+    have been switched with ``use_packed_attention``."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be one packed row of shape (1, N), got {shape}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor (B+1,) with a leading 0, got {cu_seqlens!r}")
+    if not is_packed_attention(reward_model):
+        raise ValueError(
+            f"score_packed needs packed attention but the reward model runs {model_attention(reward_model)!r}: "
+            "call fusedrl.engine.attention.use_packed_attention(reward_model) first"
+        )
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if bool((lengths <= 0).any()):  # host sync: an empty sequence has no last token to score
+        raise ValueError(f"every packed sequence needs at least one token; cu_seqlens {cu_seqlens.tolist()}")
+    if max_length is None:
+        max_length = int(lengths.max())  # host sync
+    cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
+    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_length, max_length_k=max_length)
+    h = _hidden_states(backbone_of(reward_model), input_ids, position_ids, None, kw)  # (1, N, H)
+    last = h[0, cu[1:].long() - 1]  # (B, H)
+    head = score_head_of(reward_model)
+    return head(last).squeeze(-1).float()
