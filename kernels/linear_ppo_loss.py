@@ -1,0 +1,306 @@
+"""lm_head fused with token log-probs / the PPO loss: ``logits = hidden @ weight.T (+ bias)`` is formed one
+chunk of tokens at a time and never whole, so memory is O(N * H + chunk * V) instead of O(N * V).
+
+Per chunk, on the Triton path: the chunk's logits in the input dtype, the fused forward kernel, the
+backward kernel written in place into the same chunk buffer, then ``dh = dlogits @ W``,
+``dW += dlogits.T @ h`` (accumulated in float32, cast to the weight dtype at the end) and
+``db += sum(dlogits)``. ``linear_ppo_loss`` has a scalar loss, so it does all of this in forward and its
+backward only scales the stored gradients; ``linear_logprobs`` has per-token upstream gradients, so its
+backward recomputes each chunk of logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._utils import check_float, check_int, check_labels_in_range, check_same_device, resolve_backend
+from .logprobs import _logprobs_bwd_triton, _logprobs_fwd_triton, _torch_chunk_bwd, _torch_chunk_fwd, logprobs_ref
+from .ppo_loss import (
+    _LOSS,
+    _N_STATS,
+    IGNORE_INDEX,
+    PPOLossConfig,
+    _dlogits_torch_chunk,
+    _metrics,
+    _ppo_bwd_triton,
+    _ppo_fwd_triton,
+    _prepare,
+    _token_stats_torch,
+    ppo_loss_ref,
+)
+
+# A chunk of logits is at most ~256 MB on GPU (big enough for full-speed matmuls, small next to the
+# (N, V) logits it replaces); on CPU 2M elements, as the reference's backward keeps ~6 float32 copies.
+_GPU_CHUNK_BYTES = 256 << 20
+_CPU_CHUNK_ELEMS = 1 << 21
+
+
+def _chunk_rows(n: int, V: int, dtype: torch.dtype, device: torch.device, chunk_size) -> int:
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
+        return chunk_size
+    if device.type == "cuda":
+        rows = _GPU_CHUNK_BYTES // (V * dtype.itemsize)
+        rows = max(16, rows // 16 * 16)  # whole MMA tiles
+    else:
+        rows = max(1, _CPU_CHUNK_ELEMS // V)
+    return max(1, min(n, rows))
+
+
+def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(n, H) @ (V, H).T (+ b) in the input dtype -> contiguous (n, V)."""
+    return torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+
+
+_ADDMM_OUT_DTYPE = True  # cleared if this torch / device has no fp32-output addmm for bf16 / fp16
+
+
+def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with ``acc`` in float32 (or float64) and a, b in the input dtype, without rounding the
+    partial product to bf16 / fp16 and, on CUDA, without an upcast copy of the chunk."""
+    global _ADDMM_OUT_DTYPE
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):
+            _ADDMM_OUT_DTYPE = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class _GradAccumulator:
+    """dh rows, float32 dW and db for the chunks of one lm_head, in the layout autograd wants back."""
+
+    def __init__(self, h, weight, bias, needs):
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.weight = weight
+        self.dh = torch.empty_like(h) if needs[0] else None
+        self.dw = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs[1] else None
+        self.db = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if (
+            bias is not None and needs[2]) else None  # fmt: skip
+
+    def add(self, rows: slice, h_c: torch.Tensor, dlogits: torch.Tensor) -> None:
+        if self.dh is not None:
+            torch.mm(dlogits, self.weight, out=self.dh[rows])
+        if self.dw is not None:
+            _addmm_acc(self.dw, dlogits.t(), h_c)
+        if self.db is not None:
+            self.db += dlogits.sum(0, dtype=self.db.dtype)
+
+    def results(self, hidden_shape, weight, bias):
+        dh = None if self.dh is None else self.dh.view(hidden_shape)
+        dw = None if self.dw is None else self.dw.to(weight.dtype)
+        db = None if self.db is None else self.db.to(bias.dtype)
+        return dh, dw, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd Functions
+# ----------------------------------------------------------------------------------------------------
+class _LinearPPOLoss(torch.autograd.Function):
+    """L = sum_i w_i l_i(logp_i, H_i) with logits = h W^T + b. Per chunk: dlogits from the fused PPO kernels
+    (c_lp, c_H as in ``ppo_loss``), dh = dlogits W, dW = sum dlogits^T h, db = sum dlogits -- all in
+    forward; backward multiplies them by grad_out."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, old, adv, ref, wts, config, chunk, use_triton):
+        h = hidden.reshape(-1, hidden.shape[-1])
+        n = h.shape[0]
+        stats = torch.empty(_N_STATS, n, dtype=torch.float32, device=h.device)
+        grads = _GradAccumulator(h, weight, bias, ctx.needs_input_grad)
+        inv_temp = 1.0 / float(config.temperature)
+        for c0 in range(0, n, chunk):
+            rows = slice(c0, min(n, c0 + chunk))
+            logits = _project(h[rows], weight, bias)  # (chunk, V), input dtype
+            lab, ref_c = labels[rows], None if ref is None else ref[rows]
+            if use_triton:
+                _, mls = _ppo_fwd_triton(logits, lab, old[rows], adv[rows], ref_c, wts[rows], config,
+                                         stats=stats[:, rows])  # fmt: skip
+                dlogits = _ppo_bwd_triton(logits, lab, mls, stats[:, rows], 1.0, config, out=logits)
+            else:
+                lp, ent, m, log_s = _torch_chunk_fwd(logits, lab, inv_temp, IGNORE_INDEX, True)
+                stats[:, rows] = _token_stats_torch(lp, ent, old[rows], adv[rows], ref_c, wts[rows],
+                                                    lab != IGNORE_INDEX, config)  # fmt: skip
+                mls = torch.stack([m, log_s])
+                dlogits = _dlogits_torch_chunk(logits, lab, mls, stats[:, rows], 1.0, config).to(logits.dtype)
+            grads.add(rows, h[rows], dlogits)
+            del logits, dlogits
+        dh, dw, db = grads.results(hidden.shape, weight, bias)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (dh, dw, db)))
+        ctx.has = (dh is not None, dw is not None, db is not None)
+        ctx.mark_non_differentiable(stats)
+        return stats[_LOSS].sum(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        saved = ctx.saved_tensors
+        dh, dw, db = (g * grad_loss if has else None for g, has in zip(saved, ctx.has))
+        return dh, dw, db, None, None, None, None, None, None, None, None
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """logp_i = x_{i,y_i} - logsumexp(x_i), H_i = -sum_j p_ij log p_ij with x = (h W^T + b) / T, chunked;
+    backward recomputes each chunk of logits and overwrites it with dlogits before the three matmuls."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk, use_triton):
+        h = hidden.reshape(-1, hidden.shape[-1])
+        n = h.shape[0]
+        dev = h.device
+        logp = torch.empty(n, dtype=torch.float32, device=dev)
+        ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=dev)
+        mls = torch.empty(2, n, dtype=torch.float32, device=dev)
+        for c0 in range(0, n, chunk):
+            rows = slice(c0, min(n, c0 + chunk))
+            logits = _project(h[rows], weight, bias)
+            if use_triton:
+                lp, ent_c, mls[:, rows] = _logprobs_fwd_triton(logits, labels[rows], 1.0 / temperature,
+                                                               ignore_index, return_entropy)  # fmt: skip
+            else:
+                lp, ent_c, mls[0, rows], mls[1, rows] = _torch_chunk_fwd(logits, labels[rows], 1.0 / temperature,
+                                                                         ignore_index, return_entropy)  # fmt: skip
+            logp[rows] = lp
+            if return_entropy:
+                ent[rows] = ent_c
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, labels, mls, ent)
+        ctx.cfg = (temperature, ignore_index, return_entropy, chunk, use_triton)
+        if not return_entropy:
+            ctx.mark_non_differentiable(ent)
+        shape = hidden.shape[:-1]
+        return logp.view(shape), ent.view(shape if return_entropy else (0,))
+
+    @staticmethod
+    def backward(ctx, dlogp, dent):
+        hidden, weight, bias, labels, mls, ent = ctx.saved_tensors
+        temperature, ignore_index, return_entropy, chunk, use_triton = ctx.cfg
+        h = hidden.reshape(-1, hidden.shape[-1])
+        n = h.shape[0]
+        dlogp = torch.zeros(n, device=h.device) if dlogp is None else dlogp.reshape(-1).float().contiguous()
+        dent = dent.reshape(-1).float().contiguous() if (return_entropy and dent is not None) else None
+        grads = _GradAccumulator(h, weight, bias, ctx.needs_input_grad)
+        for c0 in range(0, n, chunk):
+            rows = slice(c0, min(n, c0 + chunk))
+            logits = _project(h[rows], weight, bias)
+            dent_c = None if dent is None else dent[rows]
+            ent_c = None if dent is None else ent[rows]
+            if use_triton:
+                # The kernel reads the (2, rows) stats as one contiguous block.
+                dlogits = _logprobs_bwd_triton(logits, labels[rows], mls[:, rows].contiguous(), ent_c,
+                                               dlogp[rows], dent_c, 1.0 / temperature, ignore_index,
+                                               out=logits)  # fmt: skip
+            else:
+                dlogits = _torch_chunk_bwd(logits, labels[rows], mls[0, rows], mls[1, rows], ent_c, dlogp[rows],
+                                           dent_c, 1.0 / temperature, ignore_index).to(logits.dtype)  # fmt: skip
+            grads.add(rows, h[rows], dlogits)
+            del logits, dlogits
+        dh, dw, db = grads.results(hidden.shape, weight, bias)
+        return dh, dw, db, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------
+def _check_lm_head(hidden, weight, bias, labels, ignore_index, backend) -> str:
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    check_int("labels", labels)
+    if bias is not None:
+        check_float("bias", bias)
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (N, H) or (B, T, H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype):
+        raise ValueError(
+            f"bias must be ({weight.shape[0]},) of dtype {weight.dtype}, got {tuple(bias.shape)} {bias.dtype}"
+        )
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels must have the shape of hidden without its last dim: {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    check_labels_in_range(labels, weight.shape[0], ignore_index)
+    return resolve_backend(backend, hidden.device)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,  # (N, H) or (B, T, H), fp32 / bf16 / fp16
+    weight: torch.Tensor,  # (V, H), dtype of hidden
+    labels: torch.Tensor,  # (N,) or (B, T) integer
+    *,
+    bias: torch.Tensor | None = None,  # (V,)
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+):
+    """``logprobs(hidden @ weight.T + bias, labels)`` without materialising the (N, V) logits: chunks of
+    ``chunk_size`` tokens (default ~256 MB of logits on GPU), float32 dW accumulation, gradients w.r.t.
+    hidden, weight and bias. Returns ``logp`` (shape of labels, float32) or ``(logp, entropy)``."""
+    backend = _check_lm_head(hidden, weight, bias, labels, ignore_index, backend)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    n = labels.numel()
+    chunk = _chunk_rows(n, weight.shape[0], hidden.dtype, hidden.device, chunk_size)
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    logp, ent = _LinearLogProbs.apply(hidden, weight, bias, flat_labels, float(temperature), int(ignore_index),
+                                      bool(return_entropy), chunk, backend == "triton")  # fmt: skip
+    return (logp, ent) if return_entropy else logp
+
+
+def linear_ppo_loss(
+    hidden: torch.Tensor,  # (N, H) packed or (B, T, H) padded, fp32 / bf16 / fp16
+    weight: torch.Tensor,  # (V, H), dtype of hidden
+    labels: torch.Tensor,  # (N,) / (B, T) integer; -100 = ignored
+    old_logp: torch.Tensor,  # (N,) / (B, T)
+    advantages: torch.Tensor,  # (N,) / (B, T)
+    mask: torch.Tensor | None = None,  # (N,) / (B, T)
+    *,
+    bias: torch.Tensor | None = None,  # (V,)
+    ref_logp: torch.Tensor | None = None,  # (N,) / (B, T)
+    config: PPOLossConfig = PPOLossConfig(),
+    cu_seqlens: torch.Tensor | None = None,  # (B + 1,) int
+    num_tokens=None,
+    num_sequences=None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+):
+    """``ppo_loss(hidden @ weight.T + bias, ...)`` (same arguments, same ``(loss, metrics)``) without
+    materialising the (N, V) logits; gradients w.r.t. hidden, weight and bias are computed chunk by chunk
+    during forward (float32 dW accumulation), so backward costs nothing but a scale by grad_out."""
+    if not isinstance(config, PPOLossConfig):
+        raise TypeError(f"config must be a PPOLossConfig, got {type(config).__name__}")
+    backend = _check_lm_head(hidden, weight, bias, labels, IGNORE_INDEX, backend)
+    labels_f, old, adv, ref, wts, valid = _prepare(
+        labels, old_logp, advantages, mask, ref_logp, config, cu_seqlens, num_tokens, num_sequences
+    )
+    chunk = _chunk_rows(labels_f.numel(), weight.shape[0], hidden.dtype, hidden.device, chunk_size)
+    loss, stats = _LinearPPOLoss.apply(hidden, weight, bias, labels_f, old, adv, ref, wts, config, chunk,
+                                       backend == "triton")  # fmt: skip
+    return loss, _metrics(stats, valid)
+
+
+# ----------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------
+def linear_logprobs_ref(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                        return_entropy=False):  # fmt: skip
+    """Eager lm_head, then ``logprobs_ref`` on the full (N, V) logits."""
+    return logprobs_ref(F.linear(hidden, weight, bias), labels, temperature=temperature,
+                        ignore_index=ignore_index, return_entropy=return_entropy)  # fmt: skip
+
+
+def linear_ppo_loss_ref(hidden, weight, labels, old_logp, advantages, mask=None, *, bias=None, **kwargs):
+    """Eager lm_head, then ``ppo_loss_ref`` on the full (N, V) logits (same keywords)."""
+    return ppo_loss_ref(F.linear(hidden, weight, bias), labels, old_logp, advantages, mask, **kwargs)
