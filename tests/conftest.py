@@ -1,13 +1,23 @@
-"""Test configuration: Triton runs in its interpreter on CPU (set before anything imports triton), and
-tests are parametrised over CUDA as well when a GPU is present."""
+"""Test configuration.
+
+- Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET=1 is set here,
+  before anything imports triton. With CUDA the kernels compile for the GPU (the interpreter is global to the
+  process), so tests that would run a Triton kernel on CPU tensors are skipped there; run
+  `TRITON_INTERPRET=1 pytest tests` as a second pass to cover them too on a GPU machine.
+- Tests taking the `device` fixture run on CPU and, when present, on CUDA with the same tolerances.
+- One intra-op thread per test process: tiny ops on a shared 2-core machine are 10-50x slower with more.
+"""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not INTERPRET else [])
 
 
 @pytest.fixture(params=DEVICES)
@@ -16,5 +26,12 @@ def device(request):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads(request):
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("backend") == "triton" and not INTERPRET and str(params.get("device", "cpu")) == "cpu":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (a separate pass on CUDA machines)")
     torch.manual_seed(1234)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -36,13 +36,6 @@ BACKENDS = ["triton", "torch"]
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf/NaN on skipped rows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: on the shared 2-core CI box intra-op threads only contend (10-50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_lm_head(lead, V, H, dtype, device, *, bias=True):

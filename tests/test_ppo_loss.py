@@ -40,13 +40,6 @@ FULL = dict(clip_low=0.2, clip_high=0.28, dual_clip=1.4, kl_coef=0.1, entropy_co
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf/NaN on skipped rows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: on the shared 2-core CI box intra-op threads only contend (10-50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_batch(layout, dtype, device, *, V=None, temperature=1.0, garbage_padding=False):
