@@ -14,15 +14,6 @@ BACKENDS = ["triton", "torch"]
 AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: on the shared 2-core CI box intra-op threads only contend (10-50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_values(layout, dtype, device):
     """Values near their old predictions (half inside, half outside clip = 0.2), NaN padding."""
     if layout == "padded":
