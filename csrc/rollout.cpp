@@ -1,9 +1,123 @@
-// fusedrl.engine._rollout: packed variable-length rollout buffer and micro-batch planning.
-#include <pybind11/pybind11.h>
+// fusedrl.engine._rollout: packed variable-length rollout buffer, token-budget micro-batch planning and
+// padding-free packing, over NumPy arrays. The module definition and the shared boundary checks live
+// here; the buffer, the planner and the packer each have their own file.
+#include "rollout.h"
 
-namespace py = pybind11;
+#include <limits>
+
+namespace fusedrl {
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+std::string shape_str(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+        s += std::to_string(a.shape(d));
+        if (a.ndim() == 1 || d + 1 < a.ndim()) s += a.ndim() == 1 ? "," : ", ";
+    }
+    return s + ")";
+}
+
+py::array as_array(const std::string& name, py::handle obj) {
+    if (obj.is_none()) throw py::type_error(name + " must be an array, got None");
+    py::array a = py::isinstance<py::array>(obj) ? py::reinterpret_borrow<py::array>(obj) : py::array::ensure(obj);
+    auto given = [&] { return py::str(py::type::of(obj).attr("__name__")).cast<std::string>(); };
+    if (!a) throw py::type_error(name + " must be a NumPy array, a CPU tensor or a sequence of numbers, got " + given());
+    // A list of mixed objects becomes an object array.
+    if (a.dtype().kind() == 'O') {
+        throw py::type_error(name + " must be a numeric array, got dtype object (from " + given() + ")");
+    }
+    if (!a.dtype().attr("isnative").cast<bool>()) {
+        throw py::type_error(name + " must be in native byte order, got dtype " + dtype_name(a));
+    }
+    return a;
+}
+
+void require_1d(const std::string& name, const py::array& a) {
+    if (a.ndim() != 1) {
+        throw py::value_error(name + " must be 1-D, got shape " + shape_str(a));
+    }
+}
+
+bool is_integer(const py::array& a) {
+    const char k = a.dtype().kind();
+    return k == 'i' || k == 'u';
+}
+
+namespace {
+
+template <typename T>
+void copy_ints(const std::string& name, const py::array& a, std::vector<int64_t>& out) {
+    const int64_t n = a.shape(0);
+    const int64_t stride = a.strides(0);
+    const char* base = static_cast<const char*>(a.data());
+    out.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+        const T v = *reinterpret_cast<const T*>(base + i * stride);
+        if constexpr (std::is_same_v<T, uint64_t>) {
+            if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+                throw py::value_error(name + "[" + std::to_string(i) + "] = " + std::to_string(v) +
+                                      " does not fit in int64");
+            }
+        }
+        out[static_cast<size_t>(i)] = static_cast<int64_t>(v);
+    }
+}
+
+}  // namespace
+
+Int64Array as_int64_1d(const std::string& name, py::handle obj) {
+    Int64Array r;
+    r.keep = as_array(name, obj);
+    const py::array& a = r.keep;
+    if (!is_integer(a)) {
+        throw py::type_error(name + " must be an integer array (int32 or int64), got dtype " + dtype_name(a));
+    }
+    require_1d(name, a);
+    r.size = a.shape(0);
+    const char kind = a.dtype().kind();
+    const auto size = a.itemsize();
+    if (kind == 'i' && size == 8 && (r.size <= 1 || a.strides(0) == 8)) {
+        r.data = static_cast<const int64_t*>(a.data());
+        return r;
+    }
+    if (kind == 'i') {
+        if (size == 1) copy_ints<int8_t>(name, a, r.owned);
+        else if (size == 2) copy_ints<int16_t>(name, a, r.owned);
+        else if (size == 4) copy_ints<int32_t>(name, a, r.owned);
+        else copy_ints<int64_t>(name, a, r.owned);
+    } else {
+        if (size == 1) copy_ints<uint8_t>(name, a, r.owned);
+        else if (size == 2) copy_ints<uint16_t>(name, a, r.owned);
+        else if (size == 4) copy_ints<uint32_t>(name, a, r.owned);
+        else copy_ints<uint64_t>(name, a, r.owned);
+    }
+    r.data = r.owned.data();
+    return r;
+}
+
+TokenView as_token_view(const std::string& name, const py::array& a) {
+    const char kind = a.dtype().kind();
+    if (kind != 'i' || (a.itemsize() != 4 && a.itemsize() != 8)) {
+        throw py::type_error(name + " must be int32 or int64, got dtype " + dtype_name(a));
+    }
+    require_1d(name, a);
+    TokenView v;
+    v.data = static_cast<const char*>(a.data());
+    v.size = a.shape(0);
+    v.stride = a.strides(0);
+    v.is64 = a.itemsize() == 8;
+    return v;
+}
+
+}  // namespace fusedrl
 
 PYBIND11_MODULE(_rollout, m) {
-    m.doc() = "fusedrl packed rollout buffer (C++)";
+    m.doc() =
+        "fusedrl packed rollouts (C++): a variable-length rollout buffer, token-budget micro-batch planning "
+        "and padding-free packing over NumPy arrays. Use it through fusedrl.engine.packing.";
     m.attr("__version__") = "0.1.0";
+    fusedrl::bind_buffer(m);
+    fusedrl::bind_plan(m);
+    fusedrl::bind_pack(m);
 }

@@ -1,0 +1,475 @@
+// Token-budget micro-batch planning: split N sequences over num_ranks x M micro-batches of at most
+// max_tokens tokens each, with balanced token loads.
+//
+// 1. Bins. Partition the sequences into S = num_ranks * M bins with Karmarkar-Karp largest differencing
+//    ("kk") or longest-processing-time greedy ("lpt"), for the smallest M (found by exponential then
+//    binary search from the lower bound ceil(total / (max_tokens * num_ranks))) whose fullest bin fits
+//    the budget. M = ceil(N / num_ranks) always fits: then no bin holds two sequences.
+// 2. Ranks. Sort the bins by load and cut them into M chunks of num_ranks similar bins; each rank takes
+//    exactly one bin of every chunk, so micro-batch k is about equally heavy on every rank (data-parallel
+//    ranks step through micro-batches in lockstep). Which rank takes which bin of a chunk is again
+//    decided by Karmarkar-Karp over the chunks ("kk"), or greedily, heaviest bin to the lightest rank
+//    ("lpt").
+// 3. "kk" also builds the "lpt" plan and returns that one instead on the rare inputs where it spreads the
+//    rank loads less: k-way Karmarkar-Karp beats greedy on average, not on every input.
+//
+// Ties are broken by explicit keys everywhere (a bin's smallest sequence index, a tuple's creation
+// order), so the plan is a deterministic function of its input; tests/packing_ref.py implements the same
+// rules in Python and the tests require identical plans.
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <queue>
+
+#include "rollout.h"
+
+namespace fusedrl {
+namespace {
+
+struct Partition {
+    std::vector<int64_t> load;                // (k,) tokens per bin
+    std::vector<std::vector<int64_t>> items;  // (k,) sequence indices per bin, ascending
+};
+
+int64_t max_load(const Partition& p) {
+    int64_t m = 0;
+    for (int64_t l : p.load) m = std::max(m, l);
+    return m;
+}
+
+// A non-empty bin inside a Karmarkar-Karp tuple; id = its smallest sequence index, the tie-breaker.
+struct Entry {
+    int64_t load;
+    int64_t id;
+};
+// Function objects rather than functions: passed to std:: algorithms, these inline.
+struct EntryGreater {
+    bool operator()(const Entry& a, const Entry& b) const {
+        return a.load > b.load || (a.load == b.load && a.id > b.id);
+    }
+};
+constexpr EntryGreater entry_greater{};
+
+// A k-tuple of bins in sparse form: only the non-empty bins are stored (as a min-heap by (load, id)); the
+// other k - heap.size() bins are empty. Storing all k bins densely would cost O(N k) time and memory,
+// which is too much at thousands of micro-batches.
+struct KKTuple {
+    std::vector<Entry> heap;
+    int64_t max_load = 0;
+};
+
+// Priority of a tuple in the differencing queue: largest spread first, then oldest.
+struct Queued {
+    int64_t spread;
+    int64_t tid;
+    int64_t slot;
+};
+struct QueuedOrder {
+    bool operator()(const Queued& a, const Queued& b) const {
+        return a.spread < b.spread || (a.spread == b.spread && a.tid > b.tid);
+    }
+};
+
+int64_t spread_of(const KKTuple& t, int64_t k) {
+    const int64_t lo = static_cast<int64_t>(t.heap.size()) < k ? 0 : t.heap.front().load;
+    return t.max_load - lo;
+}
+
+// k-way Karmarkar-Karp. Every sequence starts as a k-tuple (its length, 0, ..., 0). Repeatedly take the
+// two tuples with the largest spread (max - min bin load) and combine them, the i-th heaviest bin of one
+// with the i-th lightest of the other, until one tuple is left. Combining touches only the smaller
+// tuple's non-empty bins (its empty bins pair with the other's heaviest, which stay as they are), and the
+// result reuses the larger tuple's storage, so each merge costs O(b log k) for the smaller size b.
+// Singleton tuples are implicit: their spread is their length, so they leave the queue in by_length
+// order (ties: lower index, as their tuple id is their index) and need no storage of their own.
+Partition kk_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t k) {
+    const int64_t n = static_cast<int64_t>(len.size());
+    Partition out;
+    out.load.assign(static_cast<size_t>(k), 0);
+    out.items.assign(static_cast<size_t>(k), {});
+    if (n == 0) return out;
+    if (k == 1 || n == 1) {  // one bin takes everything
+        for (int64_t i = 0; i < n; ++i) out.load[0] += len[i], out.items[0].push_back(i);
+        return out;
+    }
+
+    // Bin contents as linked lists keyed by bin id: concatenating two bins is O(1).
+    std::vector<int64_t> head(n), tail(n), next(n, -1);
+    for (int64_t i = 0; i < n; ++i) head[i] = tail[i] = i;
+    std::vector<KKTuple> tuples;
+    std::vector<int64_t> free_slots;
+    std::priority_queue<Queued, std::vector<Queued>, QueuedOrder> queue;
+    int64_t next_single = 0;
+    // The next tuple to combine: a stored tuple's slot, or -1 - i for singleton i. A singleton wins a
+    // spread tie against any stored tuple: its id i < n is older.
+    auto take = [&]() -> int64_t {
+        if (next_single < n) {
+            const int64_t i = by_length[next_single];
+            if (queue.empty() || len[i] >= queue.top().spread) {
+                ++next_single;
+                return -1 - i;
+            }
+        }
+        const int64_t slot = queue.top().slot;
+        queue.pop();
+        return slot;
+    };
+    auto new_slot = [&](int64_t i) {
+        int64_t slot;
+        if (free_slots.empty()) {
+            slot = static_cast<int64_t>(tuples.size());
+            tuples.emplace_back();
+        } else {
+            slot = free_slots.back();
+            free_slots.pop_back();
+        }
+        tuples[slot].heap.assign(1, Entry{len[i], i});
+        tuples[slot].max_load = len[i];
+        return slot;
+    };
+
+    int64_t next_tid = n;
+    std::vector<Entry> desc, popped;
+    for (int64_t remaining = n; remaining > 1; --remaining) {
+        int64_t sa = take();
+        int64_t sb = take();
+        if (sa < 0 && sb < 0) {
+            sa = new_slot(-1 - sa);
+        } else if (sa < 0 || (sb >= 0 && tuples[sa].heap.size() < tuples[sb].heap.size())) {
+            std::swap(sa, sb);  // A: a stored tuple with at least as many non-empty bins as B
+        }
+        KKTuple& A = tuples[sa];
+        if (sb < 0) {
+            desc.assign(1, Entry{len[-1 - sb], -1 - sb});
+        } else {
+            desc.assign(tuples[sb].heap.begin(), tuples[sb].heap.end());
+            std::sort(desc.begin(), desc.end(), entry_greater);
+        }
+        const int64_t a_size = static_cast<int64_t>(A.heap.size());
+        const int64_t b_size = static_cast<int64_t>(desc.size());
+        const int64_t a_empty = k - a_size;
+        // B's j-th heaviest meets A's j-th lightest: A's empty bins first, then its lightest non-empty.
+        const int64_t npop = std::max<int64_t>(0, b_size - a_empty);
+        popped.clear();
+        for (int64_t j = 0; j < npop; ++j) {
+            std::pop_heap(A.heap.begin(), A.heap.end(), entry_greater);
+            popped.push_back(A.heap.back());
+            A.heap.pop_back();
+        }
+        int64_t mx = npop < a_size ? A.max_load : 0;  // A's heaviest survives unless all of A was popped
+        for (int64_t j = 0; j < b_size; ++j) {
+            Entry e = desc[j];
+            if (j >= a_empty) {
+                const Entry& q = popped[j - a_empty];
+                const int64_t lo = std::min(q.id, e.id);
+                const int64_t hi = std::max(q.id, e.id);
+                next[tail[lo]] = head[hi];
+                tail[lo] = tail[hi];
+                e = {q.load + e.load, lo};
+            }
+            mx = std::max(mx, e.load);
+            A.heap.push_back(e);
+            std::push_heap(A.heap.begin(), A.heap.end(), entry_greater);
+        }
+        A.max_load = mx;
+        if (sb >= 0) {
+            std::vector<Entry>().swap(tuples[sb].heap);
+            free_slots.push_back(sb);
+        }
+        queue.push({spread_of(A, k), next_tid++, sa});
+    }
+
+    std::vector<Entry> bins = tuples[queue.top().slot].heap;
+    std::sort(bins.begin(), bins.end(), [](const Entry& a, const Entry& b) {
+        return a.load > b.load || (a.load == b.load && a.id < b.id);
+    });
+    for (size_t b = 0; b < bins.size(); ++b) {
+        out.load[b] = bins[b].load;
+        for (int64_t i = head[bins[b].id]; i != -1; i = next[i]) out.items[b].push_back(i);
+        std::sort(out.items[b].begin(), out.items[b].end());
+    }
+    return out;
+}
+
+// Longest processing time: sequences from longest to shortest, each into the currently lightest bin
+// (ties: lowest bin number).
+Partition lpt_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t k) {
+    Partition out;
+    out.load.assign(static_cast<size_t>(k), 0);
+    out.items.assign(static_cast<size_t>(k), {});
+    using Bin = std::pair<int64_t, int64_t>;  // (load, bin number)
+    std::vector<Bin> init(static_cast<size_t>(k));
+    for (int64_t b = 0; b < k; ++b) init[b] = {0, b};
+    std::priority_queue<Bin, std::vector<Bin>, std::greater<Bin>> queue(std::greater<Bin>{}, std::move(init));
+    for (int64_t i : by_length) {
+        Bin b = queue.top();
+        queue.pop();
+        b.first += len[i];
+        out.load[b.second] = b.first;
+        out.items[b.second].push_back(i);
+        queue.push(b);
+    }
+    for (auto& items : out.items) std::sort(items.begin(), items.end());
+    return out;
+}
+
+enum class Balance { kKK, kLPT };
+
+Partition partition(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t k,
+                    Balance balance) {
+    return balance == Balance::kKK ? kk_partition(len, by_length, k) : lpt_partition(len, by_length, k);
+}
+
+// Assign S = R * M bins (sorted heaviest first) to R ranks, one bin of every chunk of R per rank.
+// Returns rank_bins[r][c] = position (in the sorted order) of rank r's c-th micro-batch.
+std::vector<std::vector<int64_t>> assign_ranks(const std::vector<int64_t>& load, int64_t R, int64_t M,
+                                               Balance balance) {
+    std::vector<std::vector<int64_t>> rank_bins(static_cast<size_t>(R), std::vector<int64_t>(static_cast<size_t>(M)));
+    if (balance == Balance::kLPT) {
+        std::vector<int64_t> total(static_cast<size_t>(R), 0), order(static_cast<size_t>(R));
+        for (int64_t c = 0; c < M; ++c) {
+            for (int64_t r = 0; r < R; ++r) order[r] = r;
+            std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return total[a] < total[b]; });
+            for (int64_t j = 0; j < R; ++j) {
+                const int64_t pos = c * R + j;
+                rank_bins[order[j]][c] = pos;
+                total[order[j]] += load[pos];
+            }
+        }
+        return rank_bins;
+    }
+    // Karmarkar-Karp over chunks: chunk c is the R-tuple of bins c*R .. c*R+R-1. Combining two tuples
+    // slot by slot keeps one bin per chunk per slot, so every final slot (rank) holds exactly M bins.
+    struct Slot {
+        int64_t load;
+        int64_t key;  // smallest bin position in the slot: the tie-breaker
+        std::vector<int64_t> bins;
+    };
+    auto slot_less = [](const Slot& a, const Slot& b) { return a.load < b.load || (a.load == b.load && a.key < b.key); };
+    std::vector<std::vector<Slot>> tuples(static_cast<size_t>(M));
+    auto spread = [](const std::vector<Slot>& t) {
+        int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+        for (const Slot& s : t) lo = std::min(lo, s.load), hi = std::max(hi, s.load);
+        return hi - lo;
+    };
+    std::vector<Queued> init;
+    for (int64_t c = 0; c < M; ++c) {
+        for (int64_t j = 0; j < R; ++j) tuples[c].push_back({load[c * R + j], c * R + j, {c * R + j}});
+        init.push_back({spread(tuples[c]), c, c});
+    }
+    std::priority_queue<Queued, std::vector<Queued>, QueuedOrder> queue(QueuedOrder{}, std::move(init));
+    int64_t next_tid = M;
+    while (queue.size() > 1) {
+        const int64_t sa = queue.top().slot;
+        queue.pop();
+        const int64_t sb = queue.top().slot;
+        queue.pop();
+        std::vector<Slot>& A = tuples[sa];
+        std::vector<Slot>& B = tuples[sb];
+        std::sort(A.begin(), A.end(), slot_less);
+        std::sort(B.begin(), B.end(), [&](const Slot& a, const Slot& b) { return slot_less(b, a); });
+        for (int64_t j = 0; j < R; ++j) {
+            A[j].load += B[j].load;
+            A[j].key = std::min(A[j].key, B[j].key);
+            if (A[j].bins.size() < B[j].bins.size()) std::swap(A[j].bins, B[j].bins);  // append the shorter
+            A[j].bins.insert(A[j].bins.end(), B[j].bins.begin(), B[j].bins.end());
+        }
+        std::vector<Slot>().swap(B);
+        queue.push({spread(A), next_tid++, sa});
+    }
+    std::vector<Slot>& final_slots = tuples[queue.top().slot];
+    // Rank 0 takes the heaviest slot (ties: smallest key).
+    std::sort(final_slots.begin(), final_slots.end(), [](const Slot& a, const Slot& b) {
+        return a.load > b.load || (a.load == b.load && a.key < b.key);
+    });
+    for (int64_t r = 0; r < R; ++r) {
+        std::vector<int64_t> bins = final_slots[r].bins;
+        std::sort(bins.begin(), bins.end());  // chunk order: micro-batch c comes from chunk c
+        rank_bins[r] = std::move(bins);
+    }
+    return rank_bins;
+}
+
+using Plan = std::vector<std::vector<std::vector<int64_t>>>;  // [rank][micro-batch] -> sequence indices
+
+// Sequence indices from longest to shortest, ties by index.
+std::vector<int64_t> longest_first(const std::vector<int64_t>& len) {
+    std::vector<int64_t> order(len.size());
+    for (size_t i = 0; i < len.size(); ++i) order[i] = static_cast<int64_t>(i);
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return len[a] > len[b] || (len[a] == len[b] && a < b); });
+    return order;
+}
+
+Plan plan_with(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t max_tokens, int64_t R,
+               Balance balance) {
+    const int64_t n = static_cast<int64_t>(len.size());
+    if (n == 0) return Plan(static_cast<size_t>(R));
+    int64_t total = 0;
+    for (int64_t l : len) total += l;  // no overflow: checked at the boundary
+
+    auto fits = [&](int64_t M, Partition& out) {
+        out = partition(len, by_length, R * M, balance);
+        return max_load(out) <= max_tokens;
+    };
+    const int64_t bins_needed = total / max_tokens + (total % max_tokens != 0);
+    const int64_t m_lo = std::max<int64_t>(1, bins_needed / R + (bins_needed % R != 0));
+    const int64_t m_hi = (n + R - 1) / R;  // one sequence per bin at most: always fits
+    Partition best, trial;
+    int64_t M = m_lo;
+    if (!fits(m_lo, best)) {
+        // Usually m_lo + 1 fits; galloping keeps adversarial inputs (every sequence just over half the
+        // budget) at O(log N) partitions instead of O(N).
+        int64_t lo = m_lo, hi = m_lo, step = 1;
+        while (true) {
+            hi = std::min(m_hi, lo + step);
+            if (fits(hi, best)) break;
+            lo = hi;
+            step *= 2;
+        }
+        while (hi - lo > 1) {
+            const int64_t mid = lo + (hi - lo) / 2;
+            if (fits(mid, trial)) {
+                hi = mid;
+                best = std::move(trial);
+            } else {
+                lo = mid;
+            }
+        }
+        M = hi;
+    }
+
+    // Heaviest bins first; ties by smallest sequence index, empty bins last.
+    const int64_t S = R * M;
+    std::vector<int64_t> order(static_cast<size_t>(S));
+    for (int64_t b = 0; b < S; ++b) order[b] = b;
+    auto first = [&](int64_t b) { return best.items[b].empty() ? n : best.items[b][0]; };
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return best.load[a] > best.load[b] || (best.load[a] == best.load[b] && first(a) < first(b));
+    });
+    std::vector<int64_t> sorted_load(static_cast<size_t>(S));
+    for (int64_t p = 0; p < S; ++p) sorted_load[p] = best.load[order[p]];
+
+    std::vector<std::vector<int64_t>> rank_bins = assign_ranks(sorted_load, R, M, balance);
+    Plan out(static_cast<size_t>(R));
+    for (int64_t r = 0; r < R; ++r) {
+        for (int64_t c = 0; c < M; ++c) out[r].push_back(std::move(best.items[order[rank_bins[r][c]]]));
+    }
+    return out;
+}
+
+// True when plan a spreads token loads over ranks worse (larger max / min) than plan b.
+bool worse_ranks(const Plan& a, const Plan& b, const std::vector<int64_t>& len) {
+    auto extremes = [&](const Plan& p) {
+        int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+        for (const auto& rank : p) {
+            int64_t t = 0;
+            for (const auto& mb : rank) {
+                for (int64_t i : mb) t += len[i];
+            }
+            lo = std::min(lo, t), hi = std::max(hi, t);
+        }
+        return std::make_pair(hi, lo);
+    };
+    const auto [ha, la] = extremes(a);
+    const auto [hb, lb] = extremes(b);
+    return static_cast<__int128>(ha) * lb > static_cast<__int128>(hb) * la;
+}
+
+// Step 3 of the header: "kk" is never worse than "lpt" at balancing ranks.
+Plan plan(const std::vector<int64_t>& len, int64_t max_tokens, int64_t R, Balance balance) {
+    const std::vector<int64_t> by_length = longest_first(len);
+    Plan p = plan_with(len, by_length, max_tokens, R, balance);
+    if (balance == Balance::kKK && R > 1) {
+        Plan greedy = plan_with(len, by_length, max_tokens, R, Balance::kLPT);
+        if (worse_ranks(p, greedy, len)) return greedy;
+    }
+    return p;
+}
+
+py::array to_numpy(const std::vector<int64_t>& v) {
+    py::array_t<int64_t> a(static_cast<py::ssize_t>(v.size()));
+    if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(int64_t));
+    return a;
+}
+
+Balance parse_balance(const std::string& balance) {
+    if (balance == "kk") return Balance::kKK;
+    if (balance == "lpt") return Balance::kLPT;
+    throw py::value_error("balance must be 'kk' or 'lpt', got '" + balance + "'");
+}
+
+// Lengths as int64, each >= 1, with an overflow-free total.
+std::vector<int64_t> checked_lengths(py::handle obj, int64_t* longest_at) {
+    Int64Array a = as_int64_1d("lengths", obj);
+    std::vector<int64_t> len(a.data, a.data + a.size);
+    int64_t total = 0;
+    *longest_at = -1;
+    for (int64_t i = 0; i < a.size; ++i) {
+        if (len[i] < 1) {
+            throw py::value_error("lengths must all be >= 1 (a sequence has at least one token), got lengths[" +
+                                  std::to_string(i) + "] = " + std::to_string(len[i]));
+        }
+        if (len[i] > std::numeric_limits<int64_t>::max() - total) {
+            throw py::value_error("lengths sum to more than int64 can hold (at lengths[" + std::to_string(i) + "])");
+        }
+        total += len[i];
+        if (*longest_at < 0 || len[i] > len[*longest_at]) *longest_at = i;
+    }
+    return len;
+}
+
+}  // namespace
+
+void bind_plan(py::module_& m) {
+    m.def(
+        "plan_microbatches",
+        [](py::handle lengths, int64_t max_tokens, int64_t num_ranks, const std::string& balance) {
+            const Balance bal = parse_balance(balance);
+            if (max_tokens < 1) throw py::value_error("max_tokens must be >= 1, got " + std::to_string(max_tokens));
+            if (num_ranks < 1) throw py::value_error("num_ranks must be >= 1, got " + std::to_string(num_ranks));
+            int64_t at = -1;
+            std::vector<int64_t> len = checked_lengths(lengths, &at);
+            if (at >= 0 && len[at] > max_tokens) {
+                throw py::value_error("max_tokens = " + std::to_string(max_tokens) +
+                                      " is smaller than the longest sequence (lengths[" + std::to_string(at) +
+                                      "] = " + std::to_string(len[at]) +
+                                      "): a sequence is never split across micro-batches");
+            }
+            Plan p;
+            {
+                py::gil_scoped_release nogil;
+                p = plan(len, max_tokens, num_ranks, bal);
+            }
+            py::list out;
+            for (const auto& rank : p) {
+                py::list mbs;
+                for (const auto& mb : rank) mbs.append(to_numpy(mb));
+                out.append(mbs);
+            }
+            return out;
+        },
+        py::arg("lengths"), py::arg("max_tokens"), py::arg("num_ranks") = 1, py::arg("balance") = "kk",
+        "Token-budget micro-batch plan: result[rank][k] = int64 sequence indices (see "
+        "fusedrl.engine.packing.plan_microbatches).");
+
+    m.def(
+        "_partition",
+        [](py::handle lengths, int64_t k, const std::string& balance) {
+            const Balance bal = parse_balance(balance);
+            if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+            int64_t at = -1;
+            std::vector<int64_t> len = checked_lengths(lengths, &at);
+            Partition p;
+            {
+                py::gil_scoped_release nogil;
+                p = partition(len, longest_first(len), k, bal);
+            }
+            py::list out;
+            for (const auto& items : p.items) out.append(to_numpy(items));
+            return out;
+        },
+        py::arg("lengths"), py::arg("k"), py::arg("balance") = "kk",
+        "Testing hook: the bin-level partition of `lengths` into k bins (list of k int64 index arrays).");
+}
+
+}  // namespace fusedrl
