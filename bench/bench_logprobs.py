@@ -102,7 +102,7 @@ def bench_shape(N, V, dtype, device, copy_gbps, *, include_loop=True):
                 "provider": name, "pass": pass_, **t, "gbps": gbps,
                 "frac_of_peak": gbps / copy_gbps, "peak_mem_gb": mem,
             })  # fmt: skip
-        del out, x
+
     # Speed-ups against eager, measured side by side in this run.
     base = {(r["shape"], r["pass"]): r["median_ms"] for r in records if r["provider"] == "eager"}
     for r in records:

@@ -15,6 +15,7 @@ from ._utils import (
     check_labels_in_range,
     check_same_device,
     launch,
+    next_pow2,
     resolve_backend,
     tl,
     triton,
@@ -44,35 +45,37 @@ def _logprobs_fwd_kernel(
     inv_temp,  # runtime float: a new temperature never recompiles
     ignore_index,
     RETURN_ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program: 1 on GPU; many in the interpreter, where each op costs the same
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base = X + (row // inner) * s_outer + (row % inner) * s_inner
-    label = tl.load(LABELS + row)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows = tl.where(row_ok, rows, 0)  # tail rows of the last program alias row 0 and store nothing
+    base = X + (rows // inner) * s_outer + (rows % inner) * s_inner  # (BLOCK_M,) row pointers
+    label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
     valid = label != ignore_index
-    in_range = tl.where(label >= 0, label < V, False)
-    # Columns to read: none on an ignored row. (A vector mask & a scalar bool is not used anywhere in
-    # these kernels: Triton's interpreter turns that broadcast into int32 and rejects it as a mask.)
-    n_read = tl.where(valid, V, 0)
+    in_range = (label >= 0) & (label < V)
+    n_read = tl.where(valid, V, 0)  # an ignored row reads nothing
     cols0 = tl.arange(0, BLOCK_V)
 
     # Running max m, sum-exp s = sum exp(x - m) and, for the entropy, w = sum exp(x - m) * (x - m).
     # Keeping w relative to the running max makes H = log s - w / s a difference of O(1) terms; the
     # algebraically equal lse - sum p x cancels two numbers of the size of the logits.
-    m = float("-inf")
-    s = 0.0
-    w = 0.0
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    w = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
-        x = tl.load(base + cols.to(tl.int64) * s_v, mask=cols < n_read, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(x, 0))
+        ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
+        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(x, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
         alpha = tl.exp(m - m_ref)
-        e = tl.exp(x - m_ref)
+        e = tl.exp(x - m_ref[:, None])
         if RETURN_ENTROPY:
             shift = tl.where(s > 0.0, (m - m_ref) * s, 0.0)  # re-reference the old terms to m_new
-            w = alpha * (w + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_ref), 0.0), 0)
-        s = s * alpha + tl.sum(e, 0)
+            w = alpha * (w + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_ref[:, None]), 0.0), 1)
+        s = s * alpha + tl.sum(e, 1)
         m = m_new
 
     log_s = tl.log(s)
@@ -82,12 +85,12 @@ def _logprobs_fwd_kernel(
     # is tiny (p -> 1), i.e. exactly the true-class term. logp <= 0; the clamp removes a last-ulp excess.
     logp = tl.minimum((x_label - m) - log_s, 0.0)
     logp = tl.where(in_range, logp, float("nan"))  # an out-of-range label never reads out of bounds
-    tl.store(LOGP + row, tl.where(valid, logp, 0.0))
-    tl.store(STATS + row, tl.where(valid, m, 0.0))
-    tl.store(STATS + n_rows + row, tl.where(valid, log_s, 0.0))
+    tl.store(LOGP + rows, tl.where(valid, logp, 0.0), mask=row_ok)
+    tl.store(STATS + rows, tl.where(valid, m, 0.0), mask=row_ok)
+    tl.store(STATS + n_rows + rows, tl.where(valid, log_s, 0.0), mask=row_ok)
     if RETURN_ENTROPY:
         ent = tl.maximum(log_s - w / s, 0.0)
-        tl.store(ENT + row, tl.where(valid, ent, 0.0))
+        tl.store(ENT + rows, tl.where(valid, ent, 0.0), mask=row_ok)
 
 
 @triton.jit
@@ -112,38 +115,56 @@ def _logprobs_bwd_kernel(
     inv_temp,
     ignore_index,
     HAS_DENT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base = X + (row // inner) * s_outer + (row % inner) * s_inner
-    dbase = DX + (row // dx_rows_inner) * dx_outer + (row % dx_rows_inner) * dx_inner
-    label = tl.load(LABELS + row)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows = tl.where(row_ok, rows, 0)
+    base = X + (rows // inner) * s_outer + (rows % inner) * s_inner
+    dbase = DX + (rows // dx_rows_inner) * dx_outer + (rows % dx_rows_inner) * dx_inner
+    label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
     valid = label != ignore_index
-    m = tl.load(STATS + row)
-    log_s = tl.load(STATS + n_rows + row)
-    g_lp = tl.where(valid, tl.load(DLOGP + row).to(tl.float32), 0.0)
-    g_h = 0.0
-    ent = 0.0
+    m = tl.load(STATS + rows, mask=row_ok, other=0.0)
+    log_s = tl.load(STATS + n_rows + rows, mask=row_ok, other=0.0)
+    g_lp = tl.where(valid, tl.load(DLOGP + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
+    g_h = tl.zeros([BLOCK_M], tl.float32)
+    ent = tl.zeros([BLOCK_M], tl.float32)
     if HAS_DENT:
-        g_h = tl.where(valid, tl.load(DENT + row).to(tl.float32), 0.0)
-        ent = tl.load(ENT + row)
+        g_h = tl.where(valid, tl.load(DENT + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
+        ent = tl.load(ENT + rows, mask=row_ok, other=0.0)
     n_read = tl.where(valid, V, 0)
+    n_write = tl.where(row_ok, V, 0)  # ignored rows still get their zeros written
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
-        mask = cols < V
-        x = tl.load(base + cols.to(tl.int64) * s_v, mask=cols < n_read, other=0.0).to(tl.float32) * inv_temp
-        lp = (x - m) - log_s
+        ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
+        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=0.0).to(tl.float32) * inv_temp
+        lp = (x - m[:, None]) - log_s[:, None]
         p = tl.exp(lp)
         # d logp / dx_j = [j == y] - p_j. At the label, 1 - p is formed as -expm1(lp) in float32: the
         # naive 1 - p cancels catastrophically when p -> 1 (Liger-Kernel #1329 did it in bf16).
         one_minus_p = tl.where(lp > -1e-2, -lp * (1.0 + lp * (0.5 + lp * (1.0 / 6.0))), 1.0 - p)
-        g = tl.where(cols == label, g_lp * one_minus_p, -g_lp * p)
+        g = tl.where(cols[None, :] == label[:, None], g_lp[:, None] * one_minus_p, -g_lp[:, None] * p)
         if HAS_DENT:
             # dH / dx_j = -p_j (log p_j + H)
-            g -= g_h * tl.where(p > 0.0, p * (lp + ent), 0.0)
-        g = tl.where(valid, g * inv_temp, 0.0)
-        tl.store(dbase + cols.to(tl.int64) * dx_v, g.to(DX.dtype.element_ty), mask=mask)
+            g -= g_h[:, None] * tl.where(p > 0.0, p * (lp + ent[:, None]), 0.0)
+        g = tl.where(valid[:, None], g * inv_temp, 0.0)
+        dptrs = dbase[:, None] + cols[None, :].to(tl.int64) * dx_v
+        tl.store(dptrs, g.to(DX.dtype.element_ty), mask=cols[None, :] < n_write[:, None])
+
+
+# Elements of one (BLOCK_M, BLOCK_V) tile in the interpreter: bounds its NumPy temporaries.
+_INTERPRETER_TILE = 1 << 20
+
+
+def rows_per_program(n: int, block_v: int, device: torch.device) -> int:
+    """One row per program on GPU (a vocabulary row already keeps an SM's loads in flight); in the
+    interpreter every op costs a Python dispatch whatever its size, so a program takes as many rows as fit
+    a tile."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(next_pow2(n), _INTERPRETER_TILE // block_v, 256))
 
 
 def _logprobs_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy):
@@ -155,11 +176,12 @@ def _logprobs_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy)
     ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=dev)
     if n > 0:
         block, warps = vocab_block(V, logits.dtype, dev)
+        block_m = rows_per_program(n, block, dev)
         launch(
-            _logprobs_fwd_kernel, (n,), dev,
+            _logprobs_fwd_kernel, (triton.cdiv(n, block_m),), dev,
             x, labels, n, logp, ent if return_entropy else logp, stats,
             V, inner, s_outer, s_inner, s_v, inv_temp, ignore_index,
-            RETURN_ENTROPY=return_entropy, BLOCK_V=block, num_warps=warps,
+            RETURN_ENTROPY=return_entropy, BLOCK_M=block_m, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
     return logp, ent, stats
 
@@ -177,12 +199,13 @@ def _logprobs_bwd_triton(logits, labels, stats, ent, dlogp, dent, inv_temp, igno
     V = logits.shape[-1]
     if n > 0:
         block, warps = vocab_block(V, logits.dtype, logits.device)
+        block_m = rows_per_program(n, block, logits.device)
         has_dent = dent is not None
         launch(
-            _logprobs_bwd_kernel, (n,), logits.device,
+            _logprobs_bwd_kernel, (triton.cdiv(n, block_m),), logits.device,
             x, dx, labels, n, stats, ent if has_dent else dlogp, dlogp, dent if has_dent else dlogp,
             V, inner, s_outer, s_inner, s_v, d_rows_inner, d_outer, d_inner, d_v, inv_temp, ignore_index,
-            HAS_DENT=has_dent, BLOCK_V=block, num_warps=warps,
+            HAS_DENT=has_dent, BLOCK_M=block_m, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
     return out
 

@@ -27,7 +27,6 @@ from ._utils import (
     check_shape,
     data_checks_enabled,
     launch,
-    next_pow2,
     tl,
     triton,
     vocab_block,
@@ -39,6 +38,7 @@ from .logprobs import (
     _torch_chunk_fwd,
     check_logits_labels,
     logprobs_ref,
+    rows_per_program,
 )
 
 IGNORE_INDEX = -100
@@ -222,18 +222,6 @@ def _ppo_fwd_kernel(
     tl.store(MLS + n_rows + rows, tl.where(valid, log_s, 0.0), mask=row_ok)
 
 
-# Elements of one (BLOCK_M, BLOCK_V) tile in the interpreter: bounds its NumPy temporaries.
-_INTERPRETER_TILE = 1 << 20
-
-
-def _rows_per_program(n: int, block_v: int, device: torch.device) -> int:
-    """One row per program on GPU (a vocabulary row already fills the SMs' bandwidth); in the interpreter
-    every op costs a Python dispatch whatever its size, so a program takes as many rows as fit a tile."""
-    if device.type != "cpu":
-        return 1
-    return max(1, min(next_pow2(n), _INTERPRETER_TILE // block_v, 256))
-
-
 def _ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig, stats=None):
     """Run the forward kernel. Returns ``stats`` (8, n; may be given as a view into a larger buffer) and
     ``mls`` (2, n), the row max and log sum-exp the logprobs backward kernel reads."""
@@ -245,7 +233,7 @@ def _ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig
     mls = torch.empty(2, n, dtype=torch.float32, device=dev)
     if n > 0:
         block, warps = vocab_block(V, logits.dtype, dev)
-        block_m = _rows_per_program(n, block, dev)
+        block_m = rows_per_program(n, block, dev)
         dual = float("inf") if config.dual_clip is None else float(config.dual_clip)
         launch(
             _ppo_fwd_kernel, (triton.cdiv(n, block_m),), dev,
