@@ -1,0 +1,124 @@
+"""Per-step metrics: one JSON object per line (``metrics.jsonl``), optional TensorBoard, a console
+progress bar. Keys are namespaced (``rollout/reward_mean``, ``policy/clipfrac``, ``perf/tokens_per_s``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Shown in the progress bar's postfix when present, in this order.
+_BAR_KEYS = (("rollout/reward_mean", "reward"), ("objective/kl", "kl"), ("loss/policy", "pi_loss"),
+             ("perf/step_s", "s/step"))  # fmt: skip
+
+
+def _to_float(name: str, v) -> float:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"metric {name!r} must be a scalar, got a tensor of shape {tuple(v.shape)}")
+        return float(v.item())
+    if isinstance(v, (np.generic, np.ndarray)):
+        return float(np.asarray(v).reshape(()))
+    if isinstance(v, (int, float, bool)):
+        return float(v)
+    raise TypeError(f"metric {name!r} must be a number or a scalar tensor, got {type(v).__name__}")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Every row of a metrics JSONL file, in order."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+class MetricsLogger:
+    """Append metrics rows to ``path`` (JSONL), mirror them to TensorBoard, show a progress bar.
+
+    ``resume_step``: rows with ``step > resume_step`` are dropped from an existing file first, because a
+    run that crashed after its last checkpoint logged steps that the resumed run will log again.
+    ``enabled=False`` (non-zero ranks) makes every method a no-op."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        *,
+        tensorboard_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        total_steps: int | None = None,
+        resume_step: int | None = None,
+        enabled: bool = True,
+    ):
+        self.enabled = enabled
+        self.path = Path(path) if path is not None else None
+        self._file = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                self.path.write_text("")
+            elif self.path.exists():
+                kept = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
+                tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, self.path)
+            self._file = open(self.path, "a")
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # tensorboard is an optional extra
+                raise ImportError(
+                    "tensorboard logging was requested but the tensorboard package is not installed "
+                    "(pip install 'fusedrl[tensorboard]')"
+                ) from e
+            purge = None if resume_step is None else resume_step + 1  # drop events the crashed run logged later
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=purge)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict) -> dict:
+        """Write one row ``{"step": step, **metrics}`` (values as floats) and advance the progress bar."""
+        row = {"step": int(step)}
+        row.update({k: _to_float(k, v) for k, v in metrics.items()})
+        if not self.enabled:
+            return row
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and math.isfinite(v):
+                    self._tb.add_scalar(k, v, global_step=step)
+        if self._bar is not None:
+            self._bar.set_postfix({short: f"{row[k]:.4g}" for k, short in _BAR_KEYS if k in row}, refresh=False)
+            self._bar.update(1)
+        return row
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,206 @@
+"""Checkpoints: atomic save, the latest pointer, crash safety, RNG round trips, and a CLI run that is
+SIGKILLed after a checkpoint and resumed reaching the same metrics as an uninterrupted run."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fusedrl.engine import checkpoint as ckpt
+from fusedrl.engine.metrics import MetricsLogger, read_metrics
+from helpers import assert_close
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, 3, generator=g)
+    return {"step": seed, "weights": {"w": w, "tied": w}, "opt": {"exp_avg": torch.randn(7, generator=g)},
+            "config": {"lr": 1e-3, "name": "x", "clip": None}}  # fmt: skip
+
+
+def test_save_load_roundtrip_and_latest(tmp_path):
+    s = _state(3)
+    path = ckpt.save_checkpoint(tmp_path, 3, s)
+    assert path == tmp_path / "ckpt-3" and (tmp_path / "latest").read_text() == "ckpt-3"
+    assert ckpt.find_latest(tmp_path) == path
+    back = ckpt.load_checkpoint(path)
+    assert_close(back["weights"]["w"], s["weights"]["w"], atol=0, name="weights")
+    assert_close(back["opt"]["exp_avg"], s["opt"]["exp_avg"], atol=0, name="exp_avg")
+    assert back["config"] == s["config"] and back["step"] == 3
+    # Tied tensors come back as one storage (a tied lm_head stays tied after load).
+    assert back["weights"]["w"].data_ptr() == back["weights"]["tied"].data_ptr()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_crash_mid_save_keeps_previous_latest(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 2, _state(2))
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")  # bytes on disk, then the "crash"
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 4, _state(4))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not (tmp_path / "ckpt-4").exists()
+    assert ckpt.find_latest(tmp_path) == tmp_path / "ckpt-2"
+    assert ckpt.load_checkpoint(ckpt.find_latest(tmp_path))["step"] == 2
+    # The next save sweeps the leftover temporary directory.
+    ckpt.save_checkpoint(tmp_path, 6, _state(6))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert ckpt.find_latest(tmp_path) == tmp_path / "ckpt-6"
+
+
+def test_crash_before_pointer_update_and_stale_pointer(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, _state(1))
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        raise KeyboardInterrupt("killed before the pointer moved")
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 5, _state(5))
+    monkeypatch.setattr(os, "replace", real_replace)
+    # The pointer still names a complete checkpoint: that one is the latest.
+    assert (tmp_path / "latest").read_text() == "ckpt-1"
+    assert ckpt.find_latest(tmp_path) == tmp_path / "ckpt-1"
+    # A pointer to a checkpoint that is gone falls back to the newest complete one.
+    (tmp_path / "latest").write_text("ckpt-99")
+    assert ckpt.find_latest(tmp_path) == tmp_path / "ckpt-5"
+    # A directory that merely looks like a checkpoint (no meta.json) is never trusted.
+    (tmp_path / "ckpt-7").mkdir()
+    (tmp_path / "ckpt-7" / "state.pt").write_bytes(b"garbage")
+    assert ckpt.find_latest(tmp_path) == tmp_path / "ckpt-5"
+    with pytest.raises(FileNotFoundError, match="ckpt-7"):
+        ckpt.load_checkpoint(tmp_path / "ckpt-7")
+
+
+def test_keep_last_and_resave_same_step(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, _state(step), keep_last=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4]
+    ckpt.save_checkpoint(tmp_path, 4, _state(40), keep_last=2)
+    assert ckpt.load_checkpoint(tmp_path / "ckpt-4")["step"] == 40
+    with pytest.raises(ValueError, match="keep_last"):
+        ckpt.save_checkpoint(tmp_path, 5, _state(5), keep_last=-1)
+    assert ckpt.find_latest(tmp_path / "nothing-here") is None
+
+
+def test_rng_state_roundtrip_through_disk(tmp_path):
+    random.seed(11), np.random.seed(12), torch.manual_seed(13)
+    random.random(), np.random.rand(3), torch.rand(3)  # move off the seeded start
+    ckpt.save_checkpoint(tmp_path, 0, {"rng": ckpt.rng_state()})
+    first = (random.random(), np.random.rand(4).tolist(), np.random.randn(), torch.rand(4))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "ckpt-0")["rng"])
+    again = (random.random(), np.random.rand(4).tolist(), np.random.randn(), torch.rand(4))
+    assert first[:3] == again[:3]
+    assert_close(again[3], first[3], atol=0, name="torch rng")
+
+
+def test_metrics_logger_drops_rows_after_resume_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLogger(path, progress=False) as log:
+        for step in range(1, 6):
+            log.log(step, {"loss/policy": torch.tensor(step * 0.5), "rollout/reward_mean": np.float32(step)})
+    with MetricsLogger(path, progress=False, resume_step=3) as log:
+        log.log(4, {"loss/policy": 9.0})
+    rows = read_metrics(path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["loss/policy"] == 1.5 and rows[3]["loss/policy"] == 9.0
+    with pytest.raises(ValueError, match="loss/policy"):
+        MetricsLogger(None, progress=False).log(1, {"loss/policy": torch.ones(2)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end: kill the CLI after a checkpoint, resume, compare with an uninterrupted run
+# ----------------------------------------------------------------------------------------------------
+SLOW_REWARD = '''
+import time
+
+def slow_count(prompts, completions):
+    time.sleep(0.4)  # keeps each step long enough for the test to kill the run between checkpoints
+    return [float(c.count("a")) + 0.1 * len(c) for c in completions]
+'''
+
+
+def _cli(tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    prompts = tmp_path / "prompts.txt"
+    if not prompts.exists():
+        prompts.write_text("\n".join(["ab", "cd", "hello", "xyz", "a b", "q"]) + "\n")
+        (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
+    return [
+        sys.executable, "-m", "fusedrl.engine.cli", "train", "--prompts", str(prompts),
+        "--reward-fn", f"{tmp_path / 'slow_reward.py'}:slow_count", "--policy", "tiny-llama",
+        "--advantage-estimator", "gae", "--prompts-per-step", "2", "--samples-per-prompt", "2",
+        "--max-new-tokens", "6", "--total-steps", "7", "--save-every", "2", "--keep-checkpoints", "0",
+        "--learning-rate", "1e-3", "--critic-learning-rate", "1e-3", "--ppo-epochs", "2",
+        "--num-minibatches", "2", "--max-tokens-per-microbatch", "24", "--adaptive-kl",
+        "--normalize-rewards", "--seed", "5", "--threads", "1", "--no-progress", "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def _compare_rows(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        keys = sorted(k for k in ra if not k.startswith("perf/"))
+        assert keys == sorted(k for k in rb if not k.startswith("perf/"))
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-6, nan_ok=True), (ra["step"], k, ra[k], rb[k])
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    ref = subprocess.run(_cli(tmp_path, full), env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, check=False)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = subprocess.Popen(_cli(tmp_path, killed), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 240
+    pointer = killed / "latest"
+    while proc.poll() is None and time.time() < deadline:
+        if pointer.exists() and pointer.read_text() == "ckpt-4":
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"run ended by itself before the kill: {err.decode()[-2000:]}"
+    steps_logged = [r["step"] for r in read_metrics(killed / "metrics.jsonl")]
+    assert max(steps_logged) < 7, "the killed run must not have finished"
+    assert ckpt.find_latest(killed) in (killed / "ckpt-4", killed / "ckpt-6")
+
+    resumed = subprocess.run(_cli(tmp_path, killed, "--resume"), env=_env(), cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300, check=False)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert len(a) == 7
+    _compare_rows(a, b)
+    # The final weights match too.
+    from safetensors.torch import load_file
+
+    wa = load_file(str(next((full / "policy").glob("*.safetensors"))))
+    wb = load_file(str(next((killed / "policy").glob("*.safetensors"))))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert_close(wb[k], wa[k], atol=1e-6, name=k)
+    # The uninterrupted run actually trained: the weights moved away from the initial ones.
+    first = ckpt.load_checkpoint(full / "ckpt-2")["policy"]
+    assert any(not torch.equal(first[k], wa[k]) for k in wa if k in first)

@@ -1,0 +1,249 @@
+"""PPOTrainer on tiny models: one step's invariants (ratio starts at 1, the policy moves, losses are
+finite), packed scoring against plain per-sequence forwards at the sampling temperature, micro-batching
+against one batch, every advantage estimator, and bad input."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from fusedrl.engine import trainer as trainer_mod
+from fusedrl.engine.models import build_causal_lm, build_reward_model
+from fusedrl.engine.rewards import count_token
+from fusedrl.engine.tokenizer import build_char_tokenizer
+from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+from fusedrl.kernels import linear_logprobs
+from helpers import assert_close
+
+PROMPTS = ["ab", "hello", "x", "1+1=", "abc d", "zz"]
+SMALL = {"prompts_per_step": 2, "samples_per_prompt": 3, "max_new_tokens": 6, "learning_rate": 1e-3,
+         "critic_learning_rate": 1e-3, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models on a shared 2-core box: OpenMP threads spinning against other processes cost far more
+    # than they give.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def distinct_chars(prompts, completions):
+    """A reward that differs between samples of one prompt from the very first step."""
+    return [float(len(set(c))) for c in completions]
+
+
+def make(tok, reward=None, **overrides):
+    cfg = PPOConfig(**{**SMALL, **overrides})
+    policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
+    return PPOTrainer(policy, tok, reward if reward is not None else distinct_chars, cfg)
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_one_step_ratio_starts_at_one_and_updates(tok, monkeypatch):
+    tr = make(tok, temperature=0.7, ppo_epochs=1, num_minibatches=1, max_tokens_per_microbatch=4096)
+    seen = []
+    real = trainer_mod.linear_ppo_loss
+
+    def spy(hidden, weight, labels, old_logp, advantages, *a, **kw):
+        # The new log-probs the loss is about to use: same weights as the rollout, so exp(new - old) == 1.
+        new = linear_logprobs(hidden.detach(), weight.detach(), labels, temperature=kw["config"].temperature)
+        seen.append(((new - old_logp).abs().max().item(), labels.numel()))
+        return real(hidden, weight, labels, old_logp, advantages, *a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    before_pi, before_v = params(tr.policy), params(tr.critic)
+    torch.manual_seed(0)
+    m = tr.step(PROMPTS[:2])
+    assert len(seen) == 1 and seen[0][1] == int(tr.buffer.response_mask().sum())  # one micro-batch, all responses
+    assert seen[0][0] < 1e-5, f"old logp recomputed differs from new logp by {seen[0][0]}"
+    assert abs(m["policy/ratio_max"] - 1.0) < 1e-5 and m["policy/clipfrac"] == 0.0
+    assert abs(m["policy/approx_kl"]) < 1e-8
+    for k, v in m.items():
+        assert math.isfinite(v), f"metric {k} = {v}"
+    for k in ("rollout/reward_mean", "rollout/response_len", "objective/kl", "policy/entropy", "loss/policy",
+              "loss/value", "value/explained_variance", "perf/tokens_per_s", "perf/step_s", "perf/rollout_s",
+              "perf/score_s", "perf/update_s", "perf/peak_mem_gb"):  # fmt: skip
+        assert k in m, k
+    assert m["objective/kl"] == 0.0  # the reference is the policy before its first update
+    moved = [k for k, v in params(tr.policy).items() if not torch.equal(v, before_pi[k])]
+    assert len(moved) == len(before_pi), f"parameters that did not move: {set(before_pi) - set(moved)}"
+    assert any(not torch.equal(v, before_v[k]) for k, v in params(tr.critic).items())
+    assert all(torch.equal(p, before_pi[k]) for k, p in tr.ref_policy.named_parameters())
+    assert tr.global_step == 1
+
+
+def test_packed_scoring_matches_plain_forward(tok, monkeypatch):
+    """old/ref log-probs (at the sampling temperature, not 1) and the token layout against a plain
+    per-sequence forward, with a token budget that forces several micro-batches."""
+    T = 0.6
+    tr = make(tok, temperature=T, max_tokens_per_microbatch=16, max_new_tokens=8)
+    seen_mbs = []
+    real = trainer_mod.PPOTrainer._micro_batches
+
+    def spy(self, ids):
+        seen_mbs.append(real(self, ids))
+        return seen_mbs[-1]
+
+    monkeypatch.setattr(trainer_mod.PPOTrainer, "_micro_batches", spy)
+    ref_before = params(tr.ref_policy)
+    policy_before = {k: v.clone() for k, v in tr.policy.state_dict().items()}  # the weights that scored
+    torch.manual_seed(1)
+    tr.step(PROMPTS[2:4])
+    assert len(seen_mbs[0]) >= 2, "the token budget should have split the rollout"
+    buf = tr.buffer
+    plain = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
+    plain.load_state_dict(policy_before)
+    offsets, tokens, resp = buf.offsets(), buf.tokens(), buf.response_mask()
+    old_logp, ref_logp = buf.field("old_logp"), buf.field("ref_logp")
+    for i in range(len(buf)):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        ids = torch.from_numpy(np.asarray(tokens[a:b])).long()[None]
+        with torch.no_grad():
+            logits = plain(ids).logits[0].double() / T
+        lp = torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)
+        r = torch.from_numpy(np.asarray(resp[a + 1 : b])).bool()
+        assert r.any() and not bool(resp[a])
+        assert_close(torch.from_numpy(old_logp[a + 1 : b])[r], lp[r], atol=2e-5, name=f"old_logp seq {i}")
+        assert_close(torch.from_numpy(ref_logp[a + 1 : b])[r], lp[r], atol=2e-5, name=f"ref_logp seq {i}")
+        # Prompt positions carry no per-token values.
+        assert not np.asarray(old_logp[a : a + 1]).any()
+    assert all(torch.equal(p, ref_before[k]) for k, p in tr.ref_policy.named_parameters())
+
+
+def test_values_match_plain_critic_forward(tok):
+    tr = make(tok, max_tokens_per_microbatch=16)
+    critic_before = {k: v.clone() for k, v in tr.critic.state_dict().items()}
+    torch.manual_seed(2)
+    tr.step(PROMPTS[:2])
+    from fusedrl.engine.models import ValueModel
+
+    plain = ValueModel.from_causal_lm(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0))
+    plain.load_state_dict(critic_before)
+    buf = tr.buffer
+    offsets, tokens, resp, values = buf.offsets(), buf.tokens(), buf.response_mask(), buf.field("values")
+    for i in range(len(buf)):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        ids = torch.from_numpy(np.asarray(tokens[a:b])).long()[None]
+        with torch.no_grad():
+            v = plain(ids)[0]  # value of the state after token t = the value stored at token t + 1
+        r = torch.from_numpy(np.asarray(resp[a + 1 : b])).bool()
+        assert_close(torch.from_numpy(values[a + 1 : b])[r], v[:-1][r], atol=2e-5, name=f"values seq {i}")
+
+
+def test_micro_batches_sum_to_the_full_batch(tok):
+    """Global token counts as denominators: the same rollout split in micro-batches (with gradient
+    checkpointing on) gives the same losses and gradient norms as one micro-batch."""
+    out = []
+    for budget in (4096, 14):
+        tr = make(tok, max_tokens_per_microbatch=budget, loss_agg="seq-mean-token-mean", max_grad_norm=None,
+                  gradient_checkpointing=budget < 4096)  # fmt: skip
+        assert tr.policy.model.gradient_checkpointing == tr.critic.backbone.gradient_checkpointing == (budget < 4096)
+        torch.manual_seed(3)
+        out.append(tr.step(PROMPTS[:2]))
+    for k in ("loss/policy", "loss/value", "policy/grad_norm", "value/grad_norm", "policy/entropy"):
+        assert out[1][k] == pytest.approx(out[0][k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce++"])
+def test_critic_free_estimators(tok, estimator):
+    tr = make(tok, advantage_estimator=estimator, adaptive_kl=True, kl_target=0.01, kl_horizon=10.0,
+              ppo_epochs=2, num_minibatches=2)  # fmt: skip
+    assert tr.critic is None
+    before = params(tr.policy)
+    torch.manual_seed(4)
+    m1 = tr.step(PROMPTS[:2])
+    m2 = tr.step(PROMPTS[2:4])
+    for m in (m1, m2):
+        assert all(math.isfinite(v) for k, v in m.items() if k != "value/explained_variance"), m
+        assert "loss/value" not in m
+    assert any(not torch.equal(v, before[k]) for k, v in params(tr.policy).items())
+    # After one update the policy differs from the reference: measured KL > 0.
+    assert m2["objective/kl"] != 0.0
+    # Adaptive controller moved the coefficient (KL below target on step 1 -> smaller beta).
+    assert m2["objective/kl_coef"] != m1["objective/kl_coef"]
+    # grpo/rloo: KL in the loss by default; reinforce++: in the reward.
+    assert tr.config.kl_in_reward_resolved == (estimator == "reinforce++")
+
+
+def test_group_advantages_use_groups_of_samples(tok):
+    """grpo: groups whose samples all score the same get zero advantage."""
+    tr = make(tok, advantage_estimator="grpo", kl_coef=0.0, reward=lambda p, c: [float(len(q)) for q in p])
+    torch.manual_seed(5)
+    tr.step(PROMPTS[:2])
+    adv = tr.buffer.field("advantages")
+    assert not np.asarray(adv).any()
+
+
+def test_reward_model_scores(tok):
+    rm = build_reward_model("tiny-llama", vocab_size=len(tok), seed=7)
+    tr = make(tok, reward=rm, max_tokens_per_microbatch=16)
+    torch.manual_seed(6)
+    m = tr.step(PROMPTS[:2])
+    buf = tr.buffer
+    scores = []
+    for i in range(len(buf)):
+        a, b = int(buf.offsets()[i]), int(buf.offsets()[i + 1])
+        ids = torch.from_numpy(np.asarray(buf.tokens()[a:b])).long()[None]
+        with torch.no_grad():
+            scores.append(rm(ids).logits[0, 0].item())
+    assert m["rollout/reward_mean"] == pytest.approx(float(np.mean(scores)), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------
+def test_bad_prompts(tok):
+    tr = make(tok)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        tr.train([])
+    with pytest.raises(ValueError, match="prompts is empty"):
+        tr.step([])
+    with pytest.raises(ValueError, match=r"prompts\[1\] is 600 tokens long.*context is 512"):
+        tr.step(["ok", "a" * 600])
+    with pytest.raises(ValueError, match=r"prompts\[0\].*zero tokens"):
+        tr.step([""])
+    with pytest.raises(TypeError, match="single str"):
+        tr.step("abc")
+
+
+@pytest.mark.parametrize(
+    "reward, match",
+    [
+        (lambda p, c: [float("nan")] * len(c), "non-finite reward nan for completion 0"),
+        (lambda p, c: [0.0, math.inf] + [0.0] * (len(c) - 2), "non-finite reward inf for completion 1"),
+        (lambda p, c: [1.0, 2.0, 3.0], "returned 3 rewards for 6 completions"),
+        (lambda p, c: None, "sequence of numbers"),
+    ],
+)
+def test_bad_reward_callable(tok, reward, match):
+    tr = make(tok, reward=reward)
+    with pytest.raises((ValueError, TypeError), match=match):
+        tr.step(PROMPTS[:2])
+
+
+def test_bad_construction(tok):
+    policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
+    with pytest.raises(TypeError, match="reward must be"):
+        PPOTrainer(policy, tok, "count_token", PPOConfig(progress=False))
+    with pytest.raises(ValueError, match="critic is only used"):
+        PPOTrainer(policy, tok, count_token, PPOConfig(advantage_estimator="grpo"), critic=torch.nn.Linear(2, 1))
+    with pytest.raises(ValueError, match="samples_per_prompt.*>= 2"):
+        PPOConfig(advantage_estimator="rloo", samples_per_prompt=1)
+    with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        PPOConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="k3\\+"):
+        PPOConfig(advantage_estimator="gae", kl_estimator="k3+")
+    with pytest.raises(ValueError, match="max_tokens_per_microbatch"):
+        make(tok, max_tokens_per_microbatch=5).step(PROMPTS[:1])
