@@ -168,6 +168,7 @@ class _LinearLogProbs(torch.autograd.Function):
                 ent[rows] = ent_c
             del logits
         ctx.save_for_backward(hidden, weight, bias, labels, mls, ent)
+        ctx.set_materialize_grads(False)  # an entropy nobody differentiates arrives as None: no work for it
         ctx.cfg = (temperature, ignore_index, return_entropy, chunk, use_triton)
         if not return_entropy:
             ctx.mark_non_differentiable(ent)

@@ -292,6 +292,7 @@ class _LogProbsTorch(torch.autograd.Function):
             if return_entropy:
                 ent[rows] = h
         ctx.save_for_backward(logits, flat_labels, stats, ent)
+        ctx.set_materialize_grads(False)  # an entropy nobody differentiates arrives as None: no work for it
         ctx.cfg = (inv_temp, ignore_index, return_entropy)
         if not return_entropy:
             ctx.mark_non_differentiable(ent)
@@ -324,6 +325,7 @@ class _LogProbsTriton(torch.autograd.Function):
         inv_temp = 1.0 / temperature
         logp, ent, stats = _logprobs_fwd_triton(logits, flat_labels, inv_temp, ignore_index, return_entropy)
         ctx.save_for_backward(logits, flat_labels, stats, ent)
+        ctx.set_materialize_grads(False)  # an entropy nobody differentiates arrives as None: no work for it
         ctx.cfg = (inv_temp, ignore_index, return_entropy)
         if not return_entropy:
             ctx.mark_non_differentiable(ent)

@@ -267,3 +267,16 @@ def test_triton_on_cpu_without_interpret_env():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
     out = subprocess.run([sys.executable, "-c", code_bad], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode != 0 and "TRITON_INTERPRET=1" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_returned_but_not_differentiated(backend, device):
+    """Only logp feeds the loss: the gradient equals the logp-only gradient (the unused entropy grad is None)."""
+    logits, labels = make_inputs((13, 257), torch.float32, device)
+    g = torch.randn(13, device=device)
+    x1 = logits.detach().requires_grad_(True)
+    lp, _ent = logprobs(x1, labels, return_entropy=True, backend=backend)
+    (lp * g).sum().backward()
+    x2 = logits.detach().requires_grad_(True)
+    (logprobs(x2, labels, backend=backend) * g).sum().backward()
+    assert_close(x1.grad, x2.grad, atol=1e-7, name="grad")
