@@ -7,14 +7,24 @@
 at the last token) or a callable ``(prompts, completions) -> list[float]``. The reference policy defaults
 to a frozen copy of the policy, the critic (``gae`` only) to a value model on a copy of its backbone.
 
-Multi-process: rank and world size come from ``torch.distributed`` when it is initialised. Each rank
-draws its own slice of the step's prompts, rolls out and scores them; token and sequence counts
-are summed over ranks so that every rank's loss has the global denominator, and gradients are
-summed over ranks before the optimizer step (the sum of per-rank losses is the full-batch loss).
+Multi-process (``torchrun``): rank and world size come from ``torch.distributed`` when it is initialised.
+Each rank draws its own slice of the step's prompts, rolls out and scores them. For the update every rank
+gathers all ranks' rollouts and plans each mini-batch once, globally, with
+``plan_microbatches(num_ranks=world_size)``: the same plan on every rank, each training on its own share
+(token loads balanced, the same number of micro-batches everywhere), possibly sequences another rank rolled
+out. Losses are divided by the mini-batch's global token (or sequence) count, and the policy and critic run
+under DistributedDataParallel with gradients summed, not averaged, over ranks: the sum of the per-rank losses
+is the full mini-batch loss, so N processes make the update one process would make on the same batch.
+With ``PPOConfig.fsdp`` the policy is sharded with FSDP2 ``fully_shard`` instead (same sums; sharded weights,
+gradients and optimizer state; the critic stays under DDP). Generation and scoring then gather the full
+weights once per call, checkpoints and saved models hold the gathered full weights, and ``trainer.policy``
+holds DTensor shards (use ``state_dict()`` or the saved model outside the trainer).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import math
 import resource
 import sys
@@ -28,6 +38,9 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint import state_dict as dcp_state
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from ..kernels import PPOLossConfig, linear_ppo_loss, value_loss
 from ..kernels.gae import shape_token_rewards
@@ -47,7 +60,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .metrics import MetricsLogger
-from .models import ValueModel, lm_head_of
+from .models import ValueModel, backbone_of, lm_head_of
 from .packing import RolloutBuffer, plan_microbatches
 from .rollout import (
     MicroBatch,
@@ -55,7 +68,6 @@ from .rollout import (
     encode_prompts,
     fill_buffer,
     generate_responses,
-    hidden_states,
     response_layout,
     score_logprobs,
     score_reward_fn,
@@ -142,6 +154,8 @@ class PPOConfig:
     """Recompute activations in backward (HF gradient checkpointing) to save memory."""
     backend: Literal["auto", "triton", "torch"] = "auto"
     """Fused-op backend: auto = Triton on CUDA, PyTorch reference on CPU."""
+    fsdp: bool = False
+    """With several ranks, shard the policy with FSDP2 fully_shard (each decoder layer, then the rest) instead of DDP."""
     # --- run
     total_steps: int = 100
     """PPO steps that train() runs."""
@@ -273,11 +287,13 @@ class PPOTrainer:
                 f"PPOConfig.prompts_per_step={cfg.prompts_per_step} must be divisible by the world size "
                 f"{self.world_size}"
             )
+        # Mini-batches split the global batch; each must hold a sequence for every rank.
         local_batch = cfg.prompts_per_step // self.world_size * cfg.samples_per_prompt
         if cfg.num_minibatches > local_batch:
             raise ValueError(
                 f"PPOConfig.num_minibatches={cfg.num_minibatches} exceeds the {local_batch} sequences each rank "
-                "rolls out per step (prompts_per_step / world size * samples_per_prompt)"
+                "rolls out per step (prompts_per_step / world size * samples_per_prompt): a mini-batch would "
+                "leave a rank without sequences"
             )
         self.tokenizer = tokenizer
         self.device = next(policy.parameters()).device
@@ -327,6 +343,17 @@ class PPOTrainer:
                 f"got {type(reward).__name__}"
             )
 
+        # What the step runs the policy through: ``_policy_root.run`` for generation and scoring,
+        # ``_policy_body`` for the update's forwards (DDP-wrapped with several ranks). With FSDP the root
+        # is sharded in place (the optimizer below must see the sharded parameters) and is the body too.
+        self.fsdp = cfg.fsdp and self.world_size > 1
+        self._policy_root = _PolicyBody(policy)
+        if self.fsdp:
+            _fully_shard(self._policy_root)
+            self._policy_body = self._policy_root
+        else:
+            self._policy_body = self._data_parallel(self._policy_root)
+        self._critic_body = self._data_parallel(self.critic) if self.critic is not None else None
         self.policy_optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
@@ -344,6 +371,8 @@ class PPOTrainer:
                 raise ValueError(f"{name} is on {dev} but the policy is on {self.device}: put all models on one device")
         self.reward_stats = RunningMeanStd()
         self.buffer = RolloutBuffer(fields=BUFFER_FIELDS)
+        # Every rank's rollouts, rank by rank, for the globally planned update (several ranks only).
+        self._all_rollouts = RolloutBuffer(fields=BUFFER_FIELDS) if self.world_size > 1 else self.buffer
         self.global_step = 0
         self.context = context_length(policy)
 
@@ -417,8 +446,8 @@ class PPOTrainer:
             )
         prompt_ids = [p for p in prompt_ids for _ in range(cfg.samples_per_prompt)]  # groups are consecutive
         prompt_texts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-        responses = generate_responses(
-            self.policy, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        responses = self._with_policy(
+            generate_responses, self.policy, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             batch_size=cfg.generation_batch_size,
         )  # fmt: skip
@@ -429,7 +458,8 @@ class PPOTrainer:
         # 2. Score: old / reference log-probs, values, sequence scores.
         buf = self.buffer
         micro = self._micro_batches(np.arange(len(buf)))
-        score_logprobs(self.policy, micro, buf.field("old_logp"), temperature=cfg.temperature, backend=cfg.backend)
+        self._with_policy(score_logprobs, self.policy, micro, buf.field("old_logp"), temperature=cfg.temperature,
+                          backend=cfg.backend)  # fmt: skip
         score_logprobs(self.ref_policy, micro, buf.field("ref_logp"), temperature=cfg.temperature, backend=cfg.backend)
         if self.critic is not None:
             score_values(self.critic, micro, buf.field("values"))
@@ -540,9 +570,10 @@ class PPOTrainer:
 
     def _update(self) -> dict[str, float]:
         cfg = self.config
-        buf = self.buffer
+        buf = self._gather_rollouts()
         field = buf.field
-        weight, bias = lm_head_of(self.policy)
+        lengths = np.asarray(buf.lengths())
+        loss_tokens = _loss_tokens_per_sequence(buf)
         loss_cfg = PPOLossConfig(
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
             kl_coef=0.0 if cfg.kl_in_reward_resolved else self.kl_controller.value,
@@ -550,35 +581,48 @@ class PPOTrainer:
             temperature=cfg.temperature, agg=cfg.loss_agg,
         )  # fmt: skip
         use_ref = loss_cfg.kl_coef > 0
-        rng = np.random.default_rng([cfg.seed, self.global_step, 1 + self.rank])
+        # The same seed on every rank: all ranks split the global batch into the same mini-batches.
+        rng = np.random.default_rng([cfg.seed, self.global_step, 1])
         sums = _Sums()
         for _ in range(cfg.ppo_epochs):
             for mini in np.array_split(rng.permutation(len(buf)), cfg.num_minibatches):
-                micro = self._micro_batches(np.sort(mini))
+                mini = np.sort(mini)
+                # One plan for the whole mini-batch, identical on every rank; this rank trains plan[rank].
+                plan = plan_microbatches(lengths[mini], cfg.max_tokens_per_microbatch, num_ranks=self.world_size)
+                mine = [mini[mb] for mb in plan[self.rank] if len(mb)]
                 # Global denominators: each micro-batch loss is its share of the full mini-batch loss.
-                n_tok = int(self._sum_global(float(sum(mb.num_loss_tokens for mb in micro))))
-                n_seq = int(self._sum_global(float(len(mini))))
-                for mb in micro:
-                    hidden = hidden_states(self.policy, mb)[mb.rows]
-                    loss, m = linear_ppo_loss(
-                        hidden, weight, mb.labels, mb.gather(field("old_logp")), mb.gather(field("advantages")),
-                        bias=bias, ref_logp=mb.gather(field("ref_logp")) if use_ref else None,
-                        config=loss_cfg, cu_seqlens=mb.cu_rows, num_tokens=n_tok, num_sequences=n_seq,
-                        backend=cfg.backend,
-                    )  # fmt: skip
-                    loss.backward()
+                n_tok, n_seq = int(loss_tokens[mini].sum()), len(mini)
+                # A rank left without sequences still joins the gradient all-reduce, with a zero-weighted pass.
+                passes = [(ids, 1.0) for ids in mine] or [(mini[:1], 0.0)]
+                for i, (ids, scale) in enumerate(passes):
+                    mb = MicroBatch(buf, ids, self.device)
+                    # DDP all-reduces in the backward of the step's last micro-batch only; the others accumulate.
+                    with self._no_sync(i < len(passes) - 1):
+                        hidden = self._policy_body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]
+                        # After the forward: FSDP swaps the gathered head weight in for the shard until backward.
+                        weight, bias = lm_head_of(self.policy)
+                        loss, m = linear_ppo_loss(
+                            hidden, weight, mb.labels, mb.gather(field("old_logp")), mb.gather(field("advantages")),
+                            bias=bias, ref_logp=mb.gather(field("ref_logp")) if use_ref else None,
+                            config=loss_cfg, cu_seqlens=mb.cu_rows, num_tokens=n_tok, num_sequences=n_seq,
+                            backend=cfg.backend,
+                        )  # fmt: skip
+                        (loss * scale).backward()
+                        if self.critic is not None:
+                            v = self._critic_body(mb.input_ids, position_ids=mb.position_ids, **mb.attn_kwargs)
+                            vloss, vm = value_loss(
+                                v[0][mb.rows], mb.gather(field("values")), mb.gather(field("returns")),
+                                clip=cfg.value_clip, agg="token-mean", num_tokens=n_tok, backend=cfg.backend,
+                            )  # fmt: skip
+                            (vloss * scale).backward()
+                    if scale == 0.0:
+                        continue
                     w = mb.num_loss_tokens
                     sums.add("loss/policy", loss.detach())
                     for k in ("clipfrac", "approx_kl", "entropy", "kl"):
                         sums.add_weighted(f"policy/{k}", m[k], w)
                     sums.max("policy/ratio_max", m["ratio_max"])
                     if self.critic is not None:
-                        v = self.critic(mb.input_ids, position_ids=mb.position_ids, **mb.attn_kwargs)[0][mb.rows]
-                        vloss, vm = value_loss(
-                            v, mb.gather(field("values")), mb.gather(field("returns")), clip=cfg.value_clip,
-                            agg="token-mean", num_tokens=n_tok, backend=cfg.backend,
-                        )  # fmt: skip
-                        vloss.backward()
                         sums.add("loss/value", vloss.detach())
                         sums.add_weighted("value/clipfrac", vm["clipfrac"], w)
                         sums.add_weighted("value/vpred_mean", vm["vpred_mean"], w)
@@ -589,23 +633,86 @@ class PPOTrainer:
         return sums.result(self)
 
     def _optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        """Sum gradients over ranks, clip, step, zero. Returns the (pre-clip) global gradient norm."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        if self.world_size > 1:
-            # One flat all-reduce; a rank whose micro-batches left a parameter without gradient sends zeros.
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1).float() for g in grads])
-            torch.distributed.all_reduce(flat)
-            for p, g in zip(params, flat.split([g.numel() for g in grads])):
-                p.grad = g.view_as(p).to(p.dtype)
-        params = [p for p in params if p.grad is not None]
+        """Clip, step, zero (gradients are already summed over ranks by DDP / FSDP). Returns the (pre-clip)
+        global gradient norm."""
+        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         if self.config.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if isinstance(norm, DTensor):  # FSDP shards: the norm is already reduced over ranks
+            norm = norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm.detach()
+
+    # ------------------------------------------------------------------------------------------------
+    # Data parallelism
+    # ------------------------------------------------------------------------------------------------
+    def _data_parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` under DistributedDataParallel with summed gradients when there are several ranks."""
+        if self.world_size == 1:
+            return module
+        # No buffer broadcast before every forward: the only buffers are constants (rotary frequencies).
+        # Newer torch renamed the flag (the old name still works but warns).
+        params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+        ddp = nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.device] if self.device.type == "cuda" else None, **no_buffer_sync
+        )
+        ddp.register_comm_hook(None, _allreduce_sum_hook)
+        return ddp
+
+    def _with_policy(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the policy outside the update (generation, scoring). With FSDP the full
+        weights are gathered once for the whole call: ranks run different numbers of forwards there (their own
+        rollouts), so a per-forward all-gather would not match up across ranks."""
+        if not self.fsdp:
+            return fn(*args, **kwargs)
+        units = [m for m in self._policy_root.modules() if isinstance(m, FSDPModule)]
+        layers = [m for m in units if m is not self._policy_root]
+        for m in layers:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in units:
+            m.unshard()
+        try:
+            return self._policy_root.run(fn, *args, **kwargs)
+        finally:
+            for m in units:
+                m.reshard()
+            for m in layers:
+                m.set_reshard_after_forward(True, recurse=False)
+
+    def _no_sync(self, accumulate: bool):
+        """Inside: backward passes accumulate local gradients without the DDP all-reduce / FSDP reduce-scatter."""
+        stack = contextlib.ExitStack()
+        if accumulate and self.world_size > 1:
+            for body in (self._policy_body, self._critic_body):
+                if isinstance(body, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(body.no_sync())
+                elif body is not None:
+                    body.set_requires_gradient_sync(False)
+                    stack.callback(body.set_requires_gradient_sync, True)
+        return stack
+
+    def _gather_rollouts(self) -> RolloutBuffer:
+        """Every rank's rollout buffer (tokens, response mask, fields), concatenated in rank order: the
+        global batch, which a single process with all the prompts would hold in the same order."""
+        if self.world_size == 1:
+            return self.buffer
+        buf = self.buffer
+        mine = {"lengths": np.asarray(buf.lengths()), "tokens": np.array(buf.tokens()),
+                "response_mask": np.array(buf.response_mask()),
+                "fields": {f: np.array(buf.field(f)) for f in BUFFER_FIELDS}}  # fmt: skip
+        parts = [None] * self.world_size
+        torch.distributed.all_gather_object(parts, mine)  # small CPU arrays: pickled through the process group
+        out = self._all_rollouts
+        out.clear()
+        for part in parts:
+            cuts = np.cumsum(part["lengths"])[:-1]
+            out.append_many(np.split(part["tokens"], cuts), np.split(part["response_mask"], cuts),
+                            **{f: np.split(v, cuts) for f, v in part["fields"].items()})  # fmt: skip
+        return out
 
     # ------------------------------------------------------------------------------------------------
     # Cross-rank reductions (identity in one process)
@@ -660,8 +767,7 @@ class PPOTrainer:
         state = {
             "step": self.global_step,
             "config": asdict(self.config),
-            "policy": self.policy.state_dict(),
-            "policy_optimizer": self.policy_optimizer.state_dict(),
+            **self._policy_state(),
             "kl_controller": self.kl_controller.state_dict(),
             "reward_stats": self.reward_stats.state_dict(),
             "rng": rng_state(),
@@ -680,8 +786,15 @@ class PPOTrainer:
                           stacklevel=2)  # fmt: skip
         if (self.critic is None) != ("critic" not in state):
             raise ValueError("checkpoint and trainer disagree on having a critic (advantage_estimator changed?)")
-        self.policy.load_state_dict(state["policy"])
-        self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+        if self.fsdp:
+            # Every rank holds the full checkpoint: each keeps its own shards of it.
+            full = dcp_state.StateDictOptions(full_state_dict=True)
+            dcp_state.set_model_state_dict(self.policy, state["policy"], options=full)
+            dcp_state.set_optimizer_state_dict(self.policy, self.policy_optimizer, state["policy_optimizer"],
+                                               options=full)  # fmt: skip
+        else:
+            self.policy.load_state_dict(state["policy"])
+            self.policy_optimizer.load_state_dict(state["policy_optimizer"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -719,12 +832,25 @@ class PPOTrainer:
             state["rng"] = state["rng_per_rank"][self.rank]
         self.load_state_dict(state)
 
+    def _policy_state(self) -> dict:
+        """Policy weights and optimizer state; with FSDP gathered from every rank's shards (a collective: every
+        rank calls it) onto rank 0's CPU, the other ranks getting empty dicts."""
+        if not self.fsdp:
+            return {"policy": self.policy.state_dict(), "policy_optimizer": self.policy_optimizer.state_dict()}
+        full = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {
+            "policy": dcp_state.get_model_state_dict(self.policy, options=full),
+            "policy_optimizer": dcp_state.get_optimizer_state_dict(self.policy, self.policy_optimizer, options=full),
+        }
+
     def save_pretrained(self, out_dir: str | Path) -> None:
-        """The trained policy (+ tokenizer) as an HF directory ``out_dir/policy``, the critic in ``out_dir/critic``."""
+        """The trained policy (+ tokenizer) as an HF directory ``out_dir/policy``, the critic in ``out_dir/critic``
+        (written by rank 0; every rank must call it, FSDP gathering the weights)."""
+        full = self._policy_state()["policy"] if self.fsdp else None
         if self.rank != 0:
             return
         out = Path(out_dir)
-        self.policy.save_pretrained(out / "policy")
+        self.policy.save_pretrained(out / "policy", state_dict=full)
         if hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(out / "policy")
         if self.critic is not None and hasattr(self.critic, "save_pretrained"):
@@ -741,6 +867,64 @@ _RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorbo
 def _seq_of(cu: torch.Tensor) -> torch.Tensor:
     """(R,) sequence index of every packed token, from (B+1,) offsets."""
     return torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff())
+
+
+class _PolicyBody(nn.Module):
+    """The policy's forward as the fused loss needs it: packed hidden states (1, N, H), not logits.
+
+    It holds the whole policy, so its parameters (what DDP reduces) include the lm_head that the fused loss
+    applies outside this forward: the head's gradient comes from the same backward, so DDP's per-parameter
+    hook fires for it as for any other and it is all-reduced with the rest."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, position_ids, **attn_kwargs):  # (1, N), (1, N) -> (1, N, H)
+        body = backbone_of(self.policy)
+        return body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **attn_kwargs).last_hidden_state
+
+    def run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``: generation or scoring, which use the policy outside ``forward``; with FSDP it
+        runs under the root's forward hooks (``_fully_shard`` registers it as a forward method)."""
+        return fn(*args, **kwargs)
+
+
+def _fully_shard(body: _PolicyBody) -> None:
+    """FSDP2 in place: each decoder layer is its own unit, the root holds the rest (embeddings, final norm, head).
+    Gradients are summed over ranks like DDP's here (the losses already have the global denominator)."""
+    layers = [m for child in backbone_of(body.policy).children() if isinstance(child, nn.ModuleList) for m in child]
+    if not layers:
+        raise ValueError(f"PPOConfig.fsdp=True needs a policy whose body has its decoder layers in an nn.ModuleList; "
+                         f"{type(body.policy).__name__} has none")  # fmt: skip
+    for layer in layers:
+        fully_shard(layer)
+    # The root (embeddings, norm, head) stays gathered after its forward: the fused loss reads the head weight
+    # after the forward returns.
+    fully_shard(body, reshard_after_forward=False)
+    # Root hooks around run() too, so that the first call (generation) makes the body the FSDP root.
+    register_fsdp_forward_method(body, "run")
+    for m in body.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+
+
+def _allreduce_sum_hook(process_group, bucket):
+    """DDP communication hook: sum gradients over ranks (DDP's default averages). Each rank's loss is
+    already divided by the global token count, so the sum is the full-batch gradient."""
+    group = process_group if process_group is not None else torch.distributed.group.WORLD
+    work = torch.distributed.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _loss_tokens_per_sequence(buf: RolloutBuffer) -> np.ndarray:
+    """(n,) int64 tokens carrying a loss per sequence: response tokens after the first position (a packed row
+    predicts the next token, so a sequence's first token is never a target; ``MicroBatch.num_loss_tokens``)."""
+    offsets = np.asarray(buf.offsets())
+    mask = np.asarray(buf.response_mask()).astype(np.int64)
+    mask[offsets[:-1]] = 0
+    return np.add.reduceat(mask, offsets[:-1]) if len(offsets) > 1 else np.zeros(0, dtype=np.int64)
 
 
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
