@@ -1,0 +1,139 @@
+"""Supervised fine-tuning on demonstrations: next-token loss on the completion tokens only.
+
+Stage 1 of the RLHF pipeline: the result is the reference policy pi_ref that PPO later stays close to.
+The prompt conditions the model but carries no loss, so the model learns what follows a prompt rather
+than how prompts look; every completion ends with the tokenizer's eos so that the policy learns to stop.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import logprobs
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Settings for ``train_sft``."""
+
+    steps: int = 300
+    """Optimizer steps (each draws ``batch_size`` demonstrations at random)."""
+    batch_size: int = 64
+    """Demonstrations per step."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
+    warmup_steps: int = 20
+    """Steps of linear learning-rate warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max global gradient norm."""
+    seed: int = 0
+    """Seed of the batch sampler."""
+
+
+def encode_demonstrations(
+    tokenizer, prompts: Sequence[str], completions: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (all (B, T)) for prompt + completion + eos.
+
+    ``labels`` equals ``input_ids`` on completion and eos tokens and ``-100`` on prompt and padding."""
+    if len(prompts) != len(completions):
+        raise ValueError(
+            f"prompts and completions must have the same length, got {len(prompts)} and {len(completions)}"
+        )
+    if len(prompts) == 0:
+        raise ValueError("prompts must not be empty")
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"tokenizer needs eos and pad tokens, got eos_token_id={tokenizer.eos_token_id}, "
+            f"pad_token_id={tokenizer.pad_token_id}"
+        )
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    rows = [p + c + [tokenizer.eos_token_id] for p, c in zip(p_ids, c_ids)]
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(p_ids, rows)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        attention_mask[i, : len(r)] = 1
+        labels[i, len(p) : len(r)] = torch.tensor(r[len(p) :])
+    return input_ids, attention_mask, labels
+
+
+def sft_loss(
+    model,
+    input_ids: torch.Tensor,  # (B, T) right-padded
+    attention_mask: torch.Tensor,  # (B, T)
+    labels: torch.Tensor,  # (B, T), -100 where no loss
+) -> torch.Tensor:
+    """Mean negative log-likelihood of the labelled tokens (token-mean over the batch)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    # Position t predicts token t + 1: shift the labels rather than copying the logits.
+    targets = labels[:, 1:]
+    n_tok = (targets != IGNORE_INDEX).sum()
+    if int(n_tok) == 0:
+        raise ValueError("labels has no position to learn from (all -100 after the first token)")
+    logp = logprobs(logits[:, :-1], targets, ignore_index=IGNORE_INDEX)  # (B, T-1), 0 where ignored
+    return -logp.sum() / n_tok
+
+
+def train_sft(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    config: SFTConfig = SFTConfig(),
+    *,
+    progress: bool = True,
+) -> list[float]:
+    """Fine-tune ``model`` (an HF causal LM, on its own device) on demonstrations; returns the loss per step.
+
+    Batches are drawn at random with replacement, so ``config.steps`` sets the budget whatever the data size."""
+    from tqdm.auto import tqdm
+
+    if config.steps < 1 or config.batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got steps={config.steps}, batch_size={config.batch_size}")
+    input_ids, attention_mask, labels = encode_demonstrations(tokenizer, prompts, completions)
+    device = next(model.parameters()).device
+    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(config.warmup_steps, config.steps))
+    gen = torch.Generator().manual_seed(config.seed)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), desc="stage 1/3 SFT", disable=not progress, leave=True)
+    for _ in bar:
+        idx = torch.randint(0, input_ids.shape[0], (config.batch_size,), generator=gen).to(device)
+        # Trim the batch to its longest row: random batches are often shorter than the global max.
+        T = int(attention_mask[idx].sum(1).max())
+        loss = sft_loss(model, input_ids[idx, :T], attention_mask[idx, :T], labels[idx, :T])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())  # host sync once per step: the progress bar shows it anyway
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def warmup_cosine(warmup: int, total: int):
+    """Learning-rate factor per step: linear warmup over ``warmup`` steps, then cosine decay to 0.1 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+
+    return factor
