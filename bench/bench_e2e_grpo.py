@@ -86,8 +86,9 @@ def _sync(device: str) -> None:
 
 
 def _profiler_peak_gb(prof) -> float:
-    """Running peak of live bytes over a finished CPU memory profile, as bench.common.peak_memory_gb computes it
-    (the TRL step is delimited by trainer callbacks, so it cannot be handed to that function as a callable)."""
+    """Running peak of live bytes over a finished CPU memory profile, from per-op self accounting (the TRL step
+    is delimited by trainer callbacks, so it cannot be handed to bench.common.peak_memory_gb as a callable;
+    this approximation may undercount frees made inside autograd Functions, equally for every provider)."""
     events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
     live = peak = 0
     for e in events:

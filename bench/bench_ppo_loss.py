@@ -105,35 +105,11 @@ def linear_providers():
     return {"fusedrl": fused, "eager": eager, "eager-head+fused-loss": eager_head_fused_loss}
 
 
-def peak_memory(fn, device: str) -> float:
-    """Peak GiB allocated by fn above what was live before. CUDA: bench.common.peak_memory_gb. CPU: the
-    profiler's memory timeline, which sees every tensor's creation and destruction wherever it happens
-    (per-op accounting misplaces the frees made inside a Python autograd Function's forward/backward)."""
-    if device == "cuda":
-        return peak_memory_gb(fn, device)
-    from torch.profiler import ProfilerActivity, profile
-
-    try:  # private module (torch >= 2.1); fall back to the shared helper without it
-        from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
-    except ImportError:
-        return peak_memory_gb(fn, device)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    live = peak = 0
-    for _, action, _, size in MemoryProfileTimeline(prof._memory_profile()).timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak / 2**30
-
-
 def _measure(records, device, common, passes):
     for pass_, call, work in passes:
         try:
             t = time_fn(call, device)
-            mem = peak_memory(call, device)
+            mem = peak_memory_gb(call, device)
         except Exception as e:  # a provider that cannot run this case is reported, not fatal
             print(f"  {common['provider']} {pass_}: {type(e).__name__}: {str(e)[:160]}")
             continue
@@ -170,7 +146,6 @@ def bench_logits(N, V, dtype, device):
         common = {"op": "ppo_loss", "shape": f"{N}x{V}", "dtype": str(dtype).replace("torch.", ""), "provider": name}
         _measure(records, device, common, [("fwd", fwd, ("gbps", bytes_)), ("bwd", bwd, ("gbps", 2 * bytes_)),
                                            ("full", full, ("gbps", 3 * bytes_))])  # fmt: skip
-        del out, x
     return records
 
 
@@ -193,7 +168,6 @@ def bench_linear(N, V, H, dtype, device):
                   "provider": name}  # fmt: skip
         # fusedrl does its matmuls for the gradients in forward; count the full step for everyone.
         _measure(records, device, common, [("fwd", fwd, ("tflops", flops)), ("full", full, ("tflops", 3 * flops))])
-        del h, w
     return records
 
 

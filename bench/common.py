@@ -69,10 +69,11 @@ def time_fn(fn, device: str, *, warmup: int = 3, rep: int = 10) -> dict:
 
 
 def peak_memory_gb(fn, device: str) -> float:
-    """Peak memory allocated while running fn once, above what was allocated before.
+    """Peak GiB allocated while running fn once, above what was live before.
 
-    CUDA: the caching allocator's peak counter. CPU: torch's CPU allocator profiler (memory the op
-    itself allocated through torch, which is what the comparison between implementations needs)."""
+    CUDA: the caching allocator's peak counter. CPU: the profiler's memory timeline, which sees every
+    tensor's creation and destruction wherever it happens (per-op accounting misplaces the frees made
+    inside a Python autograd Function's forward/backward)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -81,17 +82,16 @@ def peak_memory_gb(fn, device: str) -> float:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**30
     from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfileTimeline  # private, torch >= 2.1
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
-    # Walk allocation events in order to find the running peak of live bytes.
-    events = sorted(
-        (e for e in prof.events() if e.self_cpu_memory_usage != 0),
-        key=lambda e: e.time_range.start,
-    )
     live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage  # self: a parent op must not count its children's bytes again
+    for _, action, _, size in MemoryProfileTimeline(prof._memory_profile()).timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
         peak = max(peak, live)
     return peak / 2**30
 
