@@ -30,6 +30,55 @@ _TORCH_CHUNK_ELEMS = 1 << 20
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _stream_rows(
+    base,  # (BLOCK_M,) row pointers
+    label,  # (BLOCK_M,) int64
+    valid,  # (BLOCK_M,) bool: False rows read nothing
+    V,
+    s_v,
+    inv_temp,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One streaming read of BLOCK_M vocabulary rows of logits / T -> (m, log_s, logp, entropy): the row
+    max, log sum exp(x - m), the label's log-probability (NaN for a label outside [0, V)) and the entropy
+    (garbage unless WITH_ENTROPY). Shared by the logprobs and PPO forward kernels."""
+    n_read = tl.where(valid, V, 0)
+    cols0 = tl.arange(0, BLOCK_V)
+    # Running max m, sum-exp s = sum exp(x - m) and, for the entropy, w = sum exp(x - m) * (x - m).
+    # Keeping w relative to the running max makes H = log s - w / s a difference of O(1) terms; the
+    # algebraically equal lse - sum p x cancels two numbers of the size of the logits.
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    w = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
+        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(x, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(x - m_ref[:, None])
+        if WITH_ENTROPY:
+            shift = tl.where(s > 0.0, (m - m_ref) * s, 0.0)  # re-reference the old terms to m_new
+            w = alpha * (w + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_ref[:, None]), 0.0), 1)
+        s = s * alpha + tl.sum(e, 1)
+        m = m_new
+
+    log_s = tl.log(s)
+    in_range = (label >= 0) & (label < V)
+    safe_label = tl.where(in_range, label, 0)
+    x_label = tl.load(base + safe_label * s_v).to(tl.float32) * inv_temp
+    # (x - m) - log s rather than x - (m + log s): rounding m + log s to float32 would lose log s when it
+    # is tiny (p -> 1), i.e. exactly the true-class term. logp <= 0; the clamp removes a last-ulp excess.
+    logp = tl.minimum((x_label - m) - log_s, 0.0)
+    logp = tl.where(in_range, logp, float("nan"))  # an out-of-range label never reads out of bounds
+    ent = tl.maximum(log_s - w / s, 0.0)
+    return m, log_s, logp, ent
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     X,  # (n_rows, V) logits, any float dtype, row r at (r // inner) * s_outer + (r % inner) * s_inner
     LABELS,  # (n_rows,) int64
@@ -53,43 +102,12 @@ def _logprobs_fwd_kernel(
     rows = tl.where(row_ok, rows, 0)  # tail rows of the last program alias row 0 and store nothing
     base = X + (rows // inner) * s_outer + (rows % inner) * s_inner  # (BLOCK_M,) row pointers
     label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
-    valid = label != ignore_index
-    in_range = (label >= 0) & (label < V)
-    n_read = tl.where(valid, V, 0)  # an ignored row reads nothing
-    cols0 = tl.arange(0, BLOCK_V)
-
-    # Running max m, sum-exp s = sum exp(x - m) and, for the entropy, w = sum exp(x - m) * (x - m).
-    # Keeping w relative to the running max makes H = log s - w / s a difference of O(1) terms; the
-    # algebraically equal lse - sum p x cancels two numbers of the size of the logits.
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_M], tl.float32)
-    w = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
-        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(x - m_ref[:, None])
-        if RETURN_ENTROPY:
-            shift = tl.where(s > 0.0, (m - m_ref) * s, 0.0)  # re-reference the old terms to m_new
-            w = alpha * (w + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_ref[:, None]), 0.0), 1)
-        s = s * alpha + tl.sum(e, 1)
-        m = m_new
-
-    log_s = tl.log(s)
-    safe_label = tl.where(in_range, label, 0)
-    x_label = tl.load(base + safe_label * s_v).to(tl.float32) * inv_temp
-    # (x - m) - log s rather than x - (m + log s): rounding m + log s to float32 would lose log s when it
-    # is tiny (p -> 1), i.e. exactly the true-class term. logp <= 0; the clamp removes a last-ulp excess.
-    logp = tl.minimum((x_label - m) - log_s, 0.0)
-    logp = tl.where(in_range, logp, float("nan"))  # an out-of-range label never reads out of bounds
+    valid = label != ignore_index  # an ignored row reads nothing
+    m, log_s, logp, ent = _stream_rows(base, label, valid, V, s_v, inv_temp, RETURN_ENTROPY, BLOCK_M, BLOCK_V)
     tl.store(LOGP + rows, tl.where(valid, logp, 0.0), mask=row_ok)
     tl.store(STATS + rows, tl.where(valid, m, 0.0), mask=row_ok)
     tl.store(STATS + n_rows + rows, tl.where(valid, log_s, 0.0), mask=row_ok)
     if RETURN_ENTROPY:
-        ent = tl.maximum(log_s - w / s, 0.0)
         tl.store(ENT + rows, tl.where(valid, ent, 0.0), mask=row_ok)
 
 

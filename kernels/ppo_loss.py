@@ -34,6 +34,7 @@ from ._utils import (
 from .logprobs import (
     _logprobs_bwd_triton,
     _row_chunks,
+    _stream_rows,
     _torch_chunk_bwd,
     _torch_chunk_fwd,
     check_logits_labels,
@@ -132,36 +133,9 @@ def _ppo_fwd_kernel(
     rows = tl.where(row_ok, rows, 0)  # tail rows of the last program alias row 0 and store nothing
     base = X + (rows // inner) * s_outer + (rows % inner) * s_inner  # (BLOCK_M,) row pointers
     label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
-    valid = label != ignore_index
-    in_range = (label >= 0) & (label < V)
-    n_read = tl.where(valid, V, 0)  # a masked token reads nothing
-    cols0 = tl.arange(0, BLOCK_V)
-
-    # Online max m, s = sum exp(x - m) and w = sum exp(x - m) (x - m) for the entropy H = log s - w / s
-    # (relative to the max: no cancellation of two logit-sized numbers), one read of the row.
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_M], tl.float32)
-    w = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
-        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(x - m_ref[:, None])
-        shift = tl.where(s > 0.0, (m - m_ref) * s, 0.0)  # re-reference the old terms to the new max
-        w = alpha * (w + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_ref[:, None]), 0.0), 1)
-        s = s * alpha + tl.sum(e, 1)
-        m = m_new
-
-    log_s = tl.log(s)
-    safe_label = tl.where(in_range, label, 0)
-    x_label = tl.load(base + safe_label * s_v).to(tl.float32) * inv_temp
-    # (x - m) - log s keeps log s when it is tiny (p -> 1); logp <= 0, the clamp removes a last-ulp excess.
-    logp = tl.minimum((x_label - m) - log_s, 0.0)
-    logp = tl.where(in_range, logp, float("nan"))  # an out-of-range label never reads out of bounds
-    ent = tl.maximum(log_s - w / s, 0.0)
+    valid = label != ignore_index  # a masked token reads nothing
+    # One read of the row: max, log sum-exp, the label's logp and the entropy (see logprobs._stream_rows).
+    m, log_s, logp, ent = _stream_rows(base, label, valid, V, s_v, inv_temp, True, BLOCK_M, BLOCK_V)
 
     old = tl.load(OLD_LOGP + rows, mask=row_ok, other=0.0)
     adv = tl.load(ADV + rows, mask=row_ok, other=0.0)
