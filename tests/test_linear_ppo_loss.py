@@ -207,7 +207,7 @@ def test_default_chunking_and_frozen_weight(device):
 # ----------------------------------------------------------------------------------------------------
 _RSS_SCRIPT = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     import torch
     torch.set_num_threads(1)
     from fusedrl.kernels import linear_logprobs, linear_logprobs_ref
@@ -218,12 +218,19 @@ _RSS_SCRIPT = textwrap.dedent(
     g = torch.randn(N)
     fn = {{"fused": lambda: linear_logprobs(h, W, labels, backend="torch"),
           "naive": lambda: linear_logprobs_ref(h, W, labels)}}[sys.argv[1]]
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * resource.getpagesize()
+    def status_kb(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+    try:  # reset the peak-RSS mark so that start-up peaks (imports, input creation) do not count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    before = status_kb("VmRSS")
     lp = fn()
     torch.autograd.grad((lp * g).sum(), (h, W))
-    # max RSS so far minus the RSS before the call: an upper bound on the call's extra memory.
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    # peak RSS since the reset minus the RSS before the call: an upper bound on the call's extra memory.
+    print((status_kb("VmHWM") - before) * 1024)
     """
 )
 
