@@ -4,7 +4,8 @@ input validation and row views of (..., V) tensors.
 CPU tensors run the very same kernel source through Triton's interpreter, which Triton only enables when
 ``TRITON_INTERPRET=1`` is in the environment before it is imported. On a machine without CUDA, where no
 Triton kernel could be compiled anyway, importing fusedrl.kernels first sets it (if triton is not imported
-yet); on a CUDA machine set it yourself to run Triton kernels on CPU tensors (the tests do).
+yet); on a CUDA machine set it yourself to run Triton kernels on CPU tensors (tests/conftest.py explains the
+two test passes there).
 """
 from __future__ import annotations
 
@@ -92,10 +93,6 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
             "environment before triton is imported (it was not set, or triton was imported first)"
         )
     kernel[grid](*args, **kwargs)
-
-
-def is_interpreter(device: torch.device) -> bool:
-    return device.type == "cpu"
 
 
 def next_pow2(n: int) -> int:

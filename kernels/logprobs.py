@@ -289,62 +289,50 @@ def _torch_chunk_bwd(chunk, labels, m, log_s, ent, g_lp, g_h, inv_temp, ignore_i
     return grad.mul_(inv_temp)
 
 
-class _LogProbsTorch(torch.autograd.Function):
+def _logprobs_fwd_torch(logits, labels, inv_temp, ignore_index, return_entropy):
+    """``_logprobs_fwd_triton``'s contract with torch ops, chunk by chunk over rows: peak memory is a few
+    float32 chunks (~1M elements each), never (N, V)."""
+    n = labels.numel()
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
+    for r0, chunk in _row_chunks(logits):
+        rows = slice(r0, r0 + chunk.shape[0])
+        lp, h, m, log_s = _torch_chunk_fwd(chunk, labels[rows], inv_temp, ignore_index, return_entropy)
+        logp[rows], stats[0, rows], stats[1, rows] = lp, m, log_s
+        if return_entropy:
+            ent[rows] = h
+    return logp, ent, stats
+
+
+def _logprobs_bwd_torch(logits, labels, stats, ent, dlogp, dent, inv_temp, ignore_index):
+    """``_logprobs_bwd_triton``'s contract with torch ops, recomputing the softmax one chunk at a time."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_rows = grad.view(-1, logits.shape[-1])
+    for r0, chunk in _row_chunks(logits):
+        rows = slice(r0, r0 + chunk.shape[0])
+        with_ent = dent is not None
+        g = _torch_chunk_bwd(chunk, labels[rows], stats[0, rows], stats[1, rows], ent[rows] if with_ent else None,
+                             dlogp[rows], dent[rows] if with_ent else None, inv_temp, ignore_index)  # fmt: skip
+        grad_rows[rows].copy_(g)
+    return grad
+
+
+class _LogProbs(torch.autograd.Function):
     """logp_i = x_{i,y_i} - logsumexp(x_i), H_i = logsumexp(x_i) - sum_j p_ij x_ij, with x = logits / T.
-    The Triton kernels' math in torch ops, chunk by chunk over rows: forward keeps the per-row max and log
-    sum-exp, backward recomputes the softmax of one chunk at a time. Peak memory is a few float32 chunks
-    (~1M elements each) beyond the gradient itself, never (N, V)."""
+    Forward keeps only the per-row max and log sum-exp (and the entropy); backward streams the logits once
+    more: d/dx_j = (1/T) [g_logp ([j = y] - p_j) - g_H p_j (log p_j + H)]. Triton kernels or the same math
+    in chunked torch ops."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy):
-        flat_labels = labels.reshape(-1)
-        n = flat_labels.numel()
-        inv_temp = 1.0 / temperature
-        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-        ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=logits.device)
-        stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
-        for r0, chunk in _row_chunks(logits):
-            rows = slice(r0, r0 + chunk.shape[0])
-            lp, h, m, log_s = _torch_chunk_fwd(chunk, flat_labels[rows], inv_temp, ignore_index, return_entropy)
-            logp[rows], stats[0, rows], stats[1, rows] = lp, m, log_s
-            if return_entropy:
-                ent[rows] = h
-        ctx.save_for_backward(logits, flat_labels, stats, ent)
-        ctx.set_materialize_grads(False)  # an entropy nobody differentiates arrives as None: no work for it
-        ctx.cfg = (inv_temp, ignore_index, return_entropy)
-        if not return_entropy:
-            ctx.mark_non_differentiable(ent)
-        return logp.view(labels.shape), ent.view(labels.shape if return_entropy else (0,))
-
-    @staticmethod
-    def backward(ctx, dlogp, dent):
-        logits, flat_labels, stats, ent = ctx.saved_tensors
-        inv_temp, ignore_index, return_entropy = ctx.cfg
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_rows = grad.view(-1, logits.shape[-1])
-        dlogp = torch.zeros_like(stats[0]) if dlogp is None else dlogp.reshape(-1).float()
-        dent = dent.reshape(-1).float() if (return_entropy and dent is not None) else None
-        for r0, chunk in _row_chunks(logits):
-            rows = slice(r0, r0 + chunk.shape[0])
-            g = _torch_chunk_bwd(chunk, flat_labels[rows], stats[0, rows], stats[1, rows],
-                                 ent[rows] if dent is not None else None, dlogp[rows],
-                                 dent[rows] if dent is not None else None, inv_temp, ignore_index)  # fmt: skip
-            grad_rows[rows].copy_(g)
-        return grad, None, None, None, None
-
-
-class _LogProbsTriton(torch.autograd.Function):
-    """Same math as ``_LogProbsTorch``; forward keeps only the per-row logsumexp (and entropy), backward
-    streams the logits once more: d/dx_j = (1/T) [g_logp ([j = y] - p_j) - g_H p_j (log p_j + H)]."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy):
+    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, use_triton):
         flat_labels = labels.reshape(-1).to(torch.int64)
         inv_temp = 1.0 / temperature
-        logp, ent, stats = _logprobs_fwd_triton(logits, flat_labels, inv_temp, ignore_index, return_entropy)
+        fwd = _logprobs_fwd_triton if use_triton else _logprobs_fwd_torch
+        logp, ent, stats = fwd(logits, flat_labels, inv_temp, ignore_index, return_entropy)
         ctx.save_for_backward(logits, flat_labels, stats, ent)
         ctx.set_materialize_grads(False)  # an entropy nobody differentiates arrives as None: no work for it
-        ctx.cfg = (inv_temp, ignore_index, return_entropy)
+        ctx.cfg = (inv_temp, ignore_index, return_entropy, use_triton)
         if not return_entropy:
             ctx.mark_non_differentiable(ent)
         return logp.view(labels.shape), ent.view(labels.shape if return_entropy else (0,))
@@ -352,16 +340,12 @@ class _LogProbsTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlogp, dent):
         logits, flat_labels, stats, ent = ctx.saved_tensors
-        inv_temp, ignore_index, return_entropy = ctx.cfg
-        if dlogp is None:
-            dlogp = torch.zeros_like(stats[0])
-        dlogp = dlogp.reshape(-1).float().contiguous()
-        if return_entropy and dent is not None:
-            dent = dent.reshape(-1).float().contiguous()
-        else:
-            dent = None
-        grad = _logprobs_bwd_triton(logits, flat_labels, stats, ent, dlogp, dent, inv_temp, ignore_index)
-        return grad, None, None, None, None
+        inv_temp, ignore_index, return_entropy, use_triton = ctx.cfg
+        dlogp = torch.zeros_like(stats[0]) if dlogp is None else dlogp.reshape(-1).float().contiguous()
+        dent = dent.reshape(-1).float().contiguous() if (return_entropy and dent is not None) else None
+        bwd = _logprobs_bwd_triton if use_triton else _logprobs_bwd_torch
+        grad = bwd(logits, flat_labels, stats, ent, dlogp, dent, inv_temp, ignore_index)
+        return grad, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,8 +387,8 @@ def logprobs(
     Returns ``logp`` (shape of labels) or ``(logp, entropy)``.
     """
     backend = check_logits_labels(logits, labels, temperature, ignore_index=ignore_index, backend=backend)
-    fn = _LogProbsTriton if backend == "triton" else _LogProbsTorch
-    logp, ent = fn.apply(logits, labels, float(temperature), int(ignore_index), bool(return_entropy))
+    logp, ent = _LogProbs.apply(logits, labels, float(temperature), int(ignore_index), bool(return_entropy),
+                                backend == "triton")  # fmt: skip
     return (logp, ent) if return_entropy else logp
 
 

@@ -1,5 +1,6 @@
 """fusedrl.kernels.logprobs: Triton kernel (interpreter on CPU) and the chunked PyTorch path against a
 float64 reference, forward and backward, plus bad input and the logp <= 0 guarantee."""
+import importlib
 import os
 import subprocess
 import sys
@@ -168,12 +169,20 @@ def test_temperature_is_runtime(backend, device):
             assert n_after == n_before, "a new temperature recompiled the kernel"
 
 
-def test_backend_auto_on_cpu_is_torch_path():
+def test_backend_auto_on_cpu_is_torch_path(monkeypatch):
+    """auto on a CPU tensor never touches Triton; backend='triton' does."""
+    mod = importlib.import_module("fusedrl.kernels.logprobs")
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the Triton launcher ran")
+
+    monkeypatch.setattr(mod, "_logprobs_fwd_triton", no_triton)
+    monkeypatch.setattr(mod, "_logprobs_bwd_triton", no_triton)
     logits, labels = make_inputs((4, 10), torch.float32, torch.device("cpu"))
-    lp = logprobs(logits, labels)
-    assert lp.grad_fn is None or "Torch" in type(lp.grad_fn).__name__
     x = logits.requires_grad_()
-    assert "_LogProbsTorch" in type(logprobs(x, labels).grad_fn).__name__
+    logprobs(x, labels).sum().backward()
+    with pytest.raises(AssertionError, match="Triton launcher"):
+        logprobs(x, labels, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------ bad input
