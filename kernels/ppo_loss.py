@@ -33,10 +33,10 @@ from ._utils import (
 )
 from .logprobs import (
     _logprobs_bwd_triton,
+    _logprobs_fwd_torch,
     _row_chunks,
     _stream_rows,
     _torch_chunk_bwd,
-    _torch_chunk_fwd,
     check_logits_labels,
     logprobs_ref,
     rows_per_program,
@@ -276,17 +276,8 @@ class _PPOLossTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, old, adv, ref, weight, config, inplace):
-        n = labels.numel()
-        dev = logits.device
         inv_temp = 1.0 / float(config.temperature)
-        logp = torch.empty(n, dtype=torch.float32, device=dev)
-        ent = torch.empty(n, dtype=torch.float32, device=dev)
-        mls = torch.empty(2, n, dtype=torch.float32, device=dev)
-        for r0, chunk in _row_chunks(logits):
-            rows = slice(r0, r0 + chunk.shape[0])
-            logp[rows], ent[rows], mls[0, rows], mls[1, rows] = _torch_chunk_fwd(
-                chunk, labels[rows], inv_temp, IGNORE_INDEX, True
-            )
+        logp, ent, mls = _logprobs_fwd_torch(logits, labels, inv_temp, IGNORE_INDEX, True)
         stats = _token_stats_torch(logp, ent, old, adv, ref, weight, labels != IGNORE_INDEX, config)
         ctx.save_for_backward(logits, labels, mls, stats)
         ctx.config, ctx.inplace = config, inplace
