@@ -30,12 +30,14 @@ PHASES = ("rollout", "score", "advantages", "update")
 
 
 def tokenizer_for(vocab_size: int):
-    """A character tokenizer with exactly ``vocab_size`` ids (CJK ideographs past the default characters),
-    so that every id a random-weight model samples decodes to something."""
+    """A character tokenizer with exactly ``vocab_size`` ids (code points from U+4E00 past the default
+    characters), so that every id a random-weight model samples decodes to something. The UTF-16 surrogates
+    (U+D800..U+DFFF, reached past a ~35K vocabulary) are skipped: the tokenizers library cannot encode them."""
     extra = vocab_size - len(SPECIAL_TOKENS) - len(DEFAULT_CHARS)
     if extra < 0:
         return build_char_tokenizer()
-    return build_char_tokenizer(DEFAULT_CHARS + "".join(chr(0x4E00 + i) for i in range(extra)))
+    code_points = (c for c in range(0x4E00, 0x110000) if not 0xD800 <= c < 0xE000)
+    return build_char_tokenizer(DEFAULT_CHARS + "".join(chr(next(code_points)) for _ in range(extra)))
 
 
 def length_reward(prompts, completions):

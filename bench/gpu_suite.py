@@ -135,18 +135,6 @@ def case_gae(n_seq, seq_len, device, copy_gbps):
     return records
 
 
-def char_tokenizer_for(vocab_size: int):
-    """bench_engine.tokenizer_for without the UTF-16 surrogates: its run of code points from U+4E00 reaches
-    U+D800 past a 35K vocabulary, which the tokenizers library cannot encode (V=151936 needs 152K)."""
-    from fusedrl.engine.tokenizer import DEFAULT_CHARS, SPECIAL_TOKENS, build_char_tokenizer
-
-    extra = vocab_size - len(SPECIAL_TOKENS) - len(DEFAULT_CHARS)
-    if extra < 0:
-        return build_char_tokenizer()
-    code_points = (c for c in range(0x4E00, 0x110000) if not 0xD800 <= c < 0xE000)
-    return build_char_tokenizer(DEFAULT_CHARS + "".join(chr(next(code_points)) for _ in range(extra)))
-
-
 def case_engine(device, cfg):
     from bench import bench_engine  # transformers import: only when this case runs
 
@@ -155,8 +143,7 @@ def case_engine(device, cfg):
     records = []
     for backend in ("triton", "torch") if gpu else ("torch",):
         try:
-            with swapped(bench_engine, "tokenizer_for", char_tokenizer_for):
-                records += bench_engine.run_case(cfg["preset"], device, dtype, backend, prompts_per_step=cfg[
+            records += bench_engine.run_case(cfg["preset"], device, dtype, backend, prompts_per_step=cfg[
                 "prompts_per_step"], samples=cfg["samples"], prompt_len=cfg["prompt_len"], new_tokens=cfg[
                 "new_tokens"], steps=cfg["steps"])  # fmt: skip
         except Exception as e:
