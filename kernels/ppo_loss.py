@@ -233,26 +233,6 @@ def _ppo_bwd_triton(logits, labels, mls, stats, grad_loss, config: PPOLossConfig
 # ----------------------------------------------------------------------------------------------------
 # Autograd Functions
 # ----------------------------------------------------------------------------------------------------
-class _PPOLossTriton(torch.autograd.Function):
-    """L = sum_i w_i l_i(logp_i, H_i); dL/dx_ij = (1/T) [c_lp,i ([j = y_i] - p_ij) - c_H,i p_ij (log p_ij + H_i)]
-    with c_lp = w dl/dlogp and c_H = w dl/dH written by the forward kernel."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, old, adv, ref, weight, config, inplace):
-        stats, mls = _ppo_fwd_triton(logits, labels, old, adv, ref, weight, config)
-        ctx.save_for_backward(logits, labels, mls, stats)
-        ctx.config, ctx.inplace = config, inplace
-        ctx.mark_non_differentiable(stats)
-        return stats[_LOSS].sum(), stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        logits, labels, mls, stats = ctx.saved_tensors
-        out = logits if ctx.inplace else None
-        grad = _ppo_bwd_triton(logits, labels, mls, stats, grad_loss, ctx.config, out=out)
-        return grad, None, None, None, None, None, None, None
-
-
 def _token_stats_torch(logp, ent, old, adv, ref, weight, valid, config):
     """The (8, n) per-token statistics from log-probs and entropies via the reference formulas; the
     coefficients c_lp, c_H by autograd on these (n,) vectors only."""
@@ -269,32 +249,47 @@ def _token_stats_torch(logp, ent, old, adv, ref, weight, valid, config):
     ])  # fmt: skip
 
 
-class _PPOLossTorch(torch.autograd.Function):
-    """Same math as ``_PPOLossTriton`` in torch ops, chunk by chunk over rows (the logprobs op's torch
-    path): forward keeps the row max and log sum-exp, backward recomputes one chunk's softmax at a time
-    and applies ``c_lp * grad_out``, ``c_H * grad_out``. Peak memory: a few float32 chunks, never (N, V)."""
+def _ppo_fwd_torch(logits, labels, old, adv, ref, weight, config: PPOLossConfig):
+    """``_ppo_fwd_triton``'s contract in torch ops: the logprobs op's chunked forward (row max and log
+    sum-exp kept, never (N, V) float32), then the per-token statistics on (n,) vectors."""
+    inv_temp = 1.0 / float(config.temperature)
+    logp, ent, mls = _logprobs_fwd_torch(logits, labels, inv_temp, IGNORE_INDEX, True)
+    return _token_stats_torch(logp, ent, old, adv, ref, weight, labels != IGNORE_INDEX, config), mls
+
+
+def _ppo_bwd_torch(logits, labels, mls, stats, grad_loss, config: PPOLossConfig, out=None):
+    """``_ppo_bwd_triton``'s contract in torch ops, recomputing one chunk's softmax at a time; ``out=logits``
+    overwrites the logits in place."""
+    grad = out if out is not None else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_rows = None if out is logits else grad.view(-1, logits.shape[-1])
+    for r0, chunk in _row_chunks(logits):
+        rows = slice(r0, r0 + chunk.shape[0])
+        g = _dlogits_torch_chunk(chunk, labels[rows], mls[:, rows], stats[:, rows], grad_loss, config)
+        # In place: this chunk of the logits has just been read for the last time.
+        (chunk if grad_rows is None else grad_rows[rows]).copy_(g)
+    return grad
+
+
+class _PPOLoss(torch.autograd.Function):
+    """L = sum_i w_i l_i(logp_i, H_i); dL/dx_ij = (1/T) [c_lp,i ([j = y_i] - p_ij) - c_H,i p_ij (log p_ij + H_i)]
+    with c_lp = w dl/dlogp and c_H = w dl/dH written by the forward pass: the Triton kernels, or the same math
+    in chunked torch ops (peak memory a few float32 chunks, never (N, V))."""
 
     @staticmethod
-    def forward(ctx, logits, labels, old, adv, ref, weight, config, inplace):
-        inv_temp = 1.0 / float(config.temperature)
-        logp, ent, mls = _logprobs_fwd_torch(logits, labels, inv_temp, IGNORE_INDEX, True)
-        stats = _token_stats_torch(logp, ent, old, adv, ref, weight, labels != IGNORE_INDEX, config)
+    def forward(ctx, logits, labels, old, adv, ref, weight, config, inplace, use_triton):
+        fwd = _ppo_fwd_triton if use_triton else _ppo_fwd_torch
+        stats, mls = fwd(logits, labels, old, adv, ref, weight, config)
         ctx.save_for_backward(logits, labels, mls, stats)
-        ctx.config, ctx.inplace = config, inplace
+        ctx.config, ctx.inplace, ctx.use_triton = config, inplace, use_triton
         ctx.mark_non_differentiable(stats)
         return stats[_LOSS].sum(), stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         logits, labels, mls, stats = ctx.saved_tensors
-        grad = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_rows = None if ctx.inplace else grad.view(-1, logits.shape[-1])
-        for r0, chunk in _row_chunks(logits):
-            rows = slice(r0, r0 + chunk.shape[0])
-            g = _dlogits_torch_chunk(chunk, labels[rows], mls[:, rows], stats[:, rows], grad_loss, ctx.config)
-            # In place: this chunk of the logits has just been read for the last time.
-            (chunk if grad_rows is None else grad_rows[rows]).copy_(g)
-        return grad, None, None, None, None, None, None, None
+        bwd = _ppo_bwd_triton if ctx.use_triton else _ppo_bwd_torch
+        grad = bwd(logits, labels, mls, stats, grad_loss, ctx.config, out=logits if ctx.inplace else None)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _dlogits_torch_chunk(chunk, labels, mls, stats, grad_loss, config: PPOLossConfig):
@@ -480,8 +475,8 @@ def ppo_loss(
     labels_f, old, adv, ref, weight, valid = _prepare(
         labels, old_logp, advantages, mask, ref_logp, config, cu_seqlens, num_tokens, num_sequences
     )
-    fn = _PPOLossTriton if backend == "triton" else _PPOLossTorch
-    loss, stats = fn.apply(logits, labels_f, old, adv, ref, weight, config, bool(inplace_backward))
+    loss, stats = _PPOLoss.apply(logits, labels_f, old, adv, ref, weight, config, bool(inplace_backward),
+                                 backend == "triton")  # fmt: skip
     return loss, _metrics(stats, valid)
 
 
