@@ -231,7 +231,7 @@ def _ppo_bwd_triton(logits, labels, mls, stats, grad_loss, config: PPOLossConfig
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd Functions
+# PyTorch path (same contract as the Triton launchers) and the autograd Function
 # ----------------------------------------------------------------------------------------------------
 def _token_stats_torch(logp, ent, old, adv, ref, weight, valid, config):
     """The (8, n) per-token statistics from log-probs and entropies via the reference formulas; the
