@@ -1,8 +1,29 @@
-"""fusedrl.kernels: fused Triton ops for RLHF losses, each with a plain PyTorch reference beside it."""
-from ._utils import HAS_TRITON, set_validation, validation
+"""fusedrl.kernels: fused Triton ops for RLHF losses, each with a plain PyTorch reference beside it.
+
+Everything other packages (fusedrl.engine, fusedrl.integrations, user code) use is exported here by a
+public name: the ops and their references, the shared constants and the boundary checks."""
+from ._utils import (
+    AGG_MODES,
+    BACKENDS,
+    HAS_TRITON,
+    IGNORE_INDEX,
+    KL_ESTIMATORS,
+    REWARD_KL_ESTIMATORS,
+    check_cu_seqlens,
+    check_float,
+    check_int,
+    check_labels_in_range,
+    data_checks_enabled,
+    set_validation,
+    validation,
+)
 from .logprobs import logprobs, logprobs_ref
 
-__all__ = ["HAS_TRITON", "logprobs", "logprobs_ref", "set_validation", "validation"]
+__all__ = [
+    "AGG_MODES", "BACKENDS", "HAS_TRITON", "IGNORE_INDEX", "KL_ESTIMATORS", "REWARD_KL_ESTIMATORS",
+    "check_cu_seqlens", "check_float", "check_int", "check_labels_in_range", "data_checks_enabled",
+    "logprobs", "logprobs_ref", "set_validation", "validation",
+]  # fmt: skip
 from .gae import gae, gae_ref, shape_token_rewards
 
 __all__ += ["gae", "gae_ref", "shape_token_rewards"]

@@ -41,7 +41,16 @@ except ImportError:  # pragma: no cover - exercised only on machines without Tri
 
     triton = tl = _Shim()  # type: ignore[assignment]
 
+# The names every op and the engine share, each defined here once (exported by fusedrl.kernels).
 BACKENDS = ("auto", "triton", "torch")
+IGNORE_INDEX = -100
+"""Label of a token that is not scored (logp 0, no gradient): the PyTorch / Hugging Face convention."""
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
+"""Per-token KL(pi || pi_ref) estimators of the loss: k1, k2, k3 and k3+ (k3's value, k2's gradient)."""
+REWARD_KL_ESTIMATORS = tuple(e for e in KL_ESTIMATORS if e != "k3+")
+"""Estimators valid in reward shaping: a reward carries no gradient, so k3+ (a gradient trick) would be k3."""
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+"""How per-token losses are aggregated (see ``token_weights``)."""
 
 _VALIDATE = os.environ.get("FUSEDRL_VALIDATE", "1") != "0"
 
@@ -124,6 +133,35 @@ def check_int(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor (int32 or int64), got dtype {t.dtype}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int, name: str = "cu_seqlens",
+                     device: torch.device | None = None) -> None:  # fmt: skip
+    """``cu_seqlens`` is a 1-D integer tensor of B+1 offsets (B >= 0), starting at 0, non-decreasing, ending at
+    ``n_tokens`` (and on ``device`` when given). The value checks are one host sync on GPU and run only while
+    data checks are enabled (``fusedrl.kernels.set_validation``; never under CUDA-graph capture)."""
+    check_int(name, cu_seqlens)
+    if device is not None and cu_seqlens.device != torch.device(device):
+        raise ValueError(f"{name} is on {cu_seqlens.device} but the per-token tensors are on {device}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(
+            f"{name} must be a 1-D tensor of B+1 sequence offsets (leading 0), got shape {tuple(cu_seqlens.shape)}"
+        )
+    if not data_checks_enabled(cu_seqlens):
+        return
+    # One transfer for all three facts: first offset, last offset, smallest step.
+    steps = cu_seqlens.diff() if cu_seqlens.shape[0] > 1 else cu_seqlens.new_zeros(1)
+    first, last, min_step = torch.stack([cu_seqlens[0], cu_seqlens[-1], steps.min()]).tolist()  # host sync
+    if first != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {first}")
+    if min_step < 0:
+        b = int((steps < 0).nonzero()[0])
+        raise ValueError(
+            f"{name} must be non-decreasing (sequence lengths >= 0), got {name}[{b}] = {int(cu_seqlens[b])} > "
+            f"{name}[{b + 1}] = {int(cu_seqlens[b + 1])}"
+        )
+    if last != n_tokens:
+        raise ValueError(f"{name} must end at the number of tokens N = {n_tokens}, got {name}[-1] = {last}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

@@ -14,9 +14,17 @@ import math
 
 import torch
 
-from ._utils import check_float, check_int, check_same_device, data_checks_enabled, launch, resolve_backend, tl, triton
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
+from ._utils import (
+    REWARD_KL_ESTIMATORS,
+    check_cu_seqlens,
+    check_float,
+    check_int,
+    check_same_device,
+    launch,
+    resolve_backend,
+    tl,
+    triton,
+)
 
 # Tokens per block of the in-kernel reverse scan. The scan of a block is a (BLOCK, BLOCK) triangular
 # weighting, so the block trades wasted multiply-adds (BLOCK per token) against serial loop steps.
@@ -96,32 +104,6 @@ def _gae_triton(rewards, values, cu_seqlens, gamma, lam):
 # ----------------------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------------------
-def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int, name: str = "cu_seqlens") -> None:
-    """``cu_seqlens`` is a 1-D integer tensor of B+1 offsets, starting at 0, non-decreasing, ending at
-    ``n_tokens``. The value checks are one host sync on GPU and run only while data checks are enabled
-    (``fusedrl.kernels.set_validation``; never under CUDA-graph capture)."""
-    check_int(name, cu_seqlens)
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(
-            f"{name} must be a 1-D tensor of B+1 sequence offsets (leading 0), got shape {tuple(cu_seqlens.shape)}"
-        )
-    if not data_checks_enabled(cu_seqlens):
-        return
-    # One transfer for all three facts: first offset, last offset, smallest step.
-    steps = cu_seqlens.diff() if cu_seqlens.shape[0] > 1 else cu_seqlens.new_zeros(1)
-    first, last, min_step = torch.stack([cu_seqlens[0], cu_seqlens[-1], steps.min()]).tolist()  # host sync
-    if first != 0:
-        raise ValueError(f"{name} must start at 0, got {name}[0] = {first}")
-    if min_step < 0:
-        b = int((steps < 0).nonzero()[0])
-        raise ValueError(
-            f"{name} must be non-decreasing (sequence lengths >= 0), got {name}[{b}] = {int(cu_seqlens[b])} > "
-            f"{name}[{b + 1}] = {int(cu_seqlens[b + 1])}"
-        )
-    if last != n_tokens:
-        raise ValueError(f"{name} must end at the number of tokens N = {n_tokens}, got {name}[-1] = {last}")
-
-
 def _check_tokens(n_tokens: int | None, **tensors: torch.Tensor) -> int:
     """Every named tensor is 1-D float with the same length; returns that length."""
     for k, t in tensors.items():
@@ -260,8 +242,8 @@ def shape_token_rewards(
             f"got {tuple(scores.shape)}"
         )
     check_cu_seqlens(cu_seqlens, n)
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    if estimator not in REWARD_KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {REWARD_KL_ESTIMATORS}, got {estimator!r}")
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not kl_coef >= 0:
         raise ValueError(f"kl_coef must be a number >= 0, got {kl_coef!r}")
     if clip_score is not None and (

@@ -20,12 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from ._utils import (
+    AGG_MODES,
+    IGNORE_INDEX,
+    KL_ESTIMATORS,
     as_rows,
+    check_cu_seqlens,
     check_float,
     check_int,
     check_same_device,
     check_shape,
-    data_checks_enabled,
     launch,
     tl,
     triton,
@@ -42,9 +45,6 @@ from .logprobs import (
     rows_per_program,
 )
 
-IGNORE_INDEX = -100
-KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 _KL_MODE = {"k1": 1, "k2": 2, "k3": 3, "k3+": 4}  # 0: no reference log-probs
 
 # Rows of the (8, N) float32 per-token statistics written by the forward pass (both backends).
@@ -319,28 +319,6 @@ def _count(name: str, value, device: torch.device) -> torch.Tensor | float | Non
     return float(value)
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int, device: torch.device) -> None:
-    """cu_seqlens: int32/int64, 1-D of B+1 entries, 0 = c_0 <= c_1 <= ... <= c_B = n_tokens.
-    The value checks cost one host sync on GPU (skipped under graph capture / set_validation(False))."""
-    check_int("cu_seqlens", cu_seqlens)
-    if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the per-token tensors are on {device}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
-            f"cu_seqlens must be 1-D with B + 1 >= 2 entries (leading 0), got shape {tuple(cu_seqlens.shape)}"
-        )
-    if not data_checks_enabled(cu_seqlens):
-        return
-    c = cu_seqlens
-    bad = (c[0] != 0) | (c[-1] != n_tokens) | (c[1:] < c[:-1]).any()
-    if bool(bad):  # host sync: documented, skipped under graph capture / set_validation(False)
-        shown = c[:9].tolist()
-        raise ValueError(
-            f"cu_seqlens must start at 0, be non-decreasing and end at the number of tokens ({n_tokens}); "
-            f"got {shown}{' ...' if c.numel() > 9 else ''} (last {int(c[-1])})"
-        )
-
-
 def token_weights(
     mask: torch.Tensor,  # (B, T) padded: each row a sequence; or (N,) packed with cu_seqlens; nonzero = counts
     agg: str = "token-mean",
@@ -417,7 +395,7 @@ def _prepare(labels, old_logp, advantages, mask, ref_logp, config, cu_seqlens, n
     if config.kl_coef > 0 and ref_logp is None:
         raise ValueError(f"config.kl_coef={config.kl_coef} needs ref_logp (the reference policy's log-probs)")
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, labels.numel(), labels.device)
+        check_cu_seqlens(cu_seqlens, labels.numel(), device=labels.device)
     valid = labels != IGNORE_INDEX
     if mask is not None:
         valid = valid & (mask != 0)

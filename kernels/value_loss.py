@@ -11,8 +11,8 @@ import numbers
 
 import torch
 
-from ._utils import check_float, launch, next_pow2, resolve_backend, tl, triton
-from .ppo_loss import AGG_MODES, check_cu_seqlens, check_per_token, token_weights
+from ._utils import AGG_MODES, check_cu_seqlens, check_float, launch, next_pow2, resolve_backend, tl, triton
+from .ppo_loss import check_per_token, token_weights
 
 # Rows of the (4, N) float32 per-token statistics.
 _LOSS, _GRAD, _CLIPPED, _VPRED = range(4)
@@ -132,7 +132,7 @@ def value_loss(
     if agg not in AGG_MODES:
         raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, values.numel(), values.device)
+        check_cu_seqlens(cu_seqlens, values.numel(), device=values.device)
     backend = resolve_backend(backend, values.device)
 
     keep = torch.ones_like(values, dtype=torch.bool) if mask is None else mask != 0
