@@ -10,9 +10,11 @@ import functools
 import importlib
 import importlib.util
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -80,23 +82,66 @@ def load_reward_fn(spec: str, **kwargs) -> RewardFn:
     return functools.partial(fn, **kwargs) if kwargs else fn
 
 
+def _show(x, limit: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _real(x) -> float | None:
+    """``x`` as a Python float when it is one real number (bools count: 0/1, a pass/fail verifier's natural
+    answer), else None. Python ints too large for a float raise OverflowError here."""
+    if isinstance(x, torch.Tensor):
+        return float(x.item()) if x.dim() == 0 and not x.is_complex() else None
+    if isinstance(x, np.ndarray):
+        return float(x.item()) if x.ndim == 0 and x.dtype.kind in "biuf" else None
+    if isinstance(x, (numbers.Real, np.bool_)):  # int, float, bool, Fraction, NumPy integers and floats
+        return float(x)
+    return None
+
+
 def check_rewards(rewards, n: int, *, completions: Sequence[str] | None = None, source: str = "reward function"):
-    """``rewards`` as a float32 tensor of shape (n,); a clear error for a wrong count or a NaN/inf value."""
+    """``rewards`` as a float32 tensor of shape (n,), or a clear error naming ``source``.
+
+    Accepted: a list/tuple (any ``Sequence`` but str/bytes) of real numbers (Python or NumPy ints, floats or
+    bools, 0-d real tensors/arrays), or a 1-D real NumPy array / torch tensor, with one value per completion.
+    Refused: strings, dicts, sets, generators, nested lists, complex numbers, None entries, and any value that
+    is not finite once in float32 (1e39 is a finite float64 but inf in float32, and would turn the loss NaN)."""
+    expected = f"a list, tuple or 1-D array/tensor of {n} real numbers (one per completion)"
     if isinstance(rewards, torch.Tensor):
-        values = rewards.detach().float().cpu().reshape(-1).tolist() if rewards.dim() <= 1 else None
+        if rewards.dim() != 1 or rewards.is_complex():
+            raise ValueError(f"{source} must return {expected}, got a {rewards.dtype} tensor of shape "
+                             f"{tuple(rewards.shape)}")  # fmt: skip
+        values = rewards.detach().cpu().double().tolist()
+    elif isinstance(rewards, np.ndarray) and rewards.dtype.kind in "biuf":
+        if rewards.ndim != 1:
+            raise ValueError(f"{source} must return {expected}, got a {rewards.dtype} array of shape {rewards.shape}")
+        values = rewards.astype(np.float64).tolist()
+    elif isinstance(rewards, (Sequence, np.ndarray)) and not isinstance(rewards, (str, bytes, bytearray, memoryview)):
+        if isinstance(rewards, np.ndarray) and (rewards.ndim != 1 or rewards.dtype.kind != "O"):
+            raise TypeError(f"{source} must return {expected}, got a {rewards.dtype} array of shape {rewards.shape}")
+        values = []
+        for i, r in enumerate(rewards):
+            try:
+                v = _real(r)
+            except OverflowError:
+                raise ValueError(f"{source} returned reward {_show(r)} for completion {i}, which is too large for "
+                                 f"float32 (expected a finite real number)") from None  # fmt: skip
+            if v is None:
+                raise TypeError(f"{source} must return {expected}: the value for completion {i} is "
+                                f"{type(r).__name__} {_show(r)}, not a real number")  # fmt: skip
+            values.append(v)
     else:
-        try:
-            values = [float(r) for r in rewards]
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"{source} must return a sequence of numbers, got {type(rewards).__name__} ({e})") from e
-    if values is None:
-        raise ValueError(
-            f"{source} must return one number per completion, got a tensor of shape {tuple(rewards.shape)}"
-        )
+        raise TypeError(f"{source} must return a sequence of numbers ({expected}), got {type(rewards).__name__} "
+                        f"{_show(rewards)}")  # fmt: skip
     if len(values) != n:
         raise ValueError(f"{source} returned {len(values)} rewards for {n} completions (expected one per completion)")
-    for i, v in enumerate(values):
-        if not math.isfinite(v):
-            shown = f" {completions[i]!r}" if completions is not None else ""
-            raise ValueError(f"{source} returned a non-finite reward {v} for completion {i}{shown}")
-    return torch.tensor(values, dtype=torch.float32)
+    out = torch.tensor(values, dtype=torch.float32)  # values beyond float32's range become +-inf here
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        shown = f" {completions[i]!r}" if completions is not None else ""
+        if math.isfinite(values[i]):
+            raise ValueError(f"{source} returned reward {values[i]!r} for completion {i}{shown}, which is beyond "
+                             f"float32's range (|r| <= {torch.finfo(torch.float32).max:.4g}): it would be inf")  # fmt: skip
+        raise ValueError(f"{source} returned a non-finite reward {values[i]} for completion {i}{shown}")
+    return out
