@@ -29,13 +29,34 @@ def _to_float(name: str, v) -> float:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Every row of a metrics JSONL file, in order."""
-    rows = []
-    with open(path) as f:
-        for line in f:
+    """Every row of a metrics JSONL file, in order.
+
+    A last line that is not a JSON object is what a crash in the middle of a write leaves: it is dropped with a
+    warning (a resumed run logs that step again). A bad line anywhere else is a ``ValueError`` naming it."""
+    import warnings
+
+    rows, bad = [], None  # bad: (line number, error) of a line that is fatal unless no row follows it
+    # errors="replace": a torn multi-byte character or a garbage tail becomes an unparsable line, not a crash.
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
-            if line:
-                rows.append(json.loads(line))
+            if not line:
+                continue
+            if bad is not None:
+                raise ValueError(f"metrics file {str(path)!r}: line {bad[0]} is not a JSON object ({bad[1]}); only "
+                                 f"a torn last line (a crash mid-write) is dropped")  # fmt: skip
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad = (number, e)
+                continue
+            if not isinstance(row, dict):
+                bad = (number, f"got {type(row).__name__}")
+                continue
+            rows.append(row)
+    if bad is not None:
+        warnings.warn(f"metrics file {str(path)!r}: dropping its torn last line {bad[0]} ({bad[1]}), the trace of "
+                      f"a crash mid-write", stacklevel=2)  # fmt: skip
     return rows
 
 

@@ -2,12 +2,18 @@
 SIGKILLed after a checkpoint and resumed reaching the same metrics as an uninterrupted run."""
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import warnings
+import zipfile
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +128,166 @@ def test_metrics_logger_drops_rows_after_resume_step(tmp_path):
     assert rows[2]["loss/policy"] == 1.5 and rows[3]["loss/policy"] == 9.0
     with pytest.raises(ValueError, match="loss/policy"):
         MetricsLogger(None, progress=False).log(1, {"loss/policy": torch.ones(2)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Integrity: checksums in meta.json, damaged checkpoints, non-finite weights, torn metrics lines
+# ----------------------------------------------------------------------------------------------------
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "flip":  # same size, one byte in the middle changed: only the checksum can tell
+        i = len(data) // 2
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1 :])
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 3])
+    elif how == "empty":
+        path.write_bytes(b"")
+
+
+def test_meta_records_the_state_checksum(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 3, _state(3))
+    meta = json.loads((path / "meta.json").read_text())
+    data = (path / "state.pt").read_bytes()
+    assert meta["format"] == 2 and meta["step"] == 3
+    assert meta["files"]["state.pt"] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [("flip", r"ckpt-3/state.pt' has SHA-256 [0-9a-f]{64}, meta.json records [0-9a-f]{64}: the file is damaged"),
+     ("truncate", r"ckpt-3/state.pt' is \d+ bytes but meta.json records \d+: the file is truncated"),
+     ("empty", r"ckpt-3/state.pt' is 0 bytes but meta.json records \d+")],  # fmt: skip
+)
+def test_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, how, match):
+    ckpt.save_checkpoint(tmp_path, 2, _state(2))
+    ckpt.save_checkpoint(tmp_path, 3, _state(3))
+    _damage(tmp_path / "ckpt-3" / "state.pt", how)
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        ckpt.load_checkpoint(tmp_path / "ckpt-3")
+    # What --resume uses: the newest intact checkpoint, with a warning naming the damaged file.
+    with pytest.warns(UserWarning, match="skipping a damaged checkpoint: .*" + match):
+        latest = ckpt.find_latest(tmp_path)
+    assert latest == tmp_path / "ckpt-2" and ckpt.load_checkpoint(latest)["step"] == 2
+    # Every checkpoint damaged: nothing to resume from.
+    _damage(tmp_path / "ckpt-2" / "state.pt", how)
+    with pytest.warns(UserWarning) as caught:
+        assert ckpt.find_latest(tmp_path) is None
+    assert ["ckpt-3" in str(w.message) for w in caught] == [True, False]
+    assert ["ckpt-2" in str(w.message) for w in caught] == [False, True]
+
+
+def test_damaged_meta_json_is_named(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 1, _state(1))
+    ckpt.save_checkpoint(tmp_path, 2, _state(2))
+    (tmp_path / "ckpt-2" / "meta.json").write_text('{"step": 2, "form')
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt-2/meta.json' is unreadable"):
+        ckpt.load_checkpoint(tmp_path / "ckpt-2")
+    with pytest.warns(UserWarning, match=r"ckpt-2/meta.json"):
+        assert ckpt.find_latest(tmp_path) == tmp_path / "ckpt-1"
+
+
+def test_format_1_checkpoints_without_checksums_still_load_and_are_checked(tmp_path):
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, _state(step))
+        (tmp_path / f"ckpt-{step}" / "meta.json").write_text(json.dumps({"step": step, "format": 1}))
+    back = ckpt.load_checkpoint(tmp_path / "ckpt-2")
+    assert_close(back["weights"]["w"], _state(2)["weights"]["w"], atol=0, name="weights")
+    for how, match in (("truncate", "ckpt-2/state.pt' is truncated or damaged"),
+                       ("empty", "ckpt-2/state.pt' is empty")):  # fmt: skip
+        state = tmp_path / "ckpt-2" / "state.pt"
+        good = state.read_bytes()
+        _damage(state, how)
+        with pytest.raises(ckpt.CheckpointError, match=match):
+            ckpt.load_checkpoint(tmp_path / "ckpt-2")
+        with pytest.warns(UserWarning, match=match):
+            assert ckpt.find_latest(tmp_path) == tmp_path / "ckpt-1"
+        state.write_bytes(good)
+    # A readable zip directory whose contents are not a checkpoint: the error names the file (torch's own is vague).
+    with zipfile.ZipFile(tmp_path / "ckpt-2" / "state.pt", "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle")
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt-2/state.pt' cannot be loaded \(damaged, truncated"):
+        ckpt.load_checkpoint(tmp_path / "ckpt-2")
+
+
+def test_intact_file_with_unsafe_objects_is_not_called_damaged(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 1, {"step": 1, "odd": Fraction(1, 3)})
+    with pytest.raises(ckpt.CheckpointError, match=r"state.pt' cannot be loaded \(its checksum matches"):
+        ckpt.load_checkpoint(path)
+
+
+def test_each_file_is_hashed_once_per_process(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, _state(1))
+    calls = []
+    real = ckpt._file_sha256
+    monkeypatch.setattr(ckpt, "_file_sha256", lambda p: calls.append(p) or real(p))
+    ckpt.load_checkpoint(ckpt.find_latest(tmp_path))  # what a resume does
+    assert calls == [tmp_path / "ckpt-1" / "state.pt"]
+    # Rewritten since (same bytes, new mtime): hashed again, and a damaged rewrite is caught.
+    state = tmp_path / "ckpt-1" / "state.pt"
+    _damage(state, "flip")
+    st = state.stat()
+    os.utime(state, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
+        ckpt.load_checkpoint(tmp_path / "ckpt-1")
+    assert len(calls) == 2
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("key, bad", [("policy", math.nan), ("critic", math.inf), ("policy", -math.inf)])
+def test_non_finite_weights_are_never_saved(tmp_path, key, bad):
+    ckpt.save_checkpoint(tmp_path, 2, {"policy": _state(2)["weights"], "critic": {"v": torch.randn(4)}})
+    before = _tree(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    weights = {"embed": torch.randn(6, 4, generator=g), "steps": torch.tensor([3]),
+               "head": torch.randn(5, 4, generator=g).to(torch.bfloat16)}  # fmt: skip
+    weights["head"][2, 1] = bad
+    state = {"policy": _state(4)["weights"], "critic": {"v": torch.randn(4)}, key: weights}
+    with pytest.raises(ValueError, match=rf"refusing to write step 4 .*{key}\['head'\] holds {int(bad != bad)} NaN "
+                                         rf"and {int(bad == bad)} Inf of its 20 values"):  # fmt: skip
+        ckpt.save_checkpoint(tmp_path, 4, state)
+    assert _tree(tmp_path) == before  # nothing written, swept or rotated
+    with pytest.raises(ValueError, match="refusing"):
+        ckpt.save_checkpoint(tmp_path / "new", 4, state)
+    assert not (tmp_path / "new").exists()
+    # NaN outside the model weights (a statistic that has seen no data yet) is data, not damage.
+    ckpt.save_checkpoint(tmp_path, 5, {"policy": _state(5)["weights"], "reward_stats": {"mean": math.nan}})
+    assert math.isnan(ckpt.load_checkpoint(tmp_path / "ckpt-5")["reward_stats"]["mean"])
+
+
+def _write_rows(path: Path, n: int) -> None:
+    path.write_text("".join(json.dumps({"step": s, "loss/policy": s * 0.5}) + "\n" for s in range(1, n + 1)))
+
+
+@pytest.mark.parametrize("tail", ['{"step": 4, "loss/pol', "\0" * 37, b"\xff\xfe\x00garbage", '{"step": 4}}\n'])
+def test_torn_last_metrics_line_is_dropped_and_resume_continues(tmp_path, tail):
+    path = tmp_path / "metrics.jsonl"
+    _write_rows(path, 3)
+    with open(path, "ab") as f:
+        f.write(tail if isinstance(tail, bytes) else tail.encode())
+    with pytest.warns(UserWarning, match=r"metrics.jsonl': dropping its torn last line 4"):
+        assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    with pytest.warns(UserWarning, match="torn last line"), MetricsLogger(path, progress=False, resume_step=3) as log:
+        log.log(4, {"loss/policy": 2.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rewritten file is clean
+        assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
+
+
+def test_corrupt_metrics_line_in_the_middle_is_an_error(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _write_rows(path, 2)
+    with open(path, "a") as f:
+        f.write('{"step": 3, "loss\n[1, 2]\n' + json.dumps({"step": 4}) + "\n\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl': line 3 is not a JSON object"):
+        read_metrics(path)
+    _write_rows(path, 2)
+    with open(path, "a") as f:
+        f.write("[1, 2]\n" + json.dumps({"step": 4}) + "\n")
+    with pytest.raises(ValueError, match=r"line 3 is not a JSON object \(got list\)"):
+        read_metrics(path)
 
 
 # ----------------------------------------------------------------------------------------------------
