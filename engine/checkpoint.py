@@ -154,6 +154,8 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     meta = _read_meta(p)
     files = meta.get("files")
     names = sorted(files) if files else [STATE_FILE]
+    if any(not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..") for n in names):
+        raise CheckpointError(f"{str(p / META_FILE)!r} lists files outside its checkpoint: {names}")
     try:
         sig = tuple((n, _signature(p / n)) for n in names + [META_FILE])
     except OSError as e:
