@@ -300,25 +300,30 @@ def _check_finite_weights(state: dict, out_dir, step: int) -> None:
             )
 
 
-def run_files(out_dir: str | os.PathLike) -> list[Path]:
+def run_files(out_dir: str | os.PathLike, extra_files: tuple[str, ...] = ()) -> list[Path]:
     """The entries of ``out_dir`` that a training run wrote: ``ckpt-<step>`` directories (complete or not),
-    leftovers of a crashed save, and ``RUN_FILES``. Nothing else in the directory belongs to a run."""
+    leftovers of a crashed save, ``RUN_FILES`` and ``extra_files`` (names: what a caller such as the demo writes
+    beside them). Nothing else in the directory belongs to a run."""
     out = Path(out_dir)
     if not out.is_dir():
         return []
+    names = set(RUN_FILES) | set(extra_files)
     return sorted(p for p in out.iterdir()
-                  if p.name in RUN_FILES or _CKPT_RE.match(p.name) or p.name.startswith(_TMP_PREFIX))  # fmt: skip
+                  if p.name in names or _CKPT_RE.match(p.name) or p.name.startswith(_TMP_PREFIX))  # fmt: skip
 
 
-def prepare_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool = False) -> Path | None:
+def prepare_run_dir(
+    out_dir: str | os.PathLike, *, resume: bool, overwrite: bool = False, extra_files: tuple[str, ...] = ()
+) -> Path | None:
     """Make ``out_dir`` ready for a run, before the run writes anything into it. Returns the checkpoint to
     resume from (``resume=True``) or None.
 
     - ``resume=True``: the newest intact checkpoint (``find_latest``); ``FileNotFoundError`` when there is none,
       and the directory is left exactly as it was (not even created).
-    - ``resume=False`` into a directory that holds a run (``run_files``): ``FileExistsError`` unless
-      ``overwrite=True``, which deletes those files (and only those) first: two runs in one directory would
-      rotate each other's checkpoints, and a later resume could continue either. Then the directory is created.
+    - ``resume=False`` into a directory that holds a run (``run_files(out_dir, extra_files)``):
+      ``FileExistsError`` unless ``overwrite=True``, which deletes those files (and only those) first: two runs
+      in one directory would rotate each other's checkpoints, and a later resume could continue either. Then
+      the directory is created.
 
     Idempotent while nothing is written in between (a caller may check early and the trainer again)."""
     if not isinstance(resume, bool) or not isinstance(overwrite, bool):
@@ -337,7 +342,7 @@ def prepare_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool
                     "holds no complete checkpoint")  # fmt: skip
             raise FileNotFoundError(f"resume: nothing to resume, output directory {str(out)!r} {what}")
         return latest
-    found = run_files(out)
+    found = run_files(out, extra_files)
     if found and not overwrite:
         names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
         raise FileExistsError(f"output directory {str(out)!r} already holds a run ({names}): pass --resume to "

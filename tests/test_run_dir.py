@@ -80,6 +80,21 @@ def test_overwrite_removes_only_the_old_runs_files(tmp_path):
     assert ckpt.find_latest(out) is None and ckpt.run_files(out) == []
 
 
+def test_extra_files_of_a_caller_count_as_the_run(tmp_path):
+    # The demo's own outputs beside its trainer's: part of the run, refused and removed the same way.
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "stages.json").write_text("{}")
+    (out / "sft").mkdir()
+    (out / "notes.txt").write_text("mine")
+    extra = ("stages.json", "sft", "ppo")
+    assert ckpt.prepare_run_dir(out, resume=False) is None  # not a training run's files: no objection
+    with pytest.raises(FileExistsError, match=r"already holds a run \(sft, stages.json\)"):
+        ckpt.prepare_run_dir(out, resume=False, extra_files=extra)
+    ckpt.prepare_run_dir(out, resume=False, overwrite=True, extra_files=extra)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_overwrite_never_follows_a_symlink(tmp_path):
     out, outside = tmp_path / "run", tmp_path / "outside"
     _old_run(out)
