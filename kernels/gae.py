@@ -25,6 +25,7 @@ from ._utils import (
     tl,
     triton,
 )
+from .ppo_loss import kl_penalty
 
 # Tokens per block of the in-kernel reverse scan. The scan of a block is a (BLOCK, BLOCK) triangular
 # weighting, so the block trades wasted multiply-adds (BLOCK per token) against serial loop steps.
@@ -75,7 +76,9 @@ def _gae_fwd_kernel(
         v = tl.load(V + pos * s_v, mask=ok, other=0.0).to(tl.float32)
         v_next = tl.load(V + (pos + 1) * s_v, mask=ok_next, other=0.0).to(tl.float32)
         delta = tl.where(ok, r + gamma * v_next - v, 0.0)
-        adv = tl.sum(w * delta[None, :], 1) + w_carry * carry
+        # Only columns j >= i feed row i: the zero weights above the diagonal are dropped, not multiplied, so
+        # that a NaN or inf delta_j (0 * inf = NaN) never reaches the tokens after j, as in the recurrence.
+        adv = tl.sum(tl.where(e >= 0.0, w * delta[None, :], 0.0), 1) + w_carry * carry
         tl.store(ADV + pos, adv, mask=ok)
         tl.store(RET + pos, adv + v, mask=ok)
         carry = tl.sum(tl.where(i == 0, adv, 0.0), 0)
@@ -202,18 +205,6 @@ def gae_ref(rewards, values, cu_seqlens, *, gamma=1.0, lam=0.95):
     return adv, adv + v
 
 
-def _kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from the sampled token's log-probabilities (Schulman's k1,
-    k2, k3): k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1."""
-    d = logp - ref_logp
-    if estimator == "k1":
-        return d
-    if estimator == "k2":
-        return 0.5 * d * d
-    # expm1(-d) + d avoids the cancellation of exp(-d) - 1 when the policies are close (d -> 0).
-    return torch.expm1(-d) + d
-
-
 def shape_token_rewards(
     scores: torch.Tensor,  # (B,) sequence scores (reward model or reward function), any float dtype
     logp: torch.Tensor,  # (N,) packed policy log-probabilities of the sampled tokens
@@ -251,7 +242,7 @@ def shape_token_rewards(
     ):
         raise ValueError(f"clip_score must be None or a number > 0, got {clip_score!r}")
 
-    kl = _kl_estimate(logp.detach().float(), ref_logp.detach().float(), estimator)
+    kl = kl_penalty(logp.detach().float(), ref_logp.detach().float(), estimator)  # the one k1 / k2 / k3
     rewards = -float(kl_coef) * kl
     s = scores.detach().float()
     if clip_score is not None:

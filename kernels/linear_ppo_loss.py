@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import check_float, check_int, check_labels_in_range, check_same_device, resolve_backend
-from .logprobs import _logprobs_bwd_triton, _logprobs_fwd_triton, _torch_chunk_bwd, _torch_chunk_fwd, logprobs_ref
+from .logprobs import (
+    _logprobs_bwd_triton,
+    _logprobs_fwd_triton,
+    _torch_chunk_bwd,
+    _torch_chunk_fwd,
+    check_temperature,
+    logprobs_ref,
+)
 from .ppo_loss import (
     _LOSS,
     _N_STATS,
@@ -225,6 +232,8 @@ def _check_lm_head(hidden, weight, bias, labels, ignore_index, backend) -> str:
         raise ValueError(
             f"bias must be ({weight.shape[0]},) of dtype {weight.dtype}, got {tuple(bias.shape)} {bias.dtype}"
         )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have V >= 1 rows (the vocabulary), got shape {tuple(weight.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"labels must have the shape of hidden without its last dim: {tuple(hidden.shape[:-1])}, "
@@ -250,8 +259,7 @@ def linear_logprobs(
     ``chunk_size`` tokens (default ~256 MB of logits on GPU), float32 dW accumulation, gradients w.r.t.
     hidden, weight and bias. Returns ``logp`` (shape of labels, float32) or ``(logp, entropy)``."""
     backend = _check_lm_head(hidden, weight, bias, labels, ignore_index, backend)
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_temperature(temperature)
     n = labels.numel()
     chunk = _chunk_rows(n, weight.shape[0], hidden.dtype, hidden.device, chunk_size)
     flat_labels = labels.reshape(-1).to(torch.int64)

@@ -6,6 +6,8 @@ gradient w.r.t. the logits in their own dtype.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._utils import (
@@ -72,9 +74,11 @@ def _stream_rows(
     x_label = tl.load(base + safe_label * s_v).to(tl.float32) * inv_temp
     # (x - m) - log s rather than x - (m + log s): rounding m + log s to float32 would lose log s when it
     # is tiny (p -> 1), i.e. exactly the true-class term. logp <= 0; the clamp removes a last-ulp excess.
-    logp = tl.minimum((x_label - m) - log_s, 0.0)
+    # NaN-propagating clamps: tl.minimum / tl.maximum default to fmin / fmax, which would turn the NaN of a
+    # row holding NaN or +inf into logp = 0, entropy = 0.
+    logp = tl.minimum((x_label - m) - log_s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     logp = tl.where(in_range, logp, float("nan"))  # an out-of-range label never reads out of bounds
-    ent = tl.maximum(log_s - w / s, 0.0)
+    ent = tl.maximum(log_s - w / s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return m, log_s, logp, ent
 
 
@@ -255,13 +259,18 @@ def _torch_chunk_fwd(chunk, labels, inv_temp, ignore_index, return_entropy):
     valid = labels != ignore_index
     x = chunk.float() * inv_temp  # (rows, V) float32 temporary, one chunk at a time
     m = x.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # Only an all -inf row (nothing to normalise) is re-referenced, as in the kernel: a +inf or NaN row max
+    # must stay and make the row NaN.
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     x.sub_(m)
     e = x.exp()
     s = e.sum(-1)
     log_s = s.log()
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
-    logp = torch.where(valid, (x.gather(-1, safe).squeeze(-1) - log_s).clamp(max=0.0), 0.0)
+    # A label outside [0, V) (range checks switched off) reads column 0 and gives NaN, as in the kernel.
+    in_range = (labels >= 0) & (labels < x.shape[-1])
+    safe = torch.where(in_range, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    logp = (x.gather(-1, safe).squeeze(-1) - log_s).clamp(max=0.0)
+    logp = torch.where(valid, torch.where(in_range, logp, float("nan")), 0.0)
     ent = None
     if return_entropy:
         w = torch.where(e > 0, e * x, 0.0).sum(-1)  # sum exp(x - m) (x - m), as in the kernel
@@ -277,7 +286,8 @@ def _torch_chunk_bwd(chunk, labels, m, log_s, ent, g_lp, g_h, inv_temp, ignore_i
     p = lp.exp()
     g_lp = torch.where(valid, g_lp, 0.0).unsqueeze(-1)
     grad = p * (-g_lp)
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    in_range = ((labels >= 0) & (labels < lp.shape[-1])).unsqueeze(-1)
+    safe = torch.where(in_range.squeeze(-1), labels, torch.zeros_like(labels)).unsqueeze(-1)
     lp_y = lp.gather(-1, safe)
     at_label = g_lp * (-torch.expm1(lp_y))  # 1 - p_y without cancellation near p = 1
     if g_h is not None:
@@ -285,7 +295,8 @@ def _torch_chunk_bwd(chunk, labels, m, log_s, ent, g_lp, g_h, inv_temp, ignore_i
         h = ent.unsqueeze(-1)
         grad.sub_(g_h * torch.where(p > 0, p * (lp + h), 0.0))
         at_label = at_label - g_h * lp_y.exp() * (lp_y + h)
-    grad.scatter_(-1, safe, at_label)
+    # A row whose label is outside [0, V) has no label column (as in the kernel): column 0 keeps its value.
+    grad.scatter_(-1, safe, torch.where(in_range, at_label, grad.gather(-1, safe)))
     return grad.mul_(inv_temp)
 
 
@@ -351,6 +362,14 @@ class _LogProbs(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------
+def check_temperature(temperature) -> None:
+    """A finite number > 0 (inf would silently make every distribution uniform)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
 def check_logits_labels(logits, labels, temperature, *, ignore_index=-100, backend="auto") -> str:
     """Shared boundary checks for ops that take (..., V) logits and (...) labels; returns the backend."""
     check_float("logits", logits)
@@ -361,8 +380,9 @@ def check_logits_labels(logits, labels, temperature, *, ignore_index=-100, backe
             f"labels must have the shape of logits without its last (vocabulary) dim: logits {tuple(logits.shape)} "
             f"needs labels {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
         )
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a vocabulary dim V >= 1 (the last dim), got shape {tuple(logits.shape)}")
+    check_temperature(temperature)
     check_labels_in_range(labels, logits.shape[-1], ignore_index)
     return resolve_backend(backend, logits.device)
 
@@ -402,5 +422,8 @@ def logprobs_ref(logits, labels, *, temperature=1.0, ignore_index=-100, return_e
     logp = torch.where(valid, lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
     if not return_entropy:
         return logp
-    ent = torch.where(valid, -(lp.exp() * lp).sum(-1), 0.0)
+    p = lp.exp()
+    # p log p -> 0 as p -> 0: a -inf logit (a masked vocabulary entry) adds 0, not 0 * -inf = NaN, to the
+    # entropy and (lp zeroed there first) to its gradient.
+    ent = torch.where(valid, -(p * torch.where(p > 0, lp, 0.0)).sum(-1), 0.0)
     return logp, ent

@@ -29,6 +29,7 @@ from ._utils import (
     check_int,
     check_same_device,
     check_shape,
+    data_checks_enabled,
     launch,
     tl,
     triton,
@@ -73,6 +74,10 @@ class PPOLossConfig:
     """Sampling temperature: log-probs and entropy are those of ``softmax(logits / temperature)``."""
     agg: str = "token-mean"
     """``token-mean``, ``seq-mean-token-sum`` or ``seq-mean-token-mean`` (see ``token_weights``)."""
+    log_ratio_clip: float | None = None
+    """Clamp ``logp - old_logp`` to ``[-c, c]`` before the exponential (no gradient where it holds), so that a
+    far-off-policy token cannot overflow the ratio (``exp`` > float32 past ~88.7); verl / OpenRLHF use 20.
+    None = off. Applies to the loss, the ratio metrics and approx_kl, on every backend and in the reference."""
 
     def __post_init__(self):
         def number(name, lo=None, lo_open=False, hi=None):
@@ -91,6 +96,8 @@ class PPOLossConfig:
         number("temperature", 0.0, lo_open=True)
         if self.dual_clip is not None:
             number("dual_clip", 1.0, lo_open=True)
+        if self.log_ratio_clip is not None:
+            number("log_ratio_clip", 0.0, lo_open=True)
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"PPOLossConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.agg not in AGG_MODES:
@@ -100,6 +107,18 @@ class PPOLossConfig:
 # ----------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _k3_series(d):
+    """k3 = exp(-d) - 1 + d = d^2 (1/2 - d/6 + d^2/24 - d^3/120 + d^4/720) + O(d^7): float32-exact for |d| < 0.1."""
+    return d * d * (0.5 - d * (1.0 / 6.0 - d * (1.0 / 24.0 - d * (1.0 / 120.0 - d * (1.0 / 720.0)))))
+
+
+@triton.jit
+def _k3_grad_series(d):
+    """dk3/dd = 1 - exp(-d) = d (1 - d/2 + d^2/6 - d^3/24 + d^4/120) + O(d^6)."""
+    return d * (1.0 - d * (0.5 - d * (1.0 / 6.0 - d * (1.0 / 24.0 - d * (1.0 / 120.0)))))
+
+
 @triton.jit
 def _ppo_fwd_kernel(
     X,  # (n_rows, V) logits, any float dtype, row r at (r // inner) * s_outer + (r % inner) * s_inner
@@ -121,6 +140,7 @@ def _ppo_fwd_kernel(
     clip_low,
     clip_high,
     dual_clip,  # +inf when dual clip is off
+    log_ratio_clip,  # +inf when the log-ratio clamp is off
     kl_coef,
     entropy_coef,
     ignore_index,
@@ -141,7 +161,11 @@ def _ppo_fwd_kernel(
     adv = tl.load(ADV + rows, mask=row_ok, other=0.0)
     wt = tl.load(WEIGHT + rows, mask=row_ok, other=0.0)
 
-    log_ratio = logp - old
+    # NaN-propagating min / max throughout: the default fmin / fmax would make a NaN input a finite loss.
+    lr_raw = logp - old
+    log_ratio = tl.minimum(tl.maximum(lr_raw, -log_ratio_clip, propagate_nan=tl.PropagateNan.ALL), log_ratio_clip,
+                           propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
+    lr_frozen = (lr_raw < -log_ratio_clip) | (lr_raw > log_ratio_clip)  # the clamp holds: no gradient to logp
     ratio = tl.exp(log_ratio)
     # (r - 1) - log r = expm1(lr) - lr cancels for small lr: use its series there.
     approx_kl = tl.where(
@@ -150,14 +174,15 @@ def _ppo_fwd_kernel(
         ratio - 1.0 - log_ratio,
     )
     pg1 = -adv * ratio
-    pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low, propagate_nan=tl.PropagateNan.ALL), 1.0 + clip_high,
+                            propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
     clipped = pg2 > pg1
-    pg = tl.maximum(pg1, pg2)
+    pg = tl.maximum(pg1, pg2, propagate_nan=tl.PropagateNan.ALL)
     dual_bound = -dual_clip * adv
     dual = tl.where(adv < 0.0, pg > dual_bound, False)
     pg = tl.where(dual, dual_bound, pg)
     # d pg / d logp = -A r where the unclipped branch is active, 0 where a clip (or the dual bound) is.
-    g_pg = tl.where(clipped, 0.0, tl.where(dual, 0.0, -adv * ratio))
+    g_pg = tl.where(clipped | dual | lr_frozen, 0.0, -adv * ratio)
 
     kl = tl.zeros([BLOCK_M], tl.float32)
     g_kl = tl.zeros([BLOCK_M], tl.float32)
@@ -170,11 +195,12 @@ def _ppo_fwd_kernel(
             kl = 0.5 * d * d
             g_kl = d
         else:
-            # k3 = expm1(-d) + d and its gradient -expm1(-d): series below |d| = 1e-2 (no cancellation).
-            small = tl.abs(d) < 1e-2
-            kl = tl.where(small, d * d * (0.5 - d * (1.0 / 6.0 - d * (1.0 / 24.0))), tl.exp(-d) + d - 1.0)
+            # k3 = expm1(-d) + d and its gradient -expm1(-d), by the series of kl_penalty's k3 below
+            # |d| = 0.1 (exp(-d) - 1 + d cancels there), the closed form above it.
+            small = tl.abs(d) < 0.1
+            kl = tl.where(small, _k3_series(d), tl.exp(-d) + d - 1.0)
             if KL_MODE == 3:
-                g_kl = tl.where(small, d * (1.0 - d * (0.5 - d * (1.0 / 6.0))), 1.0 - tl.exp(-d))
+                g_kl = tl.where(small, _k3_grad_series(d), 1.0 - tl.exp(-d))
             else:
                 g_kl = d  # k3+: straight-through, k2's gradient
 
@@ -209,11 +235,12 @@ def _ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig
         block, warps = vocab_block(V, logits.dtype, dev)
         block_m = rows_per_program(n, block, dev)
         dual = float("inf") if config.dual_clip is None else float(config.dual_clip)
+        lr_clip = float("inf") if config.log_ratio_clip is None else float(config.log_ratio_clip)
         launch(
             _ppo_fwd_kernel, (triton.cdiv(n, block_m),), dev,
             x, labels, old, adv, old if ref is None else ref, weight, stats, mls, n,
             V, inner, s_outer, s_inner, s_v, stats.stride(0),
-            1.0 / float(config.temperature), float(config.clip_low), float(config.clip_high), dual,
+            1.0 / float(config.temperature), float(config.clip_low), float(config.clip_high), dual, lr_clip,
             float(config.kl_coef), float(config.entropy_coef), IGNORE_INDEX,
             KL_MODE=0 if ref is None else _KL_MODE[config.kl_estimator], BLOCK_M=block_m, BLOCK_V=block,
             num_warps=warps,
@@ -289,6 +316,11 @@ class _PPOLoss(torch.autograd.Function):
         logits, labels, mls, stats = ctx.saved_tensors
         bwd = _ppo_bwd_triton if ctx.use_triton else _ppo_bwd_torch
         grad = bwd(logits, labels, mls, stats, grad_loss, ctx.config, out=logits if ctx.inplace else None)
+        if ctx.inplace and ctx.use_triton:
+            # The kernel wrote through a pointer; tell autograd, so that any other node that saved these
+            # logits (or a view of them) and runs after this one raises instead of reading the gradient.
+            # The torch path's copy_ bumps the version counter itself.
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -311,11 +343,16 @@ def _count(name: str, value, device: torch.device) -> torch.Tensor | float | Non
             raise ValueError(
                 f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}"
             )
-        return value.reshape(()).to(device=device, dtype=torch.float32).clamp(min=1.0)
+        count = value.reshape(()).to(device=device, dtype=torch.float32)
+        if data_checks_enabled(count):
+            v = float(count)  # host sync: documented, skipped under graph capture / set_validation(False)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be > 0 and finite (a global count of tokens or sequences), got {v}")
+        return count.clamp(min=1.0)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be an int or a 0-dim tensor, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0 (a global count of tokens or sequences), got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be > 0 and finite (a global count of tokens or sequences), got {value!r}")
     return float(value)
 
 
@@ -450,12 +487,26 @@ def ppo_loss(
     if not isinstance(config, PPOLossConfig):
         raise TypeError(f"config must be a PPOLossConfig, got {type(config).__name__}")
     backend = check_logits_labels(logits, labels, config.temperature, ignore_index=IGNORE_INDEX, backend=backend)
+    if inplace_backward:
+        _check_inplace_logits(logits)
     labels_f, old, adv, ref, weight, valid = _prepare(
         labels, old_logp, advantages, mask, ref_logp, config, cu_seqlens, num_tokens, num_sequences
     )
     loss, stats = _PPOLoss.apply(logits, labels_f, old, adv, ref, weight, config, bool(inplace_backward),
                                  backend == "triton")  # fmt: skip
     return loss, _metrics(stats, valid)
+
+
+def _check_inplace_logits(logits: torch.Tensor) -> None:
+    """inplace_backward=True overwrites the logits with their gradient: that needs every element to own its
+    memory (not an expanded, stride-0, view) and nobody to need the logits after this op's backward (other
+    nodes that saved them then raise autograd's version-counter error, see _PPOLoss.backward)."""
+    if any(st == 0 and sz > 1 for sz, st in zip(logits.shape, logits.stride())):
+        raise ValueError(
+            f"inplace_backward=True needs logits whose elements do not share memory, got an expanded view "
+            f"(shape {tuple(logits.shape)}, strides {logits.stride()}): pass inplace_backward=False or "
+            f"logits.contiguous()"
+        )
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -472,10 +523,20 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
     k2 = 0.5 * diff**2
     if estimator == "k2":
         return k2
-    k3 = torch.exp(-diff) + diff - 1.0
+    k3 = _k3(diff)
     if estimator == "k3":
         return k3
     return k2 + (k3 - k2).detach()
+
+
+def _k3(d: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(-d) - 1 + d, accurate for every d in d's dtype (differentiable), the formula of the kernel:
+    its series below |d| = 0.1, where exp(-d) - 1 + d cancels (0 in float32 for |d| ~ 1e-4), and
+    expm1(-d) + d above (whose relative error there is ~1e-5 at worst)."""
+    small = d.abs() < 0.1
+    ds = torch.where(small, d, torch.zeros_like(d))  # the unused branch stays finite: no 0 * inf in backward
+    series = ds * ds * (0.5 - ds * (1.0 / 6.0 - ds * (1.0 / 24.0 - ds * (1.0 / 120.0 - ds * (1.0 / 720.0)))))
+    return torch.where(small, series, torch.expm1(-d) + d)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -491,7 +552,17 @@ def _ppo_terms_ref(logp, entropy, old_logp, advantages, ref_logp, valid, config:
     A = torch.where(valid, advantages.to(logp.dtype).detach(), zero)
 
     log_ratio = logp - old
-    ratio = torch.exp(log_ratio)
+    if config.log_ratio_clip is not None:
+        log_ratio = torch.clamp(log_ratio, -config.log_ratio_clip, config.log_ratio_clip)
+    with torch.no_grad():  # which tokens sit on a clip (or the dual bound), where d pg / d logp = 0
+        r = torch.exp(log_ratio)
+        pu, pc = -A * r, -A * torch.clamp(r, 1.0 - config.clip_low, 1.0 + config.clip_high)
+        frozen = pc > pu
+        if config.dual_clip is not None:
+            frozen |= (A < 0) & (torch.maximum(pu, pc) > -config.dual_clip * A)
+    # Their log-ratio is detached: its gradient is 0 anyway, but autograd would form it as 0 * exp(log_ratio),
+    # NaN once the ratio overflows float32 (log-ratio > ~88.7), where the kernel's gradient is a finite 0.
+    ratio = torch.exp(torch.where(frozen, log_ratio.detach(), log_ratio))
     pg_unclipped = -A * ratio
     pg_clipped = -A * torch.clamp(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high)
     pg = torch.maximum(pg_unclipped, pg_clipped)

@@ -41,10 +41,13 @@ def _value_loss_fwd_kernel(
 
     diff = v - old
     err = v - ret
-    err_clip = old + tl.minimum(tl.maximum(diff, -clip), clip) - ret
+    # NaN-propagating min / max: the default fmin / fmax would turn a NaN value into a finite loss.
+    diff_c = tl.minimum(tl.maximum(diff, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
+                        propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
+    err_clip = old + diff_c - ret
     l_unclipped = err * err
     l_clipped = err_clip * err_clip
-    loss = 0.5 * tl.maximum(l_unclipped, l_clipped)
+    loss = 0.5 * tl.maximum(l_unclipped, l_clipped, propagate_nan=tl.PropagateNan.ALL)
     # Gradient of the larger square; the clipped one only moves with v inside the clip range. A tie
     # splits it in half, as autograd does for max.
     inside = (diff >= -clip) & (diff <= clip)
