@@ -141,7 +141,8 @@ def check_rewards(rewards, n: int, *, completions: Sequence[str] | None = None, 
         i = int((~finite).nonzero()[0])
         shown = f" {completions[i]!r}" if completions is not None else ""
         if math.isfinite(values[i]):
+            limit = torch.finfo(torch.float32).max
             raise ValueError(f"{source} returned reward {values[i]!r} for completion {i}{shown}, which is beyond "
-                             f"float32's range (|r| <= {torch.finfo(torch.float32).max:.4g}): it would be inf")  # fmt: skip
+                             f"float32's range (|r| <= {limit:.4g}): it would be inf")  # fmt: skip
         raise ValueError(f"{source} returned a non-finite reward {values[i]} for completion {i}{shown}")
     return out
