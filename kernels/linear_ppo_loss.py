@@ -13,28 +13,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import check_float, check_int, check_labels_in_range, check_same_device, resolve_backend
-from .logprobs import (
-    _logprobs_bwd_triton,
-    _logprobs_fwd_triton,
-    _torch_chunk_bwd,
-    _torch_chunk_fwd,
+from ._rows import (
+    N_STATS,
+    STAT_LOSS,
     check_temperature,
-    logprobs_ref,
+    dlogits_torch_chunk,
+    logprobs_bwd_triton,
+    logprobs_fwd_triton,
+    ppo_bwd_triton,
+    ppo_fwd_triton,
+    ppo_metrics,
+    prepare_ppo_inputs,
+    token_stats_torch,
+    torch_chunk_bwd,
+    torch_chunk_fwd,
 )
-from .ppo_loss import (
-    _LOSS,
-    _N_STATS,
-    IGNORE_INDEX,
-    PPOLossConfig,
-    _dlogits_torch_chunk,
-    _metrics,
-    _ppo_bwd_triton,
-    _ppo_fwd_triton,
-    _prepare,
-    _token_stats_torch,
-    ppo_loss_ref,
-)
+from ._utils import IGNORE_INDEX, check_float, check_int, check_labels_in_range, check_same_device, resolve_backend
+from .logprobs import logprobs_ref
+from .ppo_loss import PPOLossConfig, ppo_loss_ref
 
 # A chunk of logits is at most ~256 MB on GPU (big enough for full-speed matmuls, small next to the
 # (N, V) logits it replaces); on CPU 2M elements, as the reference's backward keeps ~6 float32 copies.
@@ -117,7 +113,7 @@ class _LinearPPOLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, old, adv, ref, wts, config, chunk, use_triton):
         h = hidden.reshape(-1, hidden.shape[-1])
         n = h.shape[0]
-        stats = torch.empty(_N_STATS, n, dtype=torch.float32, device=h.device)
+        stats = torch.empty(N_STATS, n, dtype=torch.float32, device=h.device)
         grads = _GradAccumulator(h, weight, bias, ctx.needs_input_grad)
         inv_temp = 1.0 / float(config.temperature)
         for c0 in range(0, n, chunk):
@@ -125,22 +121,22 @@ class _LinearPPOLoss(torch.autograd.Function):
             logits = _project(h[rows], weight, bias)  # (chunk, V), input dtype
             lab, ref_c = labels[rows], None if ref is None else ref[rows]
             if use_triton:
-                _, mls = _ppo_fwd_triton(logits, lab, old[rows], adv[rows], ref_c, wts[rows], config,
+                _, mls = ppo_fwd_triton(logits, lab, old[rows], adv[rows], ref_c, wts[rows], config,
                                          stats=stats[:, rows])  # fmt: skip
-                dlogits = _ppo_bwd_triton(logits, lab, mls, stats[:, rows], 1.0, config, out=logits)
+                dlogits = ppo_bwd_triton(logits, lab, mls, stats[:, rows], 1.0, config, out=logits)
             else:
-                lp, ent, m, log_s = _torch_chunk_fwd(logits, lab, inv_temp, IGNORE_INDEX, True)
-                stats[:, rows] = _token_stats_torch(lp, ent, old[rows], adv[rows], ref_c, wts[rows],
+                lp, ent, m, log_s = torch_chunk_fwd(logits, lab, inv_temp, IGNORE_INDEX, True)
+                stats[:, rows] = token_stats_torch(lp, ent, old[rows], adv[rows], ref_c, wts[rows],
                                                     lab != IGNORE_INDEX, config)  # fmt: skip
                 mls = torch.stack([m, log_s])
-                dlogits = _dlogits_torch_chunk(logits, lab, mls, stats[:, rows], 1.0, config).to(logits.dtype)
+                dlogits = dlogits_torch_chunk(logits, lab, mls, stats[:, rows], 1.0, config).to(logits.dtype)
             grads.add(rows, h[rows], dlogits)
             del logits, dlogits
         dh, dw, db = grads.results(hidden.shape, weight, bias)
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (dh, dw, db)))
         ctx.has = (dh is not None, dw is not None, db is not None)
         ctx.mark_non_differentiable(stats)
-        return stats[_LOSS].sum(), stats
+        return stats[STAT_LOSS].sum(), stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
@@ -165,10 +161,10 @@ class _LinearLogProbs(torch.autograd.Function):
             rows = slice(c0, min(n, c0 + chunk))
             logits = _project(h[rows], weight, bias)
             if use_triton:
-                lp, ent_c, mls[:, rows] = _logprobs_fwd_triton(logits, labels[rows], 1.0 / temperature,
+                lp, ent_c, mls[:, rows] = logprobs_fwd_triton(logits, labels[rows], 1.0 / temperature,
                                                                ignore_index, return_entropy)  # fmt: skip
             else:
-                lp, ent_c, mls[0, rows], mls[1, rows] = _torch_chunk_fwd(logits, labels[rows], 1.0 / temperature,
+                lp, ent_c, mls[0, rows], mls[1, rows] = torch_chunk_fwd(logits, labels[rows], 1.0 / temperature,
                                                                          ignore_index, return_entropy)  # fmt: skip
             logp[rows] = lp
             if return_entropy:
@@ -198,11 +194,11 @@ class _LinearLogProbs(torch.autograd.Function):
             ent_c = None if dent is None else ent[rows]
             if use_triton:
                 # The kernel reads the (2, rows) stats as one contiguous block.
-                dlogits = _logprobs_bwd_triton(logits, labels[rows], mls[:, rows].contiguous(), ent_c,
+                dlogits = logprobs_bwd_triton(logits, labels[rows], mls[:, rows].contiguous(), ent_c,
                                                dlogp[rows], dent_c, 1.0 / temperature, ignore_index,
                                                out=logits)  # fmt: skip
             else:
-                dlogits = _torch_chunk_bwd(logits, labels[rows], mls[0, rows], mls[1, rows], ent_c, dlogp[rows],
+                dlogits = torch_chunk_bwd(logits, labels[rows], mls[0, rows], mls[1, rows], ent_c, dlogp[rows],
                                            dent_c, 1.0 / temperature, ignore_index).to(logits.dtype)  # fmt: skip
             grads.add(rows, h[rows], dlogits)
             del logits, dlogits
@@ -291,13 +287,13 @@ def linear_ppo_loss(
     if not isinstance(config, PPOLossConfig):
         raise TypeError(f"config must be a PPOLossConfig, got {type(config).__name__}")
     backend = _check_lm_head(hidden, weight, bias, labels, IGNORE_INDEX, backend)
-    labels_f, old, adv, ref, wts, valid = _prepare(
+    labels_f, old, adv, ref, wts, valid = prepare_ppo_inputs(
         labels, old_logp, advantages, mask, ref_logp, config, cu_seqlens, num_tokens, num_sequences
     )
     chunk = _chunk_rows(labels_f.numel(), weight.shape[0], hidden.dtype, hidden.device, chunk_size)
     loss, stats = _LinearPPOLoss.apply(hidden, weight, bias, labels_f, old, adv, ref, wts, config, chunk,
                                        backend == "triton")  # fmt: skip
-    return loss, _metrics(stats, valid)
+    return loss, ppo_metrics(stats, valid)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -176,8 +176,8 @@ def test_backend_auto_on_cpu_is_torch_path(monkeypatch):
     def no_triton(*args, **kwargs):
         raise AssertionError("the Triton launcher ran")
 
-    monkeypatch.setattr(mod, "_logprobs_fwd_triton", no_triton)
-    monkeypatch.setattr(mod, "_logprobs_bwd_triton", no_triton)
+    monkeypatch.setattr(mod, "logprobs_fwd_triton", no_triton)
+    monkeypatch.setattr(mod, "logprobs_bwd_triton", no_triton)
     logits, labels = make_inputs((4, 10), torch.float32, torch.device("cpu"))
     x = logits.requires_grad_()
     logprobs(x, labels).sum().backward()

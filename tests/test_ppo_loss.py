@@ -150,8 +150,7 @@ def test_rows_per_program(rows_per_program, monkeypatch):
     """The GPU's one row per program, and a ragged last program (41 rows in blocks of 16), on CPU, for the
     forward kernel and the logprobs backward kernel it shares."""
     fixed = lambda n, block_v, device: rows_per_program  # noqa: E731
-    monkeypatch.setattr(ppo_mod, "rows_per_program", fixed)
-    monkeypatch.setattr(importlib.import_module("fusedrl.kernels.logprobs"), "rows_per_program", fixed)
+    monkeypatch.setattr(importlib.import_module("fusedrl.kernels._rows"), "rows_per_program", fixed)  # both launchers
     batch = make_batch("packed", torch.float32, "cpu", temperature=FULL["temperature"])
     check_three_way(batch, PPOLossConfig(**FULL), "triton")
 

@@ -1,0 +1,777 @@
+"""Row building blocks of the ops that read (..., V) logits: logprobs, ppo_loss, linear_logprobs and
+linear_ppo_loss. Internal to fusedrl.kernels; everything named here without a leading underscore is its
+contract, used by those op files (and by nothing outside the package, which uses fusedrl.kernels' public
+names).
+
+The contract:
+- Rows. ``logits`` is any (..., V) float tensor with strides (``_utils.as_rows`` views it as rows without a
+  copy); ``labels`` are flat int64 (n,) with ``IGNORE_INDEX`` on ignored rows. Per-token tensors are flat
+  float32 (n,). Nothing here validates user input except the ``check_*`` functions and
+  ``prepare_ppo_inputs``; nothing here is an autograd Function.
+- Streaming row softmax: ``logprobs_fwd_triton`` / ``logprobs_fwd_torch`` return ``(logp, entropy, mls)``
+  with ``mls`` the (2, n) float32 row max m of logits / T and log sum exp(logits / T - m), the only
+  per-row state backward needs; ``logprobs_bwd_triton`` / ``logprobs_bwd_torch`` and the per-chunk
+  ``torch_chunk_fwd`` / ``torch_chunk_bwd`` give dL/dlogits from upstream dlogp (and dH) in the logits'
+  dtype, optionally in place. The Triton and torch versions of a block compute the same math.
+- PPO per-token step: ``ppo_fwd_triton`` / ``ppo_fwd_torch`` return ``(stats, mls)`` with ``stats`` the
+  (N_STATS, n) float32 per-token statistics (row ``STAT_LOSS`` holds w * loss); ``ppo_bwd_triton`` /
+  ``ppo_bwd_torch`` / ``dlogits_torch_chunk`` turn them into dL/dlogits. ``ppo_terms_ref`` holds the
+  textbook per-token formulas that the torch path differentiates and the references use; ``kl_estimate``
+  is the one place k1 / k2 / k3 / k3+ are written in torch.
+- NaN and Inf are never hidden: a NaN or +inf input gives NaN in every output it feeds, on both backends
+  (Triton's min / max are used with ``propagate_nan=ALL``; its default fmin / fmax would drop NaN);
+  ignored / masked rows store exact zeros whatever they hold.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import TYPE_CHECKING
+
+import torch
+
+from ._utils import (
+    AGG_MODES,
+    IGNORE_INDEX,
+    as_rows,
+    check_cu_seqlens,
+    check_float,
+    check_int,
+    check_labels_in_range,
+    check_same_device,
+    check_shape,
+    data_checks_enabled,
+    launch,
+    next_pow2,
+    resolve_backend,
+    tl,
+    triton,
+    vocab_block,
+)
+
+if TYPE_CHECKING:
+    from .ppo_loss import PPOLossConfig
+
+# Rows per chunk on the PyTorch path: bounds the float32 temporaries at ~1M elements (4 MiB each) whatever N is.
+_TORCH_CHUNK_ELEMS = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming row softmax: Triton kernels and launchers
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _stream_rows(
+    base,  # (BLOCK_M,) row pointers
+    label,  # (BLOCK_M,) int64
+    valid,  # (BLOCK_M,) bool: False rows read nothing
+    V,
+    s_v,
+    inv_temp,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One streaming read of BLOCK_M vocabulary rows of logits / T -> (m, log_s, logp, entropy): the row
+    max, log sum exp(x - m), the label's log-probability (NaN for a label outside [0, V)) and the entropy
+    (garbage unless WITH_ENTROPY). Shared by the logprobs and PPO forward kernels."""
+    n_read = tl.where(valid, V, 0)
+    cols0 = tl.arange(0, BLOCK_V)
+    # Running max m, sum-exp s = sum exp(x - m) and, for the entropy, w = sum exp(x - m) * (x - m).
+    # Keeping w relative to the running max makes H = log s - w / s a difference of O(1) terms; the
+    # algebraically equal lse - sum p x cancels two numbers of the size of the logits.
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    w = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
+        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(x, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(x - m_ref[:, None])
+        if WITH_ENTROPY:
+            shift = tl.where(s > 0.0, (m - m_ref) * s, 0.0)  # re-reference the old terms to m_new
+            w = alpha * (w + shift) + tl.sum(tl.where(e > 0.0, e * (x - m_ref[:, None]), 0.0), 1)
+        s = s * alpha + tl.sum(e, 1)
+        m = m_new
+
+    log_s = tl.log(s)
+    in_range = (label >= 0) & (label < V)
+    safe_label = tl.where(in_range, label, 0)
+    x_label = tl.load(base + safe_label * s_v).to(tl.float32) * inv_temp
+    # (x - m) - log s rather than x - (m + log s): rounding m + log s to float32 would lose log s when it
+    # is tiny (p -> 1), i.e. exactly the true-class term. logp <= 0; the clamp removes a last-ulp excess.
+    # NaN-propagating clamps: tl.minimum / tl.maximum default to fmin / fmax, which would turn the NaN of a
+    # row holding NaN or +inf into logp = 0, entropy = 0.
+    logp = tl.minimum((x_label - m) - log_s, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    logp = tl.where(in_range, logp, float("nan"))  # an out-of-range label never reads out of bounds
+    ent = tl.maximum(log_s - w / s, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return m, log_s, logp, ent
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    X,  # (n_rows, V) logits, any float dtype, row r at (r // inner) * s_outer + (r % inner) * s_inner
+    LABELS,  # (n_rows,) int64
+    n_rows,
+    LOGP,  # (n_rows,) float32 out
+    ENT,  # (n_rows,) float32 out (written only when RETURN_ENTROPY)
+    STATS,  # (2, n_rows) float32 out: row max m of logits / T and log sum exp(logits / T - m), for backward
+    V,
+    inner,
+    s_outer,
+    s_inner,
+    s_v,
+    inv_temp,  # runtime float: a new temperature never recompiles
+    ignore_index,
+    RETURN_ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program: 1 on GPU; many in the interpreter, where each op costs the same
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows = tl.where(row_ok, rows, 0)  # tail rows of the last program alias row 0 and store nothing
+    base = X + (rows // inner) * s_outer + (rows % inner) * s_inner  # (BLOCK_M,) row pointers
+    label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
+    valid = label != ignore_index  # an ignored row reads nothing
+    m, log_s, logp, ent = _stream_rows(base, label, valid, V, s_v, inv_temp, RETURN_ENTROPY, BLOCK_M, BLOCK_V)
+    tl.store(LOGP + rows, tl.where(valid, logp, 0.0), mask=row_ok)
+    tl.store(STATS + rows, tl.where(valid, m, 0.0), mask=row_ok)
+    tl.store(STATS + n_rows + rows, tl.where(valid, log_s, 0.0), mask=row_ok)
+    if RETURN_ENTROPY:
+        tl.store(ENT + rows, tl.where(valid, ent, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    X,  # (n_rows, V) logits (read)
+    DX,  # (n_rows, V) gradient out, logits dtype; may alias X (then same strides)
+    LABELS,
+    n_rows,
+    STATS,  # (2, n_rows) float32 saved row max and log sum-exp (see the forward kernel)
+    ENT,  # (n_rows,) float32 saved entropy (read only when HAS_DENT)
+    DLOGP,  # (n_rows,) upstream gradient of logp
+    DENT,  # (n_rows,) upstream gradient of entropy (read only when HAS_DENT)
+    V,
+    inner,
+    s_outer,
+    s_inner,
+    s_v,
+    dx_rows_inner,  # the gradient buffer has its own row layout (it may be contiguous while X is sliced)
+    dx_outer,
+    dx_inner,
+    dx_v,
+    inv_temp,
+    ignore_index,
+    HAS_DENT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows = tl.where(row_ok, rows, 0)
+    base = X + (rows // inner) * s_outer + (rows % inner) * s_inner
+    dbase = DX + (rows // dx_rows_inner) * dx_outer + (rows % dx_rows_inner) * dx_inner
+    label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
+    valid = label != ignore_index
+    m = tl.load(STATS + rows, mask=row_ok, other=0.0)
+    log_s = tl.load(STATS + n_rows + rows, mask=row_ok, other=0.0)
+    g_lp = tl.where(valid, tl.load(DLOGP + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
+    g_h = tl.zeros([BLOCK_M], tl.float32)
+    ent = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_DENT:
+        g_h = tl.where(valid, tl.load(DENT + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
+        ent = tl.load(ENT + rows, mask=row_ok, other=0.0)
+    n_read = tl.where(valid, V, 0)
+    n_write = tl.where(row_ok, V, 0)  # ignored rows still get their zeros written
+    cols0 = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
+        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=0.0).to(tl.float32) * inv_temp
+        lp = (x - m[:, None]) - log_s[:, None]
+        p = tl.exp(lp)
+        # d logp / dx_j = [j == y] - p_j. At the label, 1 - p is formed as -expm1(lp) in float32: the
+        # naive 1 - p cancels catastrophically when p -> 1 (Liger-Kernel #1329 did it in bf16).
+        one_minus_p = tl.where(lp > -1e-2, -lp * (1.0 + lp * (0.5 + lp * (1.0 / 6.0))), 1.0 - p)
+        g = tl.where(cols[None, :] == label[:, None], g_lp[:, None] * one_minus_p, -g_lp[:, None] * p)
+        if HAS_DENT:
+            # dH / dx_j = -p_j (log p_j + H)
+            g -= g_h[:, None] * tl.where(p > 0.0, p * (lp + ent[:, None]), 0.0)
+        g = tl.where(valid[:, None], g * inv_temp, 0.0)
+        dptrs = dbase[:, None] + cols[None, :].to(tl.int64) * dx_v
+        tl.store(dptrs, g.to(DX.dtype.element_ty), mask=cols[None, :] < n_write[:, None])
+
+
+# Elements of one (BLOCK_M, BLOCK_V) tile in the interpreter: bounds its NumPy temporaries.
+_INTERPRETER_TILE = 1 << 20
+
+
+def rows_per_program(n: int, block_v: int, device: torch.device) -> int:
+    """One row per program on GPU (a vocabulary row already keeps an SM's loads in flight); in the
+    interpreter every op costs a Python dispatch whatever its size, so a program takes as many rows as fit
+    a tile."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(next_pow2(n), _INTERPRETER_TILE // block_v, 256))
+
+
+def logprobs_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy):
+    x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    V = logits.shape[-1]
+    dev = logits.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    stats = torch.empty(2, n, dtype=torch.float32, device=dev)
+    ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=dev)
+    if n > 0:
+        block, warps = vocab_block(V, logits.dtype, dev)
+        block_m = rows_per_program(n, block, dev)
+        launch(
+            _logprobs_fwd_kernel, (triton.cdiv(n, block_m),), dev,
+            x, labels, n, logp, ent if return_entropy else logp, stats,
+            V, inner, s_outer, s_inner, s_v, inv_temp, ignore_index,
+            RETURN_ENTROPY=return_entropy, BLOCK_M=block_m, BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+    return logp, ent, stats
+
+
+def logprobs_bwd_triton(logits, labels, stats, ent, dlogp, dent, inv_temp, ignore_index, out=None):
+    """Gradient w.r.t. logits, written into ``out`` (default: a new tensor shaped like the logits; pass
+    ``out=logits`` to overwrite them in place). ``stats`` is the forward kernel's (2, n) row max and log
+    sum-exp; a plain (n,) logsumexp is accepted too (slightly less accurate near p = 1)."""
+    x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    if stats.dim() == 1:
+        stats = torch.stack([stats.float(), torch.zeros_like(stats, dtype=torch.float32)])
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    dx, _, d_rows_inner, d_outer, d_inner, d_v = as_rows(out)
+    V = logits.shape[-1]
+    if n > 0:
+        block, warps = vocab_block(V, logits.dtype, logits.device)
+        block_m = rows_per_program(n, block, logits.device)
+        has_dent = dent is not None
+        launch(
+            _logprobs_bwd_kernel, (triton.cdiv(n, block_m),), logits.device,
+            x, dx, labels, n, stats, ent if has_dent else dlogp, dlogp, dent if has_dent else dlogp,
+            V, inner, s_outer, s_inner, s_v, d_rows_inner, d_outer, d_inner, d_v, inv_temp, ignore_index,
+            HAS_DENT=has_dent, BLOCK_M=block_m, BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming row softmax: the same math in torch ops, chunked over rows
+# ----------------------------------------------------------------------------------------------------
+def _row_blocks(x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(first_row, 2-D view) pieces covering a (..., V) tensor's rows in order, without copying."""
+    V = x.shape[-1]
+    try:
+        return [(0, x.view(-1, V))]
+    except RuntimeError:
+        flat = x.flatten(0, -3) if x.dim() > 3 else x  # (B, T, V) with non-mergeable strides
+        T = flat.shape[-2]
+        return [(b * T, flat[b]) for b in range(flat.shape[0])]
+
+
+def row_chunks(x: torch.Tensor):
+    V = max(x.shape[-1], 1)
+    step = max(1, _TORCH_CHUNK_ELEMS // V)
+    for first, block in _row_blocks(x):
+        for i in range(0, block.shape[0], step):
+            yield first + i, block[i : i + step]
+
+
+def torch_chunk_fwd(chunk, labels, inv_temp, ignore_index, return_entropy):
+    """The forward kernel's math on a (rows, V) chunk with torch ops: logp, entropy, row max, log sum-exp."""
+    valid = labels != ignore_index
+    x = chunk.float() * inv_temp  # (rows, V) float32 temporary, one chunk at a time
+    m = x.amax(dim=-1, keepdim=True)
+    # Only an all -inf row (nothing to normalise) is re-referenced, as in the kernel: a +inf or NaN row max
+    # must stay and make the row NaN.
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    x.sub_(m)
+    e = x.exp()
+    s = e.sum(-1)
+    log_s = s.log()
+    # A label outside [0, V) (range checks switched off) reads column 0 and gives NaN, as in the kernel.
+    in_range = (labels >= 0) & (labels < x.shape[-1])
+    safe = torch.where(in_range, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    logp = (x.gather(-1, safe).squeeze(-1) - log_s).clamp(max=0.0)
+    logp = torch.where(valid, torch.where(in_range, logp, float("nan")), 0.0)
+    ent = None
+    if return_entropy:
+        w = torch.where(e > 0, e * x, 0.0).sum(-1)  # sum exp(x - m) (x - m), as in the kernel
+        ent = torch.where(valid, (log_s - w / s).clamp(min=0.0), 0.0)
+    return logp, ent, m.squeeze(-1), log_s
+
+
+def torch_chunk_bwd(chunk, labels, m, log_s, ent, g_lp, g_h, inv_temp, ignore_index):
+    """The backward kernel's math on a chunk: (1/T) [g_lp ([j = y] - p) - g_H p (log p + H)]."""
+    valid = labels != ignore_index
+    lp = chunk.float() * inv_temp
+    lp.sub_((m + log_s).unsqueeze(-1))
+    p = lp.exp()
+    g_lp = torch.where(valid, g_lp, 0.0).unsqueeze(-1)
+    grad = p * (-g_lp)
+    in_range = ((labels >= 0) & (labels < lp.shape[-1])).unsqueeze(-1)
+    safe = torch.where(in_range.squeeze(-1), labels, torch.zeros_like(labels)).unsqueeze(-1)
+    lp_y = lp.gather(-1, safe)
+    at_label = g_lp * (-torch.expm1(lp_y))  # 1 - p_y without cancellation near p = 1
+    if g_h is not None:
+        g_h = torch.where(valid, g_h, 0.0).unsqueeze(-1)
+        h = ent.unsqueeze(-1)
+        grad.sub_(g_h * torch.where(p > 0, p * (lp + h), 0.0))
+        at_label = at_label - g_h * lp_y.exp() * (lp_y + h)
+    # A row whose label is outside [0, V) has no label column (as in the kernel): column 0 keeps its value.
+    grad.scatter_(-1, safe, torch.where(in_range, at_label, grad.gather(-1, safe)))
+    return grad.mul_(inv_temp)
+
+
+def logprobs_fwd_torch(logits, labels, inv_temp, ignore_index, return_entropy):
+    """``logprobs_fwd_triton``'s contract with torch ops, chunk by chunk over rows: peak memory is a few
+    float32 chunks (~1M elements each), never (N, V)."""
+    n = labels.numel()
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
+    for r0, chunk in row_chunks(logits):
+        rows = slice(r0, r0 + chunk.shape[0])
+        lp, h, m, log_s = torch_chunk_fwd(chunk, labels[rows], inv_temp, ignore_index, return_entropy)
+        logp[rows], stats[0, rows], stats[1, rows] = lp, m, log_s
+        if return_entropy:
+            ent[rows] = h
+    return logp, ent, stats
+
+
+def logprobs_bwd_torch(logits, labels, stats, ent, dlogp, dent, inv_temp, ignore_index):
+    """``logprobs_bwd_triton``'s contract with torch ops, recomputing the softmax one chunk at a time."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_rows = grad.view(-1, logits.shape[-1])
+    for r0, chunk in row_chunks(logits):
+        rows = slice(r0, r0 + chunk.shape[0])
+        with_ent = dent is not None
+        g = torch_chunk_bwd(chunk, labels[rows], stats[0, rows], stats[1, rows], ent[rows] if with_ent else None,
+                             dlogp[rows], dent[rows] if with_ent else None, inv_temp, ignore_index)  # fmt: skip
+        grad_rows[rows].copy_(g)
+    return grad
+
+
+def check_temperature(temperature) -> None:
+    """A finite number > 0 (inf would silently make every distribution uniform)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def check_logits_labels(logits, labels, temperature, *, ignore_index=-100, backend="auto") -> str:
+    """Shared boundary checks for ops that take (..., V) logits and (...) labels; returns the backend."""
+    check_float("logits", logits)
+    check_int("labels", labels)
+    check_same_device(logits=logits, labels=labels)
+    if logits.dim() < 1 or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have the shape of logits without its last (vocabulary) dim: logits {tuple(logits.shape)} "
+            f"needs labels {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a vocabulary dim V >= 1 (the last dim), got shape {tuple(logits.shape)}")
+    check_temperature(temperature)
+    check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    return resolve_backend(backend, logits.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# PPO per-token step: Triton kernel and launchers
+# ----------------------------------------------------------------------------------------------------
+_KL_MODE = {"k1": 1, "k2": 2, "k3": 3, "k3+": 4}  # 0: no reference log-probs
+
+# Rows of the (8, N) float32 per-token statistics written by the forward pass (both backends).
+STAT_LOSS, _C_LP, _C_H, _RATIO, _CLIPPED, _APPROX_KL, _KL, _ENT = range(8)
+N_STATS = 8
+
+
+@triton.jit
+def _k3_series(d):
+    """k3 = exp(-d) - 1 + d = d^2 (1/2 - d/6 + d^2/24 - d^3/120 + d^4/720) + O(d^7): float32-exact for |d| < 0.1."""
+    return d * d * (0.5 - d * (1.0 / 6.0 - d * (1.0 / 24.0 - d * (1.0 / 120.0 - d * (1.0 / 720.0)))))
+
+
+@triton.jit
+def _k3_grad_series(d):
+    """dk3/dd = 1 - exp(-d) = d (1 - d/2 + d^2/6 - d^3/24 + d^4/120) + O(d^6)."""
+    return d * (1.0 - d * (0.5 - d * (1.0 / 6.0 - d * (1.0 / 24.0 - d * (1.0 / 120.0)))))
+
+
+@triton.jit
+def _ppo_fwd_kernel(
+    X,  # (n_rows, V) logits, any float dtype, row r at (r // inner) * s_outer + (r % inner) * s_inner
+    LABELS,  # (n_rows,) int64, ignore_index on masked tokens
+    OLD_LOGP,  # (n_rows,) float32
+    ADV,  # (n_rows,) float32
+    REF_LOGP,  # (n_rows,) float32 (read only when KL_MODE != 0)
+    WEIGHT,  # (n_rows,) float32 aggregation weights w
+    STATS,  # (8, n_rows) float32 out, rows STAT_LOSS.._ENT, s_stat apart
+    MLS,  # (2, n_rows) float32 out: row max m of logits / T and log sum exp(logits / T - m), for backward
+    n_rows,
+    V,
+    inner,
+    s_outer,
+    s_inner,
+    s_v,
+    s_stat,
+    inv_temp,  # runtime floats from here on: new values never recompile
+    clip_low,
+    clip_high,
+    dual_clip,  # +inf when dual clip is off
+    log_ratio_clip,  # +inf when the log-ratio clamp is off
+    kl_coef,
+    entropy_coef,
+    ignore_index,
+    KL_MODE: tl.constexpr,  # 0 none, 1 k1, 2 k2, 3 k3, 4 k3+
+    BLOCK_M: tl.constexpr,  # rows per program: 1 on GPU; many in the interpreter, where each op costs the same
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows = tl.where(row_ok, rows, 0)  # tail rows of the last program alias row 0 and store nothing
+    base = X + (rows // inner) * s_outer + (rows % inner) * s_inner  # (BLOCK_M,) row pointers
+    label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
+    valid = label != ignore_index  # a masked token reads nothing
+    # One read of the row: max, log sum-exp, the label's logp and the entropy (see _stream_rows).
+    m, log_s, logp, ent = _stream_rows(base, label, valid, V, s_v, inv_temp, True, BLOCK_M, BLOCK_V)
+
+    old = tl.load(OLD_LOGP + rows, mask=row_ok, other=0.0)
+    adv = tl.load(ADV + rows, mask=row_ok, other=0.0)
+    wt = tl.load(WEIGHT + rows, mask=row_ok, other=0.0)
+
+    # NaN-propagating min / max throughout: the default fmin / fmax would make a NaN input a finite loss.
+    lr_raw = logp - old
+    log_ratio = tl.minimum(tl.maximum(lr_raw, -log_ratio_clip, propagate_nan=tl.PropagateNan.ALL), log_ratio_clip,
+                           propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
+    lr_frozen = (lr_raw < -log_ratio_clip) | (lr_raw > log_ratio_clip)  # the clamp holds: no gradient to logp
+    ratio = tl.exp(log_ratio)
+    # (r - 1) - log r = expm1(lr) - lr cancels for small lr: use its series there.
+    approx_kl = tl.where(
+        tl.abs(log_ratio) < 1e-2,
+        log_ratio * log_ratio * (0.5 + log_ratio * (1.0 / 6.0 + log_ratio * (1.0 / 24.0))),
+        ratio - 1.0 - log_ratio,
+    )
+    pg1 = -adv * ratio
+    pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low, propagate_nan=tl.PropagateNan.ALL), 1.0 + clip_high,
+                            propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
+    clipped = pg2 > pg1
+    pg = tl.maximum(pg1, pg2, propagate_nan=tl.PropagateNan.ALL)
+    dual_bound = -dual_clip * adv
+    dual = tl.where(adv < 0.0, pg > dual_bound, False)
+    pg = tl.where(dual, dual_bound, pg)
+    # d pg / d logp = -A r where the unclipped branch is active, 0 where a clip (or the dual bound) is.
+    g_pg = tl.where(clipped | dual | lr_frozen, 0.0, -adv * ratio)
+
+    kl = tl.zeros([BLOCK_M], tl.float32)
+    g_kl = tl.zeros([BLOCK_M], tl.float32)
+    if KL_MODE != 0:
+        d = logp - tl.load(REF_LOGP + rows, mask=row_ok, other=0.0)
+        if KL_MODE == 1:
+            kl = d
+            g_kl = d * 0.0 + 1.0
+        elif KL_MODE == 2:
+            kl = 0.5 * d * d
+            g_kl = d
+        else:
+            # k3 = expm1(-d) + d and its gradient -expm1(-d), by the series of the torch path's _k3 below
+            # |d| = 0.1 (exp(-d) - 1 + d cancels there), the closed form above it.
+            small = tl.abs(d) < 0.1
+            kl = tl.where(small, _k3_series(d), tl.exp(-d) + d - 1.0)
+            if KL_MODE == 3:
+                g_kl = tl.where(small, _k3_grad_series(d), 1.0 - tl.exp(-d))
+            else:
+                g_kl = d  # k3+: straight-through, k2's gradient
+
+    loss = pg + kl_coef * kl - entropy_coef * ent
+    c_lp = wt * (g_pg + kl_coef * g_kl)
+    c_h = -wt * entropy_coef
+
+    # Masked tokens store exact zeros whatever their inputs held (padding may be NaN).
+    out = STATS + rows
+    tl.store(out + 0 * s_stat, tl.where(valid, wt * loss, 0.0), mask=row_ok)
+    tl.store(out + 1 * s_stat, tl.where(valid, c_lp, 0.0), mask=row_ok)
+    tl.store(out + 2 * s_stat, tl.where(valid, c_h, 0.0), mask=row_ok)
+    tl.store(out + 3 * s_stat, tl.where(valid, ratio, 0.0), mask=row_ok)
+    tl.store(out + 4 * s_stat, tl.where(valid, tl.where(clipped, 1.0, 0.0), 0.0), mask=row_ok)
+    tl.store(out + 5 * s_stat, tl.where(valid, approx_kl, 0.0), mask=row_ok)
+    tl.store(out + 6 * s_stat, tl.where(valid, kl, 0.0), mask=row_ok)
+    tl.store(out + 7 * s_stat, tl.where(valid, ent, 0.0), mask=row_ok)
+    tl.store(MLS + rows, tl.where(valid, m, 0.0), mask=row_ok)
+    tl.store(MLS + n_rows + rows, tl.where(valid, log_s, 0.0), mask=row_ok)
+
+
+def ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig, stats=None):
+    """Run the forward kernel. Returns ``stats`` (8, n; may be given as a view into a larger buffer) and
+    ``mls`` (2, n), the row max and log sum-exp the logprobs backward kernel reads."""
+    x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    V = logits.shape[-1]
+    dev = logits.device
+    if stats is None:
+        stats = torch.empty(N_STATS, n, dtype=torch.float32, device=dev)
+    mls = torch.empty(2, n, dtype=torch.float32, device=dev)
+    if n > 0:
+        block, warps = vocab_block(V, logits.dtype, dev)
+        block_m = rows_per_program(n, block, dev)
+        dual = float("inf") if config.dual_clip is None else float(config.dual_clip)
+        lr_clip = float("inf") if config.log_ratio_clip is None else float(config.log_ratio_clip)
+        launch(
+            _ppo_fwd_kernel, (triton.cdiv(n, block_m),), dev,
+            x, labels, old, adv, old if ref is None else ref, weight, stats, mls, n,
+            V, inner, s_outer, s_inner, s_v, stats.stride(0),
+            1.0 / float(config.temperature), float(config.clip_low), float(config.clip_high), dual, lr_clip,
+            float(config.kl_coef), float(config.entropy_coef), IGNORE_INDEX,
+            KL_MODE=0 if ref is None else _KL_MODE[config.kl_estimator], BLOCK_M=block_m, BLOCK_V=block,
+            num_warps=warps,
+        )  # fmt: skip
+    return stats, mls
+
+
+def ppo_bwd_triton(logits, labels, mls, stats, grad_loss, config: PPOLossConfig, out=None):
+    """dL/dlogits = grad_loss * (c_lp dlogp/dx + c_H dH/dx), by the logprobs backward kernel; the
+    coefficients stay on the device (no sync)."""
+    dlogp = stats[_C_LP] * grad_loss
+    dent = stats[_C_H] * grad_loss if config.entropy_coef != 0 else None
+    inv_temp = 1.0 / float(config.temperature)
+    return logprobs_bwd_triton(logits, labels, mls, stats[_ENT], dlogp, dent, inv_temp, IGNORE_INDEX, out=out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# PPO per-token step: torch twins (same contract as the Triton launchers)
+# ----------------------------------------------------------------------------------------------------
+def token_stats_torch(logp, ent, old, adv, ref, weight, valid, config):
+    """The (8, n) per-token statistics from log-probs and entropies via the reference formulas; the
+    coefficients c_lp, c_H by autograd on these (n,) vectors only."""
+    with torch.enable_grad():
+        logp = logp.detach().requires_grad_(True)
+        ent = ent.detach().requires_grad_(True)
+        t = ppo_terms_ref(logp, ent, old, adv, ref, valid, config)
+        weighted = weight * t["loss"]
+        c_lp, c_h = torch.autograd.grad(weighted.sum(), (logp, ent), allow_unused=True)
+    zeros = torch.zeros_like(weighted)
+    return torch.stack([
+        weighted.detach(), zeros if c_lp is None else c_lp, zeros if c_h is None else c_h, t["ratio"].detach(),
+        t["clipped"].to(weighted.dtype), t["approx_kl"].detach(), t["kl"].detach(), t["entropy"].detach(),
+    ])  # fmt: skip
+
+
+def ppo_fwd_torch(logits, labels, old, adv, ref, weight, config: PPOLossConfig):
+    """``ppo_fwd_triton``'s contract in torch ops: the logprobs op's chunked forward (row max and log
+    sum-exp kept, never (N, V) float32), then the per-token statistics on (n,) vectors."""
+    inv_temp = 1.0 / float(config.temperature)
+    logp, ent, mls = logprobs_fwd_torch(logits, labels, inv_temp, IGNORE_INDEX, True)
+    return token_stats_torch(logp, ent, old, adv, ref, weight, labels != IGNORE_INDEX, config), mls
+
+
+def ppo_bwd_torch(logits, labels, mls, stats, grad_loss, config: PPOLossConfig, out=None):
+    """``ppo_bwd_triton``'s contract in torch ops, recomputing one chunk's softmax at a time; ``out=logits``
+    overwrites the logits in place."""
+    grad = out if out is not None else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_rows = None if out is logits else grad.view(-1, logits.shape[-1])
+    for r0, chunk in row_chunks(logits):
+        rows = slice(r0, r0 + chunk.shape[0])
+        g = dlogits_torch_chunk(chunk, labels[rows], mls[:, rows], stats[:, rows], grad_loss, config)
+        # In place: this chunk of the logits has just been read for the last time.
+        (chunk if grad_rows is None else grad_rows[rows]).copy_(g)
+    return grad
+
+
+def dlogits_torch_chunk(chunk, labels, mls, stats, grad_loss, config: PPOLossConfig):
+    """Torch twin of ``ppo_bwd_triton`` on one (rows, V) chunk; float32 result."""
+    dent = stats[_C_H] * grad_loss if config.entropy_coef != 0 else None
+    return torch_chunk_bwd(chunk, labels, mls[0], mls[1], stats[_ENT] if dent is not None else None,
+                            stats[_C_LP] * grad_loss, dent, 1.0 / float(config.temperature), IGNORE_INDEX)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-token inputs: aggregation weights, boundary checks, metrics
+# ----------------------------------------------------------------------------------------------------
+def _count(name: str, value, device: torch.device) -> torch.Tensor | float | None:
+    """A user-given global count: a positive number or a one-element tensor (kept on the device)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}"
+            )
+        count = value.reshape(()).to(device=device, dtype=torch.float32)
+        if data_checks_enabled(count):
+            v = float(count)  # host sync: documented, skipped under graph capture / set_validation(False)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be > 0 and finite (a global count of tokens or sequences), got {v}")
+        return count.clamp(min=1.0)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an int or a 0-dim tensor, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be > 0 and finite (a global count of tokens or sequences), got {value!r}")
+    return float(value)
+
+
+def token_weights(
+    mask: torch.Tensor,  # (B, T) padded: each row a sequence; or (N,) packed with cu_seqlens; nonzero = counts
+    agg: str = "token-mean",
+    *,
+    cu_seqlens: torch.Tensor | None = None,  # (B + 1,) int, leading 0, for packed tokens
+    num_tokens=None,
+    num_sequences=None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-token weights ``w`` (shape of mask) such that the aggregated loss is ``sum(w * per_token_loss)``.
+
+    - ``token-mean``: ``w = m / num_tokens`` (default: unmasked tokens in this batch);
+    - ``seq-mean-token-sum``: ``w = m / num_sequences`` (each sequence's token sum, averaged);
+    - ``seq-mean-token-mean``: ``w = m / (len_s * num_sequences)`` with ``len_s`` the unmasked tokens of
+      the token's sequence (each sequence's token mean, averaged).
+
+    ``num_sequences`` defaults to the sequences with at least one unmasked token. Passing the global
+    counts makes micro-batch losses sum to the full-batch loss. No host sync."""
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    m = (mask != 0).to(dtype)
+    if agg == "token-mean":
+        denom = _count("num_tokens", num_tokens, mask.device)
+        return m / (m.sum().clamp(min=1.0) if denom is None else denom)
+
+    flat = m.reshape(-1)
+    n = flat.numel()
+    if cu_seqlens is not None:
+        n_seq = cu_seqlens.numel() - 1
+        ends = cu_seqlens[1:].to(device=mask.device, dtype=torch.int64)
+        seq = torch.bucketize(torch.arange(n, device=mask.device), ends, right=True)
+    elif mask.dim() >= 2:
+        T = mask.shape[-1]
+        n_seq = n // max(T, 1)
+        seq = torch.arange(n, device=mask.device) // max(T, 1)
+    else:
+        raise ValueError(
+            f"agg={agg!r} needs sequence boundaries: pass padded (B, T) inputs (one sequence per row) or "
+            f"cu_seqlens for packed (N,) tokens; got 1-D tokens of shape {tuple(mask.shape)} without cu_seqlens"
+        )
+    # Slot n_seq catches nothing for valid cu_seqlens; it keeps the scatter in bounds without a sync.
+    seq_len = torch.zeros(n_seq + 1, dtype=dtype, device=mask.device).index_add_(0, seq, flat)
+    denom = _count("num_sequences", num_sequences, mask.device)
+    if denom is None:
+        denom = (seq_len[:n_seq] > 0).sum().to(dtype).clamp(min=1.0)
+    if agg == "seq-mean-token-sum":
+        w = flat / denom
+    else:
+        w = flat / (seq_len.clamp(min=1.0)[seq] * denom)
+    return w.view(mask.shape)
+
+
+def check_per_token(name: str, t, like: torch.Tensor, *, like_name: str = "labels", floating: bool = True) -> None:
+    """``t`` is a tensor (floating unless told) with one entry per token: the shape and device of ``like``."""
+    if floating:
+        check_float(name, t)
+    elif not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_shape(name, t, tuple(like.shape), f"one entry per token, the shape of {like_name}")
+    check_same_device(**{like_name: like, name: t})
+
+
+def prepare_ppo_inputs(labels, old_logp, advantages, mask, ref_logp, config, cu_seqlens, num_tokens, num_sequences):
+    """Boundary checks shared by ppo_loss and linear_ppo_loss; returns the flat float32 / int64 per-token
+    tensors the kernels read, the valid-token mask and the aggregation weights (no host sync)."""
+    check_per_token("old_logp", old_logp, labels)
+    check_per_token("advantages", advantages, labels)
+    if ref_logp is not None:
+        check_per_token("ref_logp", ref_logp, labels)
+    if mask is not None:
+        check_per_token("mask", mask, labels, floating=False)
+    if config.kl_coef > 0 and ref_logp is None:
+        raise ValueError(f"config.kl_coef={config.kl_coef} needs ref_logp (the reference policy's log-probs)")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, labels.numel(), device=labels.device)
+    valid = labels != IGNORE_INDEX
+    if mask is not None:
+        valid = valid & (mask != 0)
+    weight = token_weights(valid, config.agg, cu_seqlens=cu_seqlens, num_tokens=num_tokens,
+                           num_sequences=num_sequences).reshape(-1)  # fmt: skip
+    flat_labels = torch.where(valid, labels, IGNORE_INDEX).reshape(-1).to(torch.int64)
+    as_f32 = lambda t: None if t is None else t.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
+    return flat_labels, as_f32(old_logp), as_f32(advantages), as_f32(ref_logp), weight, valid
+
+
+def ppo_metrics(stats: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Masked means (ratio_max: masked max, 0 when nothing is unmasked) of the per-token statistics;
+    masked tokens hold zeros in ``stats``. 0-dim float32 tensors, no host sync."""
+    count = valid.sum().to(torch.float32).clamp(min=1.0)
+    means = stats[_CLIPPED : _ENT + 1].sum(1) / count
+    ratio_max = stats[_RATIO].amax() if stats.shape[1] > 0 else stats.new_zeros(())
+    return {"clipfrac": means[0], "approx_kl": means[1], "kl": means[2], "entropy": means[3], "ratio_max": ratio_max}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-token formulas (the references and the torch path differentiate these)
+# ----------------------------------------------------------------------------------------------------
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate (``estimator`` already checked), differentiable, in the inputs'
+    dtype: k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d, k3+ = k3's value with k2's gradient; d = logp - ref."""
+    diff = logp - ref_logp
+    if estimator == "k1":
+        return diff
+    k2 = 0.5 * diff**2
+    if estimator == "k2":
+        return k2
+    k3 = _k3(diff)
+    if estimator == "k3":
+        return k3
+    return k2 + (k3 - k2).detach()
+
+
+def _k3(d: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(-d) - 1 + d, accurate for every d in d's dtype (differentiable), the formula of the kernel:
+    its series below |d| = 0.1, where exp(-d) - 1 + d cancels (0 in float32 for |d| ~ 1e-4), and
+    expm1(-d) + d above (whose relative error there is ~1e-5 at worst)."""
+    small = d.abs() < 0.1
+    ds = torch.where(small, d, torch.zeros_like(d))  # the unused branch stays finite: no 0 * inf in backward
+    series = ds * ds * (0.5 - ds * (1.0 / 6.0 - ds * (1.0 / 24.0 - ds * (1.0 / 120.0 - ds * (1.0 / 720.0)))))
+    return torch.where(small, series, torch.expm1(-d) + d)
+
+
+def ppo_terms_ref(logp, entropy, old_logp, advantages, ref_logp, valid, config: PPOLossConfig):
+    """Per-token PPO quantities, textbook formulas, in logp's dtype. Masked tokens are zeroed first so
+    that whatever their inputs hold (padding, NaN) they contribute nothing, not even to gradients."""
+    zero = torch.zeros_like(logp)
+    logp = torch.where(valid, logp, zero)
+    entropy = torch.where(valid, entropy, zero)
+    old = torch.where(valid, old_logp.to(logp.dtype).detach(), zero)
+    A = torch.where(valid, advantages.to(logp.dtype).detach(), zero)
+
+    log_ratio = logp - old
+    if config.log_ratio_clip is not None:
+        log_ratio = torch.clamp(log_ratio, -config.log_ratio_clip, config.log_ratio_clip)
+    with torch.no_grad():  # which tokens sit on a clip (or the dual bound), where d pg / d logp = 0
+        r = torch.exp(log_ratio)
+        pu, pc = -A * r, -A * torch.clamp(r, 1.0 - config.clip_low, 1.0 + config.clip_high)
+        frozen = pc > pu
+        if config.dual_clip is not None:
+            frozen |= (A < 0) & (torch.maximum(pu, pc) > -config.dual_clip * A)
+    # Their log-ratio is detached: its gradient is 0 anyway, but autograd would form it as 0 * exp(log_ratio),
+    # NaN once the ratio overflows float32 (log-ratio > ~88.7), where the kernel's gradient is a finite 0.
+    ratio = torch.exp(torch.where(frozen, log_ratio.detach(), log_ratio))
+    pg_unclipped = -A * ratio
+    pg_clipped = -A * torch.clamp(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    if config.dual_clip is not None:
+        pg = torch.where(A < 0, torch.minimum(pg, -config.dual_clip * A), pg)
+    if ref_logp is None:
+        kl = zero
+    else:
+        kl = kl_estimate(logp, torch.where(valid, ref_logp.to(logp.dtype).detach(), zero), config.kl_estimator)
+    loss = pg + config.kl_coef * kl - config.entropy_coef * entropy
+    return {
+        "loss": torch.where(valid, loss, zero),
+        "ratio": torch.where(valid, ratio, zero),
+        "clipped": valid & (pg_clipped > pg_unclipped),
+        "approx_kl": torch.where(valid, (ratio - 1.0) - log_ratio, zero),
+        "kl": torch.where(valid, kl, zero),
+        "entropy": entropy,
+    }
