@@ -1,5 +1,9 @@
 """Shared plumbing for the fused ops: Triton import, backend choice, launches on CPU (interpreter),
-input validation and row views of (..., V) tensors.
+input validation and row views of (..., V) tensors. Internal; the constants (``IGNORE_INDEX``, ``BACKENDS``,
+``KL_ESTIMATORS``, ``REWARD_KL_ESTIMATORS``, ``AGG_MODES``) are defined here once and, with the checks other
+packages use (``check_float``, ``check_int``, ``check_labels_in_range``, ``check_cu_seqlens``,
+``data_checks_enabled``), exported by fusedrl.kernels: import them from there. The row building blocks of
+the logits ops live in ``_rows.py``.
 
 CPU tensors run the very same kernel source through Triton's interpreter, which Triton only enables when
 ``TRITON_INTERPRET=1`` is in the environment before it is imported. On a machine without CUDA, where no
