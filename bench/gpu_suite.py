@@ -29,12 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import bench_gae, bench_logprobs, bench_ppo_loss  # noqa: E402
 from bench.common import RESULTS, device_name, environment, peak_memory_gb, print_table, time_fn  # noqa: E402
+from bench.gpu_static import pass_bytes, peak_bandwidth  # noqa: E402
 
 from fusedrl.kernels import gae, gae_ref, set_validation  # noqa: E402
 
 # Every record that is not an error carries these; a metric that does not apply to the op is null.
 FIELDS = ("op", "shape", "dtype", "provider", "pass", "median_ms", "p20_ms", "p80_ms", "gbps", "tflops",
-          "frac_of_peak", "peak_mem_gb")  # fmt: skip
+          "frac_of_peak", "peak_mem_gb", "bw_floor_ms", "fraction_of_bw_floor")  # fmt: skip
 CASES = ("logprobs", "ppo_loss", "linear_ppo_loss", "gae", "ppo_step")
 LINEAR_TARGET_MS, LINEAR_TARGET_GB = 40.0, 1.5
 LOGPROBS_TARGET_FRAC = 0.90
@@ -130,7 +131,8 @@ def case_gae(n_seq, seq_len, device, copy_gbps):
             t = time_fn(fn, device)
             gbps = nbytes / (t["median_ms"] * 1e-3) / 1e9
             records.append({"op": "gae", "shape": f"{n_seq}x{seq_len} ragged", "dtype": str(dtype)[6:],
-                            "provider": name, "pass": "fwd", **t, "gbps": gbps, "frac_of_peak": gbps / copy_gbps,
+                            "n_tokens": r.numel(), "provider": name, "pass": "fwd", **t, "gbps": gbps,
+                            "frac_of_peak": gbps / copy_gbps,
                             "peak_mem_gb": peak_memory_gb(fn, device)})  # fmt: skip
     return records
 
@@ -172,6 +174,25 @@ def normalise(records, copy_gbps, peak_tflops):
         elif r["frac_of_peak"] is None and r["tflops"] is not None:
             r["frac_of_peak"] = r["tflops"] / peak_tflops
     return records
+
+
+def add_bw_floor(records, peak_bps: float):
+    """Each memory-bound record's time floor (bench/gpu_static.py's bytes for the pass / peak bandwidth) and the
+    fraction of it reached, floor / median (1.0 = at the floor). The same floor for every provider of a case."""
+    bench_ppo = bench_ppo_loss.CONFIG
+    for r in records:
+        if "error" in r or r["op"] not in ("logprobs", "ppo_loss", "gae"):
+            continue
+        try:
+            kw = {"ref": True, "entropy": bench_ppo.entropy_coef != 0} if r["op"] == "ppo_loss" else {}
+            if r["op"] == "gae":  # the ragged batch: its real token count, not B x T
+                b = pass_bytes("gae", r["pass"], r["shape"], r["dtype"], n_tokens=r["n_tokens"])
+            else:
+                b = pass_bytes(r["op"], r["pass"], r["shape"], r["dtype"], **kw)
+        except ValueError:  # a pass the model does not cover
+            continue
+        r["bw_floor_ms"] = b["bytes"] / peak_bps * 1e3
+        r["fraction_of_bw_floor"] = r["bw_floor_ms"] / r["median_ms"]
 
 
 def add_speedups(records):
@@ -220,10 +241,11 @@ def headline_markdown(payload) -> str:
     """Forward and full passes of the kernels, the whole engine step, the targets and the errors."""
     rows = [r for r in payload["records"] if "error" not in r and r["pass"] in ("fwd", "full")]
     cols = ("op", "shape", "dtype", "provider", "pass", "median_ms", "gbps", "tflops", "frac_of_peak",
-            "peak_mem_gb", "speedup")  # fmt: skip
+            "fraction_of_bw_floor", "peak_mem_gb", "speedup")  # fmt: skip
     lines = [f"# fusedrl GPU suite: {payload['device']}, {payload['date']}", "",
              f"torch {payload['torch']}, triton {payload['triton']}, commit {payload['commit']}; measured copy "
-             f"{payload['copy_gbps']:.1f} GB/s, matmul {payload['matmul_tflops']:.1f} TFLOP/s", "",
+             f"{payload['copy_gbps']:.1f} GB/s, matmul {payload['matmul_tflops']:.1f} TFLOP/s; fraction_of_bw_floor: "
+             f"bytes of the pass (bench/gpu_static.py) / {payload['bw_floor_basis']} / median", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     t = payload["targets"]
@@ -323,6 +345,11 @@ def main(argv=None):
         print(f"   {time.perf_counter() - t0:.1f} s", flush=True)
     set_validation(True)
 
+    # The floor's bandwidth: the data sheet's HBM peak for a known GPU, else (CPU, unknown GPU) the measured copy.
+    peak_bps, bw_basis = peak_bandwidth(device_name(device)) if device == "cuda" else (None, None)
+    if peak_bps is None:
+        peak_bps, bw_basis = copy_gbps * 1e9, f"measured copy {copy_gbps:.1f} GB/s"
+    add_bw_floor(records, peak_bps)
     normalise(records, copy_gbps, peak_tflops)
     add_speedups(records)
     env = environment(device)
@@ -335,7 +362,8 @@ def main(argv=None):
         print(f"merged with the {len(earlier)} records of {stem}.json (cases not run now kept)")
     payload = {"device": env["device"], "torch": env["torch"], "triton": env["triton"], "commit": env["commit"],
                "date": stem.name[-10:], "python": env["python"], "copy_gbps": copy_gbps,
-               "matmul_tflops": peak_tflops, "matmul_dtype": str(dtype)[6:], "quick": args.quick, "cases": wanted,
+               "matmul_tflops": peak_tflops, "matmul_dtype": str(dtype)[6:], "bw_floor_basis": bw_basis,
+               "bw_floor_bps": peak_bps, "quick": args.quick, "cases": wanted,
                "wall_s": None, "targets": targets(records, copy_gbps), "records": records}  # fmt: skip
     payload["wall_s"] = time.perf_counter() - t_start
 

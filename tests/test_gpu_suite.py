@@ -86,3 +86,47 @@ def test_gpu_slug():
     proc = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == list(names.values())
+
+
+def test_records_carry_the_fraction_of_the_bandwidth_floor(suite):
+    """bench/gpu_static.py's bytes per pass turn every memory-bound time into a fraction of its floor."""
+    _, files, _ = suite
+    data = json.loads(next(f for f in files if f.suffix == ".json").read_text())
+    assert data["bw_floor_basis"].startswith("measured copy")  # CPU: no data-sheet peak
+    peak = data["bw_floor_bps"]
+    assert peak == pytest.approx(data["copy_gbps"] * 1e9)
+    seen = set()
+    for r in data["records"]:
+        if r["op"] in ("logprobs", "ppo_loss", "gae"):
+            assert r["bw_floor_ms"] > 0 and r["fraction_of_bw_floor"] == pytest.approx(r["bw_floor_ms"] / r["median_ms"])
+            seen.add(r["op"])
+        if r["op"] == "logprobs" and r["pass"] == "fwd":
+            N, V = (int(s) for s in r["shape"].split("x"))
+            want = N * V * 4 + 8 * N + 12 * N  # float32 logits, int64 labels, logp + 2 row stats
+            assert r["bw_floor_ms"] == pytest.approx(want / peak * 1e3, rel=1e-9), r
+    assert seen == {"logprobs", "ppo_loss", "gae"}, seen
+
+
+def test_gpu_run_dry_run(tmp_path):
+    """bench/gpu_run.sh --dry-run on CPU: every step is listed, the CPU-safe ones run at tiny sizes and write their
+    figures into $OUT, and the CUDA test selection (graph capture, no recompile) exists."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "bench/gpu_run.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = {line.split("\t")[0]: line.split("\t")[1] for line in (tmp_path / "steps.tsv").read_text().splitlines()[1:]}
+    assert steps == {"env": "0", "build": "dry-run", "static": "dry-run", "tests-collect": "0", "suite": "0",
+                     "sweep": "0"}, steps  # fmt: skip
+    assert "would run: build" in proc.stdout and "--no-build-isolation --no-deps -e ." in proc.stdout
+    assert "graph / no-recompile tests selected:" in proc.stdout
+    (sweep,) = tmp_path.glob("sweep-cpu-*.json")
+    data = json.loads(sweep.read_text())
+    kernels = {r["kernel"] for r in data["records"]}
+    assert {"_logprobs_fwd_kernel", "_ppo_fwd_kernel", "_logprobs_bwd_kernel"} <= kernels, kernels
+    ok = [r for r in data["records"] if "error" not in r]
+    assert ok and all(r["correct"] for r in ok), [r for r in data["records"] if not r.get("correct")]
+    assert all(r["fraction_of_bw_floor"] > 0 for r in ok)
+    assert sum(r["default"] for r in ok) == len(data["best"]) == 3
+    (suite,) = tmp_path.glob("cpu-*.json")
+    assert any(r.get("fraction_of_bw_floor") for r in json.loads(suite.read_text())["records"])
