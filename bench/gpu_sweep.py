@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import importlib
 import inspect
 import json

@@ -11,8 +11,9 @@ import math
 
 import torch
 
-from ..kernels._utils import check_float
-from ..kernels.gae import check_cu_seqlens, gae
+from fusedrl.kernels import check_cu_seqlens, check_float, gae
+
+from .distributed import Distributed
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
 
@@ -46,27 +47,17 @@ def whiten(
     *,
     shift_mean: bool = True,
     eps: float = 1e-8,
+    dist=None,
 ) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` with the mean and the population variance (divide by the count)
-    taken over the masked-in elements. ``shift_mean=False`` keeps the original mean and only rescales the
-    deviations from it. Masked-out elements come back as 0; an all-masked input gives all zeros. float32
-    result (float64 stays float64), no host sync."""
+    taken over the masked-in elements -- of every rank when ``dist`` (a ``fusedrl.engine.distributed.Distributed``)
+    spans several. ``shift_mean=False`` keeps the original mean and only rescales the deviations from it.
+    Masked-out elements come back as 0; an all-masked input gives all zeros. float32 result (float64 stays
+    float64), no host sync."""
     check_float("x", x)
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    x = x.detach().to(dtype)
-    if mask is None:
-        m = torch.ones_like(x)
-    else:
-        if tuple(mask.shape) != tuple(x.shape):
-            raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
-        m = mask.detach().to(dtype)
-    count = m.sum().clamp(min=1.0)
-    mean = (x * m).sum() / count
-    var = (m * (x - mean) ** 2).sum() / count
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * m
+    if mask is not None and tuple(mask.shape) != tuple(x.shape):
+        raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+    return (dist if dist is not None else Distributed(x.device, single=True)).whiten(x, mask, shift_mean=shift_mean, eps=eps)
 
 
 def broadcast_to_tokens(
@@ -142,16 +133,19 @@ def reinforce_pp_advantages(
     mask: torch.Tensor | None = None,  # (N,) bool: tokens that count in the normalisation; None = all
     *,
     gamma: float = 1.0,
+    dist=None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """REINFORCE++: the discounted return-to-go of every token, ``G_t = sum_{k >= t} gamma^(k-t) r_k``
-    within its sequence, then whitened over all (masked-in) tokens of the batch. The returns-to-go are
-    GAE with values 0 and lam = 1. Masked-out tokens get 0. Returns (N,) float32."""
+    within its sequence, then whitened over all (masked-in) tokens of the batch (of every rank with ``dist``).
+    The returns-to-go are GAE with values 0 and lam = 1 (``backend`` as in ``fusedrl.kernels.gae``).
+    Masked-out tokens get 0. Returns (N,) float32."""
     check_float("token_rewards", token_rewards)
     if token_rewards.dim() != 1:
         raise ValueError(f"token_rewards must be a 1-D (N,) tensor, got shape {tuple(token_rewards.shape)}")
     zeros = torch.zeros(token_rewards.shape, dtype=torch.float32, device=token_rewards.device)
-    returns_to_go, _ = gae(token_rewards, zeros, cu_seqlens, gamma=gamma, lam=1.0)
-    return whiten(returns_to_go, mask)
+    returns_to_go, _ = gae(token_rewards, zeros, cu_seqlens, gamma=gamma, lam=1.0, backend=backend)
+    return whiten(returns_to_go, mask, dist=dist)
 
 
 def compute_advantages(
@@ -165,6 +159,8 @@ def compute_advantages(
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten_advantages: bool = True,
+    dist=None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token advantages (N,) for one of ``ADVANTAGE_ESTIMATORS``, and the critic's targets.
 
@@ -175,6 +171,10 @@ def compute_advantages(
       group, and a batch-wide shift would give groups with all-equal scores a non-zero advantage.
     - ``reinforce++``: whitened discounted returns-to-go of ``token_rewards`` (or, if None, of ``scores``
       placed at each sequence's last token); whitening is part of the estimator and always on.
+
+    Whitening runs over every rank's tokens when ``dist`` (a ``fusedrl.engine.distributed.Distributed``) spans
+    several; ``backend`` picks the GAE implementation (``fusedrl.kernels.gae``: Triton on CUDA by default).
+    Everything runs on the device of the inputs.
 
     Returns ``(advantages, returns)``; returns is None except for ``gae``. The number of tokens N comes
     from ``token_rewards`` / ``values``; for grpo / rloo without them it is read from ``cu_seqlens[-1]``
@@ -204,8 +204,8 @@ def compute_advantages(
                 f"token_rewards={'a tensor' if token_rewards is not None else None}, "
                 f"values={'a tensor' if values is not None else None}"
             )
-        adv, returns = gae(token_rewards, values, cu_seqlens, gamma=gamma, lam=lam)
-        return (whiten(adv) if whiten_advantages else adv), returns
+        adv, returns = gae(token_rewards, values, cu_seqlens, gamma=gamma, lam=lam, backend=backend)
+        return (whiten(adv, dist=dist) if whiten_advantages else adv), returns
 
     if estimator == "reinforce++":
         if token_rewards is None:
@@ -215,7 +215,7 @@ def compute_advantages(
                 n_tokens = int(cu_seqlens[-1])  # host sync on GPU
             check_cu_seqlens(cu_seqlens, n_tokens)
             token_rewards = _last_token_rewards(s, cu_seqlens, n_tokens)
-        return reinforce_pp_advantages(token_rewards, cu_seqlens, gamma=gamma), None
+        return reinforce_pp_advantages(token_rewards, cu_seqlens, gamma=gamma, dist=dist, backend=backend), None
 
     if scores is None:
         raise ValueError(f"estimator {estimator!r} needs scores (B,), got None")

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels._utils import check_int, data_checks_enabled
+from fusedrl.kernels import check_int, data_checks_enabled
 
 ATTN_IMPLEMENTATION = "fusedrl_packed"
 """The name the attention function (and its mask builder) is registered under in transformers."""

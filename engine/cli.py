@@ -15,21 +15,14 @@ and one-line docstring as help. A YAML file given with ``--config`` may set any 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import itertools
 import json
-import os
 import sys
-import textwrap
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .trainer import PPOConfig
+from .config import PPOConfig, add_dataclass_arguments, convert_field, dataclass_fields
 
 
 @dataclass
@@ -49,7 +42,9 @@ class TrainArgs:
     reward_kwargs: str = "{}"
     """Keyword arguments bound to reward_fn, as a JSON object, e.g. '{"token": "a"}'."""
     resume: bool = False
-    """Continue from the latest checkpoint in output_dir (its metrics rows after that step are dropped)."""
+    """Continue from the newest intact checkpoint in output_dir (its metrics rows after that step are dropped)."""
+    overwrite: bool = False
+    """Start over in an output_dir that holds a run: delete its checkpoints, latest, metrics.jsonl, config.yaml, tensorboard/, policy/ and critic/ first (without it such a directory is refused)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available; under torchrun the local rank's GPU)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -59,94 +54,8 @@ class TrainArgs:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Parser generation from dataclasses
+# fusedrl train: flags
 # ----------------------------------------------------------------------------------------------------
-def field_docs(cls) -> dict[str, str]:
-    """The attribute docstrings of a dataclass: the string literal right after each field."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in itertools.pairwise(body):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):  # fmt: skip
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _unwrap_optional(tp):
-    """(inner type, allows None)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(args) < len(typing.get_args(tp)):
-            return args[0], True
-    return tp, False
-
-
-def _converter(name: str, tp):
-    """A function str-or-YAML value -> typed value for a field of type ``tp``, with clear errors."""
-    inner, optional = _unwrap_optional(tp)
-    choices = list(typing.get_args(inner)) if typing.get_origin(inner) is Literal else None
-    base = type(choices[0]) if choices else inner
-
-    def convert(value):
-        if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
-            return None
-        try:
-            if base is bool:
-                if isinstance(value, bool):
-                    return value
-                if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-                    return value.lower() in ("true", "1", "yes", "on")
-                raise ValueError
-            if base is int:
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise ValueError
-                return int(value)
-            if base is float:
-                if isinstance(value, bool):
-                    raise ValueError
-                return float(value)
-            if base is str:
-                if isinstance(value, (dict, list)):  # a YAML mapping given for a JSON-string field
-                    return json.dumps(value)
-                return str(value)
-        except (TypeError, ValueError):
-            pass
-        else:
-            raise TypeError(f"unsupported field type {tp!r} for {name}")
-        kind = base.__name__ + (" or none" if optional else "")
-        raise argparse.ArgumentTypeError(f"{name} expects {kind}, got {value!r}")
-
-    def convert_checked(value):
-        out = convert(value)
-        if choices is not None and out is not None and out not in choices:
-            raise argparse.ArgumentTypeError(f"{name} must be one of {choices}, got {out!r}")
-        return out
-
-    return convert_checked, base, choices, optional
-
-
-def _fields(cls):
-    hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str) -> None:
-    """One ``--kebab-name`` flag per field of ``cls`` (default: SUPPRESS, so only given flags appear)."""
-    group = parser.add_argument_group(title)
-    docs = field_docs(cls)
-    for f, tp in _fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        conv, base, choices, optional = _converter(flag, tp)
-        help_text = f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
-        if base is bool and not optional:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-            continue
-        meta = "{" + ",".join(map(str, choices)) + "}" if choices else base.__name__.upper()
-        group.add_argument(flag, type=conv, default=argparse.SUPPRESS, metavar=meta, dest=f.name, help=help_text)
-
-
 def build_train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusedrl train",
@@ -168,7 +77,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, PPOConfig]:
     ns = vars(parser.parse_args(argv))
     yaml_path = ns.pop("config")
     values: dict = {}
-    known = {f.name: tp for cls in (TrainArgs, PPOConfig) for f, tp in _fields(cls)}
+    known = {f.name: tp for cls in (TrainArgs, PPOConfig) for f, tp in dataclass_fields(cls)}
     if yaml_path is not None:
         import yaml
 
@@ -185,7 +94,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, PPOConfig]:
             if name not in known:
                 parser.error(f"--config file {yaml_path!r}: unknown field {key!r} (see fusedrl train --help)")
             try:
-                values[name] = _converter(f"{key} in {yaml_path}", known[name])[0](value)
+                values[name] = convert_field(f"{key} in {yaml_path}", known[name], value)
             except argparse.ArgumentTypeError as e:
                 parser.error(str(e))
     values.update(ns)
@@ -226,28 +135,6 @@ def load_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _init_distributed():
-    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA, gloo otherwise)."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend)
-
-
-def _device(spec: str):
-    import torch
-
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(spec)
-
-
 def train_main(argv: list[str]) -> int:
     args, cfg = parse_train_args(argv)
     if args.prompts is None:
@@ -267,6 +154,8 @@ def train_main(argv: list[str]) -> int:
 
     import torch
 
+    from .checkpoint import prepare_run_dir
+    from .distributed import init_distributed, resolve_device
     from .models import PRESETS, build_causal_lm, build_reward_model
     from .rewards import load_reward_fn
     from .tokenizer import build_char_tokenizer
@@ -274,8 +163,13 @@ def train_main(argv: list[str]) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    _init_distributed()
-    device = _device(args.device)
+    init_distributed()
+    device = resolve_device(args.device)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        try:  # a refused run fails in a second, not after building the models (train() checks again)
+            prepare_run_dir(cfg.output_dir, resume=args.resume, overwrite=args.overwrite)
+        except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+            raise SystemExit(f"fusedrl train: {e}") from None
     dtype = getattr(torch, args.dtype)
     prompts = load_prompts(args.prompts)
 
@@ -297,14 +191,9 @@ def train_main(argv: list[str]) -> int:
 
     trainer = PPOTrainer(policy, tokenizer, reward, cfg)
     out = Path(cfg.output_dir)
-    if trainer.rank == 0:
-        import yaml
-
-        out.mkdir(parents=True, exist_ok=True)
-        run = {**dataclasses.asdict(args), **dataclasses.asdict(cfg)}
-        run.pop("resume")
-        (out / "config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
-    trainer.train(prompts, resume=args.resume)
+    run = {**dataclasses.asdict(args), **dataclasses.asdict(cfg)}
+    run.pop("resume"), run.pop("overwrite")  # how this invocation treats the directory, not part of the run
+    trainer.train(prompts, resume=args.resume, overwrite=args.overwrite, run_config=run)
     if trainer.rank == 0:
         print(f"fusedrl train: {cfg.total_steps} steps done; metrics in {out / 'metrics.jsonl'}, "
               f"model in {out / 'policy'}", file=sys.stderr)  # fmt: skip

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +146,83 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step timing and update statistics
+# ----------------------------------------------------------------------------------------------------
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA's allocator peak on a GPU, the resident-set peak on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss: kilobytes on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class PhaseTimer:
+    """Wall time per phase of a step; on CUDA each lap synchronises so the time lands in its phase."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.laps: dict[str, float] = {}
+        self.t0 = self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host sync: once per phase, for honest phase times
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.t0
+
+
+class UpdateStats:
+    """Accumulates update metrics without a host sync per micro-batch: device tensors (or floats) are
+    summed, token-weighted or maxed as they come and read once, in ``result``, reduced over ranks by ``dist``
+    (a ``fusedrl.engine.distributed.Distributed``)."""
+
+    def __init__(self, dist):
+        self.dist = dist
+        self.sum: dict = {}
+        self.wsum: dict = {}
+        self.maxes: dict = {}
+        self.steps = 0
+
+    def add(self, k, v):
+        self.sum[k] = self.sum.get(k, 0.0) + v
+
+    def add_weighted(self, k, v, w: float):
+        s, n = self.wsum.get(k, (0.0, 0.0))
+        self.wsum[k] = (s + v * w, n + w)
+
+    def max(self, k, v):
+        self.maxes[k] = v if k not in self.maxes else torch.maximum(torch.as_tensor(self.maxes[k]), v)
+
+    def count_optimizer_step(self):
+        self.steps += 1
+
+    def result(self) -> dict[str, float]:
+        dist, out = self.dist, {}
+        n = max(self.steps, 1)
+        for k, v in self.sum.items():
+            # Losses: each optimizer step's rank-local sum of micro-batch losses is its share of the
+            # global loss; summed over ranks it is the full mini-batch loss, averaged over optimizer steps.
+            v = float(v)  # host sync: once per metric per step
+            out[k] = (dist.sum(v) if k.startswith("loss/") else v) / n
+        for k, (s, w) in self.wsum.items():
+            out[k] = dist.sum(float(s)) / max(dist.sum(float(w)), 1e-12)
+        for k, v in self.maxes.items():
+            out[k] = dist.max(float(v))
+        return out
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 no better than a constant."""
+    var = returns.var(unbiased=False)
+    if var <= 0:
+        return math.nan
+    return float(1.0 - (returns - values).var(unbiased=False) / var)

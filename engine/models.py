@@ -7,6 +7,7 @@ Every model here is an ordinary transformers model (or wraps one), so ``use_pack
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,10 @@ from .attention import is_packed_attention
 # Special-token fields a preset may carry; dropped when a smaller vocabulary no longer contains them.
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k")
+# Config fields that multiply the logits after the lm_head projection.
+_MULTIPLIERS = ("logit_scale", "output_multiplier", "lm_head_multiplier")
+# Model types whose ``logits_scaling`` multiplies the logits; every other model (the Granite family) divides.
+_LOGITS_SCALING_MULTIPLIES = ("hyperclovax",)
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,8 @@ def build_reward_model(preset_or_path: str, vocab_size: int | None = None, seed:
 
 def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight (V, H), bias (V,) or None)`` of the model's output projection, for the fused linear ops.
-    Tied embeddings are fine (the weight is then the input embedding matrix)."""
+    Tied embeddings are fine (the weight is then the input embedding matrix). Use ``output_head`` to also get
+    the model's logit scale: the logits of some models are not ``h W^T + b`` alone."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if not isinstance(head, nn.Linear):
@@ -157,10 +163,81 @@ def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"model must be a transformers model with a .config, got {type(model).__name__}")
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def logit_scale_of(model: nn.Module) -> float:
+    """The constant ``s`` in ``logits = s * lm_head(h)`` read from the model's config (1.0 for most models).
+
+    Raises ValueError for tanh soft-capping, which no fused linear head can reproduce, and for a scale that
+    is not a positive finite number (a temperature cannot absorb it)."""
+    cfg = _text_config(model)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap is not None:
+        raise ValueError(
+            f"{type(model).__name__} soft-caps its logits (config.final_logit_softcapping={cap}: "
+            "logits = cap * tanh(logits / cap)), which the fused linear lm_head does not compute; score this model "
+            "from its own logits instead (fusedrl.kernels.logprobs(model(...).logits, labels))"
+        )
+    scale = 1.0
+    for name in _MULTIPLIERS:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            scale *= float(value)
+    value = getattr(cfg, "logits_scaling", None)
+    if value is not None:
+        value = float(value)
+        if getattr(cfg, "model_type", None) in _LOGITS_SCALING_MULTIPLIES:
+            scale *= value
+        else:
+            scale = scale / value if value != 0 else float("inf")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"{type(model).__name__}'s config scales its logits by {scale!r}; the fused lm_head folds the scale into "
+            "the temperature and needs a positive finite number"
+        )
+    return scale
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``(weight (V, H), bias (V,) or None, scale)`` such that the model's logits are ``scale * (h W^T + b)``:
+    the one reader of a model's output head, for the engine and the drop-ins alike. The fused ops take the
+    scale as ``temperature / scale`` (what ``generate()`` samples from is ``softmax(scale * z / T)``).
+
+    TypeError when the output head is not a plain ``nn.Linear``; ValueError for soft-capped logits. A head
+    sharded as a DTensor (FSDP2) is gathered whole, as the fused op reads the full weight."""
+    model = unwrap(model)
+    weight, bias = lm_head_of(model)
+    scale = logit_scale_of(model)
+    if callable(getattr(weight, "full_tensor", None)):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    return weight, bias, scale
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model to read the body and the head from: a PEFT wrapper's base model (its adapters
+    stay injected in the layers). A DistributedDataParallel wrapper is refused: calling the body directly would
+    skip its forward, and with it the gradient all-reduce bookkeeping."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "model is wrapped in DistributedDataParallel: calling its body directly would bypass DDP's forward and "
+            "its gradient synchronisation. Compute the log-probs inside the wrapped model's forward (as "
+            "fusedrl.integrations.trl does), or use fusedrl.engine's trainer"
+        )
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def backbone_of(model: nn.Module) -> nn.Module:
     """The body of a transformers model that returns hidden states (``model.model``, ``model.transformer``,
-    ...): ``backbone_of(m)(input_ids, position_ids=..., **attn_kwargs).last_hidden_state``."""
-    for attr in ("model", "transformer"):
+    a critic's ``.backbone``, ...): ``backbone_of(m)(input_ids, position_ids=..., **attn_kwargs).last_hidden_state``."""
+    for attr in ("model", "transformer", "backbone"):
         body = getattr(model, attr, None)
         if isinstance(body, nn.Module):
             return body
@@ -171,6 +248,39 @@ def backbone_of(model: nn.Module) -> nn.Module:
         f"backbone_of needs a transformers model with a body (.model, .transformer or .base_model); got "
         f"{type(model).__name__}"
     )
+
+
+def hidden_states(model: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """``(B, T, H)`` last hidden states of the model's body: what its output head would be applied to, without
+    applying it. The one body forward of the engine and the drop-ins; ``args`` / ``kwargs`` are what the body
+    takes (``input_ids``, ``attention_mask``, ``position_ids``, and for packed input ``cu_seq_lens_q/k``,
+    ``max_length_q/k``, which need ``use_packed_attention(model)`` first)."""
+    _check_packed_ready(model, kwargs, type(model).__name__)
+    return backbone_of(unwrap(model))(*args, use_cache=False, **kwargs).last_hidden_state
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratio compares two forwards of the same weights: dropout would make it noise, not 1."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        cfg = getattr(m, "config", None)
+        if cfg is not None:
+            for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout",
+                         "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob"):  # fmt: skip
+                if isinstance(getattr(cfg, name, None), float):
+                    setattr(cfg, name, 0.0)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """HF activation (gradient) checkpointing on the outermost transformers model inside ``model``."""
+    for m in model.modules():
+        # transformers 5 renamed the method; older releases only have the gradient_ name.
+        enable = getattr(m, "activation_checkpointing_enable", None) or getattr(m, "gradient_checkpointing_enable", None)
+        if enable is not None and getattr(m, "supports_gradient_checkpointing", False):
+            enable()
+            return
+    raise ValueError(f"gradient_checkpointing=True but {type(model).__name__} holds no model that supports it")
 
 
 def _check_packed_ready(model: nn.Module, kwargs: dict, who: str) -> None:
@@ -188,12 +298,6 @@ def model_attention(model: nn.Module) -> str | None:
         if cfg is not None and hasattr(cfg, "_attn_implementation"):
             return cfg._attn_implementation
     return None
-
-
-def _hidden_states(body: nn.Module, input_ids, position_ids, attention_mask, attn_kwargs) -> torch.Tensor:
-    out = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
-               **attn_kwargs)  # fmt: skip
-    return out.last_hidden_state
 
 
 class ValueModel(nn.Module):
@@ -234,8 +338,8 @@ class ValueModel(nn.Module):
     ) -> torch.Tensor:
         """Values (B, T) float32, one per token. Packed input: pass ``position_ids`` and ``cu_seq_lens_q/k``,
         ``max_length_q/k`` after ``use_packed_attention(value_model)``."""
-        _check_packed_ready(self, attn_kwargs, "ValueModel")
-        h = _hidden_states(self.backbone, input_ids, position_ids, attention_mask, attn_kwargs)
+        h = hidden_states(self, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          **attn_kwargs)  # fmt: skip
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -310,7 +414,7 @@ def score_packed(
         max_length = int(lengths.max())  # host sync
     cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
     kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_length, max_length_k=max_length)
-    h = _hidden_states(backbone_of(reward_model), input_ids, position_ids, None, kw)  # (1, N, H)
+    h = hidden_states(reward_model, input_ids=input_ids, position_ids=position_ids, **kw)  # (1, N, H)
     last = h[0, cu[1:].long() - 1]  # (B, H)
     head = score_head_of(reward_model)
     return head(last).squeeze(-1).float()

@@ -1,27 +1,19 @@
-"""Rollout and scoring: sample responses with HF ``generate``, put them in the packed rollout buffer, and
-score the buffer with padding-free packed forwards (policy / reference log-probs, critic values,
-reward-model scores) over token-budget micro-batches.
-
-Token bookkeeping, shared with the trainer: a per-token quantity about token j of a sequence (its
-log-prob, the value of the state before it, its reward, its advantage) is stored in the buffer at
-token j's flat position. A packed forward produces it at the row *before* j, which is why every
-scatter and gather here goes through the packed batch's ``target_index`` (the flat position of the
-next token, -1 at a sequence's last token). Only response tokens carry loss and advantages.
-"""
+"""Rollout: encode the prompts, sample responses with HF ``generate`` and put prompt + response sequences in
+the packed rollout buffer (the store of record of a step: packing, the exchange between ranks, checkpoints).
+Scoring the buffer is ``fusedrl.engine.scoring``."""
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from ..kernels import linear_logprobs
-from .models import backbone_of, lm_head_of, score_packed
-from .packing import PackedBatch, RolloutBuffer, pack
-from .rewards import check_rewards
+from .packing import RolloutBuffer
+
+# Per-token float fields of the rollout buffer, each at the flat position of the token it is about.
+BUFFER_FIELDS = ("old_logp", "ref_logp", "values", "rewards", "advantages", "returns")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,117 +144,3 @@ def fill_buffer(buffer: RolloutBuffer, prompt_ids: list[list[int]], responses: l
         mask = np.zeros(len(tokens), dtype=np.uint8)
         mask[len(p) :] = 1
         buffer.append(tokens, mask)
-
-
-def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    """(B,) counts -> (B+1,) int64 offsets with a leading 0."""
-    cu = torch.zeros(len(counts) + 1, dtype=torch.long)
-    cu[1:] = counts.cumsum(0)
-    return cu
-
-
-def _count_per_sequence(positions: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-    """How many of the sorted flat ``positions`` fall in each sequence of offsets ``cu`` (B+1,)."""
-    counts = torch.zeros(len(cu) - 1, dtype=torch.long)
-    return counts.index_add_(0, torch.bucketize(positions, cu[1:], right=True), torch.ones_like(positions))
-
-
-def response_layout(buffer: RolloutBuffer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat buffer positions of every response token, sequence by sequence, (R,) int64, and the
-    matching offsets (B+1,) int64 of each sequence's response tokens within them."""
-    index = torch.from_numpy(np.asarray(buffer.response_mask())).nonzero().squeeze(1)
-    offsets = torch.from_numpy(np.asarray(buffer.offsets())).long()
-    return index, _offsets(_count_per_sequence(index, offsets))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Packed forwards
-# ----------------------------------------------------------------------------------------------------
-class MicroBatch:
-    """One packed micro-batch on the model's device: model inputs and the rows that carry a loss.
-
-    ``rows`` (M,): packed rows whose next token is a response token; ``targets`` (M,): those tokens'
-    flat buffer positions (where their per-token values live); ``labels`` (M,): their ids;
-    ``cu_rows`` (b+1,): per-sequence offsets into ``rows`` (a sequence's response rows are contiguous)."""
-
-    def __init__(self, buffer: RolloutBuffer, seq_ids: np.ndarray, device: torch.device):
-        tokens = torch.from_numpy(np.asarray(buffer.tokens())).long()
-        self.seq_ids = np.asarray(seq_ids, dtype=np.int64)  # buffer indices of the packed sequences, in order
-        pb: PackedBatch = pack(buffer.offsets(), self.seq_ids, buffer.tokens())
-        target = torch.from_numpy(pb.target_index)
-        keep = target >= 0
-        keep[keep.clone()] = torch.from_numpy(np.asarray(buffer.response_mask())).bool()[target[keep]]
-        rows = keep.nonzero().squeeze(1)
-        cu = torch.from_numpy(pb.cu_seqlens).long()
-
-        self.num_sequences = len(self.seq_ids)
-        self.num_loss_tokens = len(rows)
-        self.max_seqlen = int(pb.max_seqlen)
-        self.targets = target[rows]  # stays on the CPU: indexes the buffer's NumPy fields
-        self.rows = rows.to(device)
-        self.labels = torch.from_numpy(pb.labels)[rows].to(device)
-        self.cu_rows = _offsets(_count_per_sequence(rows, cu)).to(device=device, dtype=torch.int32)
-        self.input_ids = tokens[torch.from_numpy(pb.index)][None].to(device)  # (1, N)
-        self.position_ids = torch.from_numpy(pb.position_ids)[None].to(device)  # (1, N)
-        self.cu_seqlens = cu.to(device=device, dtype=torch.int32)  # (b+1,)
-        self.attn_kwargs = {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
-                            "max_length_q": self.max_seqlen, "max_length_k": self.max_seqlen}  # fmt: skip
-
-    def gather(self, flat: np.ndarray) -> torch.Tensor:
-        """(M,) float32 values of a buffer field at this micro-batch's target tokens, on the device."""
-        return torch.from_numpy(np.asarray(flat))[self.targets].to(self.rows.device)
-
-    def scatter(self, values: torch.Tensor, flat: np.ndarray) -> None:
-        """Write (M,) values into a buffer field (a writable numpy view) at the target tokens."""
-        torch.from_numpy(flat)[self.targets] = values.detach().float().cpu()
-
-
-def hidden_states(model, mb: MicroBatch) -> torch.Tensor:
-    """(N, H) last hidden states of the packed micro-batch, every sequence attending only to itself."""
-    out = backbone_of(model)(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **mb.attn_kwargs)
-    return out.last_hidden_state[0]
-
-
-def token_logprobs(model, mb: MicroBatch, *, temperature: float, backend: str = "auto") -> torch.Tensor:
-    """(M,) log-probs of the micro-batch's response tokens under ``model`` at ``temperature``, through the
-    fused linear log-prob op (no (N, V) logits)."""
-    h = hidden_states(model, mb)[mb.rows]
-    weight, bias = lm_head_of(model)
-    return linear_logprobs(h, weight, mb.labels, bias=bias, temperature=temperature, backend=backend)
-
-
-@torch.no_grad()
-def score_logprobs(model, micro_batches: list[MicroBatch], out: np.ndarray, *, temperature, backend="auto"):
-    """Fill ``out`` (a flat float32 buffer field) with the log-prob of every response token."""
-    with eval_mode(model):
-        for mb in micro_batches:
-            mb.scatter(token_logprobs(model, mb, temperature=temperature, backend=backend), out)
-
-
-@torch.no_grad()
-def score_values(critic, micro_batches: list[MicroBatch], out: np.ndarray) -> None:
-    """Fill ``out`` with the critic's value of the state before every response token."""
-    with eval_mode(critic):
-        for mb in micro_batches:
-            v = critic(mb.input_ids, position_ids=mb.position_ids, **mb.attn_kwargs)[0]
-            mb.scatter(v[mb.rows], out)
-
-
-@torch.no_grad()
-def score_reward_model(reward_model, micro_batches: list[MicroBatch], num_sequences: int) -> torch.Tensor:
-    """(B,) float32 reward-model scores (read at each sequence's last token), in buffer order."""
-    scores = torch.full((num_sequences,), math.nan, dtype=torch.float32)
-    with eval_mode(reward_model):
-        for mb in micro_batches:
-            s = score_packed(reward_model, mb.input_ids, mb.position_ids, mb.cu_seqlens, max_length=mb.max_seqlen)
-            scores[torch.from_numpy(mb.seq_ids)] = s.float().cpu()
-    if not bool(torch.isfinite(scores).all()):
-        bad = int((~torch.isfinite(scores)).nonzero()[0])
-        raise ValueError(f"reward model returned a non-finite score {scores[bad].item()} for sequence {bad}")
-    return scores
-
-
-def score_reward_fn(fn: Callable, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-    """(B,) float32 scores from a Python reward callable, checked for count and finiteness."""
-    rewards = fn(list(prompts), list(completions))
-    return check_rewards(rewards, len(completions), completions=completions, source="reward function")

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import logprobs
-
-IGNORE_INDEX = -100
+from fusedrl.kernels import IGNORE_INDEX, logprobs
 
 
 @dataclass(frozen=True)
@@ -56,12 +54,22 @@ def encode_demonstrations(
         )
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    rows = [p + c + [tokenizer.eos_token_id] for p, c in zip(p_ids, c_ids)]
+    return pad_right(p_ids, [c + [tokenizer.eos_token_id] for c in c_ids], pad_token_id=tokenizer.pad_token_id)
+
+
+def pad_right(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (all (B, T)) of prompt + response rows.
+
+    ``labels`` equals ``input_ids`` on response tokens and ``IGNORE_INDEX`` on prompt and padding. Right
+    padding keeps every real token at its unpadded position: the same numbers as a packed forward."""
+    rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
     T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(p_ids, rows)):
+    for i, (p, r) in enumerate(zip(prompt_ids, rows)):
         input_ids[i, : len(r)] = torch.tensor(r)
         attention_mask[i, : len(r)] = 1
         labels[i, len(p) : len(r)] = torch.tensor(r[len(p) :])

@@ -22,243 +22,39 @@ holds DTensor shards (use ``state_dict()`` or the saved model outside the traine
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
-import math
-import resource
-import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.distributed.checkpoint import state_dict as dcp_state
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from ..kernels import PPOLossConfig, linear_ppo_loss, value_loss
-from ..kernels.gae import shape_token_rewards
-from .advantages import (
-    AdaptiveKLController,
-    FixedKLController,
-    RunningMeanStd,
-    clip_rewards,
-    compute_advantages,
-)
+from fusedrl.kernels import PPOLossConfig, linear_ppo_loss, shape_token_rewards, value_loss
+
+from .advantages import AdaptiveKLController, FixedKLController, RunningMeanStd, clip_rewards, compute_advantages
 from .attention import use_packed_attention
-from .checkpoint import (
-    find_latest,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from .metrics import MetricsLogger
-from .models import ValueModel, backbone_of, lm_head_of
+from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
+from .config import PPOConfig
+from .distributed import Distributed, PolicyBody, fully_shard_policy, no_sync
+from .metrics import MetricsLogger, PhaseTimer, UpdateStats, explained_variance, peak_memory_gb
+from .models import ValueModel, disable_dropout, enable_checkpointing, logit_scale_of, output_head
 from .packing import RolloutBuffer, plan_microbatches
-from .rollout import (
+from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer, generate_responses
+from .scoring import (
     MicroBatch,
-    context_length,
-    encode_prompts,
-    fill_buffer,
-    generate_responses,
-    response_layout,
+    ResponseLayout,
     score_logprobs,
     score_reward_fn,
     score_reward_model,
     score_values,
 )
 
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
-BUFFER_FIELDS = ("old_logp", "ref_logp", "values", "rewards", "advantages", "returns")
-
-
-@dataclass
-class PPOConfig:
-    """Everything one PPO / GRPO / RLOO / REINFORCE++ run needs besides the models and the prompts."""
-
-    # --- rollout
-    prompts_per_step: int = 8
-    """Prompts drawn per step, summed over ranks; each is sampled samples_per_prompt times."""
-    samples_per_prompt: int = 4
-    """Responses sampled per prompt: the group size of grpo / rloo (>= 2 there)."""
-    max_new_tokens: int = 32
-    """Longest response; a response without EOS by then is truncated."""
-    temperature: float = 1.0
-    """Sampling temperature; scoring and the loss use the same one (scoring at T=1 would be off-policy)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1 = off)."""
-    top_k: int = 0
-    """Top-k sampling (0 = off)."""
-    generation_batch_size: int = 64
-    """Sequences per generate() call (bounds the KV cache)."""
-    # --- advantages, KL, reward processing
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"
-    """gae: critic + per-token KL reward; grpo: group-normalised; rloo: leave-one-out; reinforce++: batch-normalised."""
-    gamma: float = 1.0
-    """Discount factor."""
-    lam: float = 0.95
-    """GAE lambda."""
-    whiten_advantages: bool = True
-    """Normalise gae advantages over the batch (grpo/rloo are baselined per group, reinforce++ always whitens)."""
-    kl_coef: float = 0.05
-    """KL coefficient beta (initial value when adaptive_kl)."""
-    kl_estimator: Literal["k1", "k2", "k3", "k3+"] | None = None
-    """KL estimator; None picks k1 for the KL in the reward and k3 for the KL in the loss (k3+: loss only)."""
-    kl_in_reward: bool | None = None
-    """KL penalty in the reward (True) or in the loss (False); None: reward for gae/reinforce++, loss for grpo/rloo."""
-    adaptive_kl: bool = False
-    """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
-    kl_target: float = 6.0
-    """Target of objective/kl (mean summed KL per sequence) for the adaptive controller."""
-    kl_horizon: float = 10000.0
-    """Horizon (in samples) of the adaptive KL controller."""
-    normalize_rewards: bool = False
-    """Divide scores by a running std of all scores seen so far."""
-    reward_clip: float | None = None
-    """Clamp (normalised) scores to [-reward_clip, reward_clip]."""
-    # --- update
-    ppo_epochs: int = 1
-    """Passes over each rollout batch."""
-    num_minibatches: int = 1
-    """Optimizer steps per PPO epoch (the batch is split into this many shuffled mini-batches)."""
-    max_tokens_per_microbatch: int = 4096
-    """Token budget of one packed forward/backward (gradient accumulation covers the rest)."""
-    clip_low: float = 0.2
-    """PPO ratio clip below 1 (ratio >= 1 - clip_low)."""
-    clip_high: float = 0.2
-    """PPO ratio clip above 1 (ratio <= 1 + clip_high; 0.28 is DAPO's clip-higher)."""
-    dual_clip: float | None = None
-    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens (None = off)."""
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient."""
-    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
-    """How per-token policy losses are aggregated."""
-    value_clip: float = 0.2
-    """Clip of the value prediction around its old value."""
-    learning_rate: float = 1e-5
-    """Policy AdamW learning rate."""
-    critic_learning_rate: float = 1e-5
-    """Critic AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (policy and critic)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm (None = off)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward (HF gradient checkpointing) to save memory."""
-    backend: Literal["auto", "triton", "torch"] = "auto"
-    """Fused-op backend: auto = Triton on CUDA, PyTorch reference on CPU."""
-    fsdp: bool = False
-    """With several ranks, shard the policy with FSDP2 fully_shard (each decoder layer, then the rest) instead of DDP."""
-    # --- run
-    total_steps: int = 100
-    """PPO steps that train() runs."""
-    seed: int = 0
-    """Seed of prompt sampling, generation and mini-batch shuffling."""
-    output_dir: str | None = None
-    """Where train() writes metrics.jsonl, checkpoints and the final model (None: write nothing)."""
-    save_every: int = 0
-    """Checkpoint every this many steps (0 = only the final model)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk (0 keeps all)."""
-    tensorboard: bool = False
-    """Also log metrics to TensorBoard under output_dir/tensorboard."""
-    progress: bool = True
-    """Show a progress bar."""
-
-    def __post_init__(self):
-        def need(ok: bool, name: str, what: str):
-            if not ok:
-                raise ValueError(f"PPOConfig.{name} must be {what}, got {getattr(self, name)!r}")
-
-        def number(name):
-            v = getattr(self, name)
-            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-        def integer(name):
-            v = getattr(self, name)
-            return not isinstance(v, bool) and isinstance(v, int)
-
-        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "generation_batch_size",
-                     "ppo_epochs", "num_minibatches", "max_tokens_per_microbatch", "total_steps"):  # fmt: skip
-            need(integer(name) and getattr(self, name) >= (0 if name == "total_steps" else 1), name,
-                 "an int >= " + ("0" if name == "total_steps" else "1"))  # fmt: skip
-        for name in ("save_every", "keep_checkpoints", "top_k", "seed"):
-            need(integer(name) and getattr(self, name) >= 0, name, "an int >= 0")
-        need(number("temperature") and self.temperature > 0, "temperature", "a number > 0")
-        need(number("top_p") and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
-        for name in ("gamma", "lam"):
-            need(number(name) and 0 <= getattr(self, name) <= 1, name, "a number in [0, 1]")
-        for name in ("kl_coef", "entropy_coef", "weight_decay", "clip_low", "clip_high", "value_clip"):
-            need(number(name) and getattr(self, name) >= 0, name, "a number >= 0")
-        for name in ("learning_rate", "critic_learning_rate", "kl_target", "kl_horizon"):
-            need(number(name) and getattr(self, name) > 0, name, "a number > 0")
-        for name in ("reward_clip", "max_grad_norm"):
-            ok = getattr(self, name) is None or (number(name) and getattr(self, name) > 0)
-            need(ok, name, "None or a number > 0")
-        ok = self.dual_clip is None or (number("dual_clip") and self.dual_clip > 1)
-        need(ok, "dual_clip", "None or a number > 1")
-        need(self.advantage_estimator in ESTIMATORS, "advantage_estimator", f"one of {ESTIMATORS}")
-        need(self.kl_estimator in (None, "k1", "k2", "k3", "k3+"), "kl_estimator", "None, 'k1', 'k2', 'k3' or 'k3+'")
-        if self.kl_estimator == "k3+":
-            need(not self.kl_in_reward_resolved, "kl_estimator",
-                 "k1, k2 or k3 when the KL is in the reward (k3+ is a straight-through loss estimator)")  # fmt: skip
-        need(self.loss_agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"), "loss_agg",
-             "'token-mean', 'seq-mean-token-sum' or 'seq-mean-token-mean'")  # fmt: skip
-        need(self.backend in ("auto", "triton", "torch"), "backend", "'auto', 'triton' or 'torch'")
-        if self.advantage_estimator in ("grpo", "rloo"):
-            need(self.samples_per_prompt >= 2, "samples_per_prompt",
-                 f">= 2 for advantage_estimator={self.advantage_estimator!r} (a group of one has no baseline)")
-
-    @property
-    def kl_in_reward_resolved(self) -> bool:
-        """Where the KL penalty goes: the usual default per estimator unless kl_in_reward is set."""
-        if self.kl_in_reward is not None:
-            return self.kl_in_reward
-        return self.advantage_estimator in ("gae", "reinforce++")
-
-    @property
-    def kl_estimator_resolved(self) -> str:
-        if self.kl_estimator is not None:
-            return self.kl_estimator
-        return "k1" if self.kl_in_reward_resolved else "k3"
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratio compares two forwards of the same weights: dropout would make it noise, not 1."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        cfg = getattr(m, "config", None)
-        if cfg is not None:
-            for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout",
-                         "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob"):  # fmt: skip
-                if isinstance(getattr(cfg, name, None), float):
-                    setattr(cfg, name, 0.0)
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """HF activation (gradient) checkpointing on the outermost transformers model inside ``model``."""
-    for m in model.modules():
-        # transformers 5 renamed the method; older releases only have the gradient_ name.
-        enable = getattr(m, "activation_checkpointing_enable", None) or getattr(m, "gradient_checkpointing_enable", None)
-        if enable is not None and getattr(m, "supports_gradient_checkpointing", False):
-            enable()
-            return
-    raise ValueError(f"gradient_checkpointing=True but {type(model).__name__} holds no model that supports it")
-
-
-def _dist():
-    """(rank, world_size) from torch.distributed when it is initialised, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+__all__ = ["PPOConfig", "PPOTrainer"]
 
 
 class PPOTrainer:
@@ -281,7 +77,8 @@ class PPOTrainer:
             raise TypeError(
                 f"policy must be a transformers causal LM (an nn.Module with generate), got {type(policy).__name__}"
             )
-        self.rank, self.world_size = _dist()
+        self.dist = Distributed(next(policy.parameters()).device)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
         if cfg.prompts_per_step % self.world_size:
             raise ValueError(
                 f"PPOConfig.prompts_per_step={cfg.prompts_per_step} must be divisible by the world size "
@@ -303,6 +100,9 @@ class PPOTrainer:
         self.eos_token_id = tokenizer.eos_token_id
 
         self.policy = policy
+        # Fails now for a head the fused ops cannot express (soft-capped logits); the scale is folded into the
+        # temperature of every log-prob, so scoring and the loss see the distribution generate() samples from.
+        self.logit_scale = logit_scale_of(policy)
         disable_dropout(policy)
         use_packed_attention(policy)
         if cfg.gradient_checkpointing:
@@ -347,13 +147,13 @@ class PPOTrainer:
         # ``_policy_body`` for the update's forwards (DDP-wrapped with several ranks). With FSDP the root
         # is sharded in place (the optimizer below must see the sharded parameters) and is the body too.
         self.fsdp = cfg.fsdp and self.world_size > 1
-        self._policy_root = _PolicyBody(policy)
+        self._policy_root = PolicyBody(policy)
         if self.fsdp:
-            _fully_shard(self._policy_root)
+            fully_shard_policy(self._policy_root)
             self._policy_body = self._policy_root
         else:
-            self._policy_body = self._data_parallel(self._policy_root)
-        self._critic_body = self._data_parallel(self.critic) if self.critic is not None else None
+            self._policy_body = self.dist.data_parallel(self._policy_root)
+        self._critic_body = self.dist.data_parallel(self.critic) if self.critic is not None else None
         self.policy_optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
@@ -371,30 +171,40 @@ class PPOTrainer:
                 raise ValueError(f"{name} is on {dev} but the policy is on {self.device}: put all models on one device")
         self.reward_stats = RunningMeanStd()
         self.buffer = RolloutBuffer(fields=BUFFER_FIELDS)
-        # Every rank's rollouts, rank by rank, for the globally planned update (several ranks only).
-        self._all_rollouts = RolloutBuffer(fields=BUFFER_FIELDS) if self.world_size > 1 else self.buffer
+        self.layout: ResponseLayout | None = None  # the current step's response tokens (set by the rollout)
+        # Every rank's sequences, rank by rank, for the globally planned update (several ranks only); their
+        # per-token values travel as tensors.
+        self._all_rollouts = RolloutBuffer(fields=()) if self.world_size > 1 else self.buffer
         self.global_step = 0
+        self._skipped = 0  # optimizer steps skipped for a non-finite loss or gradient, in the current update
         self.context = context_length(policy)
 
     # ------------------------------------------------------------------------------------------------
     # The loop
     # ------------------------------------------------------------------------------------------------
-    def train(self, prompts: Sequence[str], *, resume: bool = False) -> list[dict]:
-        """Run ``config.total_steps`` steps (from the latest checkpoint in output_dir when ``resume``),
+    def train(self, prompts: Sequence[str], *, resume: bool = False, overwrite: bool = False,
+              run_config: dict | None = None) -> list[dict]:  # fmt: skip
+        """Run ``config.total_steps`` steps (from the newest intact checkpoint in output_dir when ``resume``),
         drawing each step's prompts from ``prompts`` with a sampler seeded by (seed, step). Returns the
-        metric rows; with an output_dir also writes metrics.jsonl, checkpoints and the final model."""
+        metric rows; with an output_dir also writes metrics.jsonl, checkpoints and the final model.
+
+        An output_dir that already holds a run is refused unless ``resume`` (continue it) or ``overwrite``
+        (delete that run's files first); ``run_config`` is written as output_dir/config.yaml once the directory
+        is ready, so a refused run writes nothing."""
         cfg = self.config
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty: train() needs at least one prompt")
         encode_prompts(self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, context=self.context)
         out = Path(cfg.output_dir) if cfg.output_dir is not None else None
+        if out is None and (resume or overwrite or run_config is not None):
+            raise ValueError("resume=True, overwrite=True and run_config need config.output_dir (where the run is)")
+        latest = self._prepare_output_dir(out, resume=resume, overwrite=overwrite) if out is not None else None
+        if run_config is not None and self.rank == 0:
+            import yaml
+
+            (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         if resume:
-            if out is None:
-                raise ValueError("resume=True needs config.output_dir (where the checkpoints are)")
-            latest = find_latest(out)
-            if latest is None:
-                raise FileNotFoundError(f"resume=True but {str(out)!r} holds no complete checkpoint")
             self.load_checkpoint(latest)
         else:
             # Generation draws from torch's global RNG; ranks get different streams (different responses).
@@ -431,8 +241,8 @@ class PPOTrainer:
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         """One PPO step on these prompts (this rank's share): rollout, score, advantages, update.
         Returns the step's metrics (global over ranks)."""
-        cfg = self.config
-        timer = _PhaseTimer(self.device)
+        cfg, dist = self.config, self.dist
+        timer = PhaseTimer(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -446,144 +256,118 @@ class PPOTrainer:
             )
         prompt_ids = [p for p in prompt_ids for _ in range(cfg.samples_per_prompt)]  # groups are consecutive
         prompt_texts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-        responses = self._with_policy(
+        responses = self._policy_root.run_gathered(
             generate_responses, self.policy, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             batch_size=cfg.generation_batch_size,
         )  # fmt: skip
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        fill_buffer(self.buffer, prompt_ids, responses)
+        buf = self.buffer
+        fill_buffer(buf, prompt_ids, responses)
+        self.layout = layout = ResponseLayout(buf, self.device)
         timer.lap("rollout")
 
-        # 2. Score: old / reference log-probs, values, sequence scores.
-        buf = self.buffer
+        # 2. Score: old / reference log-probs and values, (R,) tensors on the device; sequence scores (B,).
         micro = self._micro_batches(np.arange(len(buf)))
-        self._with_policy(score_logprobs, self.policy, micro, buf.field("old_logp"), temperature=cfg.temperature,
-                          backend=cfg.backend)  # fmt: skip
-        score_logprobs(self.ref_policy, micro, buf.field("ref_logp"), temperature=cfg.temperature, backend=cfg.backend)
-        if self.critic is not None:
-            score_values(self.critic, micro, buf.field("values"))
+        old_logp = self._policy_root.run_gathered(score_logprobs, self.policy, micro, layout,
+                                                  temperature=cfg.temperature, backend=cfg.backend)  # fmt: skip
+        ref_logp = score_logprobs(self.ref_policy, micro, layout, temperature=cfg.temperature, backend=cfg.backend)
+        values = score_values(self.critic, micro, layout) if self.critic is not None else None
         if self.reward_model is not None:
             raw_scores = score_reward_model(self.reward_model, micro, len(buf))
         else:
             raw_scores = score_reward_fn(self.reward_fn, prompt_texts, completions)
+        raw_scores = raw_scores.to(self.device)
         timer.lap("score")
 
-        # 3. Advantages over the response tokens (R of them; cu_resp splits them by sequence).
-        resp_index, cu_resp = response_layout(buf)
-        field = lambda name: torch.from_numpy(buf.field(name))
-        logp, ref_logp = field("old_logp")[resp_index], field("ref_logp")[resp_index]
+        # 3. Advantages, on the device: KL-shaped token rewards, then the estimator.
         scores = self._process_scores(raw_scores)
         beta = self.kl_controller.value
         in_reward = cfg.kl_in_reward_resolved
         token_rewards, _ = shape_token_rewards(
-            scores, logp, ref_logp, cu_resp, kl_coef=beta if in_reward else 0.0,
+            scores, old_logp, ref_logp, layout.cu, kl_coef=beta if in_reward else 0.0,
             estimator=cfg.kl_estimator_resolved if in_reward else "k1",  # unused: the KL is in the loss
-        )
-        values = field("values")[resp_index] if self.critic is not None else None
-        seq_rewards = torch.zeros(len(buf)).index_add_(0, _seq_of(cu_resp), token_rewards)
-        adv, returns = self._advantages(seq_rewards, token_rewards, values, cu_resp)
-        field("rewards")[resp_index] = token_rewards
-        field("advantages")[resp_index] = adv
-        if returns is not None:
-            field("returns")[resp_index] = returns
+        )  # fmt: skip
+        est = cfg.advantage_estimator
+        adv, returns = compute_advantages(
+            est, scores=layout.sequence_sum(token_rewards), cu_seqlens=layout.cu,
+            token_rewards=token_rewards if est in ("gae", "reinforce++") else None, values=values,
+            group_size=cfg.samples_per_prompt, gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages,
+            dist=dist, backend=cfg.backend,
+        )  # fmt: skip
+        per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rewards": token_rewards,
+                     "advantages": adv, "returns": returns}  # fmt: skip
+        # The buffer is the store of record (inspection, checkpoints): one device -> host copy per field.
+        for name, t in per_token.items():
+            if t is not None:
+                layout.to_buffer(buf, name, t)
         timer.lap("advantages")
 
         # 4. Update: PPO epochs over shuffled mini-batches of token-budget micro-batches.
-        update = self._update()
+        update = self._update(per_token)
         timer.lap("update")
 
         # KL per sequence (k1: sum of log-ratios), the quantity the adaptive controller steers.
-        seq_kl = torch.zeros(len(buf)).index_add_(0, _seq_of(cu_resp), (logp - ref_logp).float())
-        kl_mean = self._mean_global(seq_kl)
+        kl_mean = dist.mean(layout.sequence_sum(old_logp - ref_logp))
         self.kl_controller.update(kl_mean, len(buf) * self.world_size)
         self.global_step += 1
 
-        n_tokens = self._sum_global(float(buf.num_tokens))
-        resp_len = cu_resp.diff().float()
+        n_tokens = dist.sum(float(buf.num_tokens))
+        eos = [float(len(r) > 0 and r[-1] == self.eos_token_id) for r in responses]
         metrics = {
-            "rollout/reward_mean": self._mean_global(raw_scores),
-            "rollout/reward_std": self._std_global(raw_scores),
-            "rollout/score_mean": self._mean_global(scores),
-            "rollout/response_len": self._mean_global(resp_len),
-            "rollout/eos_frac": self._mean_global(
-                torch.tensor([float(len(r) > 0 and r[-1] == self.eos_token_id) for r in responses])
-            ),
+            "rollout/reward_mean": dist.mean(raw_scores),
+            "rollout/reward_std": dist.std(raw_scores),
+            "rollout/score_mean": dist.mean(scores),
+            "rollout/response_len": dist.mean(layout.cu.diff().float()),
+            "rollout/eos_frac": dist.mean(torch.tensor(eos)),
             "objective/kl": kl_mean,
             "objective/kl_coef": beta,
-            "objective/advantage_mean": self._mean_global(adv),
+            "objective/advantage_mean": dist.mean(adv),
             **update,
             "perf/tokens_per_s": n_tokens / max(timer.total, 1e-9),
             "perf/step_s": timer.total,
             **{f"perf/{k}_s": v for k, v in timer.laps.items()},
-            "perf/peak_mem_gb": _peak_memory_gb(self.device),
+            "perf/peak_mem_gb": peak_memory_gb(self.device),
         }
         if self.critic is not None:
-            metrics["value/explained_variance"] = _explained_variance(
-                self._gather_global(values), self._gather_global(returns)
-            )
+            metrics["value/explained_variance"] = explained_variance(dist.gather(values), dist.gather(returns))
         return metrics
 
     # ------------------------------------------------------------------------------------------------
     # Stages
     # ------------------------------------------------------------------------------------------------
-    def _plan(self, seq_ids: np.ndarray) -> list[np.ndarray]:
-        """Token-budget micro-batches (lists of buffer sequence indices) covering ``seq_ids``."""
+    def _micro_batches(self, seq_ids: np.ndarray) -> list[MicroBatch]:
+        """Token-budget micro-batches of this step's buffer covering ``seq_ids``, addressing ``self.layout``."""
         lengths = np.asarray(self.buffer.lengths())[seq_ids]
         plan = plan_microbatches(lengths, self.config.max_tokens_per_microbatch)[0]
-        return [seq_ids[np.asarray(mb, dtype=np.int64)] for mb in plan if len(mb)]
-
-    def _micro_batches(self, seq_ids: np.ndarray) -> list[MicroBatch]:
-        return [MicroBatch(self.buffer, mb, self.device) for mb in self._plan(seq_ids)]
+        return [MicroBatch(self.buffer, seq_ids[np.asarray(mb, dtype=np.int64)], self.device, self.layout)
+                for mb in plan if len(mb)]  # fmt: skip
 
     def _process_scores(self, raw: torch.Tensor) -> torch.Tensor:
         """Optional running-std normalisation, then optional clipping, of the sequence scores."""
         cfg = self.config
         scores = raw
         if cfg.normalize_rewards:
-            self.reward_stats.update(self._gather_global(raw))
+            self.reward_stats.update(self.dist.gather(raw))
             scores = self.reward_stats.normalize(scores, center=False)
         return clip_rewards(scores, cfg.reward_clip)
 
-    def _advantages(self, seq_rewards, token_rewards, values, cu_resp):
-        """compute_advantages, with batch whitening over every rank's tokens when there are several ranks."""
+    def _update(self, per_token: dict[str, torch.Tensor | None]) -> dict[str, float]:
         cfg = self.config
-        est = cfg.advantage_estimator
-        if self.world_size == 1 or est in ("grpo", "rloo"):  # groups never straddle ranks
-            return compute_advantages(
-                est, scores=seq_rewards, cu_seqlens=cu_resp,
-                token_rewards=token_rewards if est in ("gae", "reinforce++") else None, values=values,
-                group_size=cfg.samples_per_prompt, gamma=cfg.gamma, lam=cfg.lam,
-                whiten_advantages=cfg.whiten_advantages,
-            )  # fmt: skip
-        if est == "gae":
-            adv, returns = compute_advantages(
-                "gae", scores=None, cu_seqlens=cu_resp, token_rewards=token_rewards, values=values,
-                gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=False,
-            )  # fmt: skip
-            return (self._whiten_global(adv) if cfg.whiten_advantages else adv), returns
-        # reinforce++: returns-to-go (GAE with zero values and lam = 1), whitened over the global batch.
-        rtg, _ = compute_advantages("gae", scores=None, cu_seqlens=cu_resp, token_rewards=token_rewards,
-                                    values=torch.zeros_like(token_rewards), gamma=cfg.gamma, lam=1.0,
-                                    whiten_advantages=False)  # fmt: skip
-        return self._whiten_global(rtg), None
-
-    def _update(self) -> dict[str, float]:
-        cfg = self.config
-        buf = self._gather_rollouts()
-        field = buf.field
+        buf, layout, per_token = self._gather_rollouts(per_token)
         lengths = np.asarray(buf.lengths())
         loss_tokens = _loss_tokens_per_sequence(buf)
         loss_cfg = PPOLossConfig(
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
             kl_coef=0.0 if cfg.kl_in_reward_resolved else self.kl_controller.value,
             kl_estimator=cfg.kl_estimator_resolved, entropy_coef=cfg.entropy_coef,
-            temperature=cfg.temperature, agg=cfg.loss_agg,
+            temperature=cfg.temperature / self.logit_scale, agg=cfg.loss_agg,
         )  # fmt: skip
         use_ref = loss_cfg.kl_coef > 0
         # The same seed on every rank: all ranks split the global batch into the same mini-batches.
         rng = np.random.default_rng([cfg.seed, self.global_step, 1])
-        sums = _Sums()
+        stats = UpdateStats(self.dist)
+        self._skipped = 0
         for _ in range(cfg.ppo_epochs):
             for mini in np.array_split(rng.permutation(len(buf)), cfg.num_minibatches):
                 mini = np.sort(mini)
@@ -594,47 +378,56 @@ class PPOTrainer:
                 n_tok, n_seq = int(loss_tokens[mini].sum()), len(mini)
                 # A rank left without sequences still joins the gradient all-reduce, with a zero-weighted pass.
                 passes = [(ids, 1.0) for ids in mine] or [(mini[:1], 0.0)]
+                mini_losses = {"policy": [], "value": []}
                 for i, (ids, scale) in enumerate(passes):
-                    mb = MicroBatch(buf, ids, self.device)
+                    mb = MicroBatch(buf, ids, self.device, layout)
+                    take = lambda name: layout.gather(per_token[name], mb)  # noqa: E731
                     # DDP all-reduces in the backward of the step's last micro-batch only; the others accumulate.
-                    with self._no_sync(i < len(passes) - 1):
+                    with no_sync((self._policy_body, self._critic_body), i < len(passes) - 1):
                         hidden = self._policy_body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]
                         # After the forward: FSDP swaps the gathered head weight in for the shard until backward.
-                        weight, bias = lm_head_of(self.policy)
+                        weight, bias, _ = output_head(self.policy)
                         loss, m = linear_ppo_loss(
-                            hidden, weight, mb.labels, mb.gather(field("old_logp")), mb.gather(field("advantages")),
-                            bias=bias, ref_logp=mb.gather(field("ref_logp")) if use_ref else None,
-                            config=loss_cfg, cu_seqlens=mb.cu_rows, num_tokens=n_tok, num_sequences=n_seq,
-                            backend=cfg.backend,
+                            hidden, weight, mb.labels, take("old_logp"), take("advantages"), bias=bias,
+                            ref_logp=take("ref_logp") if use_ref else None, config=loss_cfg, cu_seqlens=mb.cu_rows,
+                            num_tokens=n_tok, num_sequences=n_seq, backend=cfg.backend,
                         )  # fmt: skip
                         (loss * scale).backward()
+                        mini_losses["policy"].append(loss.detach())
                         if self.critic is not None:
                             v = self._critic_body(mb.input_ids, position_ids=mb.position_ids, **mb.attn_kwargs)
                             vloss, vm = value_loss(
-                                v[0][mb.rows], mb.gather(field("values")), mb.gather(field("returns")),
-                                clip=cfg.value_clip, agg="token-mean", num_tokens=n_tok, backend=cfg.backend,
+                                v[0][mb.rows], take("values"), take("returns"), clip=cfg.value_clip,
+                                agg="token-mean", num_tokens=n_tok, backend=cfg.backend,
                             )  # fmt: skip
                             (vloss * scale).backward()
+                            mini_losses["value"].append(vloss.detach())
                     if scale == 0.0:
                         continue
                     w = mb.num_loss_tokens
-                    sums.add("loss/policy", loss.detach())
+                    stats.add("loss/policy", loss.detach())
                     for k in ("clipfrac", "approx_kl", "entropy", "kl"):
-                        sums.add_weighted(f"policy/{k}", m[k], w)
-                    sums.max("policy/ratio_max", m["ratio_max"])
+                        stats.add_weighted(f"policy/{k}", m[k], w)
+                    stats.max("policy/ratio_max", m["ratio_max"])
                     if self.critic is not None:
-                        sums.add("loss/value", vloss.detach())
-                        sums.add_weighted("value/clipfrac", vm["clipfrac"], w)
-                        sums.add_weighted("value/vpred_mean", vm["vpred_mean"], w)
-                sums.add("policy/grad_norm", self._optimizer_step(self.policy, self.policy_optimizer))
+                        stats.add("loss/value", vloss.detach())
+                        stats.add_weighted("value/clipfrac", vm["clipfrac"], w)
+                        stats.add_weighted("value/vpred_mean", vm["vpred_mean"], w)
+                policy_ok = torch.isfinite(torch.stack(mini_losses["policy"])).all()
+                stats.add("policy/grad_norm", self._optimizer_step(self.policy, self.policy_optimizer, policy_ok))
                 if self.critic is not None:
-                    sums.add("value/grad_norm", self._optimizer_step(self.critic, self.critic_optimizer))
-                sums.count_optimizer_step()
-        return sums.result(self)
+                    value_ok = torch.isfinite(torch.stack(mini_losses["value"])).all()
+                    stats.add("value/grad_norm", self._optimizer_step(self.critic, self.critic_optimizer, value_ok))
+                stats.count_optimizer_step()
+        return {**stats.result(), "train/skipped_steps": float(self._skipped)}
 
-    def _optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    def _optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_ok=True) -> torch.Tensor:
         """Clip, step, zero (gradients are already summed over ranks by DDP / FSDP). Returns the (pre-clip)
-        global gradient norm."""
+        global gradient norm.
+
+        A non-finite loss on any rank (``loss_ok`` False: a 0-dim bool tensor or a bool) or a non-finite gradient
+        norm skips the step (the weights and the optimizer state stay as they were), with a warning and
+        ``train/skipped_steps``: one bad batch must not write NaN into the weights and every later checkpoint."""
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         if self.config.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
@@ -642,121 +435,34 @@ class PPOTrainer:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         if isinstance(norm, DTensor):  # FSDP shards: the norm is already reduced over ranks
             norm = norm.full_tensor()
-        optimizer.step()
+        # Host sync, once per optimizer step: every rank must take the same decision.
+        bad = self.dist.max(float(not bool(loss_ok) or not bool(torch.isfinite(norm))))
+        if bad:
+            self._skipped += 1
+            which = "policy" if model is self.policy else "critic"
+            warnings.warn(f"step {self.global_step}: non-finite {which} loss or gradient norm ({float(norm)}); "
+                          "that optimizer step was skipped", RuntimeWarning, stacklevel=2)  # fmt: skip
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
-    # ------------------------------------------------------------------------------------------------
-    # Data parallelism
-    # ------------------------------------------------------------------------------------------------
-    def _data_parallel(self, module: nn.Module) -> nn.Module:
-        """``module`` under DistributedDataParallel with summed gradients when there are several ranks."""
+    def _gather_rollouts(self, per_token: dict) -> tuple[RolloutBuffer, ResponseLayout, dict]:
+        """Every rank's sequences (tokens, response mask) concatenated in rank order, their layout, and their
+        per-token tensors: the global batch, which a single process with all the prompts would hold in the same
+        order."""
         if self.world_size == 1:
-            return module
-        # No buffer broadcast before every forward: the only buffers are constants (rotary frequencies).
-        # Newer torch renamed the flag (the old name still works but warns).
-        params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
-        ddp = nn.parallel.DistributedDataParallel(
-            module, device_ids=[self.device] if self.device.type == "cuda" else None, **no_buffer_sync
-        )
-        ddp.register_comm_hook(None, _allreduce_sum_hook)
-        return ddp
-
-    def _with_policy(self, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)`` on the policy outside the update (generation, scoring). With FSDP the full
-        weights are gathered once for the whole call: ranks run different numbers of forwards there (their own
-        rollouts), so a per-forward all-gather would not match up across ranks."""
-        if not self.fsdp:
-            return fn(*args, **kwargs)
-        units = [m for m in self._policy_root.modules() if isinstance(m, FSDPModule)]
-        layers = [m for m in units if m is not self._policy_root]
-        for m in layers:
-            m.set_reshard_after_forward(False, recurse=False)
-        for m in units:
-            m.unshard()
-        try:
-            return self._policy_root.run(fn, *args, **kwargs)
-        finally:
-            for m in units:
-                m.reshard()
-            for m in layers:
-                m.set_reshard_after_forward(True, recurse=False)
-
-    def _no_sync(self, accumulate: bool):
-        """Inside: backward passes accumulate local gradients without the DDP all-reduce / FSDP reduce-scatter."""
-        stack = contextlib.ExitStack()
-        if accumulate and self.world_size > 1:
-            for body in (self._policy_body, self._critic_body):
-                if isinstance(body, nn.parallel.DistributedDataParallel):
-                    stack.enter_context(body.no_sync())
-                elif body is not None:
-                    body.set_requires_gradient_sync(False)
-                    stack.callback(body.set_requires_gradient_sync, True)
-        return stack
-
-    def _gather_rollouts(self) -> RolloutBuffer:
-        """Every rank's rollout buffer (tokens, response mask, fields), concatenated in rank order: the
-        global batch, which a single process with all the prompts would hold in the same order."""
-        if self.world_size == 1:
-            return self.buffer
+            return self.buffer, self.layout, per_token
         buf = self.buffer
         mine = {"lengths": np.asarray(buf.lengths()), "tokens": np.array(buf.tokens()),
-                "response_mask": np.array(buf.response_mask()),
-                "fields": {f: np.array(buf.field(f)) for f in BUFFER_FIELDS}}  # fmt: skip
-        parts = [None] * self.world_size
-        torch.distributed.all_gather_object(parts, mine)  # small CPU arrays: pickled through the process group
+                "response_mask": np.array(buf.response_mask())}  # fmt: skip
         out = self._all_rollouts
         out.clear()
-        for part in parts:
+        for part in self.dist.gather_objects(mine):  # small CPU arrays: pickled through the process group
             cuts = np.cumsum(part["lengths"])[:-1]
-            out.append_many(np.split(part["tokens"], cuts), np.split(part["response_mask"], cuts),
-                            **{f: np.split(v, cuts) for f, v in part["fields"].items()})  # fmt: skip
-        return out
-
-    # ------------------------------------------------------------------------------------------------
-    # Cross-rank reductions (identity in one process)
-    # ------------------------------------------------------------------------------------------------
-    def _sum_global(self, x: float) -> float:
-        if self.world_size == 1:
-            return float(x)
-        t = torch.tensor([float(x)], dtype=torch.float64, device=self._comm_device())
-        torch.distributed.all_reduce(t)
-        return float(t)
-
-    def _whiten_global(self, x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        """(x - mean) / sqrt(var + eps) with mean and population variance over every rank's elements."""
-        xd = x.double()
-        n = self._sum_global(float(x.numel()))
-        mean = self._sum_global(float(xd.sum())) / n
-        var = self._sum_global(float(((xd - mean) ** 2).sum())) / n
-        return ((xd - mean) / math.sqrt(var + eps)).float()
-
-    def _max_global(self, x: float) -> float:
-        if self.world_size == 1:
-            return float(x)
-        t = torch.tensor([float(x)], dtype=torch.float64, device=self._comm_device())
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return float(t)
-
-    def _gather_global(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return x
-        parts = [None] * self.world_size
-        torch.distributed.all_gather_object(parts, x.detach().cpu())
-        return torch.cat(parts)
-
-    def _mean_global(self, x: torch.Tensor) -> float:
-        x = x.detach().double().reshape(-1)
-        n = self._sum_global(float(x.numel()))
-        return self._sum_global(float(x.sum())) / n if n else math.nan
-
-    def _std_global(self, x: torch.Tensor) -> float:
-        x = self._gather_global(x.detach().double().reshape(-1))
-        return float(x.std(unbiased=False)) if x.numel() else math.nan
-
-    def _comm_device(self) -> torch.device:
-        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            out.append_many(np.split(part["tokens"], cuts), np.split(part["response_mask"], cuts))
+        layout = ResponseLayout(out, self.device)
+        return out, layout, {k: None if v is None else self.dist.gather(v) for k, v in per_token.items()}
 
     # ------------------------------------------------------------------------------------------------
     # Saving and resuming
@@ -803,14 +509,25 @@ class PPOTrainer:
         set_rng_state(state["rng"])
         self.global_step = int(state["step"])
 
+    def _prepare_output_dir(self, out: Path, *, resume: bool, overwrite: bool) -> Path | None:
+        """``prepare_run_dir`` on rank 0 (it may delete an old run); its answer, or its error, on every rank."""
+        answer = None
+        if self.rank == 0:
+            try:
+                answer = ("ok", prepare_run_dir(out, resume=resume, overwrite=overwrite))
+            except (OSError, ValueError, TypeError) as e:  # FileExistsError, FileNotFoundError, NotADirectoryError
+                answer = ("error", e)
+        kind, value = self.dist.gather_objects(answer)[0]
+        if kind == "error":
+            raise value
+        return value
+
     def save_checkpoint(self) -> Path | None:
         """``<output_dir>/ckpt-<step>``, written atomically by rank 0 (every rank holds the same weights)."""
         if self.config.output_dir is None:
             raise ValueError("save_checkpoint needs config.output_dir")
-        if self.world_size > 1:
-            # Each rank samples with its own RNG stream: rank 0 stores them all.
-            states = [None] * self.world_size
-            torch.distributed.all_gather_object(states, rng_state())
+        # Each rank samples with its own RNG stream: rank 0 stores them all.
+        states = self.dist.gather_objects(rng_state())
         state = self.state_dict()
         if self.world_size > 1:
             state["rng_per_rank"] = states
@@ -818,8 +535,7 @@ class PPOTrainer:
         if self.rank == 0:
             path = save_checkpoint(self.config.output_dir, self.global_step, state,
                                    keep_last=self.config.keep_checkpoints)  # fmt: skip
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        self.dist.barrier()
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -857,6 +573,7 @@ class PPOTrainer:
             self.critic.save_pretrained(out / "critic")
 
 
+
 # Settings a resumed run may legitimately change (run length, logging, where to save).
 _RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorboard", "progress", "output_dir"}
 
@@ -864,60 +581,6 @@ _RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorbo
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------
-def _seq_of(cu: torch.Tensor) -> torch.Tensor:
-    """(R,) sequence index of every packed token, from (B+1,) offsets."""
-    return torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff())
-
-
-class _PolicyBody(nn.Module):
-    """The policy's forward as the fused loss needs it: packed hidden states (1, N, H), not logits.
-
-    It holds the whole policy, so its parameters (what DDP reduces) include the lm_head that the fused loss
-    applies outside this forward: the head's gradient comes from the same backward, so DDP's per-parameter
-    hook fires for it as for any other and it is all-reduced with the rest."""
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, input_ids, position_ids, **attn_kwargs):  # (1, N), (1, N) -> (1, N, H)
-        body = backbone_of(self.policy)
-        return body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **attn_kwargs).last_hidden_state
-
-    def run(self, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)``: generation or scoring, which use the policy outside ``forward``; with FSDP it
-        runs under the root's forward hooks (``_fully_shard`` registers it as a forward method)."""
-        return fn(*args, **kwargs)
-
-
-def _fully_shard(body: _PolicyBody) -> None:
-    """FSDP2 in place: each decoder layer is its own unit, the root holds the rest (embeddings, final norm, head).
-    Gradients are summed over ranks like DDP's here (the losses already have the global denominator)."""
-    layers = [m for child in backbone_of(body.policy).children() if isinstance(child, nn.ModuleList) for m in child]
-    if not layers:
-        raise ValueError(f"PPOConfig.fsdp=True needs a policy whose body has its decoder layers in an nn.ModuleList; "
-                         f"{type(body.policy).__name__} has none")  # fmt: skip
-    for layer in layers:
-        fully_shard(layer)
-    # The root (embeddings, norm, head) stays gathered after its forward: the fused loss reads the head weight
-    # after the forward returns.
-    fully_shard(body, reshard_after_forward=False)
-    # Root hooks around run() too, so that the first call (generation) makes the body the FSDP root.
-    register_fsdp_forward_method(body, "run")
-    for m in body.modules():
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
-
-
-def _allreduce_sum_hook(process_group, bucket):
-    """DDP communication hook: sum gradients over ranks (DDP's default averages). Each rank's loss is
-    already divided by the global token count, so the sum is the full-batch gradient."""
-    group = process_group if process_group is not None else torch.distributed.group.WORLD
-    work = torch.distributed.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
-
-
 def _loss_tokens_per_sequence(buf: RolloutBuffer) -> np.ndarray:
     """(n,) int64 tokens carrying a loss per sequence: response tokens after the first position (a packed row
     predicts the next token, so a sequence's first token is never a target; ``MicroBatch.num_loss_tokens``)."""
@@ -925,77 +588,3 @@ def _loss_tokens_per_sequence(buf: RolloutBuffer) -> np.ndarray:
     mask = np.asarray(buf.response_mask()).astype(np.int64)
     mask[offsets[:-1]] = 0
     return np.add.reduceat(mask, offsets[:-1]) if len(offsets) > 1 else np.zeros(0, dtype=np.int64)
-
-
-def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 no better than a constant."""
-    var = returns.var(unbiased=False)
-    if var <= 0:
-        return math.nan
-    return float(1.0 - (returns - values).var(unbiased=False) / var)
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # ru_maxrss: the process's resident-set peak (kilobytes on Linux, bytes on macOS).
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-class _PhaseTimer:
-    """Wall time per phase of a step; on CUDA each lap synchronises so the time lands in its phase."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.laps: dict[str, float] = {}
-        self.t0 = self.last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # host sync: once per phase, for honest phase times
-        now = time.perf_counter()
-        self.laps[name] = now - self.last
-        self.last = now
-
-    @property
-    def total(self) -> float:
-        return self.last - self.t0
-
-
-class _Sums:
-    """Accumulates update metrics without a host sync per micro-batch: device tensors (or floats) are
-    summed, token-weighted or maxed as they come and read once, in ``result``."""
-
-    def __init__(self):
-        self.sum: dict = {}
-        self.wsum: dict = {}
-        self.maxes: dict = {}
-        self.steps = 0
-
-    def add(self, k, v):
-        self.sum[k] = self.sum.get(k, 0.0) + v
-
-    def add_weighted(self, k, v, w: float):
-        s, n = self.wsum.get(k, (0.0, 0.0))
-        self.wsum[k] = (s + v * w, n + w)
-
-    def max(self, k, v):
-        self.maxes[k] = v if k not in self.maxes else torch.maximum(torch.as_tensor(self.maxes[k]), v)
-
-    def count_optimizer_step(self):
-        self.steps += 1
-
-    def result(self, trainer: PPOTrainer) -> dict[str, float]:
-        out = {}
-        n = max(self.steps, 1)
-        for k, v in self.sum.items():
-            # Losses: each optimizer step's rank-local sum of micro-batch losses is its share of the
-            # global loss; summed over ranks it is the full mini-batch loss, averaged over optimizer steps.
-            v = float(v)  # host sync: once per metric per step
-            out[k] = (trainer._sum_global(v) if k.startswith("loss/") else v) / n
-        for k, (s, w) in self.wsum.items():
-            out[k] = trainer._sum_global(float(s)) / max(trainer._sum_global(w), 1e-12)
-        for k, v in self.maxes.items():
-            out[k] = trainer._max_global(float(v))
-        return out

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from fusedrl.engine import cli
+from fusedrl.engine.config import field_docs
 from fusedrl.engine.metrics import read_metrics
 from fusedrl.engine.rewards import check_rewards, count_token, load_reward_fn
 from fusedrl.engine.trainer import PPOConfig
@@ -18,13 +19,13 @@ from fusedrl.engine.trainer import PPOConfig
 def test_every_config_field_is_a_documented_flag():
     parser = cli.build_train_parser()
     help_text = parser.format_help()
-    docs = cli.field_docs(PPOConfig)
+    docs = field_docs(PPOConfig)
     for f in dataclasses.fields(PPOConfig):
         flag = "--" + f.name.replace("_", "-")
         assert flag in help_text, flag
         assert docs.get(f.name), f"PPOConfig.{f.name} has no docstring"
     assert "{gae,grpo,rloo,reinforce++}" in help_text
-    assert set(cli.field_docs(cli.TrainArgs)) == {f.name for f in dataclasses.fields(cli.TrainArgs)}
+    assert set(field_docs(cli.TrainArgs)) == {f.name for f in dataclasses.fields(cli.TrainArgs)}
 
 
 def test_flags_yaml_and_precedence(tmp_path):

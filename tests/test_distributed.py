@@ -67,23 +67,23 @@ def run(case):
     micro_batch, update, optimizer_step = T.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step
 
     class RecordingMicroBatch(micro_batch):
-        def __init__(self, buffer, seq_ids, device):
-            super().__init__(buffer, seq_ids, device)
+        def __init__(self, buffer, seq_ids, device, *layout):
+            super().__init__(buffer, seq_ids, device, *layout)
             if updating[0]:
                 current.append((self.seq_ids.tolist(), int(self.input_ids.shape[1])))
 
-    def recording_update(self):
+    def recording_update(self, *args):
         updating[0] = True
         try:
-            return update(self)
+            return update(self, *args)
         finally:
             updating[0] = False
 
-    def recording_step(self, model, optimizer):
+    def recording_step(self, model, optimizer, *args):
         if model is self.policy:
             steps.append(current[:])
             current.clear()
-        return optimizer_step(self, model, optimizer)
+        return optimizer_step(self, model, optimizer, *args)
 
     def recording_clip(params, max_norm, *a, **k):
         # The trainer clips right after summing gradients over ranks: record what the optimizer will see.
@@ -200,10 +200,16 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             assert len(one["steps"]) == steps
             assert len(one["grads"]) == len(two[case]["grads"]) == steps * (2 if "gae" in case else 1)
             assert case != "gae-fsdp" or isinstance(two[case]["policy"]["lm_head.weight"], torch.Tensor)
+            per_step = 2 if "gae" in case else 1
             for which, (g1, g2) in enumerate(zip(one["grads"], two[case]["grads"])):
                 assert len(g1) == len(g2)
+                # The first optimizer step sees identical weights: its gradients agree to rounding. Later
+                # mini-batches see weights after an Adam step, which amplifies last-bit gradient differences
+                # where |g| ~ eps (see the weight bound below): their bound is a fraction of the gradient scale.
+                later = which >= per_step
                 for i, (a, b) in enumerate(zip(g1, g2)):
-                    assert_close(b, a, atol=1e-7, rtol=1e-4, name=f"{case} grads[{which}][{i}]")
+                    atol = 1e-3 * float(a.abs().max()) if later else 1e-7
+                    assert_close(b, a, atol=max(atol, 1e-7), rtol=1e-4, name=f"{case} grads[{which}][{i}]")
             # And the weights after the step. Adam's first step is lr * g / (|g| + eps): where |g| is near
             # eps, last-bit differences in g show, so the bound is a small fraction of lr (1e-3).
             for name in ("policy", "critic"):

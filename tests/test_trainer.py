@@ -247,3 +247,120 @@ def test_bad_construction(tok):
         PPOConfig(advantage_estimator="gae", kl_estimator="k3+")
     with pytest.raises(ValueError, match="max_tokens_per_microbatch"):
         make(tok, max_tokens_per_microbatch=5).step(PROMPTS[:1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages on the training device, logit scales, non-finite updates
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("estimator", ["gae", "reinforce++"])
+def test_advantages_run_on_the_training_device_through_the_gae_kernel(tok, device, estimator, monkeypatch):
+    """The advantage stage gets (R,) tensors on the policy's device and runs fusedrl.kernels.gae with the
+    trainer's backend: the Triton kernel (under the interpreter on CPU with backend='triton', compiled with
+    'auto' on CUDA), never a CPU detour."""
+    import sys
+
+    gae_module = sys.modules["fusedrl.kernels.gae"]
+    seen = []
+    real_triton = gae_module._gae_triton
+
+    def spy(rewards, values, cu_seqlens, *args):
+        seen.append((rewards.device, values.device, cu_seqlens.device))
+        return real_triton(rewards, values, cu_seqlens, *args)
+
+    monkeypatch.setattr(gae_module, "_gae_triton", spy)
+    backend = "triton" if device.type == "cpu" else "auto"
+    cfg = PPOConfig(**{**SMALL, "advantage_estimator": estimator, "backend": backend})
+    policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0).to(device)
+    tr = PPOTrainer(policy, tok, distinct_chars, cfg)
+    torch.manual_seed(7)
+    m = tr.step(PROMPTS[:2])
+    assert seen, "the Triton GAE kernel did not run inside the trainer"
+    assert all(d.type == device.type for devs in seen for d in devs), seen
+    assert tr.layout.cu.device.type == device.type
+    assert math.isfinite(m["objective/advantage_mean"])
+
+
+def _granite(tok, scaling: float):
+    import transformers
+
+    cfg = transformers.GraniteConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     logits_scaling=scaling, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers.GraniteForCausalLM(cfg).eval()
+
+
+def test_logit_scale_reaches_scoring_and_the_loss(tok, monkeypatch):
+    """Granite divides its logits by logits_scaling before generate() samples: the engine's old/ref log-probs
+    and the loss must score that same distribution (temperature / scale in the fused head), not the bare head."""
+    T = 0.8
+    policy = _granite(tok, 4.0)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    seen = []
+    real = trainer_mod.linear_ppo_loss
+
+    def spy(hidden, weight, labels, old_logp, advantages, *a, **kw):
+        new = linear_logprobs(hidden.detach(), weight.detach(), labels, temperature=kw["config"].temperature)
+        seen.append((new - old_logp).abs().max().item())
+        return real(hidden, weight, labels, old_logp, advantages, *a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    tr = PPOTrainer(policy, tok, distinct_chars, PPOConfig(**{**SMALL, "temperature": T}))
+    assert tr.logit_scale == 0.25
+    torch.manual_seed(8)
+    m = tr.step(PROMPTS[:2])
+    plain = _granite(tok, 4.0)
+    plain.load_state_dict(before)
+    buf = tr.buffer
+    offsets, tokens, resp, old_logp = buf.offsets(), buf.tokens(), buf.response_mask(), buf.field("old_logp")
+    for i in range(len(buf)):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        ids = torch.from_numpy(np.asarray(tokens[a:b])).long()[None]
+        with torch.no_grad():
+            logits = plain(ids).logits[0].double() / T  # transformers applies logits_scaling in forward
+        lp = torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)
+        r = torch.from_numpy(np.asarray(resp[a + 1 : b])).bool()
+        assert_close(torch.from_numpy(old_logp[a + 1 : b])[r], lp[r], atol=2e-5, name=f"old_logp seq {i}")
+    assert seen and max(seen) < 1e-5, seen  # the loss's new log-probs use the same temperature / scale
+    assert abs(m["policy/ratio_max"] - 1.0) < 1e-5
+
+
+def test_non_finite_loss_skips_the_optimizer_step(tok, monkeypatch, tmp_path):
+    """A NaN loss on one mini-batch skips that optimizer step (weights and Adam state untouched, a warning, a
+    metric); the next mini-batch trains and the checkpoint holds finite weights."""
+    real = trainer_mod.linear_ppo_loss
+    calls = []
+
+    def nan_first(*a, **kw):
+        loss, m = real(*a, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 1 else loss), m
+
+    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", nan_first)
+    tr = make(tok, advantage_estimator="grpo", num_minibatches=2, output_dir=str(tmp_path / "run"))
+    before = params(tr.policy)
+    torch.manual_seed(9)
+    with pytest.warns(RuntimeWarning, match="step 0: non-finite policy loss.*skipped"):
+        m = tr.step(PROMPTS[:2])
+    assert m["train/skipped_steps"] == 1.0
+    after = params(tr.policy)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(v, before[k]) for k, v in after.items()), "the second mini-batch must still train"
+    tr.save_checkpoint()  # refuses non-finite weights: would raise had the NaN step gone through
+    assert (tmp_path / "run" / "ckpt-1").is_dir()
+
+
+def test_fresh_run_into_an_existing_run_is_refused(tok, tmp_path):
+    out = tmp_path / "run"
+    tr = make(tok, advantage_estimator="grpo", total_steps=1, save_every=1, output_dir=str(out))
+    tr.train(PROMPTS[:2])
+    files = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FileExistsError, match="already holds a run.*--resume.*--overwrite"):
+        make(tok, advantage_estimator="grpo", total_steps=1, output_dir=str(out)).train(PROMPTS[:2])
+    assert sorted(p.name for p in out.iterdir()) == files
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        make(tok, total_steps=1, output_dir=str(tmp_path / "empty")).train(PROMPTS[:2], resume=True)
+    assert not (tmp_path / "empty").exists()
+    rows = make(tok, advantage_estimator="grpo", total_steps=1, output_dir=str(out)).train(PROMPTS[:2], overwrite=True)
+    assert len(rows) == 1 and not (out / "ckpt-1").exists()

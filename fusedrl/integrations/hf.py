@@ -14,102 +14,28 @@ temperature; tanh soft-capping (Gemma 2/3 ``final_logit_softcapping``) is not li
 """
 from __future__ import annotations
 
-import math
 import numbers
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from ..engine.models import backbone_of, lm_head_of
-from ..kernels import linear_logprobs
-from ..kernels._utils import BACKENDS, check_int, check_labels_in_range
+from fusedrl.engine.models import hidden_states, logit_scale_of, output_head, unwrap
+from fusedrl.kernels import BACKENDS, IGNORE_INDEX, check_int, check_labels_in_range, linear_logprobs
 
-IGNORE_INDEX = -100
-
-# Config fields that multiply the logits after the lm_head projection.
-_MULTIPLIERS = ("logit_scale", "output_multiplier", "lm_head_multiplier")
-# Model types whose ``logits_scaling`` multiplies the logits; every other model (the Granite family) divides.
-_LOGITS_SCALING_MULTIPLIES = ("hyperclovax",)
-
-
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    if config is None:
-        raise TypeError(f"model must be a transformers model with a .config, got {type(model).__name__}")
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
-def logit_scale_of(model: nn.Module) -> float:
-    """The constant ``s`` in ``logits = s * lm_head(h)`` read from the model's config (1.0 for most models).
-
-    Raises ValueError for tanh soft-capping, which no fused linear head can reproduce, and for a scale that
-    is not a positive finite number (a temperature cannot absorb it)."""
-    cfg = _text_config(model)
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap is not None:
-        raise ValueError(
-            f"{type(model).__name__} soft-caps its logits (config.final_logit_softcapping={cap}: "
-            "logits = cap * tanh(logits / cap)), which the fused linear lm_head does not compute; score this model "
-            "from its own logits instead (fusedrl.kernels.logprobs(model(...).logits, labels))"
-        )
-    scale = 1.0
-    for name in _MULTIPLIERS:
-        value = getattr(cfg, name, None)
-        if value is not None:
-            scale *= float(value)
-    value = getattr(cfg, "logits_scaling", None)
-    if value is not None:
-        value = float(value)
-        if getattr(cfg, "model_type", None) in _LOGITS_SCALING_MULTIPLIES:
-            scale *= value
-        else:
-            scale = scale / value if value != 0 else float("inf")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(
-            f"{type(model).__name__}'s config scales its logits by {scale!r}; the fused lm_head folds the scale into "
-            "the temperature and needs a positive finite number"
-        )
-    return scale
-
-
-def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """``(weight (V, H), bias (V,) or None, scale)`` such that the model's logits are ``scale * (h W^T + b)``.
-
-    TypeError when the output head is not a plain ``nn.Linear``; ValueError for soft-capped logits. A head
-    sharded as a DTensor (FSDP2) is gathered whole, as the fused op reads the full weight."""
-    weight, bias = lm_head_of(model)
-    scale = logit_scale_of(model)
-    if callable(getattr(weight, "full_tensor", None)):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if bias is not None else None
-    return weight, bias, scale
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model to read the body and the head from: a PEFT wrapper's base model (its adapters
-    stay injected in the layers). A DistributedDataParallel wrapper is refused: calling the body directly would
-    skip its forward, and with it the gradient all-reduce bookkeeping."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise TypeError(
-            "model is wrapped in DistributedDataParallel: calling its body directly would bypass DDP's forward and "
-            "its gradient synchronisation. Compute the log-probs inside the wrapped model's forward (as "
-            "fusedrl.integrations.trl does), or use fusedrl.engine's trainer"
-        )
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
+__all__ = [
+    "fused_head_logprobs", "head_compute_dtype", "last_hidden_state", "logit_scale_of", "logprobs_from_model",
+    "output_head", "unwrap",
+]
 
 
 def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       **model_kwargs) -> torch.Tensor:  # fmt: skip
     """The body's output ``(B, T, H)``: what the lm_head would be applied to, without applying it."""
-    body = backbone_of(unwrap(model))
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
-    return out.last_hidden_state
+    return hidden_states(model, input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, head_fp32: bool) -> torch.dtype:
+def head_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, head_fp32: bool) -> torch.dtype:
     """The dtype the lm_head matmuls run in: what ``F.linear`` on this model would use."""
     if head_fp32:
         return torch.float32
@@ -145,7 +71,7 @@ def fused_head_logprobs(
     # Only labelled positions reach the head: a prompt or padding token costs no lm_head FLOPs. (The boolean
     # index is one host sync on GPU.)
     h = hidden.to(weight.device)[valid]  # (n, H)
-    dtype = _compute_dtype(h, weight, head_fp32)
+    dtype = head_compute_dtype(h, weight, head_fp32)
     # Autocast off: the fused op's matmuls must run in the dtype chosen above, not be recast chunk by chunk.
     no_autocast = torch.autocast(h.device.type, enabled=False) if h.device.type in ("cuda", "cpu") else nullcontext()
     with no_autocast:

@@ -41,10 +41,9 @@ try:
 except ImportError as e:  # pragma: no cover - trl is in the [test] / [bench] extras
     raise ImportError("fusedrl.integrations.trl needs TRL: pip install trl") from e
 
-from ..engine.models import backbone_of
-from ..kernels import PPOLossConfig, linear_ppo_loss
-from ..kernels._utils import BACKENDS
-from .hf import IGNORE_INDEX, _compute_dtype, fused_head_logprobs, output_head, unwrap
+from fusedrl.engine.models import hidden_states, output_head, unwrap
+from fusedrl.integrations.hf import head_compute_dtype, fused_head_logprobs
+from fusedrl.kernels import BACKENDS, IGNORE_INDEX, PPOLossConfig, linear_ppo_loss
 
 # loss_type values whose per-token loss is the PPO clipped surrogate, and the fusedrl aggregation that gives
 # TRL's normalisation (the global denominators are passed explicitly, see FusedGRPOTrainer._aggregation).
@@ -63,7 +62,7 @@ def _grpo_loss_forward(model, args, kwargs, spec: dict, *, head_fp32: bool, back
     """The fused GRPO loss of one micro-batch: body, then ``linear_ppo_loss`` on the completion tokens packed
     back to back. Returns ``{"loss": 0-dim, "metrics": {...}}``."""
     labels = spec["labels"]  # (B, C) completion tokens, -100 where the loss mask is 0
-    hidden = backbone_of(model)(*args, use_cache=False, **kwargs).last_hidden_state  # (B, L, H)
+    hidden = hidden_states(model, *args, **kwargs)  # (B, L, H)
     C = labels.shape[1]
     if hidden.shape[1] <= C:
         raise ValueError(
@@ -80,7 +79,7 @@ def _grpo_loss_forward(model, args, kwargs, spec: dict, *, head_fp32: bool, back
     per_token = {k: None if spec[k] is None else spec[k].to(weight.device)[valid]
                  for k in ("old_logp", "advantages", "ref_logp")}  # fmt: skip
     h = hidden[valid]  # (n, H)
-    dtype = _compute_dtype(h, weight, head_fp32)
+    dtype = head_compute_dtype(h, weight, head_fp32)
     config = dataclasses.replace(spec["config"], temperature=spec["config"].temperature / scale)
     with torch.autocast(h.device.type, enabled=False):
         loss, metrics = linear_ppo_loss(
@@ -112,7 +111,7 @@ def patch_forward(model, *, temperature: float, head_fp32: bool = False, entropy
         if not fused_lm_head or router or (labels is None and shift_labels is None):
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                num_items_in_batch=num_items_in_batch, **kwargs)  # fmt: skip
-        hidden = backbone_of(self)(*args, use_cache=False, **kwargs).last_hidden_state
+        hidden = hidden_states(self, *args, **kwargs)
         if shift_labels is None:  # position t predicts labels[:, t + 1]
             hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
         out = fused_head_logprobs(self, hidden, shift_labels, temperature=temperature, return_entropy=entropy,
