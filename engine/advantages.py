@@ -16,6 +16,10 @@ from fusedrl.kernels import check_cu_seqlens, check_float, gae
 from .distributed import Distributed
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
+# Baselined within groups of samples of one prompt (need group_size >= 2; never whitened over the batch).
+GROUP_ESTIMATORS = ("grpo", "rloo")
+# Built from per-token rewards (so a KL penalty in the reward reaches them token by token).
+TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce++")
 
 
 # ----------------------------------------------------------------------------------------------------

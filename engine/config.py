@@ -22,7 +22,7 @@ from typing import Literal
 
 from fusedrl.kernels import AGG_MODES, BACKENDS, KL_ESTIMATORS, REWARD_KL_ESTIMATORS
 
-from .advantages import ADVANTAGE_ESTIMATORS
+from .advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, TOKEN_REWARD_ESTIMATORS
 
 
 @dataclass
@@ -157,7 +157,7 @@ class PPOConfig:
                  f"one of {REWARD_KL_ESTIMATORS} when the KL is in the reward (k3+ is a straight-through loss estimator)")
         need(self.loss_agg in AGG_MODES, "loss_agg", f"one of {AGG_MODES}")
         need(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
-        if self.advantage_estimator in ("grpo", "rloo"):
+        if self.advantage_estimator in GROUP_ESTIMATORS:
             need(self.samples_per_prompt >= 2, "samples_per_prompt",
                  f">= 2 for advantage_estimator={self.advantage_estimator!r} (a group of one has no baseline)")
 
@@ -166,7 +166,7 @@ class PPOConfig:
         """Where the KL penalty goes: the usual default per estimator unless kl_in_reward is set."""
         if self.kl_in_reward is not None:
             return self.kl_in_reward
-        return self.advantage_estimator in ("gae", "reinforce++")
+        return self.advantage_estimator in TOKEN_REWARD_ESTIMATORS
 
     @property
     def kl_estimator_resolved(self) -> str:

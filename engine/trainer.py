@@ -36,7 +36,14 @@ from torch.distributed.tensor import DTensor
 
 from fusedrl.kernels import PPOLossConfig, linear_ppo_loss, shape_token_rewards, value_loss
 
-from .advantages import AdaptiveKLController, FixedKLController, RunningMeanStd, clip_rewards, compute_advantages
+from .advantages import (
+    TOKEN_REWARD_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMeanStd,
+    clip_rewards,
+    compute_advantages,
+)
 from .attention import use_packed_attention
 from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
 from .config import PPOConfig
@@ -291,7 +298,7 @@ class PPOTrainer:
         est = cfg.advantage_estimator
         adv, returns = compute_advantages(
             est, scores=layout.sequence_sum(token_rewards), cu_seqlens=layout.cu,
-            token_rewards=token_rewards if est in ("gae", "reinforce++") else None, values=values,
+            token_rewards=token_rewards if est in TOKEN_REWARD_ESTIMATORS else None, values=values,
             group_size=cfg.samples_per_prompt, gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages,
             dist=dist, backend=cfg.backend,
         )  # fmt: skip
