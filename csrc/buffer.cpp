@@ -6,12 +6,14 @@
 // to the block it was taken from, so a view never dangles: after the buffer reallocates (an append past
 // capacity) an old view keeps the old memory alive and simply stops aliasing the buffer. That is why the
 // documented contract is "valid until the next append" rather than "undefined after the next append".
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <pybind11/stl.h>
+#include <unordered_map>
 
 #include "rollout.h"
 
@@ -52,6 +54,12 @@ class Column {
         cap_ = cap;
     }
 
+    // [begin, end) of this column's memory.
+    std::pair<uintptr_t, uintptr_t> extent() const {
+        const auto begin = reinterpret_cast<uintptr_t>(block_->data);
+        return {begin, begin + itemsize_ * static_cast<size_t>(cap_)};
+    }
+
     // A writable view of the first n elements that keeps this block alive.
     py::array view(const py::dtype& dt, int64_t n) const {
         auto* ref = new std::shared_ptr<Block>(block_);
@@ -85,8 +93,8 @@ void visit_int(const py::array& a, F&& f) {
 }
 
 template <typename T>
-const T& at(const py::array& a, int64_t i) {
-    return *reinterpret_cast<const T*>(static_cast<const char*>(a.data()) + i * a.strides(0));
+T at(const py::array& a, int64_t i) {
+    return load<T>(static_cast<const char*>(a.data()) + i * a.strides(0));
 }
 
 // One validated sequence, ready to be written. Validation reads everything first so that a bad argument
@@ -94,7 +102,9 @@ const T& at(const py::array& a, int64_t i) {
 struct Pending {
     py::array tokens;
     py::array mask;
-    std::vector<py::array> fields;  // one per buffer field; a default-constructed (null) array = zero-fill
+    std::vector<py::array> fields;  // one per buffer field, meaningful where `given`
+    // Not "fields[f] is null": a default-constructed py::array is a real 0-element float64 array.
+    std::vector<bool> given;        // false: the field was omitted and is zero-filled
     int64_t length = 0;
 };
 
@@ -102,8 +112,8 @@ struct Pending {
 
 class RolloutBuffer {
    public:
-    RolloutBuffer(std::vector<std::string> fields, const py::object& token_dtype)
-        : names_(std::move(fields)),
+    RolloutBuffer(py::handle fields, const py::object& token_dtype)
+        : names_(parse_fields(fields)),
           token_dtype_(parse_token_dtype(token_dtype)),
           tok64_(token_dtype_.itemsize() == 8),
           tokens_(token_dtype_.itemsize(), kInitialTokens),
@@ -116,14 +126,12 @@ class RolloutBuffer {
             if (f == "tokens" || f == "response_mask") {
                 throw py::value_error("fields must not be named '" + f + "' (that name is reserved for the buffer's own column)");
             }
-            for (size_t j = 0; j < i; ++j) {
-                if (names_[j] == f) throw py::value_error("fields must be unique, got '" + f + "' twice");
-            }
+            if (!index_.emplace(f, i).second) throw py::value_error("fields must be unique, got '" + f + "' twice");
             fields_.emplace_back(sizeof(float), kInitialTokens);
         }
     }
 
-    int64_t append(py::handle tokens, py::handle mask, const py::dict& fields) {
+    int64_t append(py::handle tokens, py::handle mask, py::handle fields) {
         std::vector<py::object> given = field_args(fields, -1);
         Pending p = check("tokens", "response_mask", "", tokens, mask, given);
         reserve(1, p.length);
@@ -131,15 +139,9 @@ class RolloutBuffer {
         return n_ - 1;
     }
 
-    void append_many(py::handle tokens, py::handle masks, const py::dict& fields) {
-        if (!py::isinstance<py::sequence>(tokens) || py::isinstance<py::str>(tokens)) {
-            throw py::type_error("tokens must be a sequence of 1-D arrays, got " + type_name(tokens));
-        }
-        if (!py::isinstance<py::sequence>(masks) || py::isinstance<py::str>(masks)) {
-            throw py::type_error("response_masks must be a sequence of 1-D arrays, got " + type_name(masks));
-        }
-        auto tok_seq = py::reinterpret_borrow<py::sequence>(tokens);
-        auto mask_seq = py::reinterpret_borrow<py::sequence>(masks);
+    void append_many(py::handle tokens, py::handle masks, py::handle fields) {
+        const py::list tok_seq = as_list("tokens", tokens);
+        const py::list mask_seq = as_list("response_masks", masks);
         const int64_t count = static_cast<int64_t>(tok_seq.size());
         if (static_cast<int64_t>(mask_seq.size()) != count) {
             throw py::value_error("response_masks must hold one mask per sequence: " + std::to_string(count) +
@@ -153,7 +155,7 @@ class RolloutBuffer {
             const std::string idx = "[" + std::to_string(s) + "]";
             std::vector<py::object> given(names_.size(), py::none());
             for (size_t f = 0; f < names_.size(); ++f) {
-                if (!lists[f].is_none()) given[f] = py::reinterpret_borrow<py::sequence>(lists[f])[static_cast<size_t>(s)];
+                if (!lists[f].is_none()) given[f] = py::reinterpret_borrow<py::list>(lists[f])[static_cast<size_t>(s)];
             }
             pending.push_back(check("tokens" + idx, "response_masks" + idx, idx, tok_seq[static_cast<size_t>(s)],
                                     mask_seq[static_cast<size_t>(s)], given));
@@ -166,11 +168,24 @@ class RolloutBuffer {
     int64_t size() const { return n_; }
     int64_t num_tokens() const { return ntok_; }
 
-    py::dict get(int64_t i) const {
-        if (i < -n_ || i >= n_) {
-            throw py::index_error("sequence index " + std::to_string(i) + " is out of range for a buffer of " +
-                                  std::to_string(n_) + " sequences");
+    py::dict get(py::handle index) const {
+        auto out_of_range = [&](const std::string& i) {
+            return py::index_error("sequence index " + i + " is out of range for a buffer of " + std::to_string(n_) +
+                                   " sequences");
+        };
+        if (PyBool_Check(index.ptr()) || !PyIndex_Check(index.ptr())) {
+            throw py::type_error("i must be an integer, got " + py::repr(index).cast<std::string>() + " (" +
+                                 type_name(index) + ")");
         }
+        py::object v = py::reinterpret_steal<py::object>(PyNumber_Index(index.ptr()));
+        if (!v) {  // e.g. a NumPy array of several values
+            PyErr_Clear();
+            throw py::type_error("i must be an integer, got " + py::repr(index).cast<std::string>());
+        }
+        int overflow = 0;
+        int64_t i = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+        if (overflow == 0 && i == -1 && PyErr_Occurred()) throw py::error_already_set();
+        if (overflow != 0 || i < -n_ || i >= n_) throw out_of_range(py::repr(v).cast<std::string>());
         if (i < 0) i += n_;
         const int64_t start = offsets_[i];
         const int64_t len = offsets_[i + 1] - start;
@@ -206,8 +221,9 @@ class RolloutBuffer {
     py::array tokens() const { return tokens_.view(token_dtype_, ntok_); }
     py::array response_mask() const { return mask_.view(py::dtype::of<bool>(), ntok_); }
 
-    py::array field(const std::string& name) const {
-        return fields_[field_index(name)].view(py::dtype::of<float>(), ntok_);
+    py::array field(py::handle name) const {
+        if (!py::isinstance<py::str>(name)) throw py::type_error("name must be a str, got " + type_name(name));
+        return fields_[field_index(name.cast<std::string>())].view(py::dtype::of<float>(), ntok_);
     }
 
     // Keeps the allocations: the next rollout of similar size appends without reallocating.
@@ -221,8 +237,51 @@ class RolloutBuffer {
     py::dtype token_dtype() const { return token_dtype_; }
 
    private:
+    static std::vector<std::string> parse_fields(py::handle obj) {
+        if (py::isinstance<py::str>(obj) || py::isinstance<py::bytes>(obj)) {
+            throw py::type_error("fields must be a sequence of names, got the single string " +
+                                 py::repr(obj).cast<std::string>());
+        }
+        py::list items = as_list("fields", obj);
+        std::vector<std::string> names;
+        names.reserve(items.size());
+        for (size_t i = 0; i < items.size(); ++i) {
+            py::handle f = items[i];
+            if (!py::isinstance<py::str>(f)) {
+                throw py::type_error("fields[" + std::to_string(i) + "] must be a str, got " + type_name(f));
+            }
+            // Encoding fails for lone surrogates ('\ud800'): a UnicodeEncodeError, but say which field.
+            Py_ssize_t size = 0;
+            const char* utf8 = PyUnicode_AsUTF8AndSize(f.ptr(), &size);
+            if (utf8 == nullptr) {
+                PyErr_Clear();
+                throw py::value_error("fields[" + std::to_string(i) + "] must be encodable as UTF-8, got " +
+                                      py::repr(f).cast<std::string>());
+            }
+            names.emplace_back(utf8, static_cast<size_t>(size));
+        }
+        return names;
+    }
+
+    // Any iterable but a string, as a list (a generator is consumed once, here).
+    static py::list as_list(const std::string& name, py::handle obj) {
+        if (py::isinstance<py::str>(obj) || py::isinstance<py::bytes>(obj) || !py::hasattr(obj, "__iter__")) {
+            throw py::type_error(name + " must be a sequence of 1-D arrays, got " + type_name(obj));
+        }
+        try {
+            return py::list(py::reinterpret_borrow<py::object>(obj));
+        } catch (py::error_already_set& e) {  // e.g. iterating over a 0-d array
+            throw py::type_error(name + " must be a sequence of 1-D arrays, got " + type_name(obj) + " (" + e.what() + ")");
+        }
+    }
+
     static py::dtype parse_token_dtype(const py::object& obj) {
-        py::dtype dt = py::dtype::from_args(obj);
+        py::dtype dt;
+        try {
+            dt = py::dtype::from_args(obj);
+        } catch (py::error_already_set&) {
+            throw py::type_error("token_dtype must be int32 or int64, got " + py::repr(obj).cast<std::string>());
+        }
         if (dt.kind() != 'i' || (dt.itemsize() != 4 && dt.itemsize() != 8)) {
             throw py::value_error("token_dtype must be int32 or int64, got " + py::str(dt).cast<std::string>());
         }
@@ -240,15 +299,18 @@ class RolloutBuffer {
     }
 
     size_t field_index(const std::string& name) const {
-        for (size_t f = 0; f < names_.size(); ++f) {
-            if (names_[f] == name) return f;
-        }
+        const auto it = index_.find(name);
+        if (it != index_.end()) return it->second;
         throw py::value_error("unknown field '" + name + "': this buffer has fields " + known_fields());
     }
 
     // Keyword fields in buffer order, None where not given; with count >= 0 each must be a sequence of
     // that many arrays (append_many).
-    std::vector<py::object> field_args(const py::dict& fields, int64_t count) const {
+    std::vector<py::object> field_args(py::handle fields_obj, int64_t count) const {
+        if (!py::isinstance<py::dict>(fields_obj)) {
+            throw py::type_error("fields must be a dict of field name -> array, got " + type_name(fields_obj));
+        }
+        const auto fields = py::reinterpret_borrow<py::dict>(fields_obj);
         std::vector<py::object> out(names_.size(), py::none());
         for (auto item : fields) {
             if (!py::isinstance<py::str>(item.first)) {
@@ -258,12 +320,12 @@ class RolloutBuffer {
             const size_t f = field_index(name);
             py::object v = py::reinterpret_borrow<py::object>(item.second);
             if (count >= 0 && !v.is_none()) {
-                if (!py::isinstance<py::sequence>(v) || py::len(v) != static_cast<size_t>(count)) {
+                py::list items = as_list(name, v);
+                if (static_cast<int64_t>(items.size()) != count) {
                     throw py::value_error(name + " must be a sequence of " + std::to_string(count) +
-                                          " arrays (one per sequence), got " +
-                                          (py::isinstance<py::sequence>(v) ? std::to_string(py::len(v)) + " items"
-                                                                           : type_name(v)));
+                                          " arrays (one per sequence), got " + std::to_string(items.size()) + " items");
                 }
+                v = std::move(items);
             }
             out[f] = v;
         }
@@ -273,7 +335,8 @@ class RolloutBuffer {
     Pending check(const std::string& tok_name, const std::string& mask_name, const std::string& suffix,
                   py::handle tokens, py::handle mask, const std::vector<py::object>& given) const {
         Pending p;
-        p.tokens = as_array(tok_name, tokens);
+        const auto ext = extents();
+        p.tokens = own(as_array(tok_name, tokens), ext);
         if (!is_integer(p.tokens)) {
             throw py::type_error(tok_name + " must be an integer array of token ids, got dtype " + dtype_name(p.tokens));
         }
@@ -294,7 +357,7 @@ class RolloutBuffer {
             }
         });
 
-        p.mask = as_array(mask_name, mask);
+        p.mask = own(as_array(mask_name, mask), ext);
         const char mk = p.mask.dtype().kind();
         if (mk != 'b' && mk != 'i' && mk != 'u') {
             throw py::type_error(mask_name + " must be a bool or integer array of 0/1, got dtype " + dtype_name(p.mask));
@@ -316,10 +379,11 @@ class RolloutBuffer {
         });
 
         p.fields.resize(names_.size());
+        p.given.assign(names_.size(), false);
         for (size_t f = 0; f < names_.size(); ++f) {
             if (given[f].is_none()) continue;
             const std::string name = names_[f] + suffix;
-            py::array a = as_array(name, given[f]);
+            py::array a = own(as_array(name, given[f]), ext);
             const char k = a.dtype().kind();
             if (k != 'f' || (a.itemsize() != 4 && a.itemsize() != 8)) {
                 throw py::type_error(name + " must be float32 (float64 is converted), got dtype " + dtype_name(a));
@@ -331,14 +395,38 @@ class RolloutBuffer {
             }
             for (int64_t i = 0; i < p.length; ++i) {
                 const double v = a.itemsize() == 4 ? at<float>(a, i) : at<double>(a, i);
-                if (!std::isfinite(v)) {
-                    throw py::value_error(name + " must be finite, got " + std::to_string(v) + " at position " +
-                                          std::to_string(i));
+                // Checked as stored: a float64 1e39 is finite but would become inf in float32.
+                if (!(std::fabs(v) <= std::numeric_limits<float>::max())) {
+                    throw py::value_error(name + " must be finite in float32, got " + py::repr(py::float_(v)).cast<std::string>() +
+                                          " at position " + std::to_string(i));
                 }
             }
             p.fields[f] = std::move(a);
+            p.given[f] = true;
         }
         return p;
+    }
+
+    // The columns' memory, sorted (blocks never overlap), to find views of the buffer itself.
+    std::vector<std::pair<uintptr_t, uintptr_t>> extents() const {
+        std::vector<std::pair<uintptr_t, uintptr_t>> out{tokens_.extent(), mask_.extent()};
+        for (const Column& c : fields_) out.push_back(c.extent());
+        std::sort(out.begin(), out.end());
+        return out;
+    }
+
+    // A view of this buffer's own memory (e.g. tokens() taken before clear()) is copied first: write()
+    // could otherwise overwrite parts of it before reading them.
+    static py::array own(py::array a, const std::vector<std::pair<uintptr_t, uintptr_t>>& extents) {
+        if (a.ndim() != 1 || a.shape(0) == 0) return a;  // rejected (or nothing to read) later
+        const auto base = reinterpret_cast<uintptr_t>(a.data());
+        const int64_t span = (a.shape(0) - 1) * a.strides(0);
+        const uintptr_t lo = span < 0 ? base - static_cast<uintptr_t>(-span) : base;
+        const uintptr_t hi = (span < 0 ? base : base + static_cast<uintptr_t>(span)) + static_cast<uintptr_t>(a.itemsize());
+        // The last block starting below hi is the only one that can overlap [lo, hi).
+        auto it = std::lower_bound(extents.begin(), extents.end(), std::make_pair(hi, uintptr_t{0}));
+        const bool alias = it != extents.begin() && std::prev(it)->second > lo;
+        return alias ? py::array(a.attr("copy")()) : a;
     }
 
     void reserve(int64_t sequences, int64_t tokens) {
@@ -372,7 +460,7 @@ class RolloutBuffer {
         for (size_t f = 0; f < names_.size(); ++f) {
             float* dst = fields_[f].as<float>() + start;
             const py::array& a = p.fields[f];
-            if (!a) {
+            if (!p.given[f]) {
                 std::memset(dst, 0, static_cast<size_t>(L) * sizeof(float));
             } else if (a.itemsize() == 4) {
                 for (int64_t i = 0; i < L; ++i) dst[i] = at<float>(a, i);
@@ -392,6 +480,7 @@ class RolloutBuffer {
     Column mask_;
     std::vector<int64_t> offsets_;  // (n + 1,)
     std::vector<Column> fields_;
+    std::unordered_map<std::string, size_t> index_;  // field name -> position: thousands of fields stay O(1)
     int64_t n_ = 0;
     int64_t ntok_ = 0;
 };
@@ -402,7 +491,7 @@ void bind_buffer(py::module_& m) {
     py::class_<RolloutBuffer>(m, "RolloutBuffer",
                               "Variable-length sequences stored contiguously with int64 offsets (see "
                               "fusedrl.engine.packing.RolloutBuffer for the documented interface).")
-        .def(py::init<std::vector<std::string>, const py::object&>(), py::arg("fields"), py::arg("token_dtype"))
+        .def(py::init<py::handle, const py::object&>(), py::arg("fields"), py::arg("token_dtype"))
         .def("append", &RolloutBuffer::append, py::arg("tokens"), py::arg("response_mask"), py::arg("fields"))
         .def("append_many", &RolloutBuffer::append_many, py::arg("tokens"), py::arg("response_masks"),
              py::arg("fields"))

@@ -6,6 +6,7 @@
 // each token's next token. That next-token index is -1 at every sequence's last token, so a label never
 // crosses into the following sequence (a plain roll over the packed row would hand one sequence's last
 // token the next sequence's first token as its label).
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -14,7 +15,9 @@
 namespace fusedrl {
 namespace {
 
-py::tuple pack(py::handle offsets_obj, py::handle indices_obj, py::handle tokens_obj, int64_t ignore_index) {
+py::tuple pack(py::handle offsets_obj, py::handle indices_obj, py::handle tokens_obj, py::handle ignore_obj) {
+    const int64_t ignore_index = int_arg("ignore_index", ignore_obj, std::numeric_limits<int64_t>::min(),
+                                         std::numeric_limits<int64_t>::max());
     // Zero-copy for the buffer's own int64 offsets: pack runs once per micro-batch and must stay O(B + N),
     // so only the referenced sequences are validated.
     Int64Array off = as_int64_1d("offsets", offsets_obj);
@@ -30,15 +33,17 @@ py::tuple pack(py::handle offsets_obj, py::handle indices_obj, py::handle tokens
     if (has_tokens) {
         tok_arr = as_array("tokens", tokens_obj);
         tok = as_token_view("tokens", tok_arr);
-        if (tok.size != off[nseq]) {
-            throw py::value_error("tokens must hold offsets[-1] = " + std::to_string(off[nseq]) +
+        const int64_t last = off[nseq];
+        if (tok.size != last) {
+            throw py::value_error("tokens must hold offsets[-1] = " + std::to_string(last) +
                                   " token ids (the whole buffer), got " + std::to_string(tok.size));
         }
     }
 
-    py::array_t<int32_t> cu(B + 1);
-    int32_t* cu_p = cu.mutable_data();
-    cu_p[0] = 0;
+    // One read of every referenced offset and index, checked and kept: the loop below works from these
+    // copies, never from the caller's arrays, which another thread may rewrite once the GIL is released.
+    // The total is checked before it is added, so it cannot overflow, and before anything is allocated.
+    std::vector<int64_t> start(static_cast<size_t>(B)), len(static_cast<size_t>(B));
     int64_t total = 0;
     int64_t max_seqlen = 0;
     for (int64_t b = 0; b < B; ++b) {
@@ -58,26 +63,33 @@ py::tuple pack(py::handle offsets_obj, py::handle indices_obj, py::handle tokens
             throw py::value_error("offsets[" + std::to_string(i + 1) + "] = " + std::to_string(e) +
                                   " is past the end of tokens (" + std::to_string(tok.size) + " entries)");
         }
-        total += e - s;
-        if (total > std::numeric_limits<int32_t>::max()) {
-            throw py::value_error("indices select more than 2^31 - 1 tokens: cu_seqlens is int32");
+        const int64_t L = e - s;  // no overflow: 0 <= s < e
+        if (L > std::numeric_limits<int32_t>::max() - total) {
+            throw py::value_error("indices select more than 2^31 - 1 tokens (cu_seqlens is int32): indices[" +
+                                  std::to_string(b) + "] = " + std::to_string(i) + " adds " + std::to_string(L) +
+                                  " tokens to " + std::to_string(total));
         }
-        max_seqlen = std::max(max_seqlen, e - s);
-        cu_p[b + 1] = static_cast<int32_t>(total);
+        total += L;
+        max_seqlen = std::max(max_seqlen, L);
+        start[static_cast<size_t>(b)] = s;
+        len[static_cast<size_t>(b)] = L;
     }
 
+    py::array_t<int32_t> cu(B + 1);
     py::array_t<int64_t> pos(total), index(total), target(total);
     py::array_t<int64_t> labels(has_tokens ? total : 0);
+    int32_t* __restrict cu_p = cu.mutable_data();
     int64_t* __restrict pos_p = pos.mutable_data();
     int64_t* __restrict index_p = index.mutable_data();
     int64_t* __restrict target_p = target.mutable_data();
     int64_t* __restrict labels_p = labels.mutable_data();
     {
         py::gil_scoped_release nogil;
+        int64_t t0 = 0;
+        cu_p[0] = 0;
         for (int64_t b = 0; b < B; ++b) {
-            const int64_t s = off[idx[b]];
-            const int64_t L = off[idx[b] + 1] - s;
-            const int64_t t0 = cu_p[b];
+            const int64_t s = start[static_cast<size_t>(b)];
+            const int64_t L = len[static_cast<size_t>(b)];
             // Separate affine loops: each vectorises.
             for (int64_t p = 0; p < L; ++p) pos_p[t0 + p] = p;
             for (int64_t p = 0; p < L; ++p) index_p[t0 + p] = s + p;
@@ -85,15 +97,17 @@ py::tuple pack(py::handle offsets_obj, py::handle indices_obj, py::handle tokens
             target_p[t0 + L - 1] = -1;
             if (has_tokens) {
                 if (tok.is64 && tok.stride == 8) {
-                    std::memcpy(labels_p + t0, reinterpret_cast<const int64_t*>(tok.data) + s + 1, (L - 1) * sizeof(int64_t));
+                    std::memcpy(labels_p + t0, tok.data + (s + 1) * 8, (L - 1) * sizeof(int64_t));
                 } else if (!tok.is64 && tok.stride == 4) {
-                    const int32_t* src = reinterpret_cast<const int32_t*>(tok.data) + s + 1;
-                    for (int64_t p = 0; p + 1 < L; ++p) labels_p[t0 + p] = src[p];
+                    const char* src = tok.data + (s + 1) * 4;
+                    for (int64_t p = 0; p + 1 < L; ++p) labels_p[t0 + p] = load<int32_t>(src + p * 4);
                 } else {
                     for (int64_t p = 0; p + 1 < L; ++p) labels_p[t0 + p] = tok[s + p + 1];
                 }
                 labels_p[t0 + L - 1] = ignore_index;
             }
+            t0 += L;
+            cu_p[b + 1] = static_cast<int32_t>(t0);
         }
     }
     return py::make_tuple(cu, pos, index, target, has_tokens ? py::object(labels) : py::object(py::none()),
@@ -142,28 +156,36 @@ void unpack(py::handle values_obj, py::handle index_obj, py::handle out_obj) {
     char* dst = static_cast<char*>(out.mutable_data());
     const int64_t vs = values.strides(0);
     const int64_t os = out.strides(0);
-    int64_t bad = -1;
+    const int64_t N = idx.size;
+    // Each index is read once, validated and kept as a byte offset: the writes use only these copies, never
+    // the caller's index again (another thread may rewrite it while the GIL is released).
+    std::vector<int64_t> dst_off(static_cast<size_t>(N));
+    int64_t bad = -1, bad_value = 0;
     {
         py::gil_scoped_release nogil;
         // Validate every index before the first write: a bad index leaves out untouched.
-        for (int64_t t = 0; t < idx.size; ++t) {
-            if (idx[t] < 0 || idx[t] >= n_out) {
-                bad = t;
+        for (int64_t t = 0; t < N; ++t) {
+            const int64_t i = idx[t];
+            if (i < 0 || i >= n_out) {
+                bad = t, bad_value = i;
                 break;
             }
+            dst_off[static_cast<size_t>(t)] = i * os;
         }
         if (bad < 0) {
+            // memmove: values may be a view of out itself.
+            const int64_t* d = dst_off.data();
             if (row_bytes == 4) {
-                for (int64_t t = 0; t < idx.size; ++t) std::memcpy(dst + idx[t] * os, src + t * vs, 4);
+                for (int64_t t = 0; t < N; ++t) std::memmove(dst + d[t], src + t * vs, 4);
             } else if (row_bytes == 8) {
-                for (int64_t t = 0; t < idx.size; ++t) std::memcpy(dst + idx[t] * os, src + t * vs, 8);
-            } else {
-                for (int64_t t = 0; t < idx.size; ++t) std::memcpy(dst + idx[t] * os, src + t * vs, row_bytes);
+                for (int64_t t = 0; t < N; ++t) std::memmove(dst + d[t], src + t * vs, 8);
+            } else if (row_bytes > 0) {
+                for (int64_t t = 0; t < N; ++t) std::memmove(dst + d[t], src + t * vs, row_bytes);
             }
         }
     }
     if (bad >= 0) {
-        throw py::value_error("index[" + std::to_string(bad) + "] = " + std::to_string(idx[bad]) +
+        throw py::value_error("index[" + std::to_string(bad) + "] = " + std::to_string(bad_value) +
                               " is out of range for out with " + std::to_string(n_out) + " rows");
     }
 }

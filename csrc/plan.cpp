@@ -392,10 +392,13 @@ py::array to_numpy(const std::vector<int64_t>& v) {
     return a;
 }
 
-Balance parse_balance(const std::string& balance) {
-    if (balance == "kk") return Balance::kKK;
-    if (balance == "lpt") return Balance::kLPT;
-    throw py::value_error("balance must be 'kk' or 'lpt', got '" + balance + "'");
+Balance parse_balance(py::handle obj) {
+    if (py::isinstance<py::str>(obj)) {
+        const std::string balance = obj.cast<std::string>();
+        if (balance == "kk") return Balance::kKK;
+        if (balance == "lpt") return Balance::kLPT;
+    }
+    throw py::value_error("balance must be 'kk' or 'lpt', got " + py::repr(obj).cast<std::string>());
 }
 
 // Lengths as int64, each >= 1, with an overflow-free total.
@@ -418,15 +421,19 @@ std::vector<int64_t> checked_lengths(py::handle obj, int64_t* longest_at) {
     return len;
 }
 
+// More ranks than any cluster has, and small enough that num_ranks * micro-batches can never overflow
+// (with n <= 2^62 sequences, S = R * M <= n + R).
+constexpr int64_t kMaxRanks = int64_t{1} << 20;
+
 }  // namespace
 
 void bind_plan(py::module_& m) {
     m.def(
         "plan_microbatches",
-        [](py::handle lengths, int64_t max_tokens, int64_t num_ranks, const std::string& balance) {
+        [](py::handle lengths, py::handle max_tokens_obj, py::handle num_ranks_obj, py::handle balance) {
             const Balance bal = parse_balance(balance);
-            if (max_tokens < 1) throw py::value_error("max_tokens must be >= 1, got " + std::to_string(max_tokens));
-            if (num_ranks < 1) throw py::value_error("num_ranks must be >= 1, got " + std::to_string(num_ranks));
+            const int64_t max_tokens = int_arg("max_tokens", max_tokens_obj, 1, std::numeric_limits<int64_t>::max());
+            const int64_t num_ranks = int_arg("num_ranks", num_ranks_obj, 1, kMaxRanks);
             int64_t at = -1;
             std::vector<int64_t> len = checked_lengths(lengths, &at);
             if (at >= 0 && len[at] > max_tokens) {
@@ -454,11 +461,12 @@ void bind_plan(py::module_& m) {
 
     m.def(
         "_partition",
-        [](py::handle lengths, int64_t k, const std::string& balance) {
+        [](py::handle lengths, py::handle k_obj, py::handle balance) {
             const Balance bal = parse_balance(balance);
-            if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
             int64_t at = -1;
             std::vector<int64_t> len = checked_lengths(lengths, &at);
+            // k bins are k output arrays: bounded like the plan's num_ranks * M.
+            const int64_t k = int_arg("k", k_obj, 1, std::max<int64_t>(kMaxRanks, static_cast<int64_t>(len.size())));
             Partition p;
             {
                 py::gil_scoped_release nogil;

@@ -3,6 +3,7 @@
 // here; the buffer, the planner and the packer each have their own file.
 #include "rollout.h"
 
+#include <cstring>
 #include <limits>
 
 namespace fusedrl {
@@ -27,6 +28,10 @@ py::array as_array(const std::string& name, py::handle obj) {
     if (a.dtype().kind() == 'O') {
         throw py::type_error(name + " must be a numeric array, got dtype object (from " + given() + ")");
     }
+    // memcpy of Python object pointers (a structured dtype with an object field) would skip refcounting.
+    if (a.dtype().attr("hasobject").cast<bool>()) {
+        throw py::type_error(name + " must be a numeric array, got dtype " + dtype_name(a) + " (holds Python objects)");
+    }
     if (!a.dtype().attr("isnative").cast<bool>()) {
         throw py::type_error(name + " must be in native byte order, got dtype " + dtype_name(a));
     }
@@ -44,6 +49,27 @@ bool is_integer(const py::array& a) {
     return k == 'i' || k == 'u';
 }
 
+int64_t int_arg(const std::string& name, py::handle obj, int64_t lo, int64_t hi) {
+    auto given = [&] { return py::repr(obj).cast<std::string>() + " (" + py::str(py::type::of(obj).attr("__name__")).cast<std::string>() + ")"; };
+    if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr())) throw py::type_error(name + " must be an integer, got " + given());
+    // A NumPy array has __index__ too, and raises from it unless it is a single integer.
+    py::object v = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+    if (!v) {
+        PyErr_Clear();
+        throw py::type_error(name + " must be an integer, got " + given());
+    }
+    int overflow = 0;
+    const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+    if (overflow == 0 && x == -1 && PyErr_Occurred()) throw py::error_already_set();
+    const bool below = overflow < 0 || (overflow == 0 && x < lo);
+    const bool above = overflow > 0 || (overflow == 0 && x > hi);
+    if (below || above) {
+        const std::string want = below ? ">= " + std::to_string(lo) : "<= " + std::to_string(hi);
+        throw py::value_error(name + " must be " + want + ", got " + py::repr(v).cast<std::string>());
+    }
+    return static_cast<int64_t>(x);
+}
+
 namespace {
 
 template <typename T>
@@ -53,7 +79,7 @@ void copy_ints(const std::string& name, const py::array& a, std::vector<int64_t>
     const char* base = static_cast<const char*>(a.data());
     out.resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) {
-        const T v = *reinterpret_cast<const T*>(base + i * stride);
+        const T v = load<T>(base + i * stride);
         if constexpr (std::is_same_v<T, uint64_t>) {
             if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
                 throw py::value_error(name + "[" + std::to_string(i) + "] = " + std::to_string(v) +
@@ -70,6 +96,7 @@ Int64Array as_int64_1d(const std::string& name, py::handle obj) {
     Int64Array r;
     r.keep = as_array(name, obj);
     const py::array& a = r.keep;
+    if (a.ndim() == 1 && a.shape(0) == 0 && std::strchr("iufb", a.dtype().kind()) != nullptr) return r;
     if (!is_integer(a)) {
         throw py::type_error(name + " must be an integer array (int32 or int64), got dtype " + dtype_name(a));
     }
@@ -77,7 +104,8 @@ Int64Array as_int64_1d(const std::string& name, py::handle obj) {
     r.size = a.shape(0);
     const char kind = a.dtype().kind();
     const auto size = a.itemsize();
-    if (kind == 'i' && size == 8 && (r.size <= 1 || a.strides(0) == 8)) {
+    const bool aligned = reinterpret_cast<uintptr_t>(a.data()) % alignof(int64_t) == 0;
+    if (kind == 'i' && size == 8 && aligned && (r.size <= 1 || a.strides(0) == 8)) {
         r.data = static_cast<const int64_t*>(a.data());
         return r;
     }

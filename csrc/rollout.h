@@ -9,12 +9,22 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
 namespace py = pybind11;
 
 namespace fusedrl {
+
+// Reads a T at p whatever p's alignment: NumPy arrays may be unaligned (np.frombuffer with an offset), and
+// dereferencing a misaligned int64_t* is undefined. Compiles to a plain load on x86 and ARM.
+template <typename T>
+inline T load(const char* p) {
+    T v;
+    std::memcpy(&v, p, sizeof(T));
+    return v;
+}
 
 // "float64", "int32", ... (needs the GIL).
 std::string dtype_name(const py::array& a);
@@ -29,8 +39,15 @@ void require_1d(const std::string& name, const py::array& a);
 // True for signed and unsigned integer dtypes (bool excluded).
 bool is_integer(const py::array& a);
 
+// A Python integer argument (anything with __index__, bool excluded) in [lo, hi]. Taking py::handle rather
+// than int64_t lets an out-of-range value (2**63, 2**70) get an error naming the argument instead of
+// pybind11's "incompatible function arguments".
+int64_t int_arg(const std::string& name, py::handle obj, int64_t lo, int64_t hi);
+
 // A 1-D integer array read as int64: zero-copy for contiguous int64 input, a converted copy otherwise.
-// Keeps the source array alive for as long as `data` is used.
+// Keeps the source array alive for as long as `data` is used. A zero-copy view reads the caller's memory,
+// which another thread may change at any time: read each entry once, validate that value and use it.
+// An empty array is accepted whatever its numeric dtype (np.asarray([]) is float64).
 struct Int64Array {
     py::array keep;
     std::vector<int64_t> owned;
@@ -48,7 +65,7 @@ struct TokenView {
     bool is64 = true;
     int64_t operator[](int64_t i) const {
         const char* p = data + i * stride;
-        return is64 ? *reinterpret_cast<const int64_t*>(p) : *reinterpret_cast<const int32_t*>(p);
+        return is64 ? load<int64_t>(p) : load<int32_t>(p);
     }
 };
 TokenView as_token_view(const std::string& name, const py::array& a);

@@ -205,7 +205,9 @@ def test_append_many_matches_append_and_is_atomic():
          r"values must have the length of tokens \(2\), got 3"),
         (lambda b: b.append([1, 2], [0, 1], values=np.zeros(2, np.int32)), TypeError, r"values must be float32.*int32"),
         (lambda b: b.append([1, 2], [0, 1], rewards=np.array([0.0, np.nan], np.float32)), ValueError,
-         r"rewards must be finite, got nan at position 1"),
+         r"rewards must be finite in float32, got nan at position 1"),
+        (lambda b: b.append([1, 2], [0, 1], rewards=np.array([0.0, 1e39])), ValueError,
+         r"rewards must be finite in float32, got 1e\+39 at position 1"),
         (lambda b: b.append([1, 2], [0, 1], values="ab"), TypeError, r"values must be a NumPy array, a CPU torch tensor"),
         (lambda b: b.field("nope"), ValueError, r"unknown field 'nope': this buffer has fields \(old_logp"),
         (lambda b: b.get(5), IndexError, r"sequence index 5 is out of range for a buffer of 1 sequences"),
@@ -496,3 +498,183 @@ def test_unpack_errors():
     with pytest.raises(ValueError, match=r"index\[1\] = 3 is out of range for out with 3 rows"):
         unpack(np.ones(2, np.float32), np.array([0, 3]), out)
     assert not out.any(), "a bad index leaves out untouched"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory safety (issue 12): each of these crashed, read out of bounds (under the sanitizer build, see
+# tests/sanitizer/) or raised an unclear error before the fix.
+# ----------------------------------------------------------------------------------------------------
+I64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    "offsets, indices",
+    [
+        # indices[1] = 0 adds 2^63 - 1 tokens to 5: the running total used to wrap around to a small
+        # number, the arrays were allocated that small and the loop wrote 2^63 entries into them.
+        ([0, I64_MAX, 0, 5], [2, 0, 0, 2]),  # duplicate indices, unreferenced non-monotone offsets[2]
+        ([0, 3, I64_MAX], [0, 1]),
+        ([0, 2**31 - 1, 2**31], [0, 1]),  # one token over the int32 cu_seqlens
+    ],
+)
+def test_pack_token_total_is_checked_before_it_can_overflow(offsets, indices):
+    with pytest.raises(ValueError, match=r"indices select more than 2\^31 - 1 tokens \(cu_seqlens is int32\)"):
+        pack(np.array(offsets, np.int64), np.array(indices, np.int64))
+
+
+def test_pack_duplicate_indices_and_unreferenced_bad_offsets():
+    """Only the referenced sequences are validated (pack is O(B + N)): garbage elsewhere in offsets and
+    repeated indices give the reference's result."""
+    offsets = np.array([0, 4, 2, 9, 1, 12], np.int64)  # sequences 1 and 3 are invalid, never used
+    indices = np.array([2, 0, 2, 4, 0], np.int64)
+    check_packed(pack(offsets, indices), pack_ref(offsets, indices))
+    with pytest.raises(ValueError, match=r"offsets must increase.*offsets\[1\] = 4, offsets\[2\] = 2 for indices\[1\]"):
+        pack(offsets, [0, 1])
+
+
+@pytest.mark.parametrize("fields", [("values",), DEFAULT_FIELDS])
+def test_append_zero_fills_omitted_fields(fields):
+    """An omitted field used to be copied from a default py::array (a 0-element float64 array, not a null
+    handle): an out-of-bounds read of 8 bytes per token, whatever the allocator had there."""
+    buf = RolloutBuffer(fields=fields)
+    rng = np.random.default_rng(11)
+    for L in (1, 7, 5000, 70_000):  # past the initial capacity too
+        buf.append(rng.integers(0, 100, L), np.ones(L, bool))
+    buf.append_many([[1, 2, 3]], [[0, 1, 1]])
+    for f in fields:
+        assert_close(buf.field(f), np.zeros(buf.num_tokens), atol=0, name=f"omitted field {f}")
+
+
+def _hammer(array, values, stop):
+    """Rewrite `array` with each of `values` in turn until `stop` is set (the GIL is released by pack and
+    unpack while they run, so this thread writes during their loops)."""
+    import time
+
+    while not stop.is_set():
+        for v in values:
+            array[:] = v
+            time.sleep(0)  # hand the GIL back at once: the other thread needs it between its calls
+
+
+def test_pack_never_rereads_indices_after_validation():
+    # Sequence 0 has 1 token, sequence 1 has 50: an index switched from 0 to 1 after validation used to
+    # make the loop write 50 tokens into room for 1.
+    import threading
+
+    offsets = np.array([0, 1, 51], np.int64)
+    indices = np.zeros(20_000, np.int64)
+    stop = threading.Event()
+    writer = threading.Thread(target=_hammer, args=(indices, (1, 0), stop))
+    writer.start()
+    try:
+        packed = [pack(offsets, indices) for _ in range(20)]
+    finally:
+        stop.set()
+        writer.join()
+    for pb in packed:  # each whatever mix of 0s and 1s it read, but consistent with what it counted
+        lens = np.diff(pb.cu_seqlens.astype(np.int64))
+        assert set(np.unique(lens)) <= {1, 50}
+        assert len(pb.index) == lens.sum() and pb.max_seqlen == lens.max()
+        starts = np.repeat(np.where(lens == 1, 0, 1), lens)
+        assert_close(pb.index, starts + pb.position_ids, atol=0, name="index of the sequence counted in cu_seqlens")
+
+
+def test_unpack_never_rereads_index_after_validation():
+    import threading
+
+    out = np.zeros(10, np.float32)
+    index = np.zeros(500_000, np.int64)
+    values = np.ones(len(index), np.float32)
+    stop = threading.Event()
+    # 10**12 is far outside out: a write through a re-read index lands in unmapped memory.
+    writer = threading.Thread(target=_hammer, args=(index, (10**12, 0), stop))
+    writer.start()
+    try:
+        for _ in range(20):
+            try:
+                unpack(values, index, out)
+            except ValueError as e:
+                assert "is out of range for out with 10 rows" in str(e)
+    finally:
+        stop.set()
+        writer.join()
+    assert_close(out[1:], np.zeros(9), atol=0, name="only out[0] is ever written")
+
+
+@pytest.mark.parametrize("token_dtype", TOKEN_DTYPES)
+def test_append_a_view_of_the_buffer_itself(token_dtype):
+    buf = RolloutBuffer(fields=("values",), token_dtype=token_dtype)
+    n = 4000  # the next append of n tokens reallocates every column (initial capacity 4096)
+    buf.append(np.arange(n), np.arange(n) % 2, values=np.arange(n, dtype=np.float32))
+    buf.append(buf.tokens(), buf.response_mask(), values=buf.field("values"))
+    assert_close(buf.tokens(), np.tile(np.arange(n), 2), atol=0, name="tokens appended from their own view")
+    assert_close(buf.field("values"), np.tile(np.arange(n), 2), atol=0, name="values appended from their own view")
+    # After clear() the next append writes over the memory an old view still shows: a reversed view used to
+    # be half overwritten before it was read.
+    tokens, mask, values = buf.tokens(), buf.response_mask(), buf.field("values")
+    want = tokens[::-1].copy(), mask[::-1].copy(), values[::-1].copy()
+    buf.clear()
+    buf.append(tokens[::-1], mask[::-1], values=values[::-1])
+    assert_close(buf.tokens(), want[0], atol=0, name="tokens from a reversed view of the cleared buffer")
+    assert_close(buf.response_mask(), want[1], atol=0, name="mask from a reversed view of the cleared buffer")
+    assert_close(buf.field("values"), want[2], atol=0, name="values from a reversed view of the cleared buffer")
+
+
+def test_append_many_takes_any_iterable():
+    toks = [np.arange(3), np.arange(5)]
+    masks = [np.ones(3, bool), np.zeros(5, bool)]
+    vals = [np.full(3, 1.5, np.float32), np.full(5, 2.5, np.float32)]
+    buf = RolloutBuffer(fields=("values",))
+    buf.append_many((t for t in toks), iter(masks), values=(v for v in vals))
+    impl = _rollout.RolloutBuffer(["values"], np.int64)  # the extension itself, below the wrapper
+    impl.append_many((t for t in toks), (m for m in masks), {"values": (v for v in vals)})
+    for b in (buf, impl):
+        assert_close(b.tokens(), [0, 1, 2, 0, 1, 2, 3, 4], atol=0, name="tokens from generators")
+        assert_close(b.field("values"), [1.5] * 3 + [2.5] * 5, atol=0, name="values from a generator")
+    with pytest.raises(TypeError, match=r"tokens must be a sequence of 1-D arrays, got int"):
+        impl.append_many(3, [], {})
+    with pytest.raises(ValueError, match=r"values must be a sequence of 2 arrays \(one per sequence\), got 1 items"):
+        impl.append_many(iter(toks), iter(masks), {"values": (v for v in vals[:1])})
+    assert len(impl) == 2
+
+
+def test_buffer_with_thousands_of_fields():
+    names = [f"f{i}" for i in range(20_000)]
+    buf = RolloutBuffer(fields=names)
+    buf.append([1, 2], [0, 1], **{n: np.full(2, i, np.float32) for i, n in enumerate(names) if i % 3 == 0})
+    buf.append([3], [1], f19999=[7.0])
+    got = buf.get(0)
+    assert len(got) == len(names) + 2
+    for i in (0, 1, 3, 19_998, 19_999):
+        want = np.full(2, i if i % 3 == 0 else 0, np.float32)
+        assert_close(got[f"f{i}"], want, atol=0, name=f"field f{i}")
+    assert_close(buf.field("f19999"), [0, 0, 7], atol=0, name="last field")
+    with pytest.raises(ValueError, match=r"fields must be unique, got 'f5' twice"):
+        RolloutBuffer(fields=names + ["f5"])
+
+
+@pytest.mark.parametrize("i", [2**63, -(2**63) - 1, 2**64, 10**30, -(10**30)])
+def test_get_with_indices_beyond_int64(i):
+    buf = RolloutBuffer()
+    buf.append([7], [1])
+    with pytest.raises(IndexError, match=rf"sequence index {i} is out of range for a buffer of 1 sequences"):
+        buf.get(i)
+    with pytest.raises(IndexError, match=rf"sequence index {i} is out of range"):
+        buf._impl.get(i)
+    assert_close(buf.get(np.int64(-1))["tokens"], [7], atol=0, name="get(-1)")
+
+
+def test_plan_empty_list_and_huge_num_ranks():
+    for empty in ([], (), np.zeros(0), np.zeros(0, np.int32)):
+        assert plan_microbatches(empty, 10, num_ranks=2) == [[], []]
+    assert [b.tolist() for b in _rollout._partition([], 3, "kk")] == [[], [], []]
+    for r in (2**20 + 1, 2**40, 2**62, 2**63, 2**70):
+        with pytest.raises(ValueError, match=rf"num_ranks must be <= 1048576, got {r}"):
+            plan_microbatches([1, 2, 3], 10, num_ranks=r)
+    for m in (2**63, 2**70):
+        with pytest.raises(ValueError, match=rf"max_tokens must be <= {I64_MAX}, got {m}"):
+            plan_microbatches([1, 2, 3], m)
+    plan = plan_microbatches([1, 2, 3], I64_MAX, num_ranks=4096)
+    check_plan_invariants(plan, np.array([1, 2, 3]), I64_MAX, 4096)
+    with pytest.raises(ValueError, match=rf"ignore_index must be <= {I64_MAX}, got {2**63}"):
+        pack([0, 1], [0], [5], ignore_index=2**63)
