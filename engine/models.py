@@ -1,4 +1,5 @@
-"""Models the engine trains and scores with: named tiny-to-small presets built from code (no downloads), the
+"""Models the engine trains and scores with: named tiny-to-small presets built from code (no downloads) or any
+Hub id / local directory (``build_causal_lm``), LoRA adapters (``apply_lora``, peft), the
 policy's output head and body, a critic (``ValueModel``) and a scalar reward model scored padding-free.
 
 Every model here is an ordinary transformers model (or wraps one), so ``use_packed_attention`` from
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,8 @@ _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k")
 _MULTIPLIERS = ("logit_scale", "output_multiplier", "lm_head_multiplier")
 # Model types whose ``logits_scaling`` multiplies the logits; every other model (the Granite family) divides.
 _LOGITS_SCALING_MULTIPLIES = ("hyperclovax",)
+# A Hub repository id: ``name`` or ``namespace/name`` (letters, digits, ``-``, ``_``, ``.``).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 @dataclass(frozen=True)
@@ -84,22 +88,82 @@ PRESETS: dict[str, Preset] = {
 }  # fmt: skip
 
 
-def _config_for(preset_or_path: str, vocab_size: int | None, overrides: dict) -> Any:
-    """The preset's config, or None when ``preset_or_path`` is a local directory; raises for anything else."""
+def _check_name(preset_or_path) -> str:
     if not isinstance(preset_or_path, (str, os.PathLike)):
-        raise TypeError(f"preset_or_path must be a preset name or a directory, got {type(preset_or_path).__name__}")
-    name = os.fspath(preset_or_path)
+        raise TypeError(f"preset_or_path must be a preset name, a directory or a Hub id, got "
+                        f"{type(preset_or_path).__name__}")  # fmt: skip
+    return os.fspath(preset_or_path)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face Hub repository id (``name`` or ``org/name``)."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not name.endswith(".")
+
+
+def model_source(name: str | os.PathLike, what: str = "model") -> str:
+    """``name`` checked as something ``from_pretrained`` can load: an existing local directory, or a Hub id
+    (``org/name``; fetched into, or read from, the Hub cache, ``HF_HUB_OFFLINE=1`` honoured). A path that does
+    not exist is a FileNotFoundError saying so (not a complaint about repository ids)."""
+    name = _check_name(name)
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise NotADirectoryError(f"{what} {name!r} is a file; expected a model directory (what save_pretrained "
+                                 "writes) or a Hugging Face Hub id such as Qwen/Qwen2.5-0.5B-Instruct")  # fmt: skip
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+    if looks_like_path or not is_hub_id(name):
+        raise FileNotFoundError(f"{what} {name!r} does not exist (not a local directory, and not a Hugging Face "
+                                "Hub id of the form org/name)")  # fmt: skip
+    return name
+
+
+def _hub_error(e: BaseException, name: str, what: str) -> OSError | None:
+    """The one-line error for a failed Hub load, or None when ``e`` is not a Hub lookup failure."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    chain, seen = [], e
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(c, GatedRepoError) for c in chain):
+        return OSError(f"{what} {name!r} is a gated Hub repository: accept its terms on huggingface.co and log in "
+                       "(hf auth login), or pass a local directory")  # fmt: skip
+    if any(isinstance(c, RepositoryNotFoundError) for c in chain):
+        return OSError(f"{what} {name!r} is neither a local directory nor a repository on the Hugging Face Hub "
+                       "(a private one needs hf auth login)")  # fmt: skip
+    offline = any(isinstance(c, LocalEntryNotFoundError) for c in chain) or "couldn't connect" in str(e)
+    if offline:
+        why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "no connection"
+        return OSError(f"{what} {name!r} is not a local directory, and as a Hub id it is not in the local cache "
+                       f"({constants.HF_HUB_CACHE}) and the Hub is unreachable ({why}): download it first "
+                       f"(hf download {name}) or pass a local directory")  # fmt: skip
+    return None
+
+
+def load_pretrained(load, name: str | os.PathLike, what: str = "model", **kwargs):
+    """``load(name, **kwargs)`` for a transformers ``from_pretrained`` (or ``GenerationConfig.from_pretrained``,
+    ``AutoTokenizer.from_pretrained``, ...) with the standard resolution (local directory, else the Hub and its
+    cache), and one clear line instead of a chain of tracebacks when the model cannot be found or fetched."""
+    src = model_source(name, what)
+    try:
+        return load(src, **kwargs)
+    except (OSError, ValueError) as e:
+        err = _hub_error(e, src, what) if not os.path.isdir(src) else None
+        if err is None:
+            raise
+        raise err from None
+
+
+def _config_for(preset_or_path: str, vocab_size: int | None, overrides: dict) -> Any:
+    """The preset's config, or None when ``preset_or_path`` is a directory or a Hub id (loaded by the caller)."""
+    name = _check_name(preset_or_path)
     if name in PRESETS:
         return PRESETS[name].config(vocab_size=vocab_size, **overrides)
-    if os.path.isdir(name):
-        if vocab_size is not None:
-            raise ValueError(
-                f"vocab_size applies to presets only; {name!r} is a saved model (got vocab_size={vocab_size})"
-            )
-        return None
-    raise ValueError(
-        f"preset_or_path must be one of the presets {sorted(PRESETS)} or an existing directory, got {name!r}"
-    )
+    model_source(name)
+    if vocab_size is not None:
+        raise ValueError(f"vocab_size applies to presets only; {name!r} is a saved model (got vocab_size={vocab_size})")
+    return None
 
 
 def build_causal_lm(
@@ -111,15 +175,16 @@ def build_causal_lm(
     **overrides,
 ):
     """A causal LM: a preset name gives a random-weight model (weights drawn from ``seed``, the caller's RNG
-    state left untouched), a local directory is loaded with ``from_pretrained(local_files_only=True)``.
+    state left untouched); a local directory or a Hub id (``Qwen/Qwen2.5-0.5B-Instruct``) is loaded with
+    ``from_pretrained`` the standard way: the Hub cache is used and ``HF_HUB_OFFLINE=1`` honoured.
 
-    ``overrides`` are config fields (presets) or ``from_pretrained`` keyword arguments (directories). The
+    ``overrides`` are config fields (presets) or ``from_pretrained`` keyword arguments (saved models). The
     model is returned in eval mode, in ``dtype``, on the CPU."""
     from transformers import AutoModelForCausalLM
 
     config = _config_for(preset_or_path, vocab_size, overrides)
     if config is None:
-        model = AutoModelForCausalLM.from_pretrained(os.fspath(preset_or_path), local_files_only=True, **overrides)
+        model = load_pretrained(AutoModelForCausalLM.from_pretrained, preset_or_path, "model", **overrides)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -130,7 +195,8 @@ def build_causal_lm(
 def build_reward_model(preset_or_path: str, vocab_size: int | None = None, seed: int = 0, pad_token_id: int = 0,
                        *, dtype: torch.dtype = torch.float32, **overrides):  # fmt: skip
     """A scalar reward model: ``AutoModelForSequenceClassification`` with ``num_labels=1`` from a preset
-    (random weights from ``seed``) or a local directory (a causal-LM checkpoint gets a fresh score head).
+    (random weights from ``seed``), a local directory or a Hub id (a causal-LM checkpoint gets a fresh score
+    head).
 
     ``pad_token_id`` is what transformers' own (unpacked) scoring uses to find each row's last token;
     ``score_packed`` does not need it."""
@@ -140,9 +206,8 @@ def build_reward_model(preset_or_path: str, vocab_size: int | None = None, seed:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if config is None:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                os.fspath(preset_or_path), local_files_only=True, num_labels=1, pad_token_id=pad_token_id, **overrides
-            )
+            model = load_pretrained(AutoModelForSequenceClassification.from_pretrained, preset_or_path,
+                                    "reward model", num_labels=1, pad_token_id=pad_token_id, **overrides)  # fmt: skip
         else:
             config.num_labels = 1
             model = AutoModelForSequenceClassification.from_config(config)

@@ -1,5 +1,6 @@
 """A character-level tokenizer built in code (no downloads), as a transformers fast tokenizer so that it
-works everywhere an HF tokenizer does: ``generate``, ``save_pretrained``, chat-free prompting."""
+works everywhere an HF tokenizer does: ``generate``, ``save_pretrained``, chat-free prompting; and
+``load_tokenizer`` for a directory or a Hub id."""
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -31,3 +32,17 @@ def build_char_tokenizer(chars: str = DEFAULT_CHARS, *, model_max_length: int = 
         model_max_length=model_max_length,
         padding_side="left",
     )
+
+
+def load_tokenizer(name: str):
+    """``AutoTokenizer.from_pretrained(name)`` for a local directory or a Hub id (cache and ``HF_HUB_OFFLINE``
+    honoured), with one clear line when it cannot be found. A tokenizer without a pad token pads with EOS
+    (generation batches need one)."""
+    from transformers import AutoTokenizer
+
+    from .models import load_pretrained
+
+    tok = load_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer")
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -107,12 +107,71 @@ def test_build_causal_lm_from_directory(tmp_path):
 
 
 def test_build_causal_lm_bad_input(tmp_path):
-    with pytest.raises(ValueError, match=r"one of the presets \[.*tiny-llama.*\] or an existing directory, got 'nope'"):
-        build_causal_lm("nope")
+    # A path that does not exist says so, not "Repo id must be in the form ..." (what from_pretrained says).
+    for name in ["./nope", str(tmp_path / "missing"), "a/b/c", "not a hub id"]:
+        with pytest.raises(FileNotFoundError, match=f"model {name!r} does not exist") as e:
+            build_causal_lm(name)
+        assert "\n" not in str(e.value)
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        build_causal_lm(str(tmp_path / "f.txt"))
     with pytest.raises(ValueError, match="vocab_size must be a positive int, got 0"):
         build_causal_lm("tiny-llama", vocab_size=0)
-    with pytest.raises(TypeError, match="preset_or_path must be a preset name or a directory, got int"):
+    with pytest.raises(TypeError, match="preset_or_path must be a preset name, a directory or a Hub id, got int"):
         build_causal_lm(3)
+
+
+# The Hub cache as huggingface_hub lays it out; the child process sees only it, offline.
+_HUB_CHILD = r"""
+import sys
+from fusedrl.engine.models import build_causal_lm, build_reward_model
+from fusedrl.engine.tokenizer import load_tokenizer
+from transformers import GenerationConfig
+m = build_causal_lm("fusedrl-test/tiny")
+tok = load_tokenizer("fusedrl-test/tiny")
+gen = GenerationConfig.from_pretrained("fusedrl-test/tiny")
+rm = build_reward_model("fusedrl-test/tiny")
+print("LOADED", m.config.vocab_size, len(tok), gen.eos_token_id, rm.config.num_labels)
+for what, fn in [("model", build_causal_lm), ("tokenizer", load_tokenizer)]:
+    try:
+        fn("Qwen/Qwen2.5-0.5B-Instruct")
+    except OSError as e:
+        print("ERROR", what, str(e).replace(chr(10), "|"))
+"""
+
+
+def test_hub_id_from_cache_offline_and_one_line_error(tmp_path):
+    """A Hub id resolves through the Hub cache with HF_HUB_OFFLINE=1 (the way a user pre-downloads), and an id
+    that is not cached fails with one line that says what to do."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from fusedrl.engine.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    src = tmp_path / "src"
+    build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0).save_pretrained(src)
+    tok.save_pretrained(src)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--fusedrl-test--tiny"
+    shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert json.loads((src / "generation_config.json").read_text())["eos_token_id"] == 2
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HOME", None)
+    r = subprocess.run([sys.executable, "-c", _HUB_CHILD], capture_output=True, text=True, env=env, timeout=120,
+                       cwd=tmp_path, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"LOADED {len(tok)} {len(tok)} 2 1" in r.stdout, r.stdout
+    errors = [line for line in r.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 2, r.stdout
+    for line in errors:
+        assert "'Qwen/Qwen2.5-0.5B-Instruct' is not a local directory, and as a Hub id it is not in the local cache" \
+            in line and "HF_HUB_OFFLINE=1" in line and "hf download Qwen/Qwen2.5-0.5B-Instruct" in line, line
+        assert str(tmp_path / "hub") in line
 
 
 # ----------------------------------------------------------------------------------------------------
