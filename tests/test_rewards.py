@@ -94,3 +94,106 @@ def test_finite_in_float64_but_inf_in_float32_is_refused(rewards):
 def test_python_int_too_large_for_any_float():
     with pytest.raises(ValueError, match="my reward returned reward 1000.* for completion 0, which is too large"):
         check_rewards([10**400, 0, 0], N, source="my reward")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Verifiable rewards on real-looking completions
+# ----------------------------------------------------------------------------------------------------
+from fusedrl.engine.rewards import (  # noqa: E402
+    BUILTIN_REWARDS,
+    answers_match,
+    combine,
+    extract_answer,
+    format_reward,
+    length_penalty,
+    load_reward_fn,
+    math_answer,
+    parse_number,
+)
+
+GSM8K_SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                  "altogether in April and May.\n#### 72")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        (GSM8K_SOLUTION, "72"),
+        ("Let me think. 3 apples plus 4 apples is 7 apples.\n#### 7\n\nHope that helps!", "7"),
+        (r"We get $x = \frac{1}{2}$, so the answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+        (r"First \boxed{3}, no wait: \boxed{\sqrt{x^{2}+1}}", r"\sqrt{x^{2}+1}"),  # the last, nested braces
+        ("She pays 3 * $12 = $36, then gets $4 back, so she spent $32.", "32"),
+        ("The total is 1,234.50 dollars.", "1,234.50"),
+        ("The temperature dropped to -3.", "-3"),
+        ("About 2.5e3 people came.", "2.5e3"),
+        ("I am not sure how to solve this.", None),
+        (r"unclosed \boxed{12", "12"),  # an unclosed box falls through to the last number
+    ],
+)
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    "a, b, same",
+    [("72", "72.0", True), ("$1,234.50", "1234.5", True), ("0.5", r"\frac{1}{2}", True), ("3/4", "0.75", True),
+     ("25%", "25", True), ("72.", "72", True), ("71", "72", False), ("-3", "3", False),
+     (r"\text{Tuesday}", "tuesday", True), ("x+1", "x + 1", False), (None, "1", False), ("1", None, False)],
+)  # fmt: skip
+def test_answers_match(a, b, same):
+    assert answers_match(a, b) is same
+
+
+def test_parse_number_refuses_non_numbers():
+    for s in ["", "abc", "1,2,3", "1/0", "--1", "e5", "."]:
+        assert parse_number(s) is None, s
+    assert parse_number("1e-3") == Fraction(1, 1000)
+
+
+def test_math_answer_against_a_gsm8k_column():
+    completions = [
+        "48 / 2 = 24 in May, 48 + 24 = 72 total.\n#### 72",
+        r"So she sold \boxed{72} clips.",
+        "She sold 70 clips.",
+        "I don't know.",
+    ]
+    assert math_answer([""] * 4, completions, answer=[GSM8K_SOLUTION] * 4) == [1.0, 1.0, 0.0, 0.0]
+    assert math_answer(["", ""], ["#### 3", "#### 3"], answer=[3, "3"]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"one reference per completion \(2\), got 1"):
+        math_answer(["", ""], ["1", "2"], answer=["1"])
+    with pytest.raises(ValueError, match="answer must be a list"):
+        math_answer([""], ["1"], answer="1")
+
+
+def test_format_reward():
+    pattern = r"<think>.*?</think>\s*<answer>.*?</answer>"
+    completions = [
+        "<think>24 + 48 = 72\nso 72</think>\n<answer>72</answer>",  # spans lines
+        "  <think>short</think><answer>1</answer>\n",  # surrounding space is ignored
+        "<answer>72</answer>",
+        "<think>x</think><answer>1</answer> and some trailing chatter",
+    ]
+    assert format_reward([""] * 4, completions, pattern=pattern) == [1.0, 1.0, 0.0, 0.0]
+    assert format_reward([""] * 4, completions, pattern=r"<answer>\d+</answer>", full_match=False) == [1.0] * 4
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        format_reward([""], ["x"], pattern="(")
+
+
+def test_length_penalty():
+    completions = ["a" * n for n in (0, 60, 75, 90, 100, 250)]
+    assert length_penalty([""] * 6, completions, max_length=100, buffer=40, penalty=0.5) == \
+        [0.0, 0.0, -0.5 * 15 / 40, -0.5 * 30 / 40, -0.5, -0.5]  # fmt: skip
+    assert length_penalty([""] * 2, ["a" * 75, "a" * 76], max_length=100) == [0.0, -1 / 25]  # buffer = 25
+    assert length_penalty([""] * 2, ["a" * 100, "a" * 101], max_length=100, buffer=0) == [0.0, -1.0]
+    for kw, match in [(dict(max_length=0), "max_length"), (dict(max_length=10, buffer=11), "buffer"),
+                      (dict(max_length=10, penalty=-1.0), "penalty")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            length_penalty([""], ["a"], **kw)
+
+
+def test_builtins_load_by_name_and_combine():
+    assert {"math_answer", "format_reward", "length_penalty"} <= set(BUILTIN_REWARDS)
+    fmt = load_reward_fn("format_reward", pattern=r".*#### \d+")
+    total = combine(math_answer, (0.5, fmt), (2.0, load_reward_fn("length_penalty", max_length=12, buffer=0)))
+    out = total(["", "", ""], ["so #### 72", "so #### 71", "a long answer, #### 72"], answer=["72", "72", "72"])
+    assert out == [1.5, 0.5, 1.5 - 2.0]
