@@ -206,6 +206,7 @@ USAGE = """usage: fusedrl {train,demo} [options]
 
   train   PPO / GRPO / RLOO / REINFORCE++ training (fusedrl train --help)
   demo    the built-in demo (fusedrl demo --help)
+  dpo     offline preference optimisation: DPO / IPO / SimPO / ORPO on {prompt, chosen, rejected} pairs (fusedrl dpo --help)
 """
 
 
@@ -221,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest) or 0
+    if cmd == "dpo":
+        from .dpo import main as dpo_main
+
+        return dpo_main(rest) or 0
     print(f"fusedrl: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,487 @@
+"""``fusedrl dpo``: offline preference optimisation (DPO, IPO, SimPO, ORPO, + RPO's NLL term) on a JSONL file of
+preference pairs, through the fused lm_head loss (``fusedrl.kernels.linear_preference_loss``).
+
+    fusedrl dpo --policy sft-dir --data pairs.jsonl --loss-type dpo --beta 0.1 --output-dir runs/dpo
+
+Data: one JSON object per line with ``prompt``, ``chosen`` and ``rejected``. Either three strings (the
+response is tokenized after the prompt and ends with the tokenizer's eos), or chat messages as TRL writes
+them (``prompt``: a list of ``{"role", "content"}`` messages, ``chosen`` / ``rejected``: the assistant
+message(s), or a string taken as the assistant's content) rendered with the tokenizer's chat template.
+
+The recipe: tokenize and check every pair (errors name ``file:line``); the reference log-probs of every
+chosen and rejected response, computed once before the first update (by the policy itself unless
+``--ref-policy`` names another model, which then leaves memory); then ``epochs`` passes over the pairs,
+``pairs_per_step`` per optimizer step, packed padding-free into token-budget micro-batches by the C++
+planner (the two sequences of a pair always travel together). Output directory: ``metrics.jsonl``,
+``config.yaml``, checkpoints (``--save-every``, resumable with ``--resume``) and the final ``policy/``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from fusedrl.kernels import BACKENDS, LOSS_TYPES, PreferenceLossConfig
+
+# The per-pair-weighted metrics of a step (means over its pairs); the rest are per step.
+_PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio")  # fmt: skip
+
+
+@dataclass
+class DPOConfig:
+    """Everything ``fusedrl dpo`` needs; each field is a ``--kebab-case`` flag."""
+
+    policy: str = "tiny-llama"
+    """Policy to train: a preset name (fusedrl.engine.models.PRESETS), a local HF directory or a Hub id."""
+    data: str | None = None
+    """Preference pairs: a .jsonl file, one {"prompt", "chosen", "rejected"} object per line (strings or chat messages)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or Hub id; default: the policy's, or the built-in character tokenizer for a preset."""
+    ref_policy: str | None = None
+    """Reference policy for dpo/ipo; default: the policy itself before training (no second model is loaded)."""
+    loss_type: Literal[LOSS_TYPES] = "dpo"
+    """dpo (Rafailov et al. 2023), ipo (Azar et al. 2023), simpo (Meng et al. 2024) or orpo (Hong et al. 2024)."""
+    beta: float = 0.1
+    """dpo/simpo: implicit-reward scale; ipo: tau; orpo: lambda (weight of the odds-ratio term)."""
+    label_smoothing: float = 0.0
+    """dpo/simpo: assumed label-flip rate (conservative DPO); 0 = off."""
+    simpo_gamma: float = 0.5
+    """simpo: target reward margin."""
+    rpo_alpha: float = 0.0
+    """Weight of an NLL term on the chosen response (RPO, Pang et al. 2024); 0 = off."""
+    epochs: int = 1
+    """Passes over the pairs."""
+    pairs_per_step: int = 32
+    """Pairs per optimizer step (split into token-budget micro-batches with gradient accumulation)."""
+    max_tokens_per_microbatch: int = 4096
+    """Token budget of one packed forward/backward; a pair (both sequences) must fit in it."""
+    max_length: int | None = None
+    """Longest prompt + response in tokens (responses beyond it are truncated); None: the model's context."""
+    learning_rate: float = 1e-6
+    """AdamW peak learning rate (linear warmup, cosine decay to 10%)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm (None = off)."""
+    backend: Literal[BACKENDS] = "auto"
+    """Fused-op backend: auto = Triton on CUDA, the PyTorch reference on CPU."""
+    seed: int = 0
+    """Seed of the pair order (and of a preset's random weights)."""
+    output_dir: str = "runs/dpo"
+    """Where metrics.jsonl, config.yaml, checkpoints and the final policy/ go."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0 = only the final model)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (0 keeps all)."""
+    resume: bool = False
+    """Continue from the newest intact checkpoint in output_dir."""
+    overwrite: bool = False
+    """Start over in an output_dir that holds a run (its run files are deleted first)."""
+    progress: bool = True
+    """Show a progress bar."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the policy (and reference) weights."""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)."""
+
+    def __post_init__(self):
+        def need(ok, name, what):
+            if not ok:
+                raise ValueError(f"DPOConfig.{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("epochs", "pairs_per_step", "max_tokens_per_microbatch"):
+            need(getattr(self, name) >= 1, name, "an int >= 1")
+        for name in ("warmup_steps", "save_every", "keep_checkpoints", "seed", "threads"):
+            need(getattr(self, name) >= 0, name, "an int >= 0")
+        need(self.max_length is None or self.max_length >= 2, "max_length", "None or an int >= 2")
+        need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "a number > 0")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or > 0")
+        need(not (self.resume and self.overwrite), "overwrite", "False with resume=True (they exclude each other)")
+        self.loss_config()  # loss_type, beta, label_smoothing, ... checked where they are defined
+
+    def loss_config(self, temperature: float = 1.0) -> PreferenceLossConfig:
+        return PreferenceLossConfig(self.loss_type, self.beta, self.label_smoothing, self.simpo_gamma, self.rpo_alpha,
+                                    temperature)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: {prompt, chosen, rejected} JSONL -> token ids, every record checked
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncodedPair:
+    """One preference pair as token ids, and where it came from."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    where: str
+    """``file:line`` of the record."""
+
+
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _render_chat(tokenizer, prompt, response, where: str, field: str) -> tuple[str, str]:
+    """(prompt text with the generation prompt, response text): the template applied to prompt + response,
+    cut where the prompt's own rendering ends."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{where}: the record holds chat messages but the tokenizer has no chat template "
+                         "(give plain strings, or a tokenizer with a chat_template)")  # fmt: skip
+    if isinstance(response, str):
+        response = [{"role": "assistant", "content": response}]
+    if not _is_messages(response):
+        raise ValueError(f"{where}: {field!r} must be a string or a list of {{'role', 'content'}} messages")
+    if not any(str(m["content"]).strip() for m in response):
+        raise ValueError(f"{where}: {field!r} is empty (an empty response carries no preference)")
+    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(head):
+        raise ValueError(f"{where}: the chat template renders prompt + {field} with a different prefix than the "
+                         "prompt alone, so the response tokens cannot be told apart")  # fmt: skip
+    return head, full[len(head):]
+
+
+def encode_record(tokenizer, row, where: str, *, max_length: int | None) -> EncodedPair:
+    """Token ids of one record (see the module docstring for the formats); ValueError naming ``where``."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with 'prompt', 'chosen' and 'rejected', got "
+                         f"{type(row).__name__}")  # fmt: skip
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing} (each record needs 'prompt', 'chosen', 'rejected')")
+    prompt = row["prompt"]
+    ids = {}
+    if _is_messages(prompt):
+        for field in ("chosen", "rejected"):
+            head, text = _render_chat(tokenizer, prompt, row[field], where, field)
+            ids[field] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids["prompt"] = tokenizer(head, add_special_tokens=False)["input_ids"]
+    elif isinstance(prompt, str):
+        for field in ("chosen", "rejected"):
+            if not isinstance(row[field], str):
+                raise ValueError(f"{where}: {field!r} must be a string when 'prompt' is one, got "
+                                 f"{type(row[field]).__name__}")  # fmt: skip
+            if not row[field]:
+                raise ValueError(f"{where}: {field!r} is empty (an empty response carries no preference)")
+            ids[field] = tokenizer(row[field], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids["prompt"] = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        raise ValueError(f"{where}: 'prompt' must be a string or a list of chat messages, got {type(prompt).__name__}")
+    if not ids["prompt"]:
+        raise ValueError(f"{where}: 'prompt' encodes to zero tokens (the first response token needs a context)")
+    for field in ("chosen", "rejected"):
+        if not ids[field]:
+            raise ValueError(f"{where}: {field!r} encodes to zero tokens")
+    if max_length is not None:
+        if len(ids["prompt"]) >= max_length:
+            raise ValueError(f"{where}: the prompt is {len(ids['prompt'])} tokens, which leaves no room for a response "
+                             f"within max_length={max_length}")  # fmt: skip
+        room = max_length - len(ids["prompt"])
+        ids["chosen"], ids["rejected"] = ids["chosen"][:room], ids["rejected"][:room]
+    return EncodedPair(list(ids["prompt"]), list(ids["chosen"]), list(ids["rejected"]), where)
+
+
+def load_pairs(path: str | Path, tokenizer, *, max_length: int | None = None,
+               max_pair_tokens: int | None = None) -> list[EncodedPair]:  # fmt: skip
+    """Every record of a JSONL file as an ``EncodedPair``; a bad record raises ValueError naming ``file:line``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"preference data file {str(p)!r} does not exist")
+    pairs = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+        pair = encode_record(tokenizer, row, where, max_length=max_length)
+        total = 2 * len(pair.prompt) + len(pair.chosen) + len(pair.rejected)
+        if max_pair_tokens is not None and total > max_pair_tokens:
+            raise ValueError(f"{where}: the pair is {total} tokens (prompt twice, chosen and rejected), more than "
+                             f"max_tokens_per_microbatch={max_pair_tokens}: a pair is never split, raise the budget")  # fmt: skip
+        pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"preference data file {str(p)!r} holds no records")
+    return pairs
+
+
+def build_buffer(pairs: Sequence[EncodedPair]):
+    """A ``RolloutBuffer`` holding pair i as sequences 2i (prompt + chosen) and 2i + 1 (prompt + rejected),
+    response tokens masked in; and the (P,) token count of each pair."""
+    from .packing import RolloutBuffer
+
+    buf = RolloutBuffer(fields=())
+    tokens, masks = [], []
+    for pr in pairs:
+        for resp in (pr.chosen, pr.rejected):
+            tokens.append(np.asarray(pr.prompt + resp, dtype=np.int64))
+            masks.append(np.asarray([0] * len(pr.prompt) + [1] * len(resp), dtype=np.uint8))
+    buf.append_many(tokens, masks)
+    lengths = np.asarray([2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs], dtype=np.int64)
+    return buf, lengths
+
+
+def micro_batches(buf, lengths: np.ndarray, pair_ids: np.ndarray, max_tokens: int, device):
+    """``[(pair ids (p,), MicroBatch)]`` covering ``pair_ids``, each within the token budget, a pair's two
+    sequences side by side (packed sequences 2j, 2j + 1 are pair j of the micro-batch)."""
+    from .packing import plan_microbatches
+    from .scoring import MicroBatch
+
+    out = []
+    for idx in plan_microbatches(lengths[pair_ids], max_tokens)[0]:
+        if len(idx) == 0:
+            continue
+        ids = pair_ids[idx]
+        seq_ids = np.stack([2 * ids, 2 * ids + 1], 1).reshape(-1)
+        out.append((ids, MicroBatch(buf, seq_ids, device)))
+    return out
+
+
+def sequence_logps(model, mb, *, backend: str = "auto") -> torch.Tensor:
+    """(p, 2) float32 log pi(response | prompt) of a micro-batch's pairs (no gradient)."""
+    from fusedrl.kernels import linear_logprobs
+
+    from .models import output_head
+    from .scoring import packed_hidden_states
+
+    h = packed_hidden_states(model, mb)
+    weight, bias, scale = output_head(model)
+    lp = linear_logprobs(h, weight, mb.labels, bias=bias, temperature=1.0 / scale, backend=backend)
+    seq = torch.repeat_interleave(torch.arange(len(mb.cu_rows) - 1, device=lp.device), mb.cu_rows.diff().long())
+    return lp.new_zeros(len(mb.cu_rows) - 1).index_add(0, seq, lp).view(-1, 2)
+
+
+@torch.no_grad()
+def reference_logps(model, buf, lengths, max_tokens: int, device, *, backend="auto") -> torch.Tensor:
+    """(P, 2) float32 CPU log pi_ref of every pair's chosen and rejected response (``build_buffer``'s layout),
+    one packed pass over the data."""
+    from .attention import use_packed_attention
+    from .rollout import eval_mode
+
+    use_packed_attention(model)
+    out = torch.full((len(lengths), 2), math.nan)
+    with eval_mode(model):
+        for ids, mb in micro_batches(buf, lengths, np.arange(len(lengths)), max_tokens, device):
+            out[torch.from_numpy(ids)] = sequence_logps(model, mb, backend=backend).cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+def _load_tokenizer(cfg: DPOConfig):
+    from .models import PRESETS
+    from .tokenizer import build_char_tokenizer
+
+    if cfg.tokenizer is None and cfg.policy in PRESETS:
+        return build_char_tokenizer()
+    from . import tokenizer as tok_mod
+
+    name = cfg.tokenizer or cfg.policy
+    if hasattr(tok_mod, "load_tokenizer"):
+        return tok_mod.load_tokenizer(name)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _step_pairs(n_pairs: int, cfg: DPOConfig, step: int) -> np.ndarray:
+    """The pair ids of ``step`` (0-based): epoch-wise seeded shuffles, derived from (seed, epoch) alone so a
+    resumed run draws the same pairs."""
+    per_epoch = math.ceil(n_pairs / cfg.pairs_per_step)
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(n_pairs)
+    return order[k * cfg.pairs_per_step : (k + 1) * cfg.pairs_per_step]
+
+
+def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *,
+              ref_logps: torch.Tensor | None = None, run_config: dict | None = None) -> list[dict]:  # fmt: skip
+    """Train ``policy`` (an HF causal LM on its device) on encoded ``pairs``; returns the metrics rows.
+    metrics.jsonl, config.yaml (``run_config``), checkpoints and the final ``policy/`` go to ``cfg.output_dir``.
+    ``ref_logps`` (P, 2): the reference log-probs for dpo/ipo (``reference_logps`` of another model); default:
+    those of ``policy`` itself, scored before the first update. A resumed run takes them from its checkpoint."""
+    from fusedrl.kernels import linear_preference_loss
+
+    from .attention import use_packed_attention
+    from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
+    from .metrics import MetricsLogger
+    from .models import output_head
+    from .scoring import packed_hidden_states
+    from .sft import warmup_cosine
+
+    device = next(policy.parameters()).device
+    out = Path(cfg.output_dir)
+    latest = prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    if run_config is not None:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    use_packed_attention(policy)
+    buf, lengths = build_buffer(pairs)
+    n_pairs = len(pairs)
+    total = cfg.epochs * math.ceil(n_pairs / cfg.pairs_per_step)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))
+    step, ref = 0, ref_logps
+    if latest is not None:
+        state = load_checkpoint(latest)
+        if int(state["num_pairs"]) != n_pairs:
+            raise ValueError(f"resume: the checkpoint {str(latest)!r} was trained on {int(state['num_pairs'])} pairs, "
+                             f"the data now holds {n_pairs}")  # fmt: skip
+        policy.load_state_dict(state["policy"])
+        opt.load_state_dict(state["policy_optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, ref = int(state["step"]), state.get("ref_logps", ref)
+    needs_ref = cfg.loss_config().needs_reference
+    if needs_ref and ref is None:
+        t0 = time.perf_counter()
+        ref = reference_logps(policy, buf, lengths, cfg.max_tokens_per_microbatch, device, backend=cfg.backend)
+        print(f"fusedrl dpo: reference log-probs of {n_pairs} pairs in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)  # fmt: skip
+    if ref is not None and tuple(ref.shape) != (n_pairs, 2):
+        raise ValueError(f"ref_logps must be ({n_pairs}, 2), one (chosen, rejected) row per pair, got {tuple(ref.shape)}")
+
+    def save(at: int) -> None:
+        state = {"policy": policy.state_dict(), "policy_optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "step": at, "num_pairs": n_pairs}  # fmt: skip
+        if ref is not None:
+            state["ref_logps"] = ref
+        save_checkpoint(out, at, state, keep_last=cfg.keep_checkpoints)
+
+    _, _, scale = output_head(policy)
+    loss_cfg = cfg.loss_config(temperature=1.0 / scale)
+    rows = []
+    logger = MetricsLogger(out / "metrics.jsonl", progress=cfg.progress, total_steps=total,
+                           resume_step=step if latest is not None else None)  # fmt: skip
+    policy.train()
+    with logger:
+        while step < total:
+            t0 = time.perf_counter()
+            ids = _step_pairs(n_pairs, cfg, step)
+            opt.zero_grad(set_to_none=True)
+            sums: dict[str, torch.Tensor] = {}
+            n_tok = 0
+            for mb_ids, mb in micro_batches(buf, lengths, ids, cfg.max_tokens_per_microbatch, device):
+                h = packed_hidden_states(policy, mb)
+                weight, bias, _ = output_head(policy)
+                pair_index = torch.arange(2 * len(mb_ids), device=device).view(-1, 2)
+                ref_mb = ref[torch.from_numpy(mb_ids)].to(device) if needs_ref else None
+                loss, m = linear_preference_loss(h, weight, mb.labels, pair_index, mb.cu_rows, ref_mb, bias=bias,
+                                                 config=loss_cfg, num_pairs=len(ids), backend=cfg.backend)  # fmt: skip
+                loss.backward()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(mb_ids)
+                n_tok += int(mb.input_ids.shape[1])
+            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or math.inf)
+            if torch.isfinite(norm):  # a non-finite gradient never reaches the weights
+                opt.step()
+            sched.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            metrics = {k: (v / len(ids)).item() for k, v in sums.items()}  # one host sync per metric per step
+            metrics.update({"grad_norm": norm.item(), "lr": sched.get_last_lr()[0], "epoch": step * cfg.pairs_per_step
+                            / n_pairs, "perf/step_s": dt, "perf/tokens_per_s": n_tok / dt})  # fmt: skip
+            rows.append(logger.log(step, metrics))
+            if cfg.save_every and step % cfg.save_every == 0:
+                save(step)
+    if cfg.save_every and step % cfg.save_every:
+        save(step)
+    policy.eval()
+    policy.save_pretrained(out / "policy")
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out / "policy")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str]) -> DPOConfig:
+    from .config import add_dataclass_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="fusedrl dpo",
+        description="Offline preference optimisation (DPO / IPO / SimPO / ORPO, + RPO) on a JSONL file of "
+        "{prompt, chosen, rejected} pairs, from the fused lm_head. Writes metrics.jsonl, config.yaml, "
+        "checkpoints and the final policy/ to --output-dir.",
+    )
+    add_dataclass_arguments(parser, DPOConfig, "dpo settings (DPOConfig)")
+    ns = vars(parser.parse_args(list(argv)))
+    try:
+        cfg = DPOConfig(**ns)
+    except ValueError as e:
+        parser.error(str(e))
+    if cfg.data is None:
+        parser.error("--data is required (a .jsonl file of {prompt, chosen, rejected} records)")
+    return cfg
+
+
+def run(cfg: DPOConfig) -> list[dict]:
+    """Load the tokenizer, the data, the policy (and a reference), then ``train_dpo``."""
+    from .checkpoint import prepare_run_dir
+    from .distributed import resolve_device
+    from .models import PRESETS, build_causal_lm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    prepare_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # a refused run fails first
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    tokenizer = _load_tokenizer(cfg)
+    preset = cfg.policy in PRESETS
+    policy = build_causal_lm(cfg.policy, vocab_size=len(tokenizer) if preset else None, seed=cfg.seed, dtype=dtype)
+    policy.to(device)
+    max_length = cfg.max_length
+    if max_length is None:
+        from .rollout import context_length
+
+        max_length = context_length(policy)
+    pairs = load_pairs(cfg.data, tokenizer, max_length=max_length, max_pair_tokens=cfg.max_tokens_per_microbatch)
+    ref_logps = None
+    if cfg.ref_policy is not None and cfg.loss_config().needs_reference and not cfg.resume:
+        ref_policy = build_causal_lm(cfg.ref_policy, vocab_size=len(tokenizer) if cfg.ref_policy in PRESETS else None,
+                                     seed=cfg.seed, dtype=dtype).to(device)  # fmt: skip
+        buf, lengths = build_buffer(pairs)
+        ref_logps = reference_logps(ref_policy, buf, lengths, cfg.max_tokens_per_microbatch, device,
+                                    backend=cfg.backend)  # fmt: skip
+        del ref_policy, buf  # the reference leaves memory: only its (P, 2) log-probs are kept
+    run_config = dataclasses.asdict(cfg)
+    run_config.pop("resume"), run_config.pop("overwrite")
+    return train_dpo(policy, tokenizer, pairs, cfg, ref_logps=ref_logps, run_config=run_config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        rows = run(cfg)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        raise SystemExit(f"fusedrl dpo: {e}") from None
+    out = Path(cfg.output_dir)
+    last = rows[-1] if rows else {}
+    print(f"fusedrl dpo: {len(rows)} steps; last loss {last.get('loss', math.nan):.4f}, reward accuracy "
+          f"{last.get('rewards/accuracies', math.nan):.2f}; metrics in {out / 'metrics.jsonl'}, model in "
+          f"{out / 'policy'}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
