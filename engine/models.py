@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +215,78 @@ def build_reward_model(preset_or_path: str, vocab_size: int | None = None, seed:
     return model.to(dtype).eval()
 
 
+# ----------------------------------------------------------------------------------------------------
+# LoRA (peft)
+# ----------------------------------------------------------------------------------------------------
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("LoRA needs the peft package: pip install 'fusedrl[lora]'") from None
+    return peft
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft wrapper (``PeftModel``) with adapters that can be switched off."""
+    return callable(getattr(model, "disable_adapter", None)) and callable(getattr(model, "get_base_model", None))
+
+
+def apply_lora(model: nn.Module, *, r: int, alpha: float | None = None, dropout: float = 0.0,
+               target_modules: str | list[str] = "all-linear"):  # fmt: skip
+    """``model`` wrapped by peft with LoRA adapters of rank ``r`` (scale ``alpha / r``, ``alpha`` defaulting to
+    ``2 r``) on ``target_modules`` (peft's ``"all-linear"``: every linear layer but the output head, which the
+    fused loss reads as a plain ``nn.Linear``). Only the adapters train; with the trainer's default reference
+    (the same model, adapters disabled) the frozen weights are held once."""
+    peft = _peft()
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be an int >= 1, got {r!r}")
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
+    if not target_modules:
+        raise ValueError("LoRA target_modules must name at least one module (or be 'all-linear')")
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    names = [target_modules] if isinstance(target_modules, str) else target_modules
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    if head_name is not None and any(head_name == t or head_name.endswith("." + t) for t in names):
+        raise ValueError(f"LoRA target_modules {target_modules!r} include the output head {head_name!r}: the fused "
+                         "loss reads the head as a plain nn.Linear; adapt the other layers")  # fmt: skip
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
+                             target_modules=target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:
+        raise ValueError(f"LoRA target_modules {target_modules!r}: {str(e).splitlines()[0]}") from None
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module, disable: bool = True):
+    """The base model's function for the duration: a peft model with its adapters switched off (the LoRA
+    policy's reference, with no second copy of the weights); any other model, or ``disable=False``, as it is."""
+    if disable and is_peft_model(model):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None, merge_lora: bool = False,
+               state_dict: dict | None = None) -> None:  # fmt: skip
+    """``model`` as a directory ``from_pretrained`` loads, with its generation config and ``tokenizer``: a peft
+    model as its adapter (``PeftModel.from_pretrained(base, directory)``), or with ``merge_lora`` as a plain model
+    with the adapters merged in (the model itself is left unmerged)."""
+    directory = os.fspath(directory)
+    if merge_lora and is_peft_model(model):
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
+    gen = getattr(unwrap(model), "generation_config", None)
+    if gen is not None and not os.path.exists(os.path.join(directory, "generation_config.json")):
+        gen.save_pretrained(directory)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(directory)
+
+
 def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight (V, H), bias (V,) or None)`` of the model's output projection, for the fused linear ops.
     Tied embeddings are fine (the weight is then the input embedding matrix). Use ``output_head`` to also get
@@ -391,7 +464,11 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_causal_lm(cls, policy: nn.Module, *, seed: int = 0) -> ValueModel:
-        """A critic initialised from (a deep copy of) ``policy``'s body: it shares no parameters with it."""
+        """A critic initialised from (a deep copy of) ``policy``'s body: it shares no parameters with it. A LoRA
+        policy's critic is its base body without the adapters, fully trained (a plain transformers body, so it
+        saves and loads as one)."""
+        if is_peft_model(policy):
+            return cls(backbone_of(copy.deepcopy(policy).unload()), seed=seed)
         return cls(copy.deepcopy(backbone_of(policy)), seed=seed)
 
     def forward(

@@ -117,10 +117,17 @@ class PPOTrainer:
         policy.train()
 
         # The reference is a copy of the policy as given (before any update): KL is measured from there.
-        self.ref_policy = ref_policy if ref_policy is not None else copy.deepcopy(policy)
-        self.ref_policy.requires_grad_(False).eval()
-        disable_dropout(self.ref_policy)
-        use_packed_attention(self.ref_policy)
+        # A LoRA (peft) policy with no reference given is its own reference with the adapters disabled (the base
+        # model): the frozen weights are held once, not copied.
+        from .models import adapter_disabled, is_peft_model
+
+        shared = ref_policy is None and is_peft_model(policy)
+        self._ref_scope = lambda: adapter_disabled(policy, shared)  # noqa: E731
+        self.ref_policy = policy if shared else ref_policy if ref_policy is not None else copy.deepcopy(policy)
+        if not shared:
+            self.ref_policy.requires_grad_(False).eval()
+            disable_dropout(self.ref_policy)
+            use_packed_attention(self.ref_policy)
 
         if cfg.advantage_estimator == "gae":
             self.critic = critic if critic is not None else ValueModel.from_causal_lm(policy)
@@ -278,7 +285,8 @@ class PPOTrainer:
         micro = self._micro_batches(np.arange(len(buf)))
         old_logp = self._policy_root.run_gathered(score_logprobs, self.policy, micro, layout,
                                                   temperature=cfg.temperature, backend=cfg.backend)  # fmt: skip
-        ref_logp = score_logprobs(self.ref_policy, micro, layout, temperature=cfg.temperature, backend=cfg.backend)
+        with self._ref_scope():  # the LoRA policy's base model (adapters off), or the separate reference
+            ref_logp = score_logprobs(self.ref_policy, micro, layout, temperature=cfg.temperature, backend=cfg.backend)
         values = score_values(self.critic, micro, layout) if self.critic is not None else None
         if self.reward_model is not None:
             raw_scores = score_reward_model(self.reward_model, micro, len(buf))

@@ -4,6 +4,7 @@ packed result against the same model run per sequence (three-way against float64
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 from helpers import EPS, assert_close, assert_kernel_close
@@ -356,3 +357,80 @@ def test_score_packed_bad_input():
     with pytest.raises(ValueError, match=r"cu_seqlens must be a 1-D tensor \(B\+1,\)"):
         score_packed(rm, ids, pos, cu[None])
     assert build_reward_model("tiny-llama", vocab_size=VOCAB).config.pad_token_id == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA (peft)
+# ----------------------------------------------------------------------------------------------------
+def _param_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "gae"])
+def test_lora_policy_trains_adapters_and_is_its_own_reference(tmp_path, estimator):
+    """A peft policy: only the adapters move, the reference is the same module with its adapters disabled (no
+    copy of the weights) and equals the untouched base model, the fused head reads the wrapped model, and the
+    saved result is the adapter (or, merged, a plain model with the same logits)."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fusedrl.engine.models import adapter_disabled, apply_lora, save_model
+    from fusedrl.engine.scoring import score_logprobs
+    from fusedrl.engine.tokenizer import build_char_tokenizer
+    from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+
+    tok = build_char_tokenizer()
+    base = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
+    frozen = copy.deepcopy(base)
+    policy = apply_lora(base, r=4, target_modules="q_proj,v_proj")
+    cfg = PPOConfig(advantage_estimator=estimator, prompts_per_step=2, samples_per_prompt=3, max_new_tokens=6,
+                    learning_rate=5e-2, kl_coef=0.1, progress=False, output_dir=str(tmp_path / "run"))  # fmt: skip
+    reward = lambda prompts, completions: [float(len(set(c))) for c in completions]  # noqa: E731
+    with torch.random.fork_rng(devices=[]):
+        tr = PPOTrainer(policy, tok, reward, cfg)
+    assert tr.ref_policy is tr.policy  # held once: the memory a deepcopy reference would take is saved
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    tr.train(["ab", "hello", "x", "1+1="])
+    moved = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= trainable, sorted(moved - trainable)[:3]
+    # The reference scores: the policy with adapters off == the base model as it was, and != the trained policy.
+    micro = tr._micro_batches(np.arange(len(tr.buffer)))
+    with adapter_disabled(policy):
+        ref = score_logprobs(policy, micro, tr.layout, temperature=1.0)
+    use_packed_attention(frozen)
+    want = score_logprobs(frozen, micro, tr.layout, temperature=1.0)
+    assert_close(ref, want, atol=1e-5, name="reference = base model")
+    assert (score_logprobs(policy, micro, tr.layout, temperature=1.0) - want).abs().max() > 1e-4
+    # Saved: the adapter, loadable onto the base; with merging a plain model with the same logits.
+    out = tmp_path / "run" / "policy"
+    assert (out / "adapter_config.json").is_file() and (out / "tokenizer.json").is_file()
+    ids = torch.randint(4, len(tok), (2, 9))
+    policy.eval()
+    with torch.no_grad():
+        want_logits = policy(ids).logits
+        loaded = PeftModel.from_pretrained(copy.deepcopy(frozen), out).eval()
+        assert_close(loaded(ids).logits, want_logits, atol=1e-5, name="adapter reloaded")
+        save_model(policy, tmp_path / "merged", tokenizer=tok, merge_lora=True)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        assert_close(merged(ids).logits, want_logits, atol=1e-5, name="merged")
+    assert (tmp_path / "merged" / "generation_config.json").is_file()
+    if estimator == "gae":  # the critic is a plain body (no adapters), fully trained
+        assert not any("lora" in n for n, _ in tr.critic.named_parameters())
+        assert (tmp_path / "run" / "critic" / "backbone" / "config.json").is_file()
+    print(f"reference copy avoided: {_param_bytes(frozen) / 2**20:.2f} MiB (tiny-llama)")
+
+
+def test_apply_lora_bad_input():
+    pytest.importorskip("peft")
+    from fusedrl.engine.models import apply_lora
+
+    for kw, match in [(dict(r=0), "rank r must be an int >= 1"),
+                      (dict(r=2, target_modules="lm_head"), "include the output head 'lm_head'"),
+                      (dict(r=2, target_modules="no_such_layer"), "target_modules 'no_such_layer'|no_such_layer"),
+                      (dict(r=2, target_modules=" , "), "at least one module")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            apply_lora(build_causal_lm("tiny-llama", vocab_size=VOCAB), **kw)
