@@ -26,10 +26,31 @@
 namespace fusedrl {
 namespace {
 
+// Flat: one bin number per sequence instead of a vector per bin. The search over the bin count builds a
+// partition per step and only needs its fullest bin; per-bin index lists are built once, for the plan
+// that is kept (items_of), already ascending because sequences are visited in index order.
 struct Partition {
-    std::vector<int64_t> load;                // (k,) tokens per bin
-    std::vector<std::vector<int64_t>> items;  // (k,) sequence indices per bin, ascending
+    std::vector<int64_t> load;  // (k,) tokens per bin
+    std::vector<int64_t> bin;   // (n,) bin of each sequence
 };
+
+// Bin contents in CSR form: bin b holds items[start[b] .. start[b + 1]), ascending.
+struct Bins {
+    std::vector<int64_t> start;  // (k + 1,)
+    std::vector<int64_t> items;  // (n,)
+};
+
+Bins items_of(const Partition& p) {
+    const size_t k = p.load.size();
+    Bins out;
+    out.start.assign(k + 1, 0);
+    for (int64_t b : p.bin) ++out.start[static_cast<size_t>(b) + 1];
+    for (size_t b = 0; b < k; ++b) out.start[b + 1] += out.start[b];
+    out.items.resize(p.bin.size());
+    std::vector<int64_t> fill(out.start.begin(), out.start.end() - 1);
+    for (size_t i = 0; i < p.bin.size(); ++i) out.items[static_cast<size_t>(fill[static_cast<size_t>(p.bin[i])]++)] = static_cast<int64_t>(i);
+    return out;
+}
 
 int64_t max_load(const Partition& p) {
     int64_t m = 0;
@@ -82,23 +103,48 @@ int64_t spread_of(const KKTuple& t, int64_t k) {
 // result reuses the larger tuple's storage, so each merge costs O(b log k) for the smaller size b.
 // Singleton tuples are implicit: their spread is their length, so they leave the queue in by_length
 // order (ties: lower index, as their tuple id is their index) and need no storage of their own.
-Partition kk_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t k) {
+// Scratch memory of kk_partition, kept across the partitions of one plan's search: after the first one no
+// step allocates.
+struct KKWork {
+    std::vector<int64_t> head, tail, next;
+    std::vector<KKTuple> tuples;
+    std::vector<int64_t> free_slots;
+    std::vector<Queued> queue;  // a heap under QueuedOrder
+    std::vector<Entry> desc, popped;
+};
+
+void kk_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t k, KKWork& w,
+                  Partition& out) {
     const int64_t n = static_cast<int64_t>(len.size());
-    Partition out;
     out.load.assign(static_cast<size_t>(k), 0);
-    out.items.assign(static_cast<size_t>(k), {});
-    if (n == 0) return out;
+    out.bin.assign(static_cast<size_t>(n), 0);
+    if (n == 0) return;
     if (k == 1 || n == 1) {  // one bin takes everything
-        for (int64_t i = 0; i < n; ++i) out.load[0] += len[i], out.items[0].push_back(i);
-        return out;
+        for (int64_t i = 0; i < n; ++i) out.load[0] += len[i];
+        return;
     }
 
     // Bin contents as linked lists keyed by bin id: concatenating two bins is O(1).
-    std::vector<int64_t> head(n), tail(n), next(n, -1);
+    std::vector<int64_t>& head = w.head;
+    std::vector<int64_t>& tail = w.tail;
+    std::vector<int64_t>& next = w.next;
+    head.resize(static_cast<size_t>(n));
+    tail.resize(static_cast<size_t>(n));
+    next.assign(static_cast<size_t>(n), -1);
     for (int64_t i = 0; i < n; ++i) head[i] = tail[i] = i;
-    std::vector<KKTuple> tuples;
-    std::vector<int64_t> free_slots;
-    std::priority_queue<Queued, std::vector<Queued>, QueuedOrder> queue;
+    std::vector<KKTuple>& tuples = w.tuples;
+    for (KKTuple& t : tuples) t.heap.clear();  // capacity kept
+    std::vector<int64_t>& free_slots = w.free_slots;
+    free_slots.clear();
+    for (size_t slot = tuples.size(); slot-- > 0;) free_slots.push_back(static_cast<int64_t>(slot));
+    struct Queue {  // std::priority_queue over a reused vector
+        std::vector<Queued>& v;
+        bool empty() const { return v.empty(); }
+        const Queued& top() const { return v.front(); }
+        void pop() { std::pop_heap(v.begin(), v.end(), QueuedOrder{}), v.pop_back(); }
+        void push(const Queued& q) { v.push_back(q), std::push_heap(v.begin(), v.end(), QueuedOrder{}); }
+    } queue{w.queue};
+    w.queue.clear();
     int64_t next_single = 0;
     // The next tuple to combine: a stored tuple's slot, or -1 - i for singleton i. A singleton wins a
     // spread tie against any stored tuple: its id i < n is older.
@@ -129,7 +175,8 @@ Partition kk_partition(const std::vector<int64_t>& len, const std::vector<int64_
     };
 
     int64_t next_tid = n;
-    std::vector<Entry> desc, popped;
+    std::vector<Entry>& desc = w.desc;
+    std::vector<Entry>& popped = w.popped;
     for (int64_t remaining = n; remaining > 1; --remaining) {
         int64_t sa = take();
         int64_t sb = take();
@@ -173,51 +220,67 @@ Partition kk_partition(const std::vector<int64_t>& len, const std::vector<int64_
         }
         A.max_load = mx;
         if (sb >= 0) {
-            std::vector<Entry>().swap(tuples[sb].heap);
+            tuples[sb].heap.clear();  // keeps its capacity for the next tuple in this slot
             free_slots.push_back(sb);
         }
         queue.push({spread_of(A, k), next_tid++, sa});
     }
 
-    std::vector<Entry> bins = tuples[queue.top().slot].heap;
+    std::vector<Entry>& bins = desc;
+    bins.assign(tuples[queue.top().slot].heap.begin(), tuples[queue.top().slot].heap.end());
     std::sort(bins.begin(), bins.end(), [](const Entry& a, const Entry& b) {
         return a.load > b.load || (a.load == b.load && a.id < b.id);
     });
     for (size_t b = 0; b < bins.size(); ++b) {
         out.load[b] = bins[b].load;
-        for (int64_t i = head[bins[b].id]; i != -1; i = next[i]) out.items[b].push_back(i);
-        std::sort(out.items[b].begin(), out.items[b].end());
+        for (int64_t i = head[bins[b].id]; i != -1; i = next[i]) out.bin[i] = static_cast<int64_t>(b);
     }
-    return out;
 }
 
 // Longest processing time: sequences from longest to shortest, each into the currently lightest bin
 // (ties: lowest bin number).
-Partition lpt_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t k) {
-    Partition out;
+void lpt_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t k,
+                   std::vector<std::pair<int64_t, int64_t>>& heap, Partition& out) {
     out.load.assign(static_cast<size_t>(k), 0);
-    out.items.assign(static_cast<size_t>(k), {});
-    using Bin = std::pair<int64_t, int64_t>;  // (load, bin number)
-    std::vector<Bin> init(static_cast<size_t>(k));
-    for (int64_t b = 0; b < k; ++b) init[b] = {0, b};
-    std::priority_queue<Bin, std::vector<Bin>, std::greater<Bin>> queue(std::greater<Bin>{}, std::move(init));
+    out.bin.resize(len.size());
+    // A min-heap of (load, bin number) whose top is replaced in place: one sift-down per sequence instead of
+    // a pop and a push.
+    heap.resize(static_cast<size_t>(k));
+    for (int64_t b = 0; b < k; ++b) heap[b] = {0, b};  // already a heap
+    const size_t size = heap.size();
     for (int64_t i : by_length) {
-        Bin b = queue.top();
-        queue.pop();
-        b.first += len[i];
-        out.load[b.second] = b.first;
-        out.items[b.second].push_back(i);
-        queue.push(b);
+        std::pair<int64_t, int64_t> x = heap[0];
+        x.first += len[i];
+        out.load[x.second] = x.first;
+        out.bin[i] = x.second;
+        size_t pos = 0;
+        while (true) {
+            size_t child = 2 * pos + 1;
+            if (child >= size) break;
+            if (child + 1 < size && heap[child + 1] < heap[child]) ++child;
+            if (!(heap[child] < x)) break;
+            heap[pos] = heap[child];
+            pos = child;
+        }
+        heap[pos] = x;
     }
-    for (auto& items : out.items) std::sort(items.begin(), items.end());
-    return out;
 }
 
 enum class Balance { kKK, kLPT };
 
-Partition partition(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t k,
-                    Balance balance) {
-    return balance == Balance::kKK ? kk_partition(len, by_length, k) : lpt_partition(len, by_length, k);
+// Scratch memory of one plan's partitions.
+struct Work {
+    KKWork kk;
+    std::vector<std::pair<int64_t, int64_t>> lpt_heap;
+};
+
+void partition(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t k, Balance balance,
+               Work& w, Partition& out) {
+    if (balance == Balance::kKK) {
+        kk_partition(len, by_length, k, w.kk, out);
+    } else {
+        lpt_partition(len, by_length, k, w.lpt_heap, out);
+    }
 }
 
 // Assign S = R * M bins (sorted heaviest first) to R ranks, one bin of every chunk of R per rank.
@@ -293,9 +356,27 @@ std::vector<std::vector<int64_t>> assign_ranks(const std::vector<int64_t>& load,
 using Plan = std::vector<std::vector<std::vector<int64_t>>>;  // [rank][micro-batch] -> sequence indices
 
 // Sequence indices from longest to shortest, ties by index.
+// Token lengths are small integers (a context window), so a stable counting sort, O(n + longest), beats a
+// comparison sort several times over; absurd lengths fall back to std::sort.
 std::vector<int64_t> longest_first(const std::vector<int64_t>& len) {
-    std::vector<int64_t> order(len.size());
-    for (size_t i = 0; i < len.size(); ++i) order[i] = static_cast<int64_t>(i);
+    const size_t n = len.size();
+    std::vector<int64_t> order(n);
+    int64_t longest = 0;
+    for (int64_t l : len) longest = std::max(longest, l);
+    if (longest <= 4 * static_cast<int64_t>(n) + 65536) {
+        // pos[l] = first slot of length l in the output: every longer sequence comes before it.
+        std::vector<int64_t> pos(static_cast<size_t>(longest) + 2, 0);
+        for (int64_t l : len) ++pos[static_cast<size_t>(l)];
+        int64_t acc = 0;
+        for (int64_t l = longest; l >= 0; --l) {
+            const int64_t c = pos[static_cast<size_t>(l)];
+            pos[static_cast<size_t>(l)] = acc;
+            acc += c;
+        }
+        for (size_t i = 0; i < n; ++i) order[static_cast<size_t>(pos[static_cast<size_t>(len[i])]++)] = static_cast<int64_t>(i);
+        return order;
+    }
+    for (size_t i = 0; i < n; ++i) order[i] = static_cast<int64_t>(i);
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return len[a] > len[b] || (len[a] == len[b] && a < b); });
     return order;
 }
@@ -307,8 +388,9 @@ Plan plan_with(const std::vector<int64_t>& len, const std::vector<int64_t>& by_l
     int64_t total = 0;
     for (int64_t l : len) total += l;  // no overflow: checked at the boundary
 
+    Work work;
     auto fits = [&](int64_t M, Partition& out) {
-        out = partition(len, by_length, R * M, balance);
+        partition(len, by_length, R * M, balance, work, out);
         return max_load(out) <= max_tokens;
     };
     const int64_t bins_needed = total / max_tokens + (total % max_tokens != 0);
@@ -330,7 +412,7 @@ Plan plan_with(const std::vector<int64_t>& len, const std::vector<int64_t>& by_l
             const int64_t mid = lo + (hi - lo) / 2;
             if (fits(mid, trial)) {
                 hi = mid;
-                best = std::move(trial);
+                std::swap(best, trial);  // trial's buffers are reused by the next step
             } else {
                 lo = mid;
             }
@@ -342,7 +424,8 @@ Plan plan_with(const std::vector<int64_t>& len, const std::vector<int64_t>& by_l
     const int64_t S = R * M;
     std::vector<int64_t> order(static_cast<size_t>(S));
     for (int64_t b = 0; b < S; ++b) order[b] = b;
-    auto first = [&](int64_t b) { return best.items[b].empty() ? n : best.items[b][0]; };
+    const Bins bins = items_of(best);
+    auto first = [&](int64_t b) { return bins.start[b] == bins.start[b + 1] ? n : bins.items[bins.start[b]]; };
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
         return best.load[a] > best.load[b] || (best.load[a] == best.load[b] && first(a) < first(b));
     });
@@ -352,7 +435,10 @@ Plan plan_with(const std::vector<int64_t>& len, const std::vector<int64_t>& by_l
     std::vector<std::vector<int64_t>> rank_bins = assign_ranks(sorted_load, R, M, balance);
     Plan out(static_cast<size_t>(R));
     for (int64_t r = 0; r < R; ++r) {
-        for (int64_t c = 0; c < M; ++c) out[r].push_back(std::move(best.items[order[rank_bins[r][c]]]));
+        for (int64_t c = 0; c < M; ++c) {
+            const int64_t b = order[rank_bins[r][c]];
+            out[r].emplace_back(bins.items.begin() + bins.start[b], bins.items.begin() + bins.start[b + 1]);
+        }
     }
     return out;
 }
@@ -467,13 +553,18 @@ void bind_plan(py::module_& m) {
             std::vector<int64_t> len = checked_lengths(lengths, &at);
             // k bins are k output arrays: bounded like the plan's num_ranks * M.
             const int64_t k = int_arg("k", k_obj, 1, std::max<int64_t>(kMaxRanks, static_cast<int64_t>(len.size())));
-            Partition p;
+            Bins bins;
             {
                 py::gil_scoped_release nogil;
-                p = partition(len, longest_first(len), k, bal);
+                Work work;
+                Partition p;
+                partition(len, longest_first(len), k, bal, work, p);
+                bins = items_of(p);
             }
             py::list out;
-            for (const auto& items : p.items) out.append(to_numpy(items));
+            for (int64_t b = 0; b < k; ++b) {
+                out.append(to_numpy(std::vector<int64_t>(bins.items.begin() + bins.start[b], bins.items.begin() + bins.start[b + 1])));
+            }
             return out;
         },
         py::arg("lengths"), py::arg("k"), py::arg("balance") = "kk",
