@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test sanitize bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 	@# The pytest script, not `python -m pytest`: the latter puts the repo root on sys.path, where kernels/
 	@# and engine/ would shadow-import as top-level packages (transformers probes for `kernels`).
 	$(BIN)/pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS) tests
+
+# The rollout extension built with ASan + UBSan in build/sanitize (the in-place build is left alone), and
+# its tests plus a hypothesis fuzz of every function it exposes run against that build: a report fails.
+sanitize: $(STAMP)
+	VENV=$(VENV) bash tests/sanitizer/run.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_logprobs.py
