@@ -32,12 +32,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import device_name, peak_memory_gb, write_results  # noqa: E402
+from bench.common import device_name, write_results  # noqa: E402
 
 from fusedrl.engine.models import build_causal_lm  # noqa: E402
 from fusedrl.engine.tokenizer import build_char_tokenizer  # noqa: E402
 
 PROVIDERS = ("trl", "trl+fusedrl", "fusedrl-engine")
+ENGINE_PHASES = ("rollout", "score", "advantages", "update")  # PPOTrainer.step's laps, in order
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ CPU_SETTINGS = [
     Setting("tiny-llama", None, prompts_per_step=4, group=4, max_new_tokens=24, dtype="float32"),
     # The same body with a 32K vocabulary: the lm_head (2M of 2.2M parameters) dominates the step.
     Setting("tiny-llama", 32000, prompts_per_step=4, group=4, max_new_tokens=24, dtype="float32"),
+    # Qwen2's vocabulary on the same body: the (B, V) sampling and the (N, V) logits are the step.
+    Setting("tiny-llama", 151936, prompts_per_step=4, group=4, max_new_tokens=24, dtype="float32"),
 ]
 GPU_SETTINGS = [
     Setting("tiny-llama", None, prompts_per_step=8, group=8, max_new_tokens=128, dtype="bfloat16"),
@@ -85,16 +88,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _profiler_peak_gb(prof) -> float:
-    """Running peak of live bytes over a finished CPU memory profile, from per-op self accounting (the TRL step
-    is delimited by trainer callbacks, so it cannot be handed to bench.common.peak_memory_gb as a callable;
-    this approximation may undercount frees made inside autograd Functions, equally for every provider)."""
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**30
+def _memory_profiler():
+    """A CPU profiler that records every tensor's creation and destruction (what bench.common.peak_memory_gb
+    runs a callable under; the TRL step is delimited by trainer callbacks, so it is entered by hand here)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
+
+
+def _live_bytes(prof) -> list[tuple[int, int]]:
+    """(wall-clock ns, bytes live through torch above the profile's start) after each event of a finished
+    profile: the memory timeline bench.common.peak_memory_gb reads, for every provider alike."""
+    from torch.profiler._memory_profiler import Action, MemoryProfileTimeline  # private, torch >= 2.1
+
+    live, out = 0, []
+    for t, action, _, size in MemoryProfileTimeline(prof._memory_profile()).timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        out.append((t, live))
+    return out
+
+
+def _peak_gb(timeline, start_ns: int = 0, end_ns: int | None = None) -> float:
+    """Largest live bytes of ``_live_bytes`` between two wall-clock instants (ns), in GiB."""
+    end_ns = end_ns if end_ns is not None else 2**63
+    return max((b for t, b in timeline if start_ns <= t <= end_ns), default=0) / 2**30
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -107,11 +127,16 @@ def _summary(runs: list[dict]) -> dict:
     q = lambda f: ms[min(len(ms) - 1, int(f * (len(ms) - 1) + 0.5))]  # noqa: E731
     med = statistics.median(ms)
     tok = statistics.median(tokens)
-    return {
+    out = {
         "median_ms": med, "p20_ms": q(0.2), "p80_ms": q(0.8), "tokens_per_step": tok,
         "tokens_per_s": tok / (med / 1e3), "rollout_ms": statistics.median(rollout_s) * 1e3,
         "update_ms": med - statistics.median(rollout_s) * 1e3, "peak_mem_gb": peak_gb, "timed_steps": len(ms),
     }  # fmt: skip
+    if "phase_peaks" in runs[0]:  # the engine: its own phases, timed and profiled
+        for k in ENGINE_PHASES:
+            out[f"{k}_phase_ms"] = statistics.median(p[k] for r in runs for p in r["phase_s"]) * 1e3
+            out[f"peak_mem_{k}_gb"] = max(r["phase_peaks"][k] for r in runs)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,8 +160,7 @@ def run_trl(provider: str, s: Setting, device: str, model_dir: Path, steps: int,
         def on_step_begin(self, args, state, control, **kwargs):
             _sync(device)
             if state.global_step == profile_step:
-                cpu = torch.profiler.ProfilerActivity.CPU
-                self.prof = torch.profiler.profile(activities=[cpu], profile_memory=True)
+                self.prof = _memory_profiler()
                 self.prof.__enter__()
             elif device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -148,7 +172,7 @@ def run_trl(provider: str, s: Setting, device: str, model_dir: Path, steps: int,
             elapsed = time.perf_counter() - self.t0
             if self.prof is not None:
                 self.prof.__exit__(None, None, None)
-                self.cpu_peak, self.prof = _profiler_peak_gb(self.prof), None
+                self.cpu_peak, self.prof = _peak_gb(_live_bytes(self.prof)), None
                 return
             self.times.append(elapsed)
             if device == "cuda":
@@ -205,7 +229,7 @@ def run_engine(s: Setting, device: str, steps: int) -> dict:
     trainer = PPOTrainer(policy, tok, digit_reward, cfg)
     prompts = make_prompts(64)
     batches = [prompts[i * s.prompts_per_step : (i + 1) * s.prompts_per_step] for i in range(steps + 2)]
-    times, tokens, rollout, peaks = [], [], [], []
+    times, tokens, rollout, peaks, phase_s = [], [], [], [], []
     for i, batch in enumerate(batches[: steps + 1]):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -219,10 +243,23 @@ def run_engine(s: Setting, device: str, steps: int) -> dict:
         times.append(time.perf_counter() - t0)
         tokens.append(int(trainer.buffer.num_tokens))
         rollout.append(sum(m.get(f"perf/{k}_s", 0.0) for k in ("rollout", "score", "advantages")))
+        phase_s.append({k: m[f"perf/{k}_s"] for k in ENGINE_PHASES})
         if device == "cuda":
             peaks.append((torch.cuda.max_memory_allocated() - base) / 2**30)
-    peak = max(peaks) if device == "cuda" else peak_memory_gb(lambda: trainer.step(batches[-1]), device)
-    return {"times": times, "tokens": tokens, "rollout": rollout, "peak": peak}
+            phase_peaks = {k: m[f"perf/peak_mem_{k}_gb"] - base / 2**30 for k in ENGINE_PHASES}
+    if device == "cpu":
+        # One more step under the memory profiler, split into the trainer's phases by its lap times.
+        with _memory_profiler() as prof:
+            start = time.time_ns()
+            m = trainer.step(batches[-1])
+        timeline, phase_peaks = _live_bytes(prof), {}
+        for k in ENGINE_PHASES:
+            end = start + int(m[f"perf/{k}_s"] * 1e9)
+            phase_peaks[k] = _peak_gb(timeline, start, end)
+            start = end
+        peaks.append(_peak_gb(timeline))
+    return {"times": times, "tokens": tokens, "rollout": rollout, "peak": max(peaks), "phase_peaks": phase_peaks,
+            "phase_s": phase_s}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,6 +320,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None,
                     help="round-robin repeats of all providers (default 2 CPU, 1 GPU)")
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    ap.add_argument("--vocabs", nargs="+", type=int, default=None,
+                    help="run only the settings with these vocabulary sizes (the char vocabulary is 54)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU intra-op threads (default 1: on a shared box extra threads mostly wait on each other)")
     args = ap.parse_args(argv)
@@ -294,12 +333,16 @@ def main(argv=None):
     rounds = args.rounds or (1 if args.quick or device == "cuda" else 2)
     if args.quick:
         settings = settings[:1]
-    records = []
+    if args.vocabs:
+        settings = [s for s in settings if (s.vocab_size or len(build_char_tokenizer())) in args.vocabs]
+    records, load = [], [os.getloadavg()]
     for s in settings:
         print(f"{s.preset}: {s.prompts_per_step} prompts x {s.group} completions x {s.max_new_tokens} tokens",
               flush=True)
         records += run_setting(s, device, steps, rounds, args.providers)
-    write_results("e2e_grpo", device, records, extra={"steps": steps, "rounds": rounds})
+        load.append(os.getloadavg())
+    # The machine may be shared: the 1/5/15-minute load averages before and after each setting.
+    write_results("e2e_grpo", device, records, extra={"steps": steps, "rounds": rounds, "loadavg": load})
     print()
     print(readme_table(records, device))
 

@@ -152,20 +152,46 @@ class MetricsLogger:
 # Step timing and update statistics
 # ----------------------------------------------------------------------------------------------------
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA's allocator peak on a GPU, the resident-set peak on the CPU."""
+    """Peak memory of this process since the last ``reset_peak_memory`` (or its start): CUDA's allocator peak
+    (bytes allocated through torch) on a GPU; on the CPU the resident-set high-water mark (every byte the
+    process holds, Python and libraries included: a coarse view, since torch keeps no CPU allocator counters
+    outside its profiler), Linux's VmHWM or, where /proc is missing, ``ru_maxrss``."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     # ru_maxrss: kilobytes on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart ``peak_memory_gb`` from what is held now: CUDA's peak counter, or on Linux the resident-set
+    high-water mark (writing 5 to /proc/self/clear_refs); a no-op where neither exists."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 class PhaseTimer:
-    """Wall time per phase of a step; on CUDA each lap synchronises so the time lands in its phase."""
+    """Wall time and peak memory (``peak_memory_gb``, restarted at every phase) per phase of a step; on CUDA
+    each lap synchronises so the time lands in its phase."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.laps: dict[str, float] = {}
+        self.peaks_gb: dict[str, float] = {}
+        reset_peak_memory(device)
         self.t0 = self.last = time.perf_counter()
 
     def lap(self, name: str) -> None:
@@ -173,11 +199,18 @@ class PhaseTimer:
             torch.cuda.synchronize(self.device)  # host sync: once per phase, for honest phase times
         now = time.perf_counter()
         self.laps[name] = now - self.last
+        self.peaks_gb[name] = peak_memory_gb(self.device)
+        reset_peak_memory(self.device)
         self.last = now
 
     @property
     def total(self) -> float:
         return self.last - self.t0
+
+    @property
+    def peak_gb(self) -> float:
+        """The step's peak: the largest phase peak."""
+        return max(self.peaks_gb.values(), default=0.0)
 
 
 class UpdateStats:

@@ -48,7 +48,7 @@ from .attention import use_packed_attention
 from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
 from .config import PPOConfig
 from .distributed import Distributed, PolicyBody, fully_shard_policy, no_sync
-from .metrics import MetricsLogger, PhaseTimer, UpdateStats, explained_variance, peak_memory_gb
+from .metrics import MetricsLogger, PhaseTimer, UpdateStats, explained_variance
 from .models import ValueModel, disable_dropout, enable_checkpointing, logit_scale_of, output_head
 from .packing import RolloutBuffer, plan_microbatches
 from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer, generate_responses
@@ -256,9 +256,7 @@ class PPOTrainer:
         """One PPO step on these prompts (this rank's share): rollout, score, advantages, update.
         Returns the step's metrics (global over ranks)."""
         cfg, dist = self.config, self.dist
-        timer = PhaseTimer(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        timer = PhaseTimer(self.device)  # restarts the peak-memory counter
 
         # 1. Rollout: sample responses, put prompt + response sequences in the buffer.
         prompt_ids = encode_prompts(self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, context=self.context)
@@ -342,7 +340,9 @@ class PPOTrainer:
             "perf/tokens_per_s": n_tokens / max(timer.total, 1e-9),
             "perf/step_s": timer.total,
             **{f"perf/{k}_s": v for k, v in timer.laps.items()},
-            "perf/peak_mem_gb": peak_memory_gb(self.device),
+            # CUDA: bytes allocated through torch; CPU: the process's resident set (see metrics.peak_memory_gb).
+            "perf/peak_mem_gb": timer.peak_gb,
+            **{f"perf/peak_mem_{k}_gb": v for k, v in timer.peaks_gb.items()},
         }
         if self.critic is not None:
             metrics["value/explained_variance"] = explained_variance(dist.gather(values), dist.gather(returns))

@@ -364,3 +364,90 @@ def test_fresh_run_into_an_existing_run_is_refused(tok, tmp_path):
     assert not (tmp_path / "empty").exists()
     rows = make(tok, advantage_estimator="grpo", total_steps=1, output_dir=str(out)).train(PROMPTS[:2], overwrite=True)
     assert len(rows) == 1 and not (out / "ckpt-1").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollout sampling and the step's memory
+# ----------------------------------------------------------------------------------------------------
+def _frequencies_match(tokens, probs, n):
+    """Every token's count within 5 standard deviations of n * p, and never a token of probability 0."""
+    f = torch.bincount(tokens, minlength=len(probs)).double() / n
+    p = probs.double()
+    z = (f - p).abs() / (p * (1 - p) / n).sqrt().clamp(min=1e-12)
+    assert float(z.max()) < 5, f"token {int(z.argmax())}: frequency {float(f[z.argmax()])}, probability {float(p[z.argmax()])}"
+    assert not bool((f[p == 0] > 0).any()), "drew a token of probability 0"
+
+
+def test_sampler_draws_from_softmax_of_logits_over_temperature(monkeypatch):
+    from fusedrl.engine import rollout
+
+    # Blocks of 8 over V=37: four full blocks, a short last one, a -inf token and a whole block of -inf.
+    monkeypatch.setattr(rollout, "_SAMPLE_BLOCK", 8)
+    torch.manual_seed(0)
+    V, n, T = 37, 40000, 0.7
+    logits = torch.randn(V) * 1.5
+    logits[5] = logits[16:24] = -math.inf
+    _frequencies_match(rollout.sample_next_tokens(logits.expand(n, V).clone(), T), torch.softmax(logits / T, -1), n)
+    # A row with NaN, or no finite logit, raises instead of drawing anything.
+    for bad in (torch.tensor([0.0, math.nan, 1.0]), torch.full((3,), -math.inf)):
+        with pytest.raises(RuntimeError, match="probability tensor"):
+            rollout.sample_next_tokens(bad[None].clone(), 1.0)
+
+
+def test_sampler_with_top_k_top_p_matches_transformers_warpers(monkeypatch):
+    from fusedrl.engine import rollout
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    monkeypatch.setattr(rollout, "_SAMPLE_BLOCK", 8)
+    torch.manual_seed(1)
+    V, n, T = 41, 40000, 0.9
+    logits = torch.randn(V) * 0.6
+    out = rollout.NextTokenSampler(T, top_p=0.8, top_k=12)(None, logits.expand(n, V).clone())
+    # What generate's argmax sees: 0 at the drawn token, -inf elsewhere.
+    assert bool((out.max(-1).values == 0).all()) and int(torch.isfinite(out).sum()) == n
+    warped = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(12)(None, (logits / T)[None]))[0]
+    _frequencies_match(out.argmax(-1), torch.softmax(warped, -1), n)
+
+
+def test_generate_with_top_k_1_is_greedy_decoding(tok):
+    """The sampler's draw is the token generate emits (EOS and padding handled by generate as before)."""
+    from fusedrl.engine.rollout import generate_responses
+
+    policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3)
+    prompts = [tok("hello")["input_ids"], tok("ab")["input_ids"]]
+    got = generate_responses(policy, prompts, max_new_tokens=7, temperature=0.8, top_k=1, eos_token_id=None,
+                             pad_token_id=tok.pad_token_id)  # fmt: skip
+    for p, r in zip(prompts, got):
+        want = policy.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               do_sample=False, max_new_tokens=7, pad_token_id=tok.pad_token_id)[0, len(p):]  # fmt: skip
+        assert r == want.tolist()
+
+
+def test_generation_holds_few_vocabulary_sized_tensors(tok):
+    """No (B, V) buffers beyond the three generate's loop holds (the model's last logits, its float32 copy, the
+    previous token's scores): no processor clones the scores (min_new_tokens=0 used to add one), the sampler
+    works in place. The torch allocator's peak during a rollout at V=32000 stays under 4 (B, V) float32."""
+    from fusedrl.engine.rollout import generate_responses
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfileTimeline  # as bench/common.py
+
+    V, B = 32000, 8
+    policy = build_causal_lm("tiny-llama", vocab_size=V, seed=0)
+    prompts = [tok(p)["input_ids"] for p in ["ab", "hello", "x", "1+1="] * 2]
+    generate_responses(policy, prompts[:1], max_new_tokens=2, temperature=1.0, eos_token_id=None, pad_token_id=0)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        generate_responses(policy, prompts, max_new_tokens=6, temperature=1.0, eos_token_id=None, pad_token_id=0)
+    live = peak = 0
+    for _, action, _, size in MemoryProfileTimeline(prof._memory_profile()).timeline:
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    assert peak < 4 * B * V * 4, f"rollout peak {peak / 2**20:.1f} MiB = {peak / (B * V * 4):.1f} (B, V) buffers"
+
+
+def test_step_reports_the_peak_memory_of_each_phase(tok):
+    tr = make(tok, advantage_estimator="grpo")
+    torch.manual_seed(0)
+    m = tr.step(PROMPTS[:2])
+    phases = [m[f"perf/peak_mem_{k}_gb"] for k in ("rollout", "score", "advantages", "update")]
+    assert all(math.isfinite(v) and v > 0 for v in phases), phases
+    assert m["perf/peak_mem_gb"] == max(phases)
