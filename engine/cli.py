@@ -2,6 +2,8 @@
 
     fusedrl train --prompts prompts.jsonl --reward-fn count_token --reward-kwargs '{"token": "a"}' \\
                   --advantage-estimator grpo --total-steps 50 --output-dir runs/a
+    fusedrl train --policy Qwen/Qwen2.5-0.5B-Instruct --lora-r 16 --prompts gsm8k.jsonl \\
+                  --reward-fn math_answer --advantage-estimator grpo   # chat prompts, the "answer" column
     fusedrl train --config run.yaml --kl-coef 0.02          # flags override the YAML file
     fusedrl train --config run.yaml --resume                 # continue from output_dir's latest checkpoint
     fusedrl demo ...                                         # fusedrl.engine.demo
@@ -17,12 +19,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
+import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .config import PPOConfig, add_dataclass_arguments, convert_field, dataclass_fields
+# Nothing here imports torch at module level: `fusedrl --help` and `fusedrl --version` answer at once.
 
 
 @dataclass
@@ -30,17 +36,33 @@ class TrainArgs:
     """What ``fusedrl train`` needs besides the trainer's PPOConfig."""
 
     prompts: str | None = None
-    """Prompts: a .jsonl file (a "prompt" or "text" field per line) or a text file (one prompt per line)."""
+    """Prompts: a .jsonl/.json/.parquet/.csv/.txt file, a datasets directory (save_to_disk) or a Hub data set name. A row's prompt is a string or a list of chat messages (rendered with the tokenizer's chat template); its other columns reach reward_fn as keyword arguments (e.g. answer=)."""
+    prompt_field: str | None = None
+    """Column holding the prompt (default: the first of prompt, question, text)."""
+    dataset_split: str = "train"
+    """Split of a datasets directory or Hub data set."""
+    dataset_config: str | None = None
+    """Configuration (subset) of a Hub data set, e.g. main for openai/gsm8k."""
     policy: str = "tiny-llama"
-    """Policy: a preset name (see fusedrl.engine.models.PRESETS) or a local HF model directory."""
+    """Policy: a preset name (see fusedrl.engine.models.PRESETS), a local HF model directory or a Hub id such as Qwen/Qwen2.5-0.5B-Instruct (downloaded into the Hub cache once; HF_HUB_OFFLINE=1 uses the cache only)."""
     tokenizer: str | None = None
-    """Tokenizer directory; default: the policy directory, or the built-in character tokenizer for a preset."""
+    """Tokenizer directory or Hub id; default: the policy's, or the built-in character tokenizer for a preset."""
     reward_model: str | None = None
-    """Reward model: a preset name or a local HF sequence-classification directory (exclusive with reward_fn)."""
+    """Reward model: a preset name, a local HF sequence-classification directory or a Hub id (exclusive with reward_fn)."""
     reward_fn: str | None = None
-    """Rule-based reward: a built-in (count_token, target_length, echo_prompt), module:function or file.py:function."""
+    """Rule-based reward: a built-in (math_answer, format_reward, length_penalty, count_token, target_length, echo_prompt), module:function or file.py:function."""
     reward_kwargs: str = "{}"
-    """Keyword arguments bound to reward_fn, as a JSON object, e.g. '{"token": "a"}'."""
+    """Keyword arguments bound to reward_fn, as a JSON object, e.g. '{"token": "a"}' or '{"pattern": "#### [0-9]+"}'."""
+    lora_r: int = 0
+    """LoRA rank (0: train all weights). Needs peft (pip install 'fusedrl[lora]'); the reference policy is then the base model with the adapter disabled (no second copy of the weights), and policy/ holds the adapter."""
+    lora_alpha: float | None = None
+    """LoRA alpha (default: 2 * lora_r)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout (the trainer sets every dropout to 0 anyway: PPO's ratio needs deterministic forwards)."""
+    lora_target_modules: str = "all-linear"
+    """Modules given LoRA adapters: comma-separated names (q_proj,v_proj) or all-linear (every linear layer but the output head)."""
+    merge_lora: bool = False
+    """Save the final policy with the LoRA adapter merged into its weights (a plain model) instead of the adapter alone."""
     resume: bool = False
     """Continue from the newest intact checkpoint in output_dir (its metrics rows after that step are dropped)."""
     overwrite: bool = False
@@ -50,13 +72,15 @@ class TrainArgs:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the policy, reference, critic and reward model weights."""
     threads: int = 0
-    """torch CPU threads (0: torch's default)."""
+    """torch CPU threads (0: the CPUs this process may actually use: its affinity mask capped by the cgroup CPU quota, divided among torchrun's local ranks; torch's own default counts every visible core and oversubscribes a CPU-limited container)."""
 
 
 # ----------------------------------------------------------------------------------------------------
 # fusedrl train: flags
 # ----------------------------------------------------------------------------------------------------
 def build_train_parser() -> argparse.ArgumentParser:
+    from .config import PPOConfig, add_dataclass_arguments
+
     parser = argparse.ArgumentParser(
         prog="fusedrl train",
         description="Train a causal LM with PPO / GRPO / RLOO / REINFORCE++ against a reward model or a "
@@ -71,10 +95,30 @@ def build_train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_train_args(argv: list[str]) -> tuple[TrainArgs, PPOConfig]:
-    """Defaults <- YAML file <- flags, validated into the two dataclasses."""
+def _join_negative_numbers(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--flag -1e-3`` as ``--flag=-1e-3``: argparse takes a value that starts with ``-`` and is not a plain
+    ``-1`` / ``-0.5`` for an option and says "expected one argument"."""
+    takes_value = {opt for a in parser._actions if a.nargs is None and a.option_strings for opt in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and _NEGATIVE_NUMBER.fullmatch(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
+def parse_train_args(argv: list[str]):
+    """Defaults <- YAML file <- flags, validated into ``(TrainArgs, PPOConfig)``."""
+    from .config import PPOConfig, convert_field, dataclass_fields
+
     parser = build_train_parser()
-    ns = vars(parser.parse_args(argv))
+    ns = vars(parser.parse_args(_join_negative_numbers(list(argv), parser)))
     yaml_path = ns.pop("config")
     values: dict = {}
     known = {f.name: tp for cls in (TrainArgs, PPOConfig) for f, tp in dataclass_fields(cls)}
@@ -108,37 +152,74 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, PPOConfig]:
 # ----------------------------------------------------------------------------------------------------
 # fusedrl train
 # ----------------------------------------------------------------------------------------------------
-def load_prompts(path: str) -> list[str]:
-    """Prompts from a .jsonl file (field "prompt" or "text", or a bare JSON string per line) or a text
-    file (one prompt per non-empty line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompts file {str(p)!r} does not exist")
-    prompts = []
-    if p.suffix in (".jsonl", ".json"):
-        for n, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if isinstance(row, str):
-                prompts.append(row)
-            elif isinstance(row, dict) and isinstance(row.get("prompt", row.get("text")), str):
-                prompts.append(row.get("prompt", row.get("text")))
-            else:
-                raise ValueError(
-                    f"{p}:{n}: each line must be a JSON string or an object with a 'prompt' (or 'text') string"
-                )
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask, capped by the cgroup CPU quota (v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, rounded up). A container limited to 2 CPUs on a 64-core host
+    sees 64 cores; torch's default of one thread per core then makes every step many times slower."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    root = Path(cgroup_root)
+    quota = period = None
+    try:
+        fields = (root / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            quota, period = float(fields[0]), float(fields[1]) if len(fields) > 1 else 100000.0
+    except (OSError, ValueError, IndexError):
+        try:
+            quota = float((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = float((root / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota is not None and period and quota > 0:
+        n = min(n, math.ceil(quota / period))
+    return max(1, n)
+
+
+def default_threads() -> int:
+    """Intra-op threads per process: ``available_cpus`` shared among torchrun's processes on this node."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, available_cpus() // max(local, 1))
+
+
+def _fail(message) -> SystemExit:
+    """A user mistake: one line on stderr, exit status 1, no traceback."""
+    text = " ".join(str(message).split()) if "\n" in str(message) else str(message)
+    return SystemExit(f"fusedrl train: {text}")
+
+
+def _check_extras(args: TrainArgs, cfg) -> None:
+    import importlib.util
+
+    if args.lora_r and importlib.util.find_spec("peft") is None:
+        raise _fail("--lora-r needs the peft package: pip install 'fusedrl[lora]'")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise _fail("--tensorboard needs the tensorboard package: pip install 'fusedrl[tensorboard]'")
+
+
+def _outputs(out: Path, *, lora: bool, merged: bool) -> list[tuple[str, str]]:
+    """What a finished run left in ``out``, each with how to use it."""
+    if lora and not merged:
+        policy = "the LoRA adapter + tokenizer: PeftModel.from_pretrained(base_model, this directory)"
     else:
-        prompts = [line for line in p.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {str(p)!r} holds no prompts")
-    return prompts
+        policy = "the trained policy + tokenizer + generation config: AutoModelForCausalLM.from_pretrained"
+    items = [("metrics.jsonl", "one JSON object of metrics per step"),
+             ("config.yaml", f"the run's settings: fusedrl train --config {out / 'config.yaml'} repeats it"),
+             ("policy", policy), ("critic", "the critic (ValueModel.from_pretrained)"),
+             ("tensorboard", f"tensorboard --logdir {out / 'tensorboard'}")]  # fmt: skip
+    found = [(name + ("/" if (out / name).is_dir() else ""), what) for name, what in items if (out / name).exists()]
+    ckpts = sorted(out.glob("ckpt-*"))
+    if ckpts:
+        found.append((f"{ckpts[-1].name}/", f"newest of {len(ckpts)} checkpoint(s): --resume continues from it"))
+    return found
 
 
 def train_main(argv: list[str]) -> int:
     args, cfg = parse_train_args(argv)
     if args.prompts is None:
-        raise SystemExit("fusedrl train: --prompts is required (a .jsonl or text file)")
+        raise SystemExit("fusedrl train: --prompts is required (a .jsonl/.json/.parquet/.csv/.txt file, a datasets "
+                         "directory or a Hub data set name)")  # fmt: skip
     if (args.reward_model is None) == (args.reward_fn is None):
         raise SystemExit("fusedrl train: give exactly one of --reward-model and --reward-fn")
     try:
@@ -149,54 +230,86 @@ def train_main(argv: list[str]) -> int:
         raise SystemExit(f"fusedrl train: --reward-kwargs must be a JSON object, got {args.reward_kwargs!r}")
     if reward_kwargs and args.reward_fn is None:
         raise SystemExit("fusedrl train: --reward-kwargs applies to --reward-fn only")
+    if args.lora_r < 0:
+        raise SystemExit(f"fusedrl train: --lora-r must be >= 0, got {args.lora_r}")
+    if args.merge_lora and not args.lora_r:
+        raise SystemExit("fusedrl train: --merge-lora applies with --lora-r only")
     if cfg.output_dir is None:
         cfg = dataclasses.replace(cfg, output_dir="runs/fusedrl")
+    _check_extras(args, cfg)
+    started = time.monotonic()
 
     import torch
 
     from .checkpoint import prepare_run_dir
+    from .data import bind_columns, load_prompt_data
     from .distributed import init_distributed, resolve_device
-    from .models import PRESETS, build_causal_lm, build_reward_model
+    from .models import PRESETS, apply_lora, build_causal_lm, build_reward_model, is_peft_model, save_model
     from .rewards import load_reward_fn
-    from .tokenizer import build_char_tokenizer
+    from .tokenizer import build_char_tokenizer, load_tokenizer
     from .trainer import PPOTrainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    init_distributed()
-    device = resolve_device(args.device)
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        try:  # a refused run fails in a second, not after building the models (train() checks again)
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    # User mistakes found while setting up (a missing file or model, no CUDA, an unknown reward, a bad column)
+    # are one line each; a failure once training runs keeps its traceback.
+    try:
+        init_distributed()
+        device = resolve_device(args.device)
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if rank0:  # a refused run fails in a second, not after building the models (train() checks again)
             prepare_run_dir(cfg.output_dir, resume=args.resume, overwrite=args.overwrite)
-        except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-            raise SystemExit(f"fusedrl train: {e}") from None
-    dtype = getattr(torch, args.dtype)
-    prompts = load_prompts(args.prompts)
-
-    if args.tokenizer is not None or args.policy not in PRESETS:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.policy, local_files_only=True)
-    else:
-        tokenizer = build_char_tokenizer()
-    vocab = len(tokenizer) if args.policy in PRESETS else None
-    policy = build_causal_lm(args.policy, vocab_size=vocab, seed=cfg.seed, dtype=dtype).to(device)
-    if args.reward_fn is not None:
-        reward = load_reward_fn(args.reward_fn, **reward_kwargs)
-    else:
-        rm_vocab = len(tokenizer) if args.reward_model in PRESETS else None
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        reward = build_reward_model(args.reward_model, vocab_size=rm_vocab, seed=cfg.seed + 1, pad_token_id=pad,
-                                    dtype=dtype).to(device)  # fmt: skip
-
-    trainer = PPOTrainer(policy, tokenizer, reward, cfg)
+        dtype = getattr(torch, args.dtype)
+        if args.tokenizer is not None or args.policy not in PRESETS:
+            tokenizer = load_tokenizer(args.tokenizer or args.policy, "tokenizer" if args.tokenizer else "policy")
+        else:
+            tokenizer = build_char_tokenizer()
+        data = load_prompt_data(args.prompts, prompt_field=args.prompt_field, tokenizer=tokenizer,
+                                split=args.dataset_split, config=args.dataset_config)  # fmt: skip
+        reward_fn = bind_columns(load_reward_fn(args.reward_fn, **reward_kwargs), data) if args.reward_fn else None
+        vocab = len(tokenizer) if args.policy in PRESETS else None
+        policy = build_causal_lm(args.policy, vocab_size=vocab, seed=cfg.seed, dtype=dtype)
+        if args.lora_r:
+            policy = apply_lora(policy, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                target_modules=args.lora_target_modules)  # fmt: skip
+        policy = policy.to(device)
+        if reward_fn is not None:
+            reward = reward_fn
+        else:
+            rm_vocab = len(tokenizer) if args.reward_model in PRESETS else None
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            reward = build_reward_model(args.reward_model, vocab_size=rm_vocab, seed=cfg.seed + 1, pad_token_id=pad,
+                                        dtype=dtype).to(device)  # fmt: skip
+        trainer = PPOTrainer(policy, tokenizer, reward, cfg)
+    except (OSError, ValueError, TypeError, ImportError) as e:  # FileNotFoundError, FileExistsError, ...
+        raise _fail(e) from None
+    if trainer.rank == 0:
+        msg = f"fusedrl train: {len(data)} prompts from {args.prompts}, policy {args.policy} on {device}"
+        msg += f" ({threads} CPU threads)" if device.type == "cpu" else ""
+        if is_peft_model(policy):
+            n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+            n_all = sum(p.numel() for p in policy.parameters())
+            ref_mib = sum(p.numel() * p.element_size() for p in policy.parameters() if not p.requires_grad) / 2**20
+            msg += (f"; LoRA r={args.lora_r}: {n_train:,} of {n_all:,} parameters train, the reference is the base "
+                    f"model with the adapter disabled ({ref_mib:,.1f} MiB not copied)")  # fmt: skip
+        print(msg, file=sys.stderr)
     out = Path(cfg.output_dir)
     run = {**dataclasses.asdict(args), **dataclasses.asdict(cfg)}
     run.pop("resume"), run.pop("overwrite")  # how this invocation treats the directory, not part of the run
-    trainer.train(prompts, resume=args.resume, overwrite=args.overwrite, run_config=run)
+    trainer.train(data.prompts, resume=args.resume, overwrite=args.overwrite, run_config=run)
     if trainer.rank == 0:
-        print(f"fusedrl train: {cfg.total_steps} steps done; metrics in {out / 'metrics.jsonl'}, "
-              f"model in {out / 'policy'}", file=sys.stderr)  # fmt: skip
+        if args.merge_lora:  # policy/ becomes the plain model with the adapter merged in
+            import shutil
+
+            tmp = out / "policy.merging"
+            save_model(trainer.policy, tmp, tokenizer=tokenizer, merge_lora=True)
+            shutil.rmtree(out / "policy")
+            os.replace(tmp, out / "policy")
+        elapsed = time.monotonic() - started
+        lines = [f"fusedrl train: {cfg.total_steps} steps done in {elapsed:.0f} s; outputs in {out}/"]
+        width = max(len(n) for n, _ in _outputs(out, lora=bool(args.lora_r), merged=args.merge_lora))
+        lines += [f"  {n:<{width}}  {what}" for n, what in _outputs(out, lora=bool(args.lora_r), merged=args.merge_lora)]
+        print("\n".join(lines), file=sys.stderr)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
@@ -207,6 +320,8 @@ USAGE = """usage: fusedrl {train,demo} [options]
   train   PPO / GRPO / RLOO / REINFORCE++ training (fusedrl train --help)
   demo    the built-in demo (fusedrl demo --help)
   dpo     offline preference optimisation: DPO / IPO / SimPO / ORPO on {prompt, chosen, rejected} pairs (fusedrl dpo --help)
+
+  fusedrl --version prints the installed version
 """
 
 
@@ -215,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from fusedrl import __version__
+
+        print(f"fusedrl {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         return train_main(rest)

@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,7 +254,9 @@ def apply_lora(model: nn.Module, *, r: int, alpha: float | None = None, dropout:
     config = peft.LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
                              target_modules=target_modules, task_type="CAUSAL_LM")  # fmt: skip
     try:
-        return peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft probes a property transformers 5 deprecates; not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(model, config)
     except ValueError as e:
         raise ValueError(f"LoRA target_modules {target_modules!r}: {str(e).splitlines()[0]}") from None
 

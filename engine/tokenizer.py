@@ -34,7 +34,7 @@ def build_char_tokenizer(chars: str = DEFAULT_CHARS, *, model_max_length: int = 
     )
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, what: str = "tokenizer"):
     """``AutoTokenizer.from_pretrained(name)`` for a local directory or a Hub id (cache and ``HF_HUB_OFFLINE``
     honoured), with one clear line when it cannot be found. A tokenizer without a pad token pads with EOS
     (generation batches need one)."""
@@ -42,7 +42,7 @@ def load_tokenizer(name: str):
 
     from .models import load_pretrained
 
-    tok = load_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer")
+    tok = load_pretrained(AutoTokenizer.from_pretrained, name, what)
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

@@ -68,19 +68,38 @@ def test_parser_errors(tmp_path, capsys, argv, yaml_text, match):
     assert re.search(match, capsys.readouterr().err), capsys.readouterr().err
 
 
-def test_load_prompts(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"prompt": "ab"}\n\n{"text": "cd"}\n"ef"\n')
-    assert cli.load_prompts(str(tmp_path / "a.jsonl")) == ["ab", "cd", "ef"]
-    (tmp_path / "b.txt").write_text("x y\n\nz\n")
-    assert cli.load_prompts(str(tmp_path / "b.txt")) == ["x y", "z"]
-    (tmp_path / "bad.jsonl").write_text('{"q": 1}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
-        cli.load_prompts(str(tmp_path / "bad.jsonl"))
-    (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(ValueError, match="holds no prompts"):
-        cli.load_prompts(str(tmp_path / "empty.txt"))
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
-        cli.load_prompts(str(tmp_path / "nope.txt"))
+def test_negative_numbers_in_scientific_notation_parse(capsys):
+    parser = cli.build_train_parser()
+    argv = ["--kl-coef", "-1e-3", "--reward-clip", "-.5", "--seed", "-2", "--no-progress", "--prompts", "-1e3.txt"]
+    assert cli._join_negative_numbers(argv, parser) == ["--kl-coef=-1e-3", "--reward-clip=-.5", "--seed=-2",
+                                                        "--no-progress", "--prompts", "-1e3.txt"]  # fmt: skip
+    # The value reaches the field's check (before: "argument --kl-coef: expected one argument").
+    with pytest.raises(SystemExit):
+        cli.parse_train_args(["--kl-coef", "-1e-3"])
+    err = capsys.readouterr().err
+    assert "PPOConfig.kl_coef must be a number >= 0, got -0.001" in err and "expected one argument" not in err
+    assert cli.parse_train_args(["--lora-dropout", "1e-1", "--learning-rate", "3E-4"])[1].learning_rate == 3e-4
+
+
+def test_available_cpus_honours_affinity_and_cgroup_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cli.available_cpus(str(tmp_path)) == 8  # no cgroup files: the affinity mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cli.available_cpus(str(tmp_path)) == 8
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs of quota -> 2 threads
+    assert cli.available_cpus(str(tmp_path)) == 2
+    (tmp_path / "cpu.max").write_text("1600000 100000\n")  # a quota above the affinity mask
+    assert cli.available_cpus(str(tmp_path)) == 8
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cli.available_cpus(str(tmp_path)) == 3
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1 "no limit"
+    assert cli.available_cpus(str(tmp_path)) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun: the CPUs are shared among the node's processes
+    assert cli.default_threads() == max(1, cli.available_cpus() // 3)
+    assert "affinity mask capped by the cgroup CPU quota" in " ".join(cli.build_train_parser().format_help().split())
 
 
 def test_reward_loading(tmp_path):
