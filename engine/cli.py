@@ -256,9 +256,6 @@ def train_main(argv: list[str]) -> int:
     try:
         init_distributed()
         device = resolve_device(args.device)
-        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if rank0:  # a refused run fails in a second, not after building the models (train() checks again)
-            prepare_run_dir(cfg.output_dir, resume=args.resume, overwrite=args.overwrite)
         dtype = getattr(torch, args.dtype)
         if args.tokenizer is not None or args.policy not in PRESETS:
             tokenizer = load_tokenizer(args.tokenizer or args.policy, "tokenizer" if args.tokenizer else "policy")
@@ -267,6 +264,9 @@ def train_main(argv: list[str]) -> int:
         data = load_prompt_data(args.prompts, prompt_field=args.prompt_field, tokenizer=tokenizer,
                                 split=args.dataset_split, config=args.dataset_config)  # fmt: skip
         reward_fn = bind_columns(load_reward_fn(args.reward_fn, **reward_kwargs), data) if args.reward_fn else None
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if rank0:  # a refused run fails in a second, not after building the models (train() checks again)
+            prepare_run_dir(cfg.output_dir, resume=args.resume, overwrite=args.overwrite)
         vocab = len(tokenizer) if args.policy in PRESETS else None
         policy = build_causal_lm(args.policy, vocab_size=vocab, seed=cfg.seed, dtype=dtype)
         if args.lora_r:
