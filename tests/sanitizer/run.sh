@@ -15,8 +15,18 @@ export FUSEDRL_SANITIZED_EXT="$PWD/$(ls "$OUT"/_rollout*.so | head -n 1)"
 # the first C++ exception aborts. CPython leaks by design (interned objects, module state): leak checking
 # would only report those.
 export LD_PRELOAD="$(${CXX:-g++} -print-file-name=libasan.so) $(${CXX:-g++} -print-file-name=libstdc++.so)"
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1"
-export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+# Reports go to files as well as stderr: pytest-xdist does not show a crashed worker's stderr, so they are
+# printed below.
+rm -f "$OUT"/report.*
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1:log_path=$PWD/$OUT/report"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$PWD/$OUT/report"
 export PYTHONPATH="$PWD/tests/sanitizer${PYTHONPATH:+:$PYTHONPATH}"
 export FUSEDRL_FUZZ_EXAMPLES="${FUSEDRL_FUZZ_EXAMPLES:-300}"
-"$BIN/pytest" -p plugin -q -n "${SANITIZE_JOBS:-2}" -p no:cacheprovider tests/test_packing.py tests/test_rollout_fuzz.py "$@"
+status=0
+"$BIN/pytest" -p plugin -q -n "${SANITIZE_JOBS:-2}" -p no:cacheprovider tests/test_packing.py tests/test_rollout_fuzz.py "$@" || status=$?
+if compgen -G "$OUT/report.*" >/dev/null; then
+    echo "sanitizer reports:" >&2
+    cat "$OUT"/report.* >&2
+    status=1
+fi
+exit "$status"
