@@ -1,6 +1,8 @@
 """Micro-batch planning + packing: the C++ extension against the pure-Python reference (tests/packing_ref.py).
 
     python bench/bench_packing.py [--sizes 1000 10000 100000]   # table + bench/results/packing-cpu.json
+    python bench/bench_packing.py --plan-sizes 1000 10000 100000 1000000   # planner alone, 1k -> 1M sequences
+                                                                # (bench/results/packing-plan-cpu.json)
     pytest bench/bench_packing.py --benchmark-enable            # the same work under pytest-benchmark
 
 One step of the trainer's data path for N rollouts with long-tailed lengths: plan token-budget
@@ -8,10 +10,16 @@ micro-batches for 8 data-parallel ranks (Karmarkar-Karp), then pack every micro-
 position ids, gather index, next-token labels). Rows: plan alone, pack alone (all micro-batches of the
 same plan) and both; "speedup" is over the pure-Python reference of the same row. Pack also runs against
 a NumPy-vectorised version (np.repeat / cumsum), the fastest thing one would write without C++.
+
+The planner alone (``--plan-sizes``) is timed for both balancing methods against two same-algorithm Python
+planners: the reference (tests/packing_ref.py, written for clarity) for "kk" and "lpt", and ``plan_lpt_py``
+below, LPT written for speed in plain Python (heapq.heapreplace, one bin number per sequence), for "lpt".
+Both give the C++ plans exactly (checked here before timing).
 """
 from __future__ import annotations
 
 import argparse
+import heapq
 import sys
 from pathlib import Path
 
@@ -43,6 +51,100 @@ def make_rollout(n: int, seed: int = 0):
     np.cumsum(lengths, out=offsets[1:])
     tokens = rng.integers(0, VOCAB, int(offsets[-1]), dtype=np.int64)
     return lengths, offsets, tokens
+
+
+def make_lengths(n: int, seed: int = 0) -> np.ndarray:
+    """The lengths of make_rollout without the tokens (the planner rows go to 1M sequences)."""
+    rng = np.random.default_rng(seed)
+    return np.clip(np.exp(rng.normal(np.log(MEDIAN_LEN), SIGMA, n)).astype(np.int64), 1, MAX_LEN)
+
+
+def plan_lpt_py(lengths: list, max_tokens: int, num_ranks: int) -> list:
+    """plan_microbatches(balance="lpt") written for speed in plain Python: the same LPT bins, the same search
+    over the number of micro-batches and the same rank assignment (and so the same plan) as the C++ one."""
+    n, R = len(lengths), num_ranks
+    if n == 0:
+        return [[] for _ in range(R)]
+    order = sorted(range(n), key=lengths.__getitem__, reverse=True)  # stable: ties by index
+    replace = heapq.heapreplace
+
+    def fits(M):
+        heap = [(0, b) for b in range(R * M)]
+        bin_of = [0] * n
+        for i in order:
+            load, b = heap[0]
+            replace(heap, (load + lengths[i], b))
+            bin_of[i] = b
+        return max(heap)[0] <= max_tokens, bin_of
+
+    m_lo = max(1, -(-(-(-sum(lengths) // max_tokens)) // R))
+    m_hi = -(-n // R)
+    M = m_lo
+    ok, best = fits(m_lo)
+    if not ok:
+        lo, step = m_lo, 1
+        while True:
+            hi = min(m_hi, lo + step)
+            ok, best = fits(hi)
+            if ok:
+                break
+            lo, step = hi, step * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            ok, bins = fits(mid)
+            if ok:
+                hi, best = mid, bins
+            else:
+                lo = mid
+        M = hi
+    S = R * M
+    bins, loads = [[] for _ in range(S)], [0] * S
+    for i, b in enumerate(best):
+        bins[b].append(i)
+        loads[b] += lengths[i]
+    pos = sorted(range(S), key=lambda b: (-loads[b], bins[b][0] if bins[b] else n))
+    plan, total = [[None] * M for _ in range(R)], [0] * R
+    for c in range(M):
+        for j, r in enumerate(sorted(range(R), key=total.__getitem__)):  # stable: ties by rank
+            b = pos[c * R + j]
+            plan[r][c] = bins[b]
+            total[r] += loads[b]
+    return plan
+
+
+def run_plan(sizes) -> list[dict]:
+    """Planner alone, C++ against the same-algorithm Python planners, from 1k to 1M sequences."""
+    records = []
+    for n in sizes:
+        lengths = make_lengths(n)
+        as_list = lengths.tolist()
+        shape = f"{n} seqs, {lengths.sum() / 1e6:.1f}M tok"
+        reps = dict(warmup=2, rep=15 if n <= 100_000 else 5)
+        py_reps = dict(warmup=0, rep=1) if n >= 50_000 else dict(warmup=1, rep=3)
+        for balance in ("kk", "lpt"):
+            cpp = lambda: plan_microbatches(lengths, MAX_TOKENS, num_ranks=NUM_RANKS, balance=balance)  # noqa: E731
+            plan = [[mb.tolist() for mb in rank] for rank in cpp()]
+            rows = {"fusedrl": time_fn(cpp, "cpu", **reps)}
+            baselines = {}
+            if balance == "lpt":
+                assert plan_lpt_py(as_list, MAX_TOKENS, NUM_RANKS) == plan, "plan_lpt_py disagrees with the C++ plan"
+                baselines["python-lpt-fast"] = lambda: plan_lpt_py(as_list, MAX_TOKENS, NUM_RANKS)
+            if n <= 100_000:  # the reference takes minutes beyond
+                if n <= 10_000:
+                    ref = plan_microbatches_ref(as_list, MAX_TOKENS, num_ranks=NUM_RANKS, balance=balance)
+                    assert ref == plan, "the reference disagrees with the C++ plan"
+                baselines["python-ref"] = lambda: plan_microbatches_ref(
+                    as_list, MAX_TOKENS, num_ranks=NUM_RANKS, balance=balance
+                )
+            for name, fn in baselines.items():
+                rows[name] = time_fn(fn, "cpu", **py_reps)
+            mbs = len(plan[0])
+            for name, t in rows.items():
+                rec = {"op": f"plan balance={balance}", "shape": f"{shape}, {mbs}x{NUM_RANKS} mb", "provider": name, **t}
+                for base in baselines:
+                    rec[f"speedup_vs_{base}"] = rows[base]["median_ms"] / t["median_ms"]
+                records.append(rec)
+    return records
 
 
 def pack_numpy(offsets, indices, tokens, ignore_index=-100):
@@ -118,7 +220,18 @@ def run(sizes) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="numbers of sequences")
+    p.add_argument("--plan-sizes", type=int, nargs="*", default=None,
+                   help="time the planner alone at these numbers of sequences instead (e.g. 1000 ... 1000000)")
     args = p.parse_args(argv)
+    if args.plan_sizes:
+        records = run_plan(args.plan_sizes)
+        extra = {
+            "workload": f"plan_microbatches(num_ranks={NUM_RANKS}, max_tokens={MAX_TOKENS}); lengths lognormal(median "
+            f"{MEDIAN_LEN}, sigma {SIGMA}) clipped to [1, {MAX_LEN}]; speedup_vs_X = X's median / this row's median",
+            "target_speedup_100000": 30.0,
+        }
+        write_results("packing-plan", "cpu", records, extra=extra)
+        return
     records = run(args.sizes)
     largest = max(args.sizes)
     at_largest = [
@@ -164,6 +277,15 @@ def test_plan_pack_numpy(benchmark):
         got, want = pack_numpy(offsets, mb, tokens), pack(offsets, mb, tokens)
         for a, b in zip(got, want):
             assert np.array_equal(a, b)
+
+
+def test_plan_lpt_py_matches_cpp():
+    for n, ranks, budget in [(0, 3, 10), (1, 1, 8192), (7, 8, 8192), (3000, 8, 16384), (5000, 3, 9000)]:
+        lengths = make_lengths(n, seed=n)
+        want = [[mb.tolist() for mb in r] for r in plan_microbatches(lengths, budget, num_ranks=ranks, balance="lpt")]
+        assert plan_lpt_py(lengths.tolist(), budget, ranks) == want
+    lengths = np.full(64, 51)  # one per micro-batch: found by the galloping search
+    assert plan_lpt_py(lengths.tolist(), 100, 4) == [[mb.tolist() for mb in r] for r in plan_microbatches(lengths, 100, num_ranks=4, balance="lpt")]
 
 
 def test_plan_pack_python_ref(benchmark):
