@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 # Rows per chunk on the PyTorch path: bounds the float32 temporaries at ~1M elements (4 MiB each) whatever N is.
 _TORCH_CHUNK_ELEMS = 1 << 20
+_F32_LOWEST = torch.finfo(torch.float32).min
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,50 +283,121 @@ def row_chunks(x: torch.Tensor):
             yield first + i, block[i : i + step]
 
 
-def torch_chunk_fwd(chunk, labels, inv_temp, ignore_index, return_entropy):
-    """The forward kernel's math on a (rows, V) chunk with torch ops: logp, entropy, row max, log sum-exp."""
+def chunk_workspace(x: torch.Tensor, n_bufs: int = 2) -> torch.Tensor:
+    """Float32 scratch for ``torch_chunk_fwd`` / ``torch_chunk_bwd`` over the chunks of ``x`` (..., V):
+    (n_bufs, rows of the largest chunk, V). Allocated once per op and reused by every chunk: a fresh
+    multi-MiB tensor per chunk is fresh pages from the OS each time, and on CPU those page faults cost
+    more than the arithmetic."""
+    V = max(x.shape[-1], 1)
+    rows = min(max(1, _TORCH_CHUNK_ELEMS // V), max(1, x.numel() // V))
+    return torch.empty(n_bufs, rows, V, dtype=torch.float32, device=x.device)
+
+
+def _buf(work: torch.Tensor | None, i: int, like: torch.Tensor) -> torch.Tensor:
+    """Scratch buffer i shaped like the (rows, V) chunk ``like``, float32."""
+    if work is None or work.shape[0] <= i or work.shape[1] < like.shape[0] or work.shape[2] != like.shape[1]:
+        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    return work[i, : like.shape[0]]
+
+
+def _f32_rows(chunk: torch.Tensor, inv_temp: float, out: torch.Tensor | None) -> torch.Tensor:
+    """float32(chunk) / T written into ``out``; with ``out=None`` float32 logits at T = 1 are returned as they
+    are (read only)."""
+    if out is None:
+        if chunk.dtype == torch.float32 and inv_temp == 1.0:
+            return chunk
+        out = torch.empty(chunk.shape, dtype=torch.float32, device=chunk.device)
+    if inv_temp == 1.0:
+        return out.copy_(chunk)
+    # A 1-element float32 tensor (not a Python float or a 0-dim tensor, which would leave the product in
+    # bf16 / fp16) makes this one pass: x / T in float32, as the kernel rounds it.
+    return torch.mul(chunk, torch.full((1,), inv_temp, dtype=torch.float32, device=chunk.device), out=out)
+
+
+def _label_index(labels: torch.Tensor, V: int):
+    """(in_range, safe): labels in [0, V) and, for gathers, the labels with column 0 for the others."""
+    in_range = (labels >= 0) & (labels < V)
+    return in_range, torch.where(in_range, labels, torch.zeros_like(labels)).unsqueeze(-1)
+
+
+def torch_chunk_fwd(chunk, labels, inv_temp, ignore_index, return_entropy, work=None):
+    """The forward kernel's math on a (rows, V) chunk with torch ops: logp, entropy, row max, log sum-exp.
+
+    torch's row softmax does the max / sum-exp / normalise passes in one kernel with its fast vectorised
+    exp (a separate torch.exp costs about twice the whole softmax here), so p = softmax(x / T) is formed and
+    the state the kernel keeps is read off it: m = max(x / T), log s = -log max_j p_j (p is largest at the
+    row max, where it is 1 / s), logp = (x_y / T - m) - log s. Scratch: one float32 (rows, V) buffer (two
+    with the entropy), from ``work`` (``chunk_workspace``) when given; about four passes over the chunk."""
     valid = labels != ignore_index
-    x = chunk.float() * inv_temp  # (rows, V) float32 temporary, one chunk at a time
-    m = x.amax(dim=-1, keepdim=True)
+    in_range, safe = _label_index(labels, chunk.shape[-1])
+    needs_copy = return_entropy or chunk.dtype != torch.float32 or inv_temp != 1.0
+    x = _f32_rows(chunk, inv_temp, _buf(work, 0, chunk) if needs_copy else None)  # (rows, V) float32
+    m = x.amax(dim=-1)
+    x_y = x.gather(-1, safe).squeeze(-1)
+    # In place over the copy, unless x is still needed (the entropy) or is the caller's logits.
+    p = torch.softmax(x, dim=-1, out=_buf(work, int(return_entropy), chunk) if (return_entropy or x is chunk) else x)
+    log_s = -p.amax(dim=-1).log()
     # Only an all -inf row (nothing to normalise) is re-referenced, as in the kernel: a +inf or NaN row max
     # must stay and make the row NaN.
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    x.sub_(m)
-    e = x.exp()
-    s = e.sum(-1)
-    log_s = s.log()
+    # (x_y - m) - log s rather than x_y - (m + log s), as in the kernel: log s survives when it is tiny.
     # A label outside [0, V) (range checks switched off) reads column 0 and gives NaN, as in the kernel.
-    in_range = (labels >= 0) & (labels < x.shape[-1])
-    safe = torch.where(in_range, labels, torch.zeros_like(labels)).unsqueeze(-1)
-    logp = (x.gather(-1, safe).squeeze(-1) - log_s).clamp(max=0.0)
+    logp = ((x_y - m) - log_s).clamp(max=0.0)
     logp = torch.where(valid, torch.where(in_range, logp, float("nan")), 0.0)
     ent = None
     if return_entropy:
-        w = torch.where(e > 0, e * x, 0.0).sum(-1)  # sum exp(x - m) (x - m), as in the kernel
-        ent = torch.where(valid, (log_s - w / s).clamp(min=0.0), 0.0)
-    return logp, ent, m.squeeze(-1), log_s
+        # H = log s - sum_j p_j (x_j - m), the kernel's form: a difference of O(1) terms. A -inf logit has
+        # p = 0 and adds 0, not 0 * -inf = NaN.
+        z = x.sub_(m.unsqueeze(-1)).clamp_(min=_F32_LOWEST)
+        w = p.mul_(z).sum(-1)
+        ent = torch.where(valid, (log_s - w).clamp(min=0.0), 0.0)
+    return logp, ent, m, log_s
 
 
-def torch_chunk_bwd(chunk, labels, m, log_s, ent, g_lp, g_h, inv_temp, ignore_index):
-    """The backward kernel's math on a chunk: (1/T) [g_lp ([j = y] - p) - g_H p (log p + H)]."""
+def torch_chunk_bwd(chunk, labels, m, log_s, ent, g_lp, g_h, inv_temp, ignore_index, out=None, work=None):
+    """The backward kernel's math on a chunk: (1/T) [g_lp ([j = y] - p) - g_H p (log p + H)], written into
+    ``out`` (any float dtype, may be ``chunk`` itself) or returned as float32.
+
+    p = softmax(x / T) by torch's row softmax (see ``torch_chunk_fwd``), then one multiply by the per-row
+    coefficients; the label column is then fixed from the exact ``(x_y / T - m) - log s``. Scratch: one
+    float32 (rows, V) buffer (two with the entropy term; none for float32 logits overwritten in place),
+    from ``work`` when given; about three passes."""
     valid = labels != ignore_index
-    lp = chunk.float() * inv_temp
-    lp.sub_((m + log_s).unsqueeze(-1))
-    p = lp.exp()
-    g_lp = torch.where(valid, g_lp, 0.0).unsqueeze(-1)
-    grad = p * (-g_lp)
-    in_range = ((labels >= 0) & (labels < lp.shape[-1])).unsqueeze(-1)
-    safe = torch.where(in_range.squeeze(-1), labels, torch.zeros_like(labels)).unsqueeze(-1)
-    lp_y = lp.gather(-1, safe)
+    in_range, safe = _label_index(labels, chunk.shape[-1])
+    # Read before anything is written: ``out`` may be the chunk.
+    x_y = chunk.gather(-1, safe).squeeze(-1).float() * inv_temp
+    lp_y = (x_y - m) - log_s  # the kernel's rounding: log s survives when it is tiny (p_y -> 1)
+    g_lp = torch.where(valid, g_lp, 0.0)
     at_label = g_lp * (-torch.expm1(lp_y))  # 1 - p_y without cancellation near p = 1
-    if g_h is not None:
-        g_h = torch.where(valid, g_h, 0.0).unsqueeze(-1)
-        h = ent.unsqueeze(-1)
-        grad.sub_(g_h * torch.where(p > 0, p * (lp + h), 0.0))
-        at_label = at_label - g_h * lp_y.exp() * (lp_y + h)
+    if g_h is None:
+        # Float32 logits that are overwritten anyway (out is chunk) are scaled and normalised in place.
+        if out is chunk and chunk.dtype == torch.float32:
+            x = chunk.mul_(inv_temp) if inv_temp != 1.0 else chunk
+        else:
+            x = _f32_rows(chunk, inv_temp, _buf(work, 0, chunk))
+        p = torch.softmax(x, dim=-1, out=x)
+        p.mul_((-g_lp * inv_temp).unsqueeze(-1))
+    else:
+        x = _f32_rows(chunk, inv_temp, _buf(work, 0, chunk))
+        p = torch.softmax(x, dim=-1, out=_buf(work, 1, chunk))
+        g_h = torch.where(valid, g_h, 0.0)
+        # -p (g_lp + g_h (log p + H)) / T = p (a + b log p): a, b per row. A -inf logit has p = 0 and must
+        # give 0, not 0 * -inf = NaN.
+        lp = x.sub_((m + log_s).unsqueeze(-1)).clamp_(min=_F32_LOWEST)
+        a = (-(g_lp + g_h * ent) * inv_temp).unsqueeze(-1)
+        b = (-g_h * inv_temp).unsqueeze(-1)
+        p.mul_(torch.addcmul(a, lp, b, out=lp))
+        at_label = at_label - g_h * lp_y.exp() * (lp_y + ent)
+    # The cast to the output dtype is a plain copy (a multiply with a bf16 out= allocates a float32 temporary).
+    if out is None:
+        dest = p if work is None else p.clone()  # the result must outlive the workspace
+    else:
+        dest = out if out is p else out.copy_(p)
     # A row whose label is outside [0, V) has no label column (as in the kernel): column 0 keeps its value.
-    grad.scatter_(-1, safe, torch.where(in_range, at_label, grad.gather(-1, safe)))
-    return grad.mul_(inv_temp)
+    # index_put_, not scatter_: scatter_ on CPU walks the whole (rows, V) tensor for its (rows, 1) update.
+    at = (torch.arange(dest.shape[0], device=dest.device), safe.squeeze(-1))
+    fix = torch.where(in_range, at_label * inv_temp, dest[at].float())
+    return dest.index_put_(at, fix.to(dest.dtype))
 
 
 def logprobs_fwd_torch(logits, labels, inv_temp, ignore_index, return_entropy):
@@ -335,9 +407,10 @@ def logprobs_fwd_torch(logits, labels, inv_temp, ignore_index, return_entropy):
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=logits.device)
     stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
+    work = chunk_workspace(logits, 2 if return_entropy else 1)
     for r0, chunk in row_chunks(logits):
         rows = slice(r0, r0 + chunk.shape[0])
-        lp, h, m, log_s = torch_chunk_fwd(chunk, labels[rows], inv_temp, ignore_index, return_entropy)
+        lp, h, m, log_s = torch_chunk_fwd(chunk, labels[rows], inv_temp, ignore_index, return_entropy, work)
         logp[rows], stats[0, rows], stats[1, rows] = lp, m, log_s
         if return_entropy:
             ent[rows] = h
@@ -348,12 +421,13 @@ def logprobs_bwd_torch(logits, labels, stats, ent, dlogp, dent, inv_temp, ignore
     """``logprobs_bwd_triton``'s contract with torch ops, recomputing the softmax one chunk at a time."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_rows = grad.view(-1, logits.shape[-1])
+    with_ent = dent is not None
+    work = chunk_workspace(logits, 2 if with_ent else 1)
     for r0, chunk in row_chunks(logits):
         rows = slice(r0, r0 + chunk.shape[0])
-        with_ent = dent is not None
-        g = torch_chunk_bwd(chunk, labels[rows], stats[0, rows], stats[1, rows], ent[rows] if with_ent else None,
-                             dlogp[rows], dent[rows] if with_ent else None, inv_temp, ignore_index)  # fmt: skip
-        grad_rows[rows].copy_(g)
+        torch_chunk_bwd(chunk, labels[rows], stats[0, rows], stats[1, rows], ent[rows] if with_ent else None,
+                        dlogp[rows], dent[rows] if with_ent else None, inv_temp, ignore_index,
+                        out=grad_rows[rows], work=work)  # fmt: skip
     return grad
 
 
@@ -574,19 +648,22 @@ def ppo_bwd_torch(logits, labels, mls, stats, grad_loss, config: PPOLossConfig, 
     overwrites the logits in place."""
     grad = out if out is not None else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_rows = None if out is logits else grad.view(-1, logits.shape[-1])
+    work = chunk_workspace(logits, 2 if config.entropy_coef != 0 else 1)
     for r0, chunk in row_chunks(logits):
         rows = slice(r0, r0 + chunk.shape[0])
-        g = dlogits_torch_chunk(chunk, labels[rows], mls[:, rows], stats[:, rows], grad_loss, config)
-        # In place: this chunk of the logits has just been read for the last time.
-        (chunk if grad_rows is None else grad_rows[rows]).copy_(g)
+        # In place: torch_chunk_bwd reads this chunk of the logits before it writes any of it.
+        dlogits_torch_chunk(chunk, labels[rows], mls[:, rows], stats[:, rows], grad_loss, config,
+                            out=chunk if grad_rows is None else grad_rows[rows], work=work)  # fmt: skip
     return grad
 
 
-def dlogits_torch_chunk(chunk, labels, mls, stats, grad_loss, config: PPOLossConfig):
-    """Torch twin of ``ppo_bwd_triton`` on one (rows, V) chunk; float32 result."""
+def dlogits_torch_chunk(chunk, labels, mls, stats, grad_loss, config: PPOLossConfig, out=None, work=None):
+    """Torch twin of ``ppo_bwd_triton`` on one (rows, V) chunk: written into ``out`` (may be ``chunk``) or
+    returned as float32."""
     dent = stats[_C_H] * grad_loss if config.entropy_coef != 0 else None
     return torch_chunk_bwd(chunk, labels, mls[0], mls[1], stats[_ENT] if dent is not None else None,
-                            stats[_C_LP] * grad_loss, dent, 1.0 / float(config.temperature), IGNORE_INDEX)  # fmt: skip
+                           stats[_C_LP] * grad_loss, dent, 1.0 / float(config.temperature), IGNORE_INDEX,
+                           out=out, work=work)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
