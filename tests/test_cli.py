@@ -98,9 +98,19 @@ def test_available_cpus_honours_affinity_and_cgroup_quota(tmp_path, monkeypatch)
     assert cli.available_cpus(str(tmp_path)) == 3
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1 "no limit"
     assert cli.available_cpus(str(tmp_path)) == 8
+    monkeypatch.setattr(cli, "available_cpus", lambda: 8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.0, 0.0))  # an idle machine: every CPU
+    assert cli.default_threads() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun: the CPUs are shared among the node's processes
-    assert cli.default_threads() == max(1, cli.available_cpus() // 3)
-    assert "affinity mask capped by the cgroup CPU quota" in " ".join(cli.build_train_parser().format_help().split())
+    assert cli.default_threads() == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(os, "getloadavg", lambda: (12.0, 0.0, 0.0))  # 3/4 of the host busy: 2 of our 8
+    assert cli.default_threads() == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (40.0, 0.0, 0.0))  # overloaded: still one thread
+    assert cli.default_threads() == 1
+    assert "affinity mask capped by the cgroup CPU quota, less the share other processes keep busy" in \
+        " ".join(cli.build_train_parser().format_help().split())  # fmt: skip
 
 
 def test_reward_loading(tmp_path):
