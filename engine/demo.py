@@ -3,13 +3,23 @@
     fusedrl demo --out demo-run                     # ~1.5 minutes on 2 CPU cores
     fusedrl demo --quick --out demo-quick           # reduced size, ~30 s (what CI runs)
     fusedrl demo --kl-coef 0.01 --out demo-hacked   # a weak KL leash: the gold reward peaks, then collapses
+    fusedrl demo --compare --out demo-compare       # + GRPO and DPO on the same task: one table, compare.png
 
 Stage 1 (SFT) trains a tiny Llama on demonstrations; that policy is the reference pi_ref. Stage 2 samples
 pairs of its completions, labels them with a hidden *gold* scorer plus annotator noise and fits a reward
 model with the Bradley-Terry loss. Stage 3 runs the engine's PPO against that learned (*proxy*) reward
-with a per-token KL penalty to pi_ref. The report plots gold and proxy reward against KL(pi || pi_ref),
-the over-optimisation curve of Gao et al. (2022): the proxy is what PPO climbs, the gold is what the
-annotators meant, and the two part ways once the policy leaves the region the reward model was fit on.
+with a per-token KL penalty to pi_ref. The report plots gold and proxy reward against KL(pi || pi_ref), the
+axes of the over-optimisation curve of Gao et al. (2022): the proxy is what PPO climbs, the gold is what the
+annotators meant. At the default beta = 0.1 the run stays where the two rise together -- the plot shows
+the gold reward gained at the KL spent, and no over-optimisation (the report says so); a weak KL leash
+(``--kl-coef 0.01``) or a long run is what takes the policy out of the region the reward model was fit on,
+where the two part ways.
+
+``--compare`` adds two more policies trained from the same SFT reference on the same task: GRPO against the
+same reward model (group-normalised advantages, the KL in the loss, no critic) and DPO directly on the
+preference pairs the reward model was fit on (no reward model, no sampling), and reports each policy's
+gold reward, proxy reward, KL to the reference and wall time in one table (``compare.json``) and one plot
+(``compare.png``).
 
 The task, built in code: a prompt is a short digit string ended by ``:``; a completion is digits then
 eos. The hidden gold score is the mean over the completion's digits of d / 9, where a digit that repeats
@@ -22,8 +32,10 @@ by moving to big digits; pushed further (a small KL coefficient, a long run) it 
 -- ``99999`` -- which the proxy loves and the gold scorer does not: reward over-optimisation.
 
 Output directory: ``metrics.jsonl`` (one row per PPO step: the trainer's metrics plus the gold reward
-of the same rollouts), ``report.png``, ``summary.json``, ``config.json``, and the checkpoints ``sft/``,
-``reward_model/`` and ``ppo/`` (the trainer's own directory: checkpoints, final ``policy/``, ``critic/``).
+of the same rollouts), ``report.png``, ``summary.json``, ``config.json``, ``pairs.jsonl`` (the reward model's
+training pairs in ``fusedrl dpo``'s format), and the checkpoints ``sft/``, ``reward_model/`` and ``ppo/``
+(the trainer's own directory: checkpoints, final ``policy/``, ``critic/``); with ``--compare`` also
+``grpo/``, ``dpo/``, ``compare.json`` and ``compare.png``.
 """
 from __future__ import annotations
 
@@ -40,14 +52,25 @@ from pathlib import Path
 import torch
 
 from .checkpoint import prepare_run_dir
-from .demo_report import format_summary, make_summary, merge_metrics, plot_report
+from .demo_report import (
+    format_compare,
+    format_summary,
+    make_compare,
+    make_summary,
+    merge_metrics,
+    overoptimised,
+    plot_compare,
+    plot_report,
+)
 from .distributed import resolve_device
 
 # What a demo run writes into OUT besides a training run's own files: removed by --overwrite, never anything else.
-RUN_FILES = ("config.json", "stages.json", "sft", "reward_model", "ppo", "summary.json", "report.png")
+RUN_FILES = ("config.json", "stages.json", "sft", "reward_model", "ppo", "summary.json", "report.png", "pairs.jsonl",
+             "grpo", "dpo", "compare.json", "compare.png")  # fmt: skip
 DIGITS = "0123456789"
 SEPARATOR = ":"
 GOLD_LOG = "gold.jsonl"  # in OUT/ppo: the gold score of every PPO step's rollouts, joined into OUT/metrics.jsonl
+PAIRS_FILE = "pairs.jsonl"  # in OUT: the reward model's training pairs, {prompt, chosen, rejected} per line
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,6 +144,15 @@ class DemoConfig:
     # --- report
     eval_prompts: int = 256
     """Held-out prompts on which the SFT and the final policy are compared (gold, proxy, KL)."""
+    # --- --compare: GRPO and DPO beside PPO
+    compare: bool = False
+    """Also train GRPO against the reward model and DPO on its preference pairs; write compare.json and compare.png."""
+    dpo_beta: float = 0.3
+    """DPO's beta (the implicit-reward scale) in --compare."""
+    dpo_lr: float = 3e-4
+    """DPO's learning rate in --compare (1e-3 gains less gold and loses well-formedness on the default run)."""
+    dpo_epochs: int = 2
+    """DPO's passes over the reward model's training pairs in --compare."""
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
@@ -139,7 +171,9 @@ class DemoConfig:
         need(0.0 <= self.flip_rate < 0.5, "flip_rate", "in [0, 0.5) (at 0.5 the labels carry no information)")
         need(self.kl_coef >= 0, "kl_coef", ">= 0")
         need(not (self.resume and self.overwrite), "overwrite", "False with resume=True (they exclude each other)")
-        for name in ("sft_lr", "rm_lr", "ppo_lr"):
+        need(not (self.resume and self.compare), "compare", "False with resume=True (--compare runs every stage fresh)")
+        need(self.dpo_epochs >= 1, "dpo_epochs", "an int >= 1")
+        for name in ("sft_lr", "rm_lr", "ppo_lr", "dpo_beta", "dpo_lr"):
             need(getattr(self, name) > 0, name, "> 0")
 
     @property
@@ -362,6 +396,11 @@ def stage_reward_model(cfg: DemoConfig, task: DigitTask, tokenizer, policy, rng:
     losses = train_reward_model(reward_model, train, tokenizer=tokenizer, config=rm_cfg, progress=cfg.progress)
     reward_model.save_pretrained(out / "reward_model")
     tokenizer.save_pretrained(out / "reward_model")
+    # The same pairs in fusedrl dpo's format. A completion that is eos alone (the SFT policy stops at once now
+    # and then) is an empty response there, which fusedrl dpo refuses: those few pairs are left out.
+    (out / PAIRS_FILE).write_text("".join(
+        json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+        for p in train if p.chosen and p.rejected))  # fmt: skip
     results = {
         "rm_loss_final": sum(losses[-10:]) / len(losses[-10:]),
         # Against the gold preference: what the annotators meant, which the reward model never saw.
@@ -375,20 +414,21 @@ def stage_reward_model(cfg: DemoConfig, task: DigitTask, tokenizer, policy, rng:
     return reward_model, results
 
 
-def stage_ppo(cfg: DemoConfig, task: DigitTask, tokenizer, policy, ref_policy, reward_model, out: Path):
-    """Stage 3: the engine's PPO (critic, GAE, per-token KL penalty in the reward) against the learned
-    reward, in ``out/ppo``. Returns the trained policy; the gold scores of its rollouts are in
-    ``out/ppo/gold.jsonl``."""
+def stage_ppo(cfg: DemoConfig, task: DigitTask, tokenizer, policy, ref_policy, reward_model, out: Path, *,
+              estimator: str = "gae", name: str = "ppo"):  # fmt: skip
+    """Stage 3: the engine's PPO (critic, GAE, per-token KL penalty in the reward; or ``estimator="grpo"``:
+    group-normalised advantages, the KL in the loss) against the learned reward, in ``out/<name>``. Returns
+    the trained policy; the gold scores of its rollouts are in ``out/<name>/gold.jsonl``."""
     from .trainer import PPOConfig, PPOTrainer
 
-    ppo_dir = out / "ppo"
+    ppo_dir = out / name
     ppo_dir.mkdir(parents=True, exist_ok=True)
     gold_log = ppo_dir / GOLD_LOG
     if not cfg.resume:
         gold_log.write_text("")
     ppo_cfg = PPOConfig(
         prompts_per_step=cfg.prompts_per_step, samples_per_prompt=cfg.samples_per_prompt,
-        max_new_tokens=cfg.max_new_tokens, advantage_estimator="gae", kl_coef=cfg.kl_coef,
+        max_new_tokens=cfg.max_new_tokens, advantage_estimator=estimator, kl_coef=cfg.kl_coef,
         learning_rate=cfg.ppo_lr, critic_learning_rate=2 * cfg.ppo_lr, ppo_epochs=cfg.ppo_epochs,
         total_steps=cfg.ppo_steps, seed=cfg.seed, output_dir=str(ppo_dir), save_every=cfg.save_every,
         progress=cfg.progress,
@@ -400,6 +440,22 @@ def stage_ppo(cfg: DemoConfig, task: DigitTask, tokenizer, policy, ref_policy, r
     prompts = task.prompts(max(4096, cfg.prompts_per_step), random.Random(cfg.seed + 2))
     trainer.train(prompts, resume=cfg.resume)
     return trainer.policy
+
+
+def stage_dpo(cfg: DemoConfig, tokenizer, out: Path, device):
+    """--compare: DPO from the SFT policy directly on the reward model's training pairs (``out/pairs.jsonl``),
+    in ``out/dpo``, through ``fusedrl.engine.dpo``. Returns ``(policy, pairs used)``."""
+    from transformers import AutoModelForCausalLM
+
+    from .dpo import DPOConfig, load_pairs, train_dpo
+
+    dpo_cfg = DPOConfig(policy=str(out / "sft"), data=str(out / PAIRS_FILE), loss_type="dpo", beta=cfg.dpo_beta,
+                        epochs=cfg.dpo_epochs, pairs_per_step=32, learning_rate=cfg.dpo_lr, seed=cfg.seed,
+                        output_dir=str(out / "dpo"), progress=cfg.progress)  # fmt: skip
+    policy = AutoModelForCausalLM.from_pretrained(out / "sft", local_files_only=True).to(device)
+    pairs = load_pairs(out / PAIRS_FILE, tokenizer, max_pair_tokens=dpo_cfg.max_tokens_per_microbatch)
+    train_dpo(policy, tokenizer, pairs, dpo_cfg)
+    return policy, len(pairs)
 
 
 def run(cfg: DemoConfig, *, quick: bool = False) -> dict:
@@ -464,8 +520,32 @@ def run(cfg: DemoConfig, *, quick: bool = False) -> dict:
     timings["total_s"] = time.perf_counter() - t_start
     summary = make_summary(cfg, stages, sft_eval, final_eval, rows, timings)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_report(rows, sft_eval, final_eval, out / "report.png", kl_coef=cfg.kl_coef)
+    plot_report(rows, sft_eval, final_eval, out / "report.png", kl_coef=cfg.kl_coef,
+                overoptimised=overoptimised(summary))  # fmt: skip
     print(format_summary(summary, rows))
+    if cfg.compare:
+        compare = {"sft": dict(sft_eval, wall_s=0.0), "ppo": dict(final_eval, wall_s=timings["ppo_s"])}
+        del policy
+        t0 = time.perf_counter()
+        _log(f"compare: GRPO, {cfg.ppo_steps} steps against the same reward model")
+        grpo = AutoModelForCausalLM.from_pretrained(out / "sft", local_files_only=True).to(device)
+        grpo = stage_ppo(cfg, task, tokenizer, grpo, ref_policy, reward_model, out, estimator="grpo", name="grpo")
+        compare["grpo"] = dict(evaluate(grpo, *models, max_new_tokens=cfg.max_new_tokens),
+                               wall_s=time.perf_counter() - t0)  # fmt: skip
+        del grpo
+        t0 = time.perf_counter()
+        _log(f"compare: DPO, {cfg.dpo_epochs} epochs on the reward model's training pairs")
+        dpo_policy, n_pairs = stage_dpo(cfg, tokenizer, out, device)
+        compare["dpo"] = dict(evaluate(dpo_policy, *models, max_new_tokens=cfg.max_new_tokens),
+                              wall_s=time.perf_counter() - t0, pairs=n_pairs)  # fmt: skip
+        gold_logs = {k: out / k / GOLD_LOG for k in ("ppo", "grpo")}
+        result = make_compare(cfg, compare, gold_logs)
+        (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_compare(result, out / "compare.png")
+        print(format_compare(result))
+        summary["compare"] = result
+    _log(f"outputs in {out}: summary.json, metrics.jsonl, report.png" + (", compare.json, compare.png" if cfg.compare
+                                                                         else ""))  # fmt: skip
     return summary
 
 

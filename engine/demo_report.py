@@ -1,5 +1,7 @@
-"""The report of ``fusedrl demo``: the per-step metrics joined with the gold scores, the summary, the
-over-optimisation plot (gold and proxy reward against KL, Gao et al. 2022) and the console table."""
+"""The report of ``fusedrl demo``: the per-step metrics joined with the gold scores, the summary, the plot of
+gold and proxy reward against KL (the axes of Gao et al. 2022's over-optimisation curve; whether the run
+over-optimised is read off the numbers, not assumed), the console table, and ``--compare``'s PPO / GRPO /
+DPO table and plot."""
 from __future__ import annotations
 
 import json
@@ -87,9 +89,19 @@ def _kl_bins(kl: list[float], *series: list[float], n_bins: int) -> tuple[list[f
     return tuple([mean(xs, b) for b in bins] for xs in (kl, *series))
 
 
-def plot_report(rows: list[dict], sft_eval: dict, final_eval: dict, path: Path, *, kl_coef: float) -> None:
-    """report.png: gold and proxy reward against KL to the SFT policy (the over-optimisation curve), both
-    rewards against the PPO step, and the KL against the step."""
+def overoptimised(summary: dict) -> bool:
+    """Did the gold reward peak and fall (by more than 0.05, smoothed) while the proxy kept rising?"""
+    if not summary.get("ppo_steps"):
+        return False
+    return (summary["gold_reward_peak"] - summary["gold_reward_last"] > 0.05
+            and summary["proxy_reward_last"] >= summary["proxy_reward_at_gold_peak"])  # fmt: skip
+
+
+def plot_report(rows: list[dict], sft_eval: dict, final_eval: dict, path: Path, *, kl_coef: float,
+                overoptimised: bool = False) -> None:  # fmt: skip
+    """report.png: gold and proxy reward against KL to the SFT policy (the axes of the over-optimisation
+    curve; the title says whether this run shows over-optimisation), both rewards against the PPO step, and
+    the KL against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +134,9 @@ def plot_report(rows: list[dict], sft_eval: dict, final_eval: dict, path: Path, 
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3,
               fontsize=8)  # fmt: skip
-    ax.set_title(f"Gold and proxy reward vs KL (beta = {kl_coef:g}; dotted: SFT gold)")
+    verdict = ("over-optimisation: gold peaked, then fell" if overoptimised else
+               "no over-optimisation: gold and proxy rise together")  # fmt: skip
+    ax.set_title(f"Gold and proxy reward vs KL (beta = {kl_coef:g})\n{verdict} (dotted: SFT gold)", fontsize=10)
 
     ax_t.plot(steps, _smooth(gold, w), color="tab:green", label="gold")
     ax_t.axhline(sft_eval["gold"], color="tab:green", ls=":", lw=1)
@@ -166,9 +180,7 @@ def format_summary(summary: dict, rows: list[dict], *, n_rows: int = 10) -> str:
         gold, proxy, kl = (r.get(k, math.nan) for k in ("gold/reward_mean", "rollout/reward_mean", "objective/kl"))
         lines.append(f"  {r['step']:6d} {gold:8.3f} {proxy:8.3f} {kl:8.3f}")
     lines.append("")
-    if rows and summary["gold_reward_peak"] - summary["gold_reward_last"] > 0.05 and (
-        summary["proxy_reward_last"] >= summary["proxy_reward_at_gold_peak"]
-    ):
+    if rows and overoptimised(summary):
         lines.append(f"  over-optimisation: the gold reward peaked at {summary['gold_reward_peak']:.3f} (step "
                      f"{summary['gold_reward_peak_step']}, KL {summary['kl_at_gold_peak']:.2f}) and fell to "
                      f"{summary['gold_reward_last']:.3f} while the proxy kept rising")  # fmt: skip
@@ -179,3 +191,77 @@ def format_summary(summary: dict, rows: list[dict], *, n_rows: int = 10) -> str:
     t = summary["timings_s"]
     lines.append(f"  time: {t.get('total_s', math.nan):.0f} s on {summary['device']}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --compare: PPO vs GRPO vs DPO
+# ----------------------------------------------------------------------------------------------------
+METHODS = {"sft": "SFT policy (reference)", "ppo": "PPO vs reward model", "grpo": "GRPO vs reward model",
+           "dpo": "DPO on the pairs"}  # fmt: skip
+
+
+def make_compare(cfg: DemoConfig, evals: dict[str, dict], gold_logs: dict[str, Path]) -> dict:
+    """compare.json: per method the held-out gold, proxy, KL to the SFT reference, well-formed fraction and
+    wall time, and the per-step rollout gold of the RL runs (``gold_logs``: method -> its gold.jsonl)."""
+    out = {"kl_coef": cfg.kl_coef, "ppo_steps": cfg.ppo_steps, "dpo_beta": cfg.dpo_beta, "dpo_epochs": cfg.dpo_epochs,
+           "methods": {}}  # fmt: skip
+    for name, ev in evals.items():
+        row = {k: ev[k] for k in ("gold", "proxy", "kl", "well_formed", "length")}
+        row["wall_s"] = round(ev["wall_s"], 2)
+        row["examples"] = ev["examples"][:4]
+        if "pairs" in ev:
+            row["pairs"] = ev["pairs"]
+        if name in gold_logs and Path(gold_logs[name]).is_file():
+            rows = read_metrics(gold_logs[name])
+            row["gold_per_step"] = [r["gold/reward_mean"] for r in rows]
+        out["methods"][name] = row
+    return out
+
+
+def format_compare(result: dict) -> str:
+    lines = ["", "fusedrl demo --compare: the same SFT reference, task and preference pairs",
+             f"  {'':26} {'gold':>7} {'proxy':>7} {'KL':>7} {'well-formed':>12} {'time [s]':>9}"]  # fmt: skip
+    for name, r in result["methods"].items():
+        lines.append(f"  {METHODS.get(name, name):26} {r['gold']:7.3f} {r['proxy']:7.3f} {r['kl']:7.3f} "
+                     f"{r['well_formed']:12.2f} {r['wall_s']:9.1f}")  # fmt: skip
+    lines.append("  (time: the method's own training; PPO and GRPO also need the reward model stage, DPO does not)")
+    return "\n".join(lines)
+
+
+def plot_compare(result: dict, path: Path) -> None:
+    """compare.png: held-out gold reward against KL to the reference for each method (with the proxy beside
+    it), and the rollout gold per step of the RL runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = result["methods"]
+    colors = {"sft": "tab:gray", "ppo": "tab:blue", "grpo": "tab:orange", "dpo": "tab:green"}
+    fig, (ax, ax_p, ax_t) = plt.subplots(1, 3, figsize=(16, 4.6))
+    for name, r in methods.items():
+        c = colors.get(name, "black")
+        label = METHODS.get(name, name) + (f" ({r['wall_s']:.0f} s)" if name != "sft" else "")
+        ax.scatter([r["kl"]], [r["gold"]], s=90, color=c, label=label)
+        ax_p.scatter([r["kl"]], [r["proxy"]], s=90, color=c)
+        if "gold_per_step" in r:
+            g = r["gold_per_step"]
+            w = max(1, len(g) // 20)
+            smooth = [sum(g[max(0, i - w + 1) : i + 1]) / len(g[max(0, i - w + 1) : i + 1]) for i in range(len(g))]
+            ax_t.plot(range(1, len(g) + 1), smooth, color=c, label=METHODS.get(name, name))
+    ax_t.axhline(methods["sft"]["gold"], color="tab:gray", ls=":", lw=1, label="SFT")
+    ax.set_xlabel("KL(policy || SFT reference) per sequence [nats]")
+    ax.set_ylabel("gold reward (held-out prompts)")
+    ax.set_title(f"Gold reward vs KL (beta = {result['kl_coef']:g} for PPO/GRPO, {result['dpo_beta']:g} for DPO)",
+                 fontsize=10)  # fmt: skip
+    ax.legend(fontsize=8, loc="best")
+    ax_p.set_xlabel("KL(policy || SFT reference) per sequence [nats]")
+    ax_p.set_ylabel("proxy reward (learned reward model)")
+    ax_p.set_title("Proxy reward vs KL: what PPO/GRPO optimise", fontsize=10)
+    ax_t.set_xlabel("RL step")
+    ax_t.set_ylabel("rollout gold reward")
+    ax_t.set_title("Rollout gold per step (PPO, GRPO)", fontsize=10)
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -165,6 +165,55 @@ def test_flags_quick_preset_and_validation(capsys):
         DemoConfig(completion_len_min=5, completion_len_max=4)
     with pytest.raises(ValueError, match="DemoConfig.ppo_steps must be an int >= 1"):
         DemoConfig(ppo_steps=0)
+    cfg, _ = demo.parse_args(["--quick", "--compare", "--dpo-beta", "0.2"])
+    assert cfg.compare and cfg.dpo_beta == 0.2 and not DemoConfig().compare  # the default demo stays PPO only
+    with pytest.raises(ValueError, match="DemoConfig.compare must be False with resume=True"):
+        DemoConfig(compare=True, resume=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report: the over-optimisation verdict, --compare's table and plot
+# ----------------------------------------------------------------------------------------------------
+def _summary(**over):
+    base = dict(rm_accuracy=0.7, gold_reward_sft=0.45, proxy_reward_sft=-0.5, gold_reward_final=0.5,
+                proxy_reward_final=0.6, kl_final=2.0, well_formed_sft=0.97, well_formed_final=0.96,
+                gold_reward_peak=0.6, gold_reward_peak_step=20, kl_at_gold_peak=3.0, gold_reward_last=0.58,
+                proxy_reward_at_gold_peak=0.5, proxy_reward_last=0.7, kl_coef=0.1, ppo_steps=30,
+                examples_sft=["1:2"], examples_final=["1:9"], timings_s={"total_s": 1.0}, device="cpu")  # fmt: skip
+    return {**base, **over}
+
+
+def test_overoptimisation_verdict_is_read_off_the_numbers():
+    """The report claims over-optimisation only when the gold fell by > 0.05 from its peak while the proxy kept
+    rising (at the default beta the demo shows none, and says so)."""
+    from fusedrl.engine.demo_report import format_summary, overoptimised
+
+    rows = [{"step": 1, "gold/reward_mean": 0.5, "rollout/reward_mean": 0.1, "objective/kl": 0.1}]
+    assert not overoptimised(_summary())
+    assert "no over-optimisation at beta = 0.1" in format_summary(_summary(), rows)
+    fell = _summary(gold_reward_last=0.4)
+    assert overoptimised(fell) and "over-optimisation: the gold reward peaked at 0.600" in format_summary(fell, rows)
+    assert not overoptimised(_summary(gold_reward_last=0.4, proxy_reward_last=0.3))  # both fell: not hacking
+
+
+def test_compare_table_json_and_plot(tmp_path):
+    from fusedrl.engine.demo_report import format_compare, make_compare, plot_compare
+
+    gold_log = tmp_path / "gold.jsonl"
+    gold_log.write_text("".join(json.dumps({"step": i, "gold/reward_mean": 0.4 + i / 100}) + "\n" for i in range(1, 9)))
+    ev = lambda g, kl, t: dict(gold=g, proxy=g - 1, kl=kl, well_formed=0.9, length=5.0, examples=["1:2"] * 6,
+                               wall_s=t)  # noqa: E731
+    evals = {"sft": ev(0.45, 0.0, 0.0), "ppo": ev(0.55, 2.0, 12.3), "grpo": ev(0.5, 3.0, 9.0),
+             "dpo": dict(ev(0.6, 2.5, 4.0), pairs=100)}  # fmt: skip
+    result = make_compare(DemoConfig(), evals, {"ppo": gold_log, "grpo": gold_log})
+    assert list(result["methods"]) == ["sft", "ppo", "grpo", "dpo"]
+    assert result["methods"]["ppo"]["gold_per_step"] == pytest.approx([0.4 + i / 100 for i in range(1, 9)])
+    assert result["methods"]["dpo"]["pairs"] == 100 and "gold_per_step" not in result["methods"]["dpo"]
+    table = format_compare(result)
+    assert "DPO on the pairs" in table and "   12.3" in table and "0.600" in table
+    json.dumps(result)  # compare.json is plain JSON
+    plot_compare(result, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,10 +228,11 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """``python -m fusedrl.engine.demo --quick`` once for the module: (output dir, completed process)."""
+    """``python -m fusedrl.engine.demo --quick --compare`` once for the module: (output dir, completed process).
+    The PPO stage and everything before it are the default demo's; --compare adds GRPO and DPO after them."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    proc = _run([sys.executable, "-m", "fusedrl.engine.demo", "--quick", "--out", str(out), "--save-every", "10",
-                 "--no-progress"], cwd=out.parent)  # fmt: skip
+    proc = _run([sys.executable, "-m", "fusedrl.engine.demo", "--quick", "--compare", "--out", str(out),
+                 "--save-every", "10", "--no-progress"], cwd=out.parent)  # fmt: skip
     return out, proc
 
 
@@ -245,3 +295,31 @@ def test_resume_through_the_fusedrl_command(quick_run, tmp_path):
     summary = json.loads((copy / "summary.json").read_text())
     assert summary["rm_accuracy"] == summary_before["rm_accuracy"]  # stage 2 was not redone
     assert summary["ppo_steps"] == QUICK_PPO_STEPS + 3
+
+
+@pytest.mark.slow
+def test_compare_writes_table_and_plot(quick_run):
+    """--compare: PPO, GRPO and DPO from the same SFT reference on the same held-out prompts; DPO trained on the
+    reward model's own training pairs (pairs.jsonl, fusedrl dpo's format) raises the gold reward over SFT's."""
+    from fusedrl.engine.dpo import load_pairs
+
+    out, proc = quick_run
+    result = json.loads((out / "compare.json").read_text())
+    methods = result["methods"]
+    assert list(methods) == ["sft", "ppo", "grpo", "dpo"]
+    for name in ("ppo", "grpo", "dpo"):
+        r = methods[name]
+        assert r["wall_s"] > 0 and r["kl"] > 0 and 0 <= r["gold"] <= 1, (name, r)
+    summary = json.loads((out / "summary.json").read_text())
+    assert methods["sft"]["gold"] == summary["gold_reward_sft"] and methods["ppo"]["gold"] == summary["gold_reward_final"]
+    assert len(methods["grpo"]["gold_per_step"]) == QUICK_PPO_STEPS
+    assert methods["dpo"]["gold"] > methods["sft"]["gold"] + 0.03, (methods["sft"]["gold"], methods["dpo"]["gold"])
+    tok = build_char_tokenizer(demo.DIGITS + demo.SEPARATOR)
+    pairs = load_pairs(out / "pairs.jsonl", tok)
+    assert methods["dpo"]["pairs"] == len(pairs) and len(pairs) > 0.95 * demo.QUICK["rm_pairs"]
+    dpo_rows = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(dpo_rows) == 2 * -(-len(pairs) // 32) and "rewards/accuracies" in dpo_rows[-1]
+    for d in ("grpo/policy", "dpo/policy"):
+        assert (out / d / "config.json").is_file(), d
+    assert (out / "compare.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "DPO on the pairs" in proc.stdout and "GRPO vs reward model" in proc.stdout
