@@ -324,7 +324,7 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     from .attention import use_packed_attention
     from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
     from .metrics import MetricsLogger
-    from .models import output_head
+    from .models import disable_dropout, output_head
     from .scoring import packed_hidden_states
     from .sft import warmup_cosine
 
@@ -336,6 +336,9 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
 
         (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     use_packed_attention(policy)
+    # The implicit reward compares two forwards of the same weights (policy and its own reference at step 0):
+    # with dropout it would start as noise instead of 0.
+    disable_dropout(policy)
     buf, lengths = build_buffer(pairs)
     n_pairs = len(pairs)
     total = cfg.epochs * math.ceil(n_pairs / cfg.pairs_per_step)
