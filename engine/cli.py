@@ -63,6 +63,8 @@ class TrainArgs:
     """Modules given LoRA adapters: comma-separated names (q_proj,v_proj) or all-linear (every linear layer but the output head)."""
     merge_lora: bool = False
     """Save the final policy with the LoRA adapter merged into its weights (a plain model) instead of the adapter alone."""
+    save_hf_checkpoints: bool = False
+    """Also write every checkpoint's policy (and critic) as Hugging Face directories inside it: ckpt-<step>/policy loads with from_pretrained (rotated with the checkpoint)."""
     resume: bool = False
     """Continue from the newest intact checkpoint in output_dir (its metrics rows after that step are dropped)."""
     overwrite: bool = False
@@ -224,6 +226,21 @@ def _outputs(out: Path, *, lora: bool, merged: bool) -> list[tuple[str, str]]:
     return found
 
 
+def _hf_checkpoint_trainer():
+    """PPOTrainer whose checkpoints also hold the policy (and critic) as Hugging Face directories."""
+    from .checkpoint import checkpoint_path
+    from .trainer import PPOTrainer
+
+    class HFCheckpointTrainer(PPOTrainer):
+        def save_checkpoint(self):
+            path = super().save_checkpoint()
+            # Every rank calls it: under FSDP saving gathers the shards.
+            self.save_pretrained(checkpoint_path(self.config.output_dir, self.global_step))
+            return path
+
+    return HFCheckpointTrainer
+
+
 def train_main(argv: list[str]) -> int:
     args, cfg = parse_train_args(argv)
     if args.prompts is None:
@@ -289,7 +306,9 @@ def train_main(argv: list[str]) -> int:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             reward = build_reward_model(args.reward_model, vocab_size=rm_vocab, seed=cfg.seed + 1, pad_token_id=pad,
                                         dtype=dtype).to(device)  # fmt: skip
-        trainer = PPOTrainer(policy, tokenizer, reward, cfg)
+        if args.save_hf_checkpoints and not cfg.save_every:
+            raise ValueError("--save-hf-checkpoints needs --save-every N (the checkpoints it adds to)")
+        trainer = (_hf_checkpoint_trainer() if args.save_hf_checkpoints else PPOTrainer)(policy, tokenizer, reward, cfg)
     except (OSError, ValueError, TypeError, ImportError) as e:  # FileNotFoundError, FileExistsError, ...
         raise _fail(e) from None
     if trainer.rank == 0:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from fusedrl.engine import cli
 from fusedrl.engine.config import field_docs
 from fusedrl.engine.metrics import read_metrics
@@ -178,7 +179,8 @@ def test_cli_training_run_learns_rule_based_reward(tmp_path):
         "--reward-fn", "count_token", "--reward-kwargs", '{"token": "a"}', "--advantage-estimator", "grpo",
         "--prompts-per-step", "4", "--samples-per-prompt", "8", "--max-new-tokens", "8", "--total-steps", "16",
         "--learning-rate", "1e-2", "--kl-coef", "0.0", "--ppo-epochs", "1", "--num-minibatches", "1",
-        "--save-every", "0", "--seed", "0", "--threads", "1", "--no-progress", "--output-dir", str(out),
+        "--save-every", "8", "--save-hf-checkpoints", "--seed", "0", "--threads", "1", "--no-progress",
+        "--output-dir", str(out),
     ]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=240, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -197,6 +199,13 @@ def test_cli_training_run_learns_rule_based_reward(tmp_path):
         assert (out / "policy" / name).is_file(), name
     assert f"outputs in {out}/" in r.stderr and "policy/" in r.stderr and "metrics.jsonl" in r.stderr, r.stderr
     model = AutoModelForCausalLM.from_pretrained(out / "policy")
+    from fusedrl.engine.checkpoint import find_latest
+
+    assert find_latest(out).name == "ckpt-16"  # the HF directories inside do not upset checkpoint verification
+    for step in (8, 16):
+        saved = AutoModelForCausalLM.from_pretrained(out / f"ckpt-{step}" / "policy")
+        assert saved.config.vocab_size == 54 and (out / f"ckpt-{step}" / "policy" / "tokenizer.json").is_file()
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), model.state_dict().values()))
     assert model.config.vocab_size == 54
 
 

@@ -141,6 +141,7 @@ for what, fn in [("model", build_causal_lm), ("tokenizer", load_tokenizer)]:
 """
 
 
+@pytest.mark.slow
 def test_hub_id_from_cache_offline_and_one_line_error(tmp_path):
     """A Hub id resolves through the Hub cache with HF_HUB_OFFLINE=1 (the way a user pre-downloads), and an id
     that is not cached fails with one line that says what to do."""
@@ -366,6 +367,8 @@ def _param_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft probing transformers 5
 @pytest.mark.parametrize("estimator", ["grpo", "gae"])
 def test_lora_policy_trains_adapters_and_is_its_own_reference(tmp_path, estimator):
     """A peft policy: only the adapters move, the reference is the same module with its adapters disabled (no
