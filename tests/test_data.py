@@ -189,3 +189,24 @@ def test_repeated_prompt_with_different_columns_warns():
     with pytest.warns(UserWarning, match="1 rows of 'rows' repeat an earlier prompt"):
         reward = bind_columns(math_answer, data)
     assert reward(["same"], ["1"]) == [1.0]
+
+
+def test_hub_data_set_name_goes_to_load_dataset(monkeypatch):
+    """A name that is not a local path is a Hub data set: load_dataset(name, config, split=...) (the Hub cache
+    and HF_HUB_OFFLINE are datasets' own business); a path-like name that does not exist is not sent there."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, *, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_prompt_data("openai/gsm8k", config="main", split="test", prompt_field="question")
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert data.prompts == [r["question"] for r in ROWS] and data.columns["answer"] == ["5", "24", "8"]
+    for name in ["./data/train.jsonl", "data/train.jsonl", "/no/such/dir"]:
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_prompt_data(name)
+    assert len(calls) == 1
