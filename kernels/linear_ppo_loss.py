@@ -17,25 +17,42 @@ from ._rows import (
     N_STATS,
     STAT_LOSS,
     check_temperature,
-    dlogits_torch_chunk,
+    chunk_workspace,
     logprobs_bwd_triton,
+    logprobs_fwd_torch,
     logprobs_fwd_triton,
+    ppo_bwd_torch,
     ppo_bwd_triton,
+    ppo_fwd_torch,
     ppo_fwd_triton,
     ppo_metrics,
     prepare_ppo_inputs,
-    token_stats_torch,
+    row_chunks,
     torch_chunk_bwd,
-    torch_chunk_fwd,
 )
 from ._utils import IGNORE_INDEX, check_float, check_int, check_labels_in_range, check_same_device, resolve_backend
 from .logprobs import logprobs_ref
 from .ppo_loss import PPOLossConfig, ppo_loss_ref
 
-# A chunk of logits is at most ~256 MB on GPU (big enough for full-speed matmuls, small next to the
-# (N, V) logits it replaces); on CPU 2M elements, as the reference's backward keeps ~6 float32 copies.
+# Tokens per chunk. Each chunk runs three GEMMs against the whole (V, H) weight -- logits = h W^T,
+# dh = dlogits W, dW += dlogits^T h -- i.e. 6 c V H flops for c rows, while W is streamed twice in the input
+# dtype and the float32 dW accumulator is read and written once: (2 s + 8) V H bytes (s = itemsize) whatever
+# c is. The arithmetic intensity 6 c / (2 s + 8) flop/B (0.375 c in fp32, 0.5 c in bf16) must sit well
+# above the machine balance, or the chunks are memory-bound on W (at the old CPU rule of 2M elements / V,
+# c = 13 at V = 151936: ~5 flop/B, and the loss ran 4x slower than eager). Within that, a memory budget on
+# the chunk's logits keeps the O(chunk * V) promise.
+# - CPU: one core does ~90 GFLOP/s fp32 against ~10 GB/s (balance ~9 flop/B); c = 256 gives 96 flop/B
+#   (measured: the GEMMs' time per token is flat from c = 128 to 1024 and 3-4x worse at c = 13), and the
+#   budget of 256 MiB of float32 logits caps it at 441 rows at V = 151936 (155 MB per chunk at c = 256).
+#   The elementwise softmax work runs over sub-chunks of ~1M elements of the chunk (kernels/_rows.py), so
+#   its float32 scratch stays a few MiB whatever c is.
+# - GPU (H200: ~990 TFLOP/s bf16 against 4.8 TB/s, balance ~206 flop/B): 256 MiB of logits in the input
+#   dtype gives c = 880 at V = 151936 bf16 (440 flop/B, ~2x the balance) in whole 16-row MMA tiles; the
+#   (c, V) chunk is ~0.4% of the (N, V) logits at N = 64k. Not yet checked against a GPU measurement.
+# Chunks are balanced (n = 1000 at c = 256 runs 4 chunks of 250, not 3 of 256 and one of 232).
 _GPU_CHUNK_BYTES = 256 << 20
-_CPU_CHUNK_ELEMS = 1 << 21
+_CPU_CHUNK_ROWS = 256
+_CPU_CHUNK_BYTES = 256 << 20
 
 
 def _chunk_rows(n: int, V: int, dtype: torch.dtype, device: torch.device, chunk_size) -> int:
@@ -46,14 +63,38 @@ def _chunk_rows(n: int, V: int, dtype: torch.dtype, device: torch.device, chunk_
     if device.type == "cuda":
         rows = _GPU_CHUNK_BYTES // (V * dtype.itemsize)
         rows = max(16, rows // 16 * 16)  # whole MMA tiles
-    else:
-        rows = max(1, _CPU_CHUNK_ELEMS // V)
-    return max(1, min(n, rows))
+        return max(1, min(n, rows))
+    rows = max(1, min(_CPU_CHUNK_ROWS, _CPU_CHUNK_BYTES // (V * 4)))
+    n_chunks = -(-max(n, 1) // rows)
+    return max(1, -(-n // n_chunks))
 
 
-def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(n, H) @ (V, H).T (+ b) in the input dtype -> contiguous (n, V)."""
-    return torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buf: torch.Tensor | None = None):
+    """(n, H) @ (V, H).T (+ b) in the input dtype -> contiguous (n, V), written into the first n rows of
+    ``buf`` when given: one (chunk, V) buffer serves every chunk (a fresh one per chunk is fresh pages from
+    the OS each time on CPU)."""
+    out = None if buf is None else buf[: h.shape[0]]
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def _chunk_buffer(chunk: int, n: int, weight: torch.Tensor) -> torch.Tensor | None:
+    """The reusable (chunk, V) logits buffer, or None for a single chunk (nothing to reuse)."""
+    if n <= chunk:
+        return None
+    return torch.empty(chunk, weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+
+def _scored_rows(labels: torch.Tensor, use_triton: bool) -> torch.Tensor | None:
+    """Indices of the rows that are scored (label != IGNORE_INDEX), or None for all of them. On the CPU torch
+    path the other rows are skipped: they add nothing to the loss or to any gradient, and their share of
+    the three GEMMs is pure waste (prompt and padding tokens are often most of a packed batch). The index
+    is a host sync, which is free on CPU; the GPU path keeps its no-sync contract and computes them."""
+    if use_triton or labels.device.type != "cpu":
+        return None
+    keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    return None if keep.numel() == labels.numel() else keep
 
 
 _ADDMM_OUT_DTYPE = True  # cleared if this torch / device has no fp32-output addmm for bf16 / fp16
@@ -82,19 +123,27 @@ class _GradAccumulator:
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
         self.weight = weight
         self.dh = torch.empty_like(h) if needs[0] else None
-        self.dw = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs[1] else None
+        # Same-dtype dW starts as the first chunk's product (mm into it): no zero-filled (V, H) pass first.
+        self.dw_pending = needs[1] and acc_dtype == weight.dtype
+        make = torch.empty if self.dw_pending else torch.zeros
+        self.dw = make(weight.shape, dtype=acc_dtype, device=weight.device) if needs[1] else None
         self.db = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if (
             bias is not None and needs[2]) else None  # fmt: skip
 
     def add(self, rows: slice, h_c: torch.Tensor, dlogits: torch.Tensor) -> None:
         if self.dh is not None:
             torch.mm(dlogits, self.weight, out=self.dh[rows])
-        if self.dw is not None:
+        if self.dw is not None and self.dw_pending:
+            torch.mm(dlogits.t(), h_c, out=self.dw)
+            self.dw_pending = False
+        elif self.dw is not None:
             _addmm_acc(self.dw, dlogits.t(), h_c)
         if self.db is not None:
             self.db += dlogits.sum(0, dtype=self.db.dtype)
 
     def results(self, hidden_shape, weight, bias):
+        if self.dw_pending:  # no rows at all
+            self.dw.zero_()
         dh = None if self.dh is None else self.dh.view(hidden_shape)
         dw = None if self.dw is None else self.dw.to(weight.dtype)
         db = None if self.db is None else self.db.to(bias.dtype)
@@ -113,26 +162,34 @@ class _LinearPPOLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, old, adv, ref, wts, config, chunk, use_triton):
         h = hidden.reshape(-1, hidden.shape[-1])
         n = h.shape[0]
-        stats = torch.empty(N_STATS, n, dtype=torch.float32, device=h.device)
+        keep = _scored_rows(labels, use_triton)
+        if keep is not None:  # only the scored rows, compacted (the others hold zeros in stats and dh)
+            h, labels, old, adv, wts = (t.index_select(0, keep) for t in (h, labels, old, adv, wts))
+            ref = None if ref is None else ref.index_select(0, keep)
+        n_k = h.shape[0]
+        stats = torch.empty(N_STATS, n_k, dtype=torch.float32, device=h.device)
         grads = _GradAccumulator(h, weight, bias, ctx.needs_input_grad)
-        inv_temp = 1.0 / float(config.temperature)
-        for c0 in range(0, n, chunk):
-            rows = slice(c0, min(n, c0 + chunk))
-            logits = _project(h[rows], weight, bias)  # (chunk, V), input dtype
+        buf = _chunk_buffer(chunk, n_k, weight)
+        for c0 in range(0, n_k, chunk):
+            rows = slice(c0, min(n_k, c0 + chunk))
+            logits = _project(h[rows], weight, bias, buf)  # (chunk, V), input dtype
             lab, ref_c = labels[rows], None if ref is None else ref[rows]
             if use_triton:
                 _, mls = ppo_fwd_triton(logits, lab, old[rows], adv[rows], ref_c, wts[rows], config,
                                          stats=stats[:, rows])  # fmt: skip
                 dlogits = ppo_bwd_triton(logits, lab, mls, stats[:, rows], 1.0, config, out=logits)
             else:
-                lp, ent, m, log_s = torch_chunk_fwd(logits, lab, inv_temp, IGNORE_INDEX, True)
-                stats[:, rows] = token_stats_torch(lp, ent, old[rows], adv[rows], ref_c, wts[rows],
-                                                    lab != IGNORE_INDEX, config)  # fmt: skip
-                mls = torch.stack([m, log_s])
-                dlogits = dlogits_torch_chunk(logits, lab, mls, stats[:, rows], 1.0, config).to(logits.dtype)
+                stats[:, rows], mls = ppo_fwd_torch(logits, lab, old[rows], adv[rows], ref_c, wts[rows], config)
+                dlogits = ppo_bwd_torch(logits, lab, mls, stats[:, rows], 1.0, config, out=logits)
             grads.add(rows, h[rows], dlogits)
             del logits, dlogits
-        dh, dw, db = grads.results(hidden.shape, weight, bias)
+        dh, dw, db = grads.results((n_k, h.shape[1]), weight, bias)
+        if keep is not None:
+            stats = torch.zeros(N_STATS, n, dtype=torch.float32, device=h.device).index_copy_(1, keep, stats)
+            if dh is not None:
+                dh = torch.zeros(n, h.shape[1], dtype=dh.dtype, device=dh.device).index_copy_(0, keep, dh)
+        if dh is not None:
+            dh = dh.view(hidden.shape)
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (dh, dw, db)))
         ctx.has = (dh is not None, dw is not None, db is not None)
         ctx.mark_non_differentiable(stats)
@@ -141,6 +198,11 @@ class _LinearPPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         saved = ctx.saved_tensors
+        # grad_out = 1, the plain loss.backward(), on CPU (where reading it is no sync): the stored gradients
+        # as they are, without a scaled copy of dW (V x H) next to them.
+        if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+            return (*(g if has else None for g, has in zip(saved, ctx.has)), None, None, None, None, None, None,
+                    None, None)  # fmt: skip
         dh, dw, db = (g * grad_loss if has else None for g, has in zip(saved, ctx.has))
         return dh, dw, db, None, None, None, None, None, None, None, None
 
@@ -157,15 +219,17 @@ class _LinearLogProbs(torch.autograd.Function):
         logp = torch.empty(n, dtype=torch.float32, device=dev)
         ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=dev)
         mls = torch.empty(2, n, dtype=torch.float32, device=dev)
+        buf = _chunk_buffer(chunk, n, weight)
         for c0 in range(0, n, chunk):
             rows = slice(c0, min(n, c0 + chunk))
-            logits = _project(h[rows], weight, bias)
+            logits = _project(h[rows], weight, bias, buf)
             if use_triton:
                 lp, ent_c, mls[:, rows] = logprobs_fwd_triton(logits, labels[rows], 1.0 / temperature,
                                                                ignore_index, return_entropy)  # fmt: skip
             else:
-                lp, ent_c, mls[0, rows], mls[1, rows] = torch_chunk_fwd(logits, labels[rows], 1.0 / temperature,
-                                                                         ignore_index, return_entropy)  # fmt: skip
+                lp, ent_c, mls_c = logprobs_fwd_torch(logits, labels[rows], 1.0 / temperature, ignore_index,
+                                                      return_entropy)  # fmt: skip
+                mls[:, rows] = mls_c
             logp[rows] = lp
             if return_entropy:
                 ent[rows] = ent_c
@@ -187,9 +251,13 @@ class _LinearLogProbs(torch.autograd.Function):
         dlogp = torch.zeros(n, device=h.device) if dlogp is None else dlogp.reshape(-1).float().contiguous()
         dent = dent.reshape(-1).float().contiguous() if (return_entropy and dent is not None) else None
         grads = _GradAccumulator(h, weight, bias, ctx.needs_input_grad)
+        buf = _chunk_buffer(chunk, n, weight)
+        work = None
         for c0 in range(0, n, chunk):
             rows = slice(c0, min(n, c0 + chunk))
-            logits = _project(h[rows], weight, bias)
+            logits = _project(h[rows], weight, bias, buf)
+            if work is None and not use_triton:
+                work = chunk_workspace(logits, 1 if dent is None else 2)
             dent_c = None if dent is None else dent[rows]
             ent_c = None if dent is None else ent[rows]
             if use_triton:
@@ -198,8 +266,12 @@ class _LinearLogProbs(torch.autograd.Function):
                                                dlogp[rows], dent_c, 1.0 / temperature, ignore_index,
                                                out=logits)  # fmt: skip
             else:
-                dlogits = torch_chunk_bwd(logits, labels[rows], mls[0, rows], mls[1, rows], ent_c, dlogp[rows],
-                                           dent_c, 1.0 / temperature, ignore_index).to(logits.dtype)  # fmt: skip
+                dlogits = logits  # overwritten in place, one sub-chunk at a time (kernels/_rows.py)
+                for r0, sub in row_chunks(logits):
+                    sr = slice(c0 + r0, c0 + r0 + sub.shape[0])
+                    torch_chunk_bwd(sub, labels[sr], mls[0, sr], mls[1, sr], None if ent_c is None else ent[sr],
+                                    dlogp[sr], None if dent is None else dent[sr], 1.0 / temperature, ignore_index,
+                                    out=sub, work=work)  # fmt: skip
             grads.add(rows, h[rows], dlogits)
             del logits, dlogits
         dh, dw, db = grads.results(hidden.shape, weight, bias)
