@@ -7,6 +7,12 @@ same, TRL's per-row loop (selective_log_softmax style) and Liger-Kernel when ins
 
 Writes bench/results/logprobs-<cpu|cuda>.json: one record per (shape, provider, pass) with median/p20/p80 ms,
 achieved GB/s (bytes the op must move at minimum), fraction of the measured copy bandwidth and peak memory.
+
+    python bench/bench_logprobs.py --side-by-side      # CPU, N=1024, V=151936, bf16 and fp32, fwd+bwd
+
+runs fusedrl's torch path, TRL's selective_log_softmax, eager log_softmax(x.float()).gather (and, with
+--providers ...,compile, torch.compile of it) each in its own one-thread process, interleaved, and writes
+bench/results/torch-path-logprobs-cpu-<date>.json / .md with times, peak RSS above the inputs and ratios.
 """
 from __future__ import annotations
 
@@ -111,6 +117,54 @@ def bench_shape(N, V, dtype, device, copy_gbps, *, include_loop=True):
     return records
 
 
+# ----------------------------------------------------------------------------- CPU side by side (issue 16)
+SIDE_PROVIDERS = ["fusedrl", "trl", "eager"]
+
+
+def _side_fn(provider):
+    if provider == "fusedrl":
+        return lambda x, y: logprobs(x, y, backend="torch")
+    if provider == "trl":
+        from trl.trainer.utils import selective_log_softmax  # CPU tensors: its per-row torch path
+
+        return selective_log_softmax
+    if provider == "compile":
+        return torch.compile(eager, dynamic=False)
+    return {"eager": eager, "loop": row_loop}[provider]
+
+
+def side_measure(provider, case, mode, reps):
+    """fwd + bwd of one provider: d(sum g * logp)/dlogits, the (N, V) gradient kept until measured."""
+    from bench.common import child_peak_rss, child_times
+
+    set_validation(False)
+    torch.manual_seed(0)
+    N, V, dtype = case["N"], case["V"], getattr(torch, case["dtype"])
+    logits = (torch.randn(N, V) * 2).to(dtype)
+    labels = torch.randint(0, V, (N,))
+    g = torch.randn(N)
+    fn = _side_fn(provider)
+
+    def call():
+        x = logits.detach().requires_grad_(True)
+        return torch.autograd.grad((fn(x, labels) * g).sum(), x)
+
+    if mode == "mem":
+        call()  # warm-up (lazy initialisation, compilation) outside the measurement
+        return {"extra_rss": child_peak_rss(call)}
+    return child_times(call, reps)
+
+
+def side_by_side_main(args):
+    from bench.common import side_by_side, write_side_by_side
+
+    cases = [{"op": "logprobs", "N": 1024, "V": 151936, "dtype": dt} for dt in ("bfloat16", "float32")]
+    providers = args.providers.split(",") if args.providers else SIDE_PROVIDERS
+    records = side_by_side(Path(__file__), cases, providers, repeats=args.repeats, reps=args.reps)
+    write_side_by_side("torch-path-logprobs-cpu", records, ["op", "N", "V", "dtype"],
+                       extra={"pass": "fwd+bwd", "threads_per_provider": 1})  # fmt: skip
+
+
 def check_correct(device):
     x = torch.randn(64, 1000, device=device)
     y = torch.randint(0, 1000, (64,), device=device)
@@ -122,7 +176,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (CPU / smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--side-by-side", action="store_true", help="CPU: one process per provider (issue 16)")
+    ap.add_argument("--providers", default="", help="comma-separated, for --side-by-side")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of --side-by-side (one process each)")
+    ap.add_argument("--reps", type=int, default=2, help="timed calls per process, after one warm-up")
     args = ap.parse_args(argv)
+    if args.side_by_side:
+        return side_by_side_main(args)
     device = args.device
     check_correct(device)
     set_validation(False)  # steady-state training loop: no label range check (a host sync on GPU)
@@ -173,4 +233,9 @@ def test_logprobs_full_loop(benchmark):
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        from bench.common import child_main
+
+        child_main(side_measure, sys.argv[2:])
+    else:
+        main()

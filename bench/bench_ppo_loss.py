@@ -9,6 +9,12 @@ lm_head followed by the reference.
 Writes bench/results/ppo_loss-<cpu|cuda>.json: one record per (op, shape, provider, pass) with median/p20/p80
 ms, achieved GB/s (logits path: the bytes the op must move at minimum, 1 read forward, 1 read + 1 write
 backward) or TFLOP/s (lm_head path: the three N x H x V matmuls), and peak memory.
+
+    python bench/bench_ppo_loss.py --side-by-side      # CPU, linear loss N=1024, H=896 / 2048, V=151936, fp32
+
+runs fusedrl's torch path, the eager lm_head + reference and Liger's LigerFusedLinearGRPOLoss (its chunked torch
+path, compiled=False, when installed) each in its own one-thread process, interleaved, and writes
+bench/results/torch-path-linear-loss-cpu-<date>.json / .md with times, peak RSS above the inputs and ratios.
 """
 from __future__ import annotations
 
@@ -171,6 +177,65 @@ def bench_linear(N, V, H, dtype, device):
     return records
 
 
+# ----------------------------------------------------------------------------- CPU side by side (issue 16)
+SIDE_PROVIDERS = ["fusedrl", "eager", "liger"]
+SIDE_SEQS = 8  # Liger takes (B, T) sequences with one advantage each: N = 1024 tokens as 8 x 128
+
+
+def _side_fn(provider, d):
+    args = (d["labels"], d["old_logp"], d["advantages"], d["mask"])
+    if provider == "fusedrl":
+        return lambda h, w: linear_ppo_loss(h, w, *args, ref_logp=d["ref_logp"], config=CONFIG, backend="torch")[0]
+    if provider == "eager":
+        return lambda h, w: linear_ppo_loss_ref(h, w, *args, ref_logp=d["ref_logp"], config=CONFIG)[0]
+    if provider == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        # loss_type="dapo" normalises by the batch's unmasked tokens: our token-mean.
+        loss = LigerFusedLinearGRPOLoss(beta=CONFIG.kl_coef, compiled=False, epsilon_low=CONFIG.clip_low,
+                                        epsilon_high=CONFIG.clip_high, loss_type="dapo", temperature=1.0)  # fmt: skip
+        B = SIDE_SEQS
+        bt = lambda t: t.view(B, -1)  # noqa: E731
+
+        def liger(h, w):
+            out = loss(h.view(B, -1, h.shape[-1]), w, bt(d["labels"]), bt(d["mask"]).long(),
+                       bt(d["advantages"])[:, 0].contiguous(), ref_per_token_logps=bt(d["ref_logp"]),
+                       old_per_token_logps=bt(d["old_logp"]))  # fmt: skip
+            return out[0] if isinstance(out, tuple) else out
+
+        return liger
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def side_measure(provider, case, mode, reps):
+    """fwd + bwd of one provider: the loss's gradients w.r.t. hidden and weight, kept until measured."""
+    from bench.common import child_peak_rss, child_times
+
+    set_validation(False)
+    d = make_inputs(case["N"], case["V"], getattr(torch, case["dtype"]), "cpu", H=case["H"])
+    fn = _side_fn(provider, d)
+
+    def call():
+        h = d["hidden"].detach().requires_grad_(True)
+        w = d["weight"].detach().requires_grad_(True)
+        return torch.autograd.grad(fn(h, w), (h, w))
+
+    if mode == "mem":
+        call()
+        return {"extra_rss": child_peak_rss(call)}
+    return child_times(call, reps)
+
+
+def side_by_side_main(args):
+    from bench.common import side_by_side, write_side_by_side
+
+    cases = [{"op": "linear_ppo_loss", "N": 1024, "H": H, "V": 151936, "dtype": "float32"} for H in (896, 2048)]
+    providers = args.providers.split(",") if args.providers else SIDE_PROVIDERS
+    records = side_by_side(Path(__file__), cases, providers, repeats=args.repeats, reps=args.reps)
+    write_side_by_side("torch-path-linear-loss-cpu", records, ["op", "N", "H", "V", "dtype"],
+                       extra={"pass": "fwd+bwd", "config": repr(CONFIG), "mask_fraction_scored": 0.9})  # fmt: skip
+
+
 def add_speedups(records):
     base = {(r["op"], r["shape"], r["pass"]): r["median_ms"] for r in records if r["provider"] == "eager"}
     for r in records:
@@ -191,7 +256,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (CPU / smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--side-by-side", action="store_true", help="CPU: one process per provider (issue 16)")
+    ap.add_argument("--providers", default="", help="comma-separated, for --side-by-side")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of --side-by-side (one process each)")
+    ap.add_argument("--reps", type=int, default=1, help="timed calls per process, after one warm-up")
     args = ap.parse_args(argv)
+    if args.side_by_side:
+        return side_by_side_main(args)
     device = args.device
     check_correct(device)
     set_validation(False)  # steady-state training loop: no label range check (a host sync on GPU)
@@ -275,4 +346,9 @@ def test_linear_ppo_loss_full_eager(benchmark):
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        from bench.common import child_main
+
+        child_main(side_measure, sys.argv[2:])
+    else:
+        main()
