@@ -260,6 +260,8 @@ def train_main(argv: list[str]) -> int:
         raise SystemExit(f"fusedrl train: --lora-r must be >= 0, got {args.lora_r}")
     if args.merge_lora and not args.lora_r:
         raise SystemExit("fusedrl train: --merge-lora applies with --lora-r only")
+    if args.save_hf_checkpoints and not cfg.save_every:
+        raise SystemExit("fusedrl train: --save-hf-checkpoints needs --save-every N (the checkpoints it adds to)")
     if cfg.output_dir is None:
         cfg = dataclasses.replace(cfg, output_dir="runs/fusedrl")
     _check_extras(args, cfg)
@@ -306,9 +308,8 @@ def train_main(argv: list[str]) -> int:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             reward = build_reward_model(args.reward_model, vocab_size=rm_vocab, seed=cfg.seed + 1, pad_token_id=pad,
                                         dtype=dtype).to(device)  # fmt: skip
-        if args.save_hf_checkpoints and not cfg.save_every:
-            raise ValueError("--save-hf-checkpoints needs --save-every N (the checkpoints it adds to)")
-        trainer = (_hf_checkpoint_trainer() if args.save_hf_checkpoints else PPOTrainer)(policy, tokenizer, reward, cfg)
+        trainer_cls = _hf_checkpoint_trainer() if args.save_hf_checkpoints else PPOTrainer
+        trainer = trainer_cls(policy, tokenizer, reward, cfg)
     except (OSError, ValueError, TypeError, ImportError) as e:  # FileNotFoundError, FileExistsError, ...
         raise _fail(e) from None
     if trainer.rank == 0:
@@ -334,9 +335,10 @@ def train_main(argv: list[str]) -> int:
             shutil.rmtree(out / "policy")
             os.replace(tmp, out / "policy")
         elapsed = time.monotonic() - started
+        outputs = _outputs(out, lora=bool(args.lora_r), merged=args.merge_lora)
+        width = max((len(n) for n, _ in outputs), default=0)
         lines = [f"fusedrl train: {cfg.total_steps} steps done in {elapsed:.0f} s; outputs in {out}/"]
-        width = max(len(n) for n, _ in _outputs(out, lora=bool(args.lora_r), merged=args.merge_lora))
-        lines += [f"  {n:<{width}}  {what}" for n, what in _outputs(out, lora=bool(args.lora_r), merged=args.merge_lora)]
+        lines += [f"  {n:<{width}}  {what}" for n, what in outputs]
         print("\n".join(lines), file=sys.stderr)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

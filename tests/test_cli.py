@@ -287,10 +287,9 @@ def test_cli_lora_chat_prompts_from_parquet_with_a_math_reward(tmp_path):
     included."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     from fusedrl.engine.models import build_causal_lm
     from fusedrl.engine.tokenizer import build_char_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     tok = build_char_tokenizer()
     tok.chat_template = CHAT_TEMPLATE

@@ -7,8 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import EPS, assert_close, assert_kernel_close
-
 from fusedrl.engine.attention import cu_seqlens_from_position_ids, use_packed_attention
 from fusedrl.engine.models import (
     PRESETS,
@@ -19,6 +17,7 @@ from fusedrl.engine.models import (
     lm_head_of,
     score_packed,
 )
+from helpers import EPS, assert_close, assert_kernel_close
 
 # Shapes, declared once: an odd vocabulary, mixed lengths with length-1 sequences first and inside.
 VOCAB = 97
@@ -375,13 +374,12 @@ def test_lora_policy_trains_adapters_and_is_its_own_reference(tmp_path, estimato
     copy of the weights) and equals the untouched base model, the fused head reads the wrapped model, and the
     saved result is the adapter (or, merged, a plain model with the same logits)."""
     pytest.importorskip("peft")
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from fusedrl.engine.models import adapter_disabled, apply_lora, save_model
     from fusedrl.engine.scoring import score_logprobs
     from fusedrl.engine.tokenizer import build_char_tokenizer
     from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     tok = build_char_tokenizer()
     base = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
