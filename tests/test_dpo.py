@@ -3,7 +3,9 @@ micro-batches against unpacked float64 log-probs, the config, and the trainer ru
 subprocess on the demo task), asserted on what it wrote and on the hidden gold reward, then resumed."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import random
 import subprocess
@@ -154,6 +156,37 @@ def test_micro_batches_keep_pairs_whole_and_match_unpacked_float64(tok):
                 lp = torch.log_softmax(model64(input_ids=torch.tensor([p.prompt + resp])).logits[0, :-1], -1)
                 truth[i, side] = sum(lp[len(p.prompt) - 1 + j, t] for j, t in enumerate(resp))
     assert_close(got, truth, atol=1e-4, name="packed sequence log-probs")
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo", "orpo"])
+def test_train_dpo_every_loss_and_the_micro_batch_split(loss_type, tok, tmp_path):
+    """One step of ``train_dpo`` on 12 pairs in one micro-batch and in many (a tight budget): the same loss,
+    metrics and gradient norm (the accumulation divides by the step's pairs, not the micro-batch's). At step
+    one the policy is its own reference: DPO's loss is log 2 and IPO's (1 / (2 beta))^2."""
+    rng = random.Random(2)
+    pairs = []
+    for i in range(12):
+        p = TASK.prompts(1, rng)[0]
+        pairs.append(dpo.EncodedPair(tok(p)["input_ids"], tok(TASK.demonstration(rng))["input_ids"] + [2],
+                                     tok(TASK.demonstration(rng))["input_ids"] + [2], f"x:{i}"))  # fmt: skip
+    _, lengths = dpo.build_buffer(pairs)
+    cfg = dpo.DPOConfig(loss_type=loss_type, beta=0.2, rpo_alpha=0.5 if loss_type == "dpo" else 0.0,
+                        pairs_per_step=12, learning_rate=1e-3, output_dir=str(tmp_path / "one"), progress=False)  # fmt: skip
+    tight = dataclasses.replace(cfg, output_dir=str(tmp_path / "many"), max_tokens_per_microbatch=int(lengths.max()) + 4)
+    runs = [dpo.train_dpo(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3), tok, pairs, c)[0]
+            for c in (cfg, tight)]  # fmt: skip
+    keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "grad_norm"} | ({"nll_loss"} if loss_type in ("dpo", "orpo") else set()) | (
+            {"log_odds_ratio"} if loss_type == "orpo" else set())  # fmt: skip
+    assert keys <= set(runs[0]), keys - set(runs[0])
+    for k in keys:
+        assert_close(runs[1][k], runs[0][k], atol=1e-5 * max(1.0, abs(runs[0][k])), name=k)
+    if loss_type == "dpo":  # + rpo_alpha * NLL of the chosen response per token
+        assert_close(runs[0]["loss"], math.log(2) + 0.5 * runs[0]["nll_loss"], atol=1e-5, name="dpo loss at step 1")
+        assert runs[0]["rewards/margins"] == 0.0
+    if loss_type == "ipo":
+        assert_close(runs[0]["loss"], (1 / 0.4) ** 2, atol=1e-4, name="ipo loss at step 1")
+    assert (tmp_path / "one" / "policy" / "config.json").is_file() and (tmp_path / "one" / "metrics.jsonl").is_file()
 
 
 # ----------------------------------------------------------------------------------------------------

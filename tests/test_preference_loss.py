@@ -141,7 +141,6 @@ def test_packed_equals_padded_and_micro_batches_add_up(device):
     cfg = VARIANTS["cdpo"]
     h, w, b, labels, ref = padded_case(torch.float32, device)
     B, T = labels.shape
-    mask = torch.ones(B, T, dtype=torch.bool, device=device)
     order = [2, 0, 3, 1]  # pack rows in this order: pair 0 = rows (0, 2), pair 1 = rows (1, 3)
     hp = torch.cat([h[i] for i in order])
     lp = torch.cat([labels[i] for i in order])
@@ -151,7 +150,6 @@ def test_packed_equals_padded_and_micro_batches_add_up(device):
     padded, _ = linear_preference_loss(h, w, labels, ref_logp_sums=ref, bias=b, config=cfg)
     packed, _ = linear_preference_loss(hp, w, lp, pairs, cu, ref, bias=b, config=cfg)
     assert_close(packed, padded, atol=1e-5, name="packed vs padded")
-    assert mask.all()
 
     whole = run_loss(linear_preference_loss, h, w, b, 1.0, labels=labels, ref_logp_sums=ref, config=cfg)
     parts = []
@@ -318,7 +316,6 @@ def _trl_dpo_compute_loss(loss_type, beta, c, r, rc, rr, completion_mask):
     B2, T = completion_mask.shape
     per_token = torch.zeros(B2, T - 1, dtype=torch.float64)
     # One token per response carries its whole log-prob sum (TRL sums over the sequence).
-    lengths = completion_mask[:, 1:].sum(1)
     first = completion_mask[:, 1:].float().argmax(1)
     per_token[torch.arange(B2), first] = torch.cat([c, r])
     outputs = types.SimpleNamespace(log_probs=per_token, entropy=torch.zeros(B2, T - 1), aux_loss=None,
