@@ -349,7 +349,7 @@ USAGE = """usage: fusedrl {train,demo} [options]
 
   train   PPO / GRPO / RLOO / REINFORCE++ training (fusedrl train --help)
   demo    the built-in demo (fusedrl demo --help)
-  dpo     offline preference optimisation: DPO / IPO / SimPO / ORPO on {prompt, chosen, rejected} pairs (fusedrl dpo --help)
+  dpo     offline DPO / IPO / SimPO / ORPO on {prompt, chosen, rejected} pairs (fusedrl dpo --help)
 
   fusedrl --version prints the installed version
 """
