@@ -105,6 +105,19 @@ def test_chat_messages_through_the_chat_template(tmp_path):
     assert pair.chosen[-1] == tok.eos_token_id  # the template's end of turn, no second eos appended
 
 
+def test_cli_bad_record_is_one_line_naming_it(tmp_path):
+    """``fusedrl dpo`` on a file with an empty response: exit status 1, one line naming file:line, no traceback,
+    and nothing written to the output directory."""
+    f = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "1:", "chosen": "2", "rejected": "3"},
+                                               {"prompt": "1:", "chosen": "2", "rejected": ""}])  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "fusedrl.engine.cli", "dpo", "--data", str(f), "--output-dir",
+                           str(tmp_path / "run"), "--no-progress"], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT_S)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert f"fusedrl dpo: {f}:2: 'rejected' is empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------
