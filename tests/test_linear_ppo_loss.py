@@ -300,3 +300,89 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="advantages"):
         linear_ppo_loss(hidden, weight, labels, old, old[:-1])
     assert lin_mod._chunk_rows(10, V, torch.float32, torch.device("cpu"), None) == 10
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chunking and the CPU torch path's shortcuts (issue 16)
+# ----------------------------------------------------------------------------------------------------
+def test_chunk_rule_is_hundreds_of_rows_balanced_and_within_budget():
+    """The old CPU rule (2M elements / V) gave 13 rows at V=151936: three skinny GEMMs per chunk, each
+    streaming the whole weight. The rule now targets 256 rows, caps the float32 chunk at 256 MiB and
+    balances the chunks; the GPU rule is 256 MiB of logits in the input dtype, whole 16-row tiles."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    rows = lin_mod._chunk_rows(1024, 151936, torch.float32, cpu, None)
+    assert rows == 256
+    assert lin_mod._chunk_rows(1000, 151936, torch.float32, cpu, None) == 250  # 4 x 250, not 3 x 256 + 232
+    assert lin_mod._chunk_rows(300, 151936, torch.bfloat16, cpu, None) == 150
+    big_v = 1 << 20  # a 1M vocabulary: the memory budget wins
+    assert lin_mod._chunk_rows(4096, big_v, torch.float32, cpu, None) * big_v * 4 <= 256 << 20
+    assert lin_mod._chunk_rows(7, 151936, torch.float32, cpu, None) == 7
+    assert lin_mod._chunk_rows(65536, 151936, torch.bfloat16, cuda, None) == 880
+    assert lin_mod._chunk_rows(5, 151936, torch.float32, cpu, 3) == 3  # an explicit chunk_size is kept
+
+
+def test_torch_path_default_chunks_match_float64():
+    """Several default-size chunks (one logits buffer reused by all, a ragged tail) on the torch path."""
+    N, V, H = 600, 1271, 16  # 3 balanced chunks of 200 rows
+    assert lin_mod._chunk_rows(N, V, torch.float32, torch.device("cpu"), None) == 200
+    hidden, weight, b, labels = make_lm_head((N,), V, H, torch.float32, "cpu")
+    config = PPOLossConfig(kl_coef=0.1, entropy_coef=0.01, temperature=0.7)
+    old, adv, mask, ref = make_ppo_inputs(hidden, weight, b, labels, config.temperature)
+    g = torch.randn(())
+
+    def make(fn):
+        def run(h, w, bb):
+            loss, _ = fn(h, w, labels, old, adv, mask, bias=bb, ref_logp=ref, config=config)
+            return loss.detach(), loss * g
+
+        return run
+
+    loss, grads = grads_of(make(lambda *a, **k: linear_ppo_loss(*a, backend="torch", **k)), (hidden, weight, b))
+    loss_r, grads_r = grads_of(make(linear_ppo_loss_ref), (hidden, weight, b))
+    loss_t, grads_t = grads_of(make(linear_ppo_loss_ref), (hidden, weight, b), dtype64=True)
+    assert_kernel_close(loss, loss_r, loss_t, name="loss")
+    check_grads(grads, grads_r, grads_t, torch.float32, ["dhidden", "dweight", "dbias"])
+
+
+def test_masked_rows_add_nothing_not_even_nan():
+    """A masked token contributes nothing, whatever its hidden state holds: on the CPU torch path its row
+    is skipped before the GEMMs, so a NaN there no longer reaches dW through 0 * NaN (it did before)."""
+    N, V, H = PACKED
+    hidden, weight, _, labels = make_lm_head((N,), V, H, torch.float32, "cpu", bias=False)
+    old, adv = -torch.rand(N) * 5, torch.randn(N)
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[[2, 7]] = False
+    bad = hidden.clone()
+    bad[2] = float("nan")
+    h, w = bad.requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, metrics = linear_ppo_loss(h, w, labels, old, adv, mask, backend="torch")
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    assert torch.isfinite(loss) and torch.isfinite(dw).all() and torch.isfinite(dh).all()
+    assert (dh[[2, 7]] == 0).all()
+    # The same as the eager reference on the clean inputs (the masked rows' content is irrelevant).
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    loss64, metrics64 = linear_ppo_loss_ref(h64, w64, labels, old, adv, mask)
+    dh64, dw64 = torch.autograd.grad(loss64, (h64, w64))
+    assert_close(loss, loss64, atol=1e-6, name="loss")
+    assert_close(dh, dh64, atol=1e-6, name="dhidden")
+    assert_close(dw, dw64, atol=1e-6, name="dweight")
+    for k in ("clipfrac", "approx_kl", "entropy"):
+        assert_close(metrics[k], metrics64[k], atol=1e-6, name=k)
+
+
+@pytest.mark.parametrize("grad_out", [1.0, 2.5])
+def test_linear_ppo_loss_backward_scales_by_grad_out(grad_out):
+    """grad_out = 1 hands the stored gradients over as they are (CPU); any other value scales them."""
+    N, V, H = PACKED
+    hidden, weight, b, labels = make_lm_head((N,), V, H, torch.float32, "cpu")
+    old, adv = -torch.rand(N) * 5, torch.randn(N)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
+    loss, _ = linear_ppo_loss(leaves[0], leaves[1], labels, old, adv, bias=leaves[2], backend="torch")
+    grads = torch.autograd.grad(loss, leaves, torch.tensor(grad_out), retain_graph=True)
+    again = torch.autograd.grad(loss, leaves, torch.tensor(grad_out))  # the stored gradients are not consumed
+    ref = [t.double().requires_grad_(True) for t in (hidden, weight, b)]
+    loss64, _ = linear_ppo_loss_ref(ref[0], ref[1], labels, old, adv, bias=ref[2])
+    grads64 = torch.autograd.grad(loss64 * grad_out, ref)
+    for g, g2, g64, name in zip(grads, again, grads64, ["dhidden", "dweight", "dbias"]):
+        assert_close(g, g64, atol=1e-6 * grad_out, name=name)
+        assert torch.equal(g, g2), name
