@@ -95,3 +95,35 @@ def test_readme_train_example_learns(tmp_path):
     assert re.search(r"steps done in \d+ s; outputs in .*\n  metrics.jsonl .*\n  config.yaml .*\n  policy/ ",
                      r.stderr), r.stderr[-1000:]  # fmt: skip
     print(f"README example: reward {first:.2f} -> {last:.2f}; {r.stderr.strip().splitlines()[-4]}")
+
+
+def test_examples_data_parse_and_their_references_score_correct():
+    from fusedrl.engine.data import bind_columns, load_prompt_data
+    from fusedrl.engine.rewards import math_answer
+
+    plain = load_prompt_data(ROOT / "examples" / "gsm8k_mini.jsonl")
+    assert len(plain) == 24 and plain.prompts[0].startswith("q: ") and plain.prompts[0].endswith(" a:")
+    reward = bind_columns(math_answer, plain)
+    # Each problem's own worked solution is a correct completion; the next problem's answer mostly is not.
+    assert reward(plain.prompts, plain.columns["answer"]) == [1.0] * 24
+    assert sum(reward(plain.prompts, plain.columns["answer"][1:] + plain.columns["answer"][:1])) < 12
+    # The chat rows: the same answers, prompts that end with the user's turn (rendered by a model's template).
+    from fusedrl.engine.data import is_conversation, load_rows
+
+    rows = load_rows(ROOT / "examples" / "gsm8k_mini_chat.jsonl")
+    assert [r["answer"] for r in rows] == plain.columns["answer"]
+    assert all(is_conversation(r["prompt"]) and r["prompt"][-1]["role"] == "user" for r in rows)
+    letters = load_prompt_data(ROOT / "examples" / "letters.jsonl")
+    assert len(letters) >= 8
+
+
+@pytest.mark.slow
+def test_examples_sft_script_writes_a_loadable_policy(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "gsm8k_mini_sft.py"), "--out", str(tmp_path / "m"),
+                        "--steps", "2"], capture_output=True, text=True, env=_env(), timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"policy saved to {tmp_path / 'm'}/" in r.stdout
+    from fusedrl.engine.models import build_causal_lm
+    from fusedrl.engine.tokenizer import load_tokenizer
+
+    assert build_causal_lm(tmp_path / "m").config.vocab_size == len(load_tokenizer(tmp_path / "m"))
