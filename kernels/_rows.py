@@ -12,7 +12,9 @@ The contract:
   with ``mls`` the (2, n) float32 row max m of logits / T and log sum exp(logits / T - m), the only
   per-row state backward needs; ``logprobs_bwd_triton`` / ``logprobs_bwd_torch`` and the per-chunk
   ``torch_chunk_fwd`` / ``torch_chunk_bwd`` give dL/dlogits from upstream dlogp (and dH) in the logits'
-  dtype, optionally in place. The Triton and torch versions of a block compute the same math.
+  dtype, optionally in place (``out=``). The Triton and torch versions of a block compute the same math.
+  ``row_chunks`` splits (..., V) logits into ~1M-element row chunks; ``chunk_workspace`` is the float32
+  scratch one op allocates once and passes to every chunk (``work=``, optional).
 - PPO per-token step: ``ppo_fwd_triton`` / ``ppo_fwd_torch`` return ``(stats, mls)`` with ``stats`` the
   (N_STATS, n) float32 per-token statistics (row ``STAT_LOSS`` holds w * loss); ``ppo_bwd_triton`` /
   ``ppo_bwd_torch`` / ``dlogits_torch_chunk`` turn them into dL/dlogits. ``ppo_terms_ref`` holds the
@@ -383,7 +385,9 @@ def torch_chunk_bwd(chunk, labels, m, log_s, ent, g_lp, g_h, inv_temp, ignore_in
         g_h = torch.where(valid, g_h, 0.0)
         # -p (g_lp + g_h (log p + H)) / T = p (a + b log p): a, b per row. A -inf logit has p = 0 and must
         # give 0, not 0 * -inf = NaN.
-        lp = x.sub_((m + log_s).unsqueeze(-1)).clamp_(min=_F32_LOWEST)
+        # (x - m) - log s in two steps, as the kernel rounds it: m + log s rounded first loses ~ulp(m) in
+        # every log p, which the entropy term multiplies by g_H p / T.
+        lp = x.sub_(m.unsqueeze(-1)).sub_(log_s.unsqueeze(-1)).clamp_(min=_F32_LOWEST)
         a = (-(g_lp + g_h * ent) * inv_temp).unsqueeze(-1)
         b = (-g_h * inv_temp).unsqueeze(-1)
         p.mul_(torch.addcmul(a, lp, b, out=lp))

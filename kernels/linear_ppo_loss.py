@@ -6,7 +6,10 @@ backward kernel written in place into the same chunk buffer, then ``dh = dlogits
 ``dW += dlogits.T @ h`` (accumulated in float32, cast to the weight dtype at the end) and
 ``db += sum(dlogits)``. ``linear_ppo_loss`` has a scalar loss, so it does all of this in forward and its
 backward only scales the stored gradients; ``linear_logprobs`` has per-token upstream gradients, so its
-backward recomputes each chunk of logits.
+backward recomputes each chunk of logits. The torch path has the same structure, with the row softmax of
+kernels/_rows.py run over ~1M-element sub-chunks of the chunk in place; every chunk reuses one logits
+buffer, and on CPU ``linear_ppo_loss`` drops the unscored rows before the GEMMs. How many tokens a chunk
+holds (by arithmetic intensity, within a memory budget) is explained at ``_chunk_rows``.
 """
 from __future__ import annotations
 

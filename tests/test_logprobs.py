@@ -289,3 +289,42 @@ def test_entropy_returned_but_not_differentiated(backend, device):
     x2 = logits.detach().requires_grad_(True)
     (logprobs(x2, labels, backend=backend) * g).sum().backward()
     assert_close(x1.grad, x2.grad, atol=1e-7, name="grad")
+
+
+@pytest.mark.parametrize("return_entropy", [True, False], ids=["entropy", "logp-only"])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_path_several_chunks_and_a_ragged_tail(dtype, temperature, return_entropy):
+    """The torch path's chunks share one float32 workspace (kernels/_rows.py): rows of several chunks and a
+    short last one, float32 logits read in place (no copy at T = 1) and bf16 ones, against float64."""
+    rows_rows = importlib.import_module("fusedrl.kernels._rows")
+    V = 50000
+    step = rows_rows._TORCH_CHUNK_ELEMS // V  # rows per chunk
+    logits, labels = make_inputs((2 * step + 3, V), dtype, "cpu")
+    before = logits.clone()
+    (lp, ent, g), (lp_r, ent_r, g_r), (lp_t, ent_t, g_t) = three_way(
+        logits, labels, temperature=temperature, backend="torch", return_entropy=return_entropy
+    )
+    assert torch.equal(logits, before), "the torch path must not write into the caller's logits"
+    assert_kernel_close(lp, lp_r, lp_t, name="logp")
+    if return_entropy:
+        assert_kernel_close(ent, ent_r, ent_t, name="entropy")
+    assert_kernel_close(g, g_r, g_t, atol=EPS[dtype] * g_t.abs().max().item() + 1e-7, name="grad")
+
+
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_torch_chunk_bwd_in_place_equals_out_of_place(with_entropy):
+    """``out=chunk`` (the linear loss overwrites its own logits buffer) gives the same gradient as a new
+    float32 tensor, for float32 and bf16 chunks."""
+    rows_mod = importlib.import_module("fusedrl.kernels._rows")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, labels = make_inputs((6, 777), dtype, "cpu")
+        lp, ent, m, log_s = rows_mod.torch_chunk_fwd(x, labels, 1 / 0.7, -100, True)
+        g_lp, g_h = torch.randn(6), torch.randn(6) if with_entropy else None
+        args = (labels, m, log_s, ent if with_entropy else None, g_lp, g_h, 1 / 0.7, -100)
+        fresh = rows_mod.torch_chunk_bwd(x, *args)
+        inplace = x.clone()
+        rows_mod.torch_chunk_bwd(inplace, *args, out=inplace)
+        assert fresh.dtype == torch.float32
+        assert torch.equal(inplace, fresh.to(dtype)) if dtype == torch.float32 else (
+            (inplace.float() - fresh).abs().max() <= 2 ** -8 * fresh.abs().max())  # fmt: skip
