@@ -55,6 +55,7 @@ from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer,
 from .scoring import (
     MicroBatch,
     ResponseLayout,
+    head_chunk_size,
     score_logprobs,
     score_reward_fn,
     score_reward_model,
@@ -168,11 +169,11 @@ class PPOTrainer:
         else:
             self._policy_body = self.dist.data_parallel(self._policy_root)
         self._critic_body = self.dist.data_parallel(self.critic) if self.critic is not None else None
-        self.policy_optimizer = torch.optim.AdamW(
+        self.policy_optimizer = _adamw(
             [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
         self.critic_optimizer = (
-            torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_learning_rate, weight_decay=cfg.weight_decay)
+            _adamw(list(self.critic.parameters()), lr=cfg.critic_learning_rate, weight_decay=cfg.weight_decay)
             if self.critic is not None else None
         )  # fmt: skip
         self.kl_controller = (
@@ -405,7 +406,8 @@ class PPOTrainer:
                         loss, m = linear_ppo_loss(
                             hidden, weight, mb.labels, take("old_logp"), take("advantages"), bias=bias,
                             ref_logp=take("ref_logp") if use_ref else None, config=loss_cfg, cu_seqlens=mb.cu_rows,
-                            num_tokens=n_tok, num_sequences=n_seq, backend=cfg.backend,
+                            num_tokens=n_tok, num_sequences=n_seq, chunk_size=head_chunk_size(weight),
+                            backend=cfg.backend,
                         )  # fmt: skip
                         (loss * scale).backward()
                         mini_losses["policy"].append(loss.detach())
@@ -596,6 +598,17 @@ _RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorbo
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------
+def _adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW through torch's fused kernel where it has one for these parameters (CUDA and CPU): one pass per
+    parameter, no temporaries. The default per-tensor loop allocates ~3 copies of each parameter inside every
+    optimizer step (111 MiB at a 151936 x 64 lm_head and embedding, the step's peak) and is ~8x slower on CPU.
+    The same update; only the rounding of its few float ops differs."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _loss_tokens_per_sequence(buf: RolloutBuffer) -> np.ndarray:
     """(n,) int64 tokens carrying a loss per sequence: response tokens after the first position (a packed row
     predicts the next token, so a sequence's first token is never a target; ``MicroBatch.num_loss_tokens``)."""
