@@ -10,10 +10,19 @@ message(s), or a string taken as the assistant's content) rendered with the toke
 
 The recipe: tokenize and check every pair (errors name ``file:line``); the reference log-probs of every
 chosen and rejected response, computed once before the first update (by the policy itself unless
-``--ref-policy`` names another model, which then leaves memory); then ``epochs`` passes over the pairs,
-``pairs_per_step`` per optimizer step, packed padding-free into token-budget micro-batches by the C++
-planner (the two sequences of a pair always travel together). Output directory: ``metrics.jsonl``,
-``config.yaml``, checkpoints (``--save-every``, resumable with ``--resume``) and the final ``policy/``.
+``--ref-policy`` names another model, which then leaves memory), or with ``--ref-logps online`` by a kept
+reference model on each micro-batch as it trains; then ``epochs`` passes over the pairs, ``pairs_per_step``
+per optimizer step, packed padding-free into token-budget micro-batches by the C++ planner (the two
+sequences of a pair always travel together). Output directory: ``metrics.jsonl``, ``config.yaml``,
+checkpoints (``--save-every``, resumable with ``--resume``) and the final ``policy/``.
+
+Data parallel under torchrun (``torchrun --nproc-per-node N -m fusedrl.engine.cli dpo ...``): every rank
+reads all the pairs and draws the same step; one global ``plan_microbatches(num_ranks=N)`` per step gives
+each rank its share of the step's pairs (a pair is never split); the losses are divided by the step's
+*global* pair count and DDP sums the gradients, so N processes make the update one process makes. The
+precomputed reference log-probs are scored once, each rank its share of the pairs, and gathered onto every
+rank. Metrics are reduced over ranks; rank 0 writes metrics, checkpoints and the final model, and every rank
+resumes from the same checkpoint.
 """
 from __future__ import annotations
 
@@ -50,6 +59,11 @@ class DPOConfig:
     """Tokenizer directory or Hub id; default: the policy's, or the built-in character tokenizer for a preset."""
     ref_policy: str | None = None
     """Reference policy for dpo/ipo; default: the policy itself before training (no second model is loaded)."""
+    ref_logps: Literal["precompute", "online"] = "precompute"
+    """dpo/ipo reference log-probs: precompute = one no-grad pass over all pairs before training, then only the
+    (pairs, 2) table is kept (the reference model leaves memory); online = keep the reference model (a frozen copy
+    of the initial policy when no ref_policy is given) and score each micro-batch's pairs under no_grad as it
+    trains (same losses; a second model in memory and one more forward per micro-batch, but no pass up front)."""
     loss_type: Literal[LOSS_TYPES] = "dpo"
     """dpo (Rafailov et al. 2023), ipo (Azar et al. 2023), simpo (Meng et al. 2024) or orpo (Hong et al. 2024)."""
     beta: float = 0.1
@@ -113,6 +127,7 @@ class DPOConfig:
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or > 0")
         need(not (self.resume and self.overwrite), "overwrite", "False with resume=True (they exclude each other)")
+        need(self.ref_logps in ("precompute", "online"), "ref_logps", "'precompute' or 'online'")
         self.loss_config()  # loss_type, beta, label_smoothing, ... checked where they are defined
 
     def loss_config(self, temperature: float = 1.0) -> PreferenceLossConfig:
@@ -240,14 +255,17 @@ def build_buffer(pairs: Sequence[EncodedPair]):
     return buf, lengths
 
 
-def micro_batches(buf, lengths: np.ndarray, pair_ids: np.ndarray, max_tokens: int, device):
-    """``[(pair ids (p,), MicroBatch)]`` covering ``pair_ids``, each within the token budget, a pair's two
-    sequences side by side (packed sequences 2j, 2j + 1 are pair j of the micro-batch)."""
+def micro_batches(buf, lengths: np.ndarray, pair_ids: np.ndarray, max_tokens: int, device, *, rank: int = 0,
+                  num_ranks: int = 1):  # fmt: skip
+    """``[(pair ids (p,), MicroBatch)]``: rank ``rank``'s share of one global plan over ``pair_ids`` for
+    ``num_ranks`` ranks (all of them for one rank), each micro-batch within the token budget, a pair's two
+    sequences side by side (packed sequences 2j, 2j + 1 are pair j of the micro-batch). A rank may get none
+    (fewer pairs than ranks)."""
     from .packing import plan_microbatches
     from .scoring import MicroBatch
 
     out = []
-    for idx in plan_microbatches(lengths[pair_ids], max_tokens)[0]:
+    for idx in plan_microbatches(lengths[pair_ids], max_tokens, num_ranks=num_ranks)[rank]:
         if len(idx) == 0:
             continue
         ids = pair_ids[idx]
@@ -271,17 +289,25 @@ def sequence_logps(model, mb, *, backend: str = "auto") -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_logps(model, buf, lengths, max_tokens: int, device, *, backend="auto") -> torch.Tensor:
+def reference_logps(model, buf, lengths, max_tokens: int, device, *, backend="auto", dist=None) -> torch.Tensor:
     """(P, 2) float32 CPU log pi_ref of every pair's chosen and rejected response (``build_buffer``'s layout),
-    one packed pass over the data."""
+    one packed pass over the data. With ``dist`` (a ``Distributed`` of several ranks) each rank scores its
+    share of one global plan and every rank gets the whole table (a collective: every rank calls it)."""
     from .attention import use_packed_attention
     from .rollout import eval_mode
 
+    rank, ranks = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     use_packed_attention(model)
     out = torch.full((len(lengths), 2), math.nan)
+    mine = []
     with eval_mode(model):
-        for ids, mb in micro_batches(buf, lengths, np.arange(len(lengths)), max_tokens, device):
-            out[torch.from_numpy(ids)] = sequence_logps(model, mb, backend=backend).cpu()
+        for ids, mb in micro_batches(buf, lengths, np.arange(len(lengths)), max_tokens, device, rank=rank,
+                                     num_ranks=ranks):  # fmt: skip
+            mine.append((ids, sequence_logps(model, mb, backend=backend).cpu()))
+    parts = dist.gather_objects(mine) if ranks > 1 else [mine]
+    for part in parts:
+        for ids, lp in part:
+            out[torch.from_numpy(ids)] = lp
     return out
 
 
@@ -313,25 +339,47 @@ def _step_pairs(n_pairs: int, cfg: DPOConfig, step: int) -> np.ndarray:
     return order[k * cfg.pairs_per_step : (k + 1) * cfg.pairs_per_step]
 
 
+def _prepare_output_dir(dist, out: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """``prepare_run_dir`` on rank 0 (it may delete an old run); its answer, or its error, on every rank."""
+    from .checkpoint import prepare_run_dir
+
+    answer = None
+    if dist.rank == 0:
+        try:
+            answer = ("ok", prepare_run_dir(out, resume=resume, overwrite=overwrite))
+        except (OSError, ValueError, TypeError) as e:  # FileExistsError, FileNotFoundError, NotADirectoryError
+            answer = ("error", e)
+    kind, value = dist.gather_objects(answer)[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *,
-              ref_logps: torch.Tensor | None = None, run_config: dict | None = None) -> list[dict]:  # fmt: skip
+              ref_logps: torch.Tensor | None = None, ref_model=None,
+              run_config: dict | None = None) -> list[dict]:  # fmt: skip
     """Train ``policy`` (an HF causal LM on its device) on encoded ``pairs``; returns the metrics rows.
     metrics.jsonl, config.yaml (``run_config``), checkpoints and the final ``policy/`` go to ``cfg.output_dir``.
-    ``ref_logps`` (P, 2): the reference log-probs for dpo/ipo (``reference_logps`` of another model); default:
-    those of ``policy`` itself, scored before the first update. A resumed run takes them from its checkpoint."""
+
+    The reference of dpo/ipo: ``ref_logps`` (P, 2), precomputed log-probs (``reference_logps`` of another model),
+    or ``ref_model``, another model (scored once up front with ``cfg.ref_logps='precompute'``, kept and scored per
+    micro-batch with ``'online'``); default: the policy itself before the first update. A resumed run takes the
+    precomputed table from its checkpoint. Under torchrun (a process group is initialised) every rank calls it
+    with the same arguments and trains its share of each step (see the module docstring)."""
     from fusedrl.kernels import linear_preference_loss
 
     from .attention import use_packed_attention
-    from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .distributed import Distributed, PolicyBody, no_sync
     from .metrics import MetricsLogger
     from .models import disable_dropout, output_head
-    from .scoring import packed_hidden_states
     from .sft import warmup_cosine
 
     device = next(policy.parameters()).device
+    dist = Distributed(device)
     out = Path(cfg.output_dir)
-    latest = prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
-    if run_config is not None:
+    latest = _prepare_output_dir(dist, out, resume=cfg.resume, overwrite=cfg.overwrite)
+    if run_config is not None and dist.rank == 0:
         import yaml
 
         (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
@@ -345,62 +393,102 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))
     step, ref = 0, ref_logps
-    if latest is not None:
-        state = load_checkpoint(latest)
+    state = load_checkpoint(latest) if latest is not None else None
+    if state is not None:
         if int(state["num_pairs"]) != n_pairs:
             raise ValueError(f"resume: the checkpoint {str(latest)!r} was trained on {int(state['num_pairs'])} pairs, "
                              f"the data now holds {n_pairs}")  # fmt: skip
+        step, ref = int(state["step"]), state.get("ref_logps", ref)
+    needs_ref = cfg.loss_config().needs_reference
+    online = needs_ref and cfg.ref_logps == "online"
+    # The reference is the policy *before* training: taken (scored or copied) before a checkpoint's weights load.
+    if online:
+        if ref_logps is not None:
+            raise ValueError("ref_logps (a precomputed table) was given but cfg.ref_logps='online' scores the "
+                             "reference on the fly: give ref_model instead, or cfg.ref_logps='precompute'")  # fmt: skip
+        import copy
+
+        ref, ref_model = None, copy.deepcopy(policy) if ref_model is None else ref_model
+        ref_model.requires_grad_(False).eval()
+        use_packed_attention(ref_model)
+        disable_dropout(ref_model)
+    elif needs_ref and ref is None:
+        t0 = time.perf_counter()
+        ref = reference_logps(policy if ref_model is None else ref_model, buf, lengths, cfg.max_tokens_per_microbatch,
+                              device, backend=cfg.backend, dist=dist)  # fmt: skip
+        ref_model = None  # leaves memory (unless the caller holds it)
+        if dist.rank == 0:
+            print(f"fusedrl dpo: reference log-probs of {n_pairs} pairs in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr)  # fmt: skip
+    if not online and ref is not None and tuple(ref.shape) != (n_pairs, 2):
+        raise ValueError(f"ref_logps must be ({n_pairs}, 2), one (chosen, rejected) row per pair, got {tuple(ref.shape)}")
+    if state is not None:
         policy.load_state_dict(state["policy"])
         opt.load_state_dict(state["policy_optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, ref = int(state["step"]), state.get("ref_logps", ref)
-    needs_ref = cfg.loss_config().needs_reference
-    if needs_ref and ref is None:
-        t0 = time.perf_counter()
-        ref = reference_logps(policy, buf, lengths, cfg.max_tokens_per_microbatch, device, backend=cfg.backend)
-        print(f"fusedrl dpo: reference log-probs of {n_pairs} pairs in {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr)  # fmt: skip
-    if ref is not None and tuple(ref.shape) != (n_pairs, 2):
-        raise ValueError(f"ref_logps must be ({n_pairs}, 2), one (chosen, rejected) row per pair, got {tuple(ref.shape)}")
+        del state
+    # Several ranks: DDP with summed gradients (each rank's loss already carries the global pair count). The body
+    # holds the whole policy, so the lm_head that the fused loss applies outside its forward is reduced too.
+    body = dist.data_parallel(PolicyBody(policy))
 
     def save(at: int) -> None:
         state = {"policy": policy.state_dict(), "policy_optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "step": at, "num_pairs": n_pairs}  # fmt: skip
         if ref is not None:
             state["ref_logps"] = ref
-        save_checkpoint(out, at, state, keep_last=cfg.keep_checkpoints)
+        if dist.rank == 0:  # every rank holds the same weights
+            save_checkpoint(out, at, state, keep_last=cfg.keep_checkpoints)
+        dist.barrier()
 
     _, _, scale = output_head(policy)
     loss_cfg = cfg.loss_config(temperature=1.0 / scale)
     rows = []
     logger = MetricsLogger(out / "metrics.jsonl", progress=cfg.progress, total_steps=total,
-                           resume_step=step if latest is not None else None)  # fmt: skip
-    policy.train()
+                           resume_step=step if latest is not None else None, enabled=dist.rank == 0)  # fmt: skip
+    body.train()
     with logger:
         while step < total:
             t0 = time.perf_counter()
-            ids = _step_pairs(n_pairs, cfg, step)
+            ids = _step_pairs(n_pairs, cfg, step)  # the same on every rank
             opt.zero_grad(set_to_none=True)
             sums: dict[str, torch.Tensor] = {}
             n_tok = 0
-            for mb_ids, mb in micro_batches(buf, lengths, ids, cfg.max_tokens_per_microbatch, device):
-                h = packed_hidden_states(policy, mb)
-                weight, bias, _ = output_head(policy)
-                pair_index = torch.arange(2 * len(mb_ids), device=device).view(-1, 2)
-                ref_mb = ref[torch.from_numpy(mb_ids)].to(device) if needs_ref else None
-                loss, m = linear_preference_loss(h, weight, mb.labels, pair_index, mb.cu_rows, ref_mb, bias=bias,
-                                                 config=loss_cfg, num_pairs=len(ids), backend=cfg.backend)  # fmt: skip
-                loss.backward()
+            # One global plan of the step's pairs; this rank trains its share. A rank left without pairs (fewer
+            # than ranks) still joins the gradient all-reduce, with a zero-weighted pass.
+            mine = micro_batches(buf, lengths, ids, cfg.max_tokens_per_microbatch, device, rank=dist.rank,
+                                 num_ranks=dist.world_size)  # fmt: skip
+            passes = [(i, mb, 1.0) for i, mb in mine] or [
+                (i, mb, 0.0) for i, mb in micro_batches(buf, lengths, ids[:1], cfg.max_tokens_per_microbatch, device)]
+            for i, (mb_ids, mb, weight_of_pass) in enumerate(passes):
+                # DDP all-reduces in the backward of this rank's last micro-batch only; the others accumulate.
+                with no_sync((body,), i < len(passes) - 1):
+                    h = body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]  # (M, H)
+                    weight, bias, _ = output_head(policy)
+                    pair_index = torch.arange(2 * len(mb_ids), device=device).view(-1, 2)
+                    if online:
+                        with torch.no_grad():
+                            ref_mb = sequence_logps(ref_model, mb, backend=cfg.backend)  # (p, 2)
+                    else:
+                        ref_mb = ref[torch.from_numpy(mb_ids)].to(device) if needs_ref else None
+                    # Global denominator: each micro-batch loss is its share of the whole step's mean.
+                    loss, m = linear_preference_loss(h, weight, mb.labels, pair_index, mb.cu_rows, ref_mb,
+                                                     bias=bias, config=loss_cfg, num_pairs=len(ids),
+                                                     backend=cfg.backend)  # fmt: skip
+                    (loss * weight_of_pass).backward()
                 for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(mb_ids)
-                n_tok += int(mb.input_ids.shape[1])
+                    sums[k] = sums.get(k, 0.0) + v * (len(mb_ids) * weight_of_pass)
+                n_tok += int(mb.input_ids.shape[1]) if weight_of_pass else 0
+            # Gradients are summed over ranks by now: the same norm, and the same decision, on every rank.
             norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or math.inf)
             if torch.isfinite(norm):  # a non-finite gradient never reaches the weights
                 opt.step()
             sched.step()
             step += 1
+            keys = sorted(sums)
+            totals = dist.sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]))
+            n_tok = dist.sum(float(n_tok))
             dt = time.perf_counter() - t0
-            metrics = {k: (v / len(ids)).item() for k, v in sums.items()}  # one host sync per metric per step
+            metrics = dict(zip(keys, (totals / len(ids)).tolist()))  # one host sync for the step's metrics
             metrics.update({"grad_norm": norm.item(), "lr": sched.get_last_lr()[0], "epoch": step * cfg.pairs_per_step
                             / n_pairs, "perf/step_s": dt, "perf/tokens_per_s": n_tok / dt})  # fmt: skip
             rows.append(logger.log(step, metrics))
@@ -408,10 +496,12 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
                 save(step)
     if cfg.save_every and step % cfg.save_every:
         save(step)
-    policy.eval()
-    policy.save_pretrained(out / "policy")
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(out / "policy")
+    body.eval()
+    if dist.rank == 0:
+        policy.save_pretrained(out / "policy")
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(out / "policy")
+    dist.barrier()
     return rows
 
 
@@ -439,15 +529,18 @@ def parse_args(argv: Sequence[str]) -> DPOConfig:
 
 
 def run(cfg: DPOConfig) -> list[dict]:
-    """Load the tokenizer, the data, the policy (and a reference), then ``train_dpo``."""
-    from .checkpoint import prepare_run_dir
-    from .distributed import resolve_device
+    """Load the tokenizer, the data, the policy (and a reference), then ``train_dpo``. Under torchrun
+    (WORLD_SIZE > 1) it joins the process group first and every rank runs it."""
+    from .distributed import Distributed, init_distributed, resolve_device
     from .models import PRESETS, build_causal_lm
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    prepare_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # a refused run fails first
+    init_distributed()
     device = resolve_device(cfg.device)
+    dist = Distributed(device)
+    # A refused run fails first, before any model is built.
+    _prepare_output_dir(dist, Path(cfg.output_dir), resume=cfg.resume, overwrite=cfg.overwrite)
     dtype = getattr(torch, cfg.dtype)
     tokenizer = _load_tokenizer(cfg)
     preset = cfg.policy in PRESETS
@@ -459,17 +552,20 @@ def run(cfg: DPOConfig) -> list[dict]:
 
         max_length = context_length(policy)
     pairs = load_pairs(cfg.data, tokenizer, max_length=max_length, max_pair_tokens=cfg.max_tokens_per_microbatch)
-    ref_logps = None
-    if cfg.ref_policy is not None and cfg.loss_config().needs_reference and not cfg.resume:
-        ref_policy = build_causal_lm(cfg.ref_policy, vocab_size=len(tokenizer) if cfg.ref_policy in PRESETS else None,
-                                     seed=cfg.seed, dtype=dtype).to(device)  # fmt: skip
-        buf, lengths = build_buffer(pairs)
-        ref_logps = reference_logps(ref_policy, buf, lengths, cfg.max_tokens_per_microbatch, device,
-                                    backend=cfg.backend)  # fmt: skip
-        del ref_policy, buf  # the reference leaves memory: only its (P, 2) log-probs are kept
+    ref_logps = ref_model = None
+    online = cfg.ref_logps == "online"
+    # A resumed precompute run takes the table from its checkpoint; an online one needs the model again.
+    if cfg.ref_policy is not None and cfg.loss_config().needs_reference and (online or not cfg.resume):
+        ref_model = build_causal_lm(cfg.ref_policy, vocab_size=len(tokenizer) if cfg.ref_policy in PRESETS else None,
+                                    seed=cfg.seed, dtype=dtype).to(device)  # fmt: skip
+        if not online:
+            buf, lengths = build_buffer(pairs)
+            ref_logps = reference_logps(ref_model, buf, lengths, cfg.max_tokens_per_microbatch, device,
+                                        backend=cfg.backend, dist=dist)  # fmt: skip
+            ref_model = buf = None  # the reference leaves memory: only its (P, 2) log-probs are kept
     run_config = dataclasses.asdict(cfg)
     run_config.pop("resume"), run_config.pop("overwrite")
-    return train_dpo(policy, tokenizer, pairs, cfg, ref_logps=ref_logps, run_config=run_config)
+    return train_dpo(policy, tokenizer, pairs, cfg, ref_logps=ref_logps, ref_model=ref_model, run_config=run_config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -478,6 +574,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = run(cfg)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         raise SystemExit(f"fusedrl dpo: {e}") from None
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if not rank0:
+        return 0
     out = Path(cfg.output_dir)
     last = rows[-1] if rows else {}
     print(f"fusedrl dpo: {len(rows)} steps; last loss {last.get('loss', math.nan):.4f}, reward accuracy "
