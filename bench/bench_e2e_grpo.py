@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -309,6 +310,13 @@ def readme_table(records: list[dict], device: str) -> str:
             f"| {r['shape']} | {r['provider']} | {r['median_ms']:.0f} | {r['tokens_per_s']:.0f} | "
             f"{r['rollout_ms']:.0f} | {r['update_ms']:.0f} | {r['peak_mem_gb']:.3f} | {r.get('speedup', 1.0):.2f}x |"
         )
+    engine = [r for r in records if f"peak_mem_{ENGINE_PHASES[0]}_gb" in r]
+    if engine:
+        lines += ["", "The engine's phases (median ms; torch-allocator peak in MiB above the step's start):", "",
+                  "| model | " + " | ".join(ENGINE_PHASES) + " |", "|---|" + "---:|" * len(ENGINE_PHASES)]
+        for r in engine:
+            cells = [f"{r[f'{k}_phase_ms']:.0f} ms, {r[f'peak_mem_{k}_gb'] * 1024:.1f} MiB" for k in ENGINE_PHASES]
+            lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -341,8 +349,12 @@ def main(argv=None):
               flush=True)
         records += run_setting(s, device, steps, rounds, args.providers)
         load.append(os.getloadavg())
-    # The machine may be shared: the 1/5/15-minute load averages before and after each setting.
-    write_results("e2e_grpo", device, records, extra={"steps": steps, "rounds": rounds, "loadavg": load})
+    # The machine may be shared: the 1/5/15-minute load averages before and after each setting; and the
+    # tracked files that differed from the commit while it ran (others' work in progress shows up here).
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           check=False, cwd=Path(__file__).resolve().parents[1]).stdout.split("\n")  # fmt: skip
+    write_results("e2e_grpo", device, records, extra={"steps": steps, "rounds": rounds, "loadavg": load,
+                                                      "uncommitted": [d[3:] for d in dirty if d.strip()]})
     print()
     print(readme_table(records, device))
 
