@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,32 +115,54 @@ def plan_lpt_py(lengths: list, max_tokens: int, num_ranks: int) -> list:
     return plan
 
 
+def time_interleaved(fns: dict, *, rounds: int, inner: dict, warmup: int = 1) -> dict:
+    """name -> median / p20 / p80 ms, the providers taking turns round after round (inner[name] calls each
+    per round), so that the load of other processes on a shared machine falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(inner.get(name, 1)):
+                t0 = time.perf_counter()
+                fn()
+                ts[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, t in ts.items():
+        t.sort()
+        q = lambda f: t[min(len(t) - 1, int(f * (len(t) - 1) + 0.5))]  # noqa: E731
+        out[name] = {"median_ms": statistics.median(t), "p20_ms": q(0.2), "p80_ms": q(0.8), "samples": len(t)}
+    return out
+
+
 def run_plan(sizes) -> list[dict]:
-    """Planner alone, C++ against the same-algorithm Python planners, from 1k to 1M sequences."""
+    """Planner alone, C++ against the same-algorithm Python planners, from 1k to 1M sequences, timed
+    interleaved (the C++ planner and its Python baselines take turns)."""
     records = []
     for n in sizes:
         lengths = make_lengths(n)
         as_list = lengths.tolist()
         shape = f"{n} seqs, {lengths.sum() / 1e6:.1f}M tok"
-        reps = dict(warmup=2, rep=15 if n <= 100_000 else 5)
-        py_reps = dict(warmup=0, rep=1) if n >= 50_000 else dict(warmup=1, rep=3)
+        rounds = 15 if n <= 10_000 else 5 if n <= 100_000 else 3
         for balance in ("kk", "lpt"):
             cpp = lambda: plan_microbatches(lengths, MAX_TOKENS, num_ranks=NUM_RANKS, balance=balance)  # noqa: E731
             plan = [[mb.tolist() for mb in rank] for rank in cpp()]
-            rows = {"fusedrl": time_fn(cpp, "cpu", **reps)}
-            baselines = {}
+            fns = {"fusedrl": cpp}
+            baselines = []
             if balance == "lpt":
                 assert plan_lpt_py(as_list, MAX_TOKENS, NUM_RANKS) == plan, "plan_lpt_py disagrees with the C++ plan"
-                baselines["python-lpt-fast"] = lambda: plan_lpt_py(as_list, MAX_TOKENS, NUM_RANKS)
+                fns["python-lpt-fast"] = lambda: plan_lpt_py(as_list, MAX_TOKENS, NUM_RANKS)
+                baselines.append("python-lpt-fast")
             if n <= 100_000:  # the reference takes minutes beyond
                 if n <= 10_000:
                     ref = plan_microbatches_ref(as_list, MAX_TOKENS, num_ranks=NUM_RANKS, balance=balance)
                     assert ref == plan, "the reference disagrees with the C++ plan"
-                baselines["python-ref"] = lambda: plan_microbatches_ref(
+                fns["python-ref"] = lambda: plan_microbatches_ref(
                     as_list, MAX_TOKENS, num_ranks=NUM_RANKS, balance=balance
                 )
-            for name, fn in baselines.items():
-                rows[name] = time_fn(fn, "cpu", **py_reps)
+                baselines.append("python-ref")
+            rows = time_interleaved(fns, rounds=rounds, inner={"fusedrl": 5}, warmup=1 if n <= 100_000 else 0)
             mbs = len(plan[0])
             for name, t in rows.items():
                 rec = {"op": f"plan balance={balance}", "shape": f"{shape}, {mbs}x{NUM_RANKS} mb", "provider": name, **t}
@@ -224,11 +249,15 @@ def main(argv=None):
                    help="time the planner alone at these numbers of sequences instead (e.g. 1000 ... 1000000)")
     args = p.parse_args(argv)
     if args.plan_sizes:
+        load_before = [round(x, 2) for x in os.getloadavg()]
         records = run_plan(args.plan_sizes)
         extra = {
             "workload": f"plan_microbatches(num_ranks={NUM_RANKS}, max_tokens={MAX_TOKENS}); lengths lognormal(median "
             f"{MEDIAN_LEN}, sigma {SIGMA}) clipped to [1, {MAX_LEN}]; speedup_vs_X = X's median / this row's median",
             "target_speedup_100000": 30.0,
+            "timing": "interleaved rounds (C++ 5 calls per round), medians over all calls of a provider",
+            "load_average_1_5_15_min_before": load_before,  # other engineers share this machine
+            "load_average_1_5_15_min_after": [round(x, 2) for x in os.getloadavg()],
         }
         write_results("packing-plan", "cpu", records, extra=extra)
         return

@@ -247,6 +247,38 @@ def test_partition_matches_reference(lengths, k):
     assert lpt == lpt_partition(lengths, k)
 
 
+@pytest.mark.parametrize(
+    "n, low, high, k",
+    [
+        (4000, 1, 3, 700),  # thousands of bins tied at one load: the bucket queue's radix sort decides ties
+        (3000, 1, 40, 37),  # buckets of a few bins each: insertion sort
+        (2000, 1, 8192, 1999),  # nearly one sequence per bin
+        (500, 10**11, 10**12, 7),  # lengths too large for the bucket ring: the heap
+        (500, 1, 5, 1),  # one bin: its load walks far past the ring (total / k large): the heap
+    ],
+)
+def test_lpt_partition_matches_reference_on_ties_and_both_queues(n, low, high, k):
+    # C++ LPT keeps its bins in a bucket queue keyed by load (a heap where loads are huge); the reference
+    # uses heapq. Lengths from a narrow range make most loads tie, so the tie order (lowest bin number) is
+    # what is tested here.
+    lengths = np.random.default_rng(n + k).integers(low, high, n, endpoint=True)
+    got = [b.tolist() for b in _rollout._partition(lengths, k, "lpt")]
+    assert got == lpt_partition(lengths.tolist(), k)
+
+
+@pytest.mark.parametrize("balance", BALANCES)
+def test_plan_matches_reference_at_thousands_of_bins(balance):
+    # The search over the bin count stops failing LPT runs early (a bin over budget); the plan kept is
+    # still the reference's, here where several bin counts are tried for LPT (its M = m_lo does not fit),
+    # which "kk" also builds to compare against.
+    lengths = np.random.default_rng(7).integers(5, 40, 3000)
+    max_tokens = 64
+    m_lo = -(-int(lengths.sum()) // (max_tokens * 3))
+    assert len(plan_microbatches(lengths, max_tokens, num_ranks=3, balance="lpt")[0]) > m_lo + 8  # gallop + bisect
+    plan = plan_microbatches(lengths, max_tokens, num_ranks=3, balance=balance)
+    assert as_lists(plan) == plan_microbatches_ref(lengths, max_tokens, num_ranks=3, balance=balance)
+
+
 # ----------------------------------------------------------------------------------------------------
 # plan_microbatches
 # ----------------------------------------------------------------------------------------------------
