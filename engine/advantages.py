@@ -12,14 +12,10 @@ import math
 import torch
 
 from fusedrl.kernels import check_cu_seqlens, check_float, gae
+from fusedrl.names import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, TOKEN_REWARD_ESTIMATORS  # noqa: F401 (re-exported)
 
 from .distributed import Distributed
 
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
-# Baselined within groups of samples of one prompt (need group_size >= 2; never whitened over the batch).
-GROUP_ESTIMATORS = ("grpo", "rloo")
-# Built from per-token rewards (so a KL penalty in the reward reaches them token by token).
-TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce++")
 
 
 # ----------------------------------------------------------------------------------------------------

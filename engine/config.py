@@ -20,9 +20,16 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from fusedrl.kernels import AGG_MODES, BACKENDS, KL_ESTIMATORS, REWARD_KL_ESTIMATORS
-
-from .advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, TOKEN_REWARD_ESTIMATORS
+# Torch-free on purpose: `fusedrl train --help` builds its parser from this module without importing torch.
+from fusedrl.names import (
+    ADVANTAGE_ESTIMATORS,
+    AGG_MODES,
+    BACKENDS,
+    GROUP_ESTIMATORS,
+    KL_ESTIMATORS,
+    REWARD_KL_ESTIMATORS,
+    TOKEN_REWARD_ESTIMATORS,
+)
 
 
 @dataclass

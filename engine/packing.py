@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fusedrl.names import IGNORE_INDEX
+
 from . import _rollout
 
 DEFAULT_FIELDS = ("old_logp", "ref_logp", "values", "rewards", "advantages", "returns")
@@ -199,7 +201,7 @@ class PackedBatch(NamedTuple):
     """Longest sequence in the micro-batch (0 when empty)."""
 
 
-def pack(offsets, indices, tokens=None, *, ignore_index: int = -100) -> PackedBatch:
+def pack(offsets, indices, tokens=None, *, ignore_index: int = IGNORE_INDEX) -> PackedBatch:
     """Pack the sequences ``indices`` ((B,) integers, in the order given; may be empty) of a buffer laid out
     by ``offsets`` ((n+1,) int64, ``RolloutBuffer.offsets()``) into one padding-free row.
 

@@ -1,6 +1,6 @@
 """Shared plumbing for the fused ops: Triton import, backend choice, launches on CPU (interpreter),
 input validation and row views of (..., V) tensors. Internal; the constants (``IGNORE_INDEX``, ``BACKENDS``,
-``KL_ESTIMATORS``, ``REWARD_KL_ESTIMATORS``, ``AGG_MODES``) are defined here once and, with the checks other
+``KL_ESTIMATORS``, ``REWARD_KL_ESTIMATORS``, ``AGG_MODES``, defined once in ``fusedrl.names``) and, with the checks other
 packages use (``check_float``, ``check_int``, ``check_labels_in_range``, ``check_cu_seqlens``,
 ``data_checks_enabled``), exported by fusedrl.kernels: import them from there. The row building blocks of
 the logits ops live in ``_rows.py``.
@@ -45,16 +45,8 @@ except ImportError:  # pragma: no cover - exercised only on machines without Tri
 
     triton = tl = _Shim()  # type: ignore[assignment]
 
-# The names every op and the engine share, each defined here once (exported by fusedrl.kernels).
-BACKENDS = ("auto", "triton", "torch")
-IGNORE_INDEX = -100
-"""Label of a token that is not scored (logp 0, no gradient): the PyTorch / Hugging Face convention."""
-KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
-"""Per-token KL(pi || pi_ref) estimators of the loss: k1, k2, k3 and k3+ (k3's value, k2's gradient)."""
-REWARD_KL_ESTIMATORS = tuple(e for e in KL_ESTIMATORS if e != "k3+")
-"""Estimators valid in reward shaping: a reward carries no gradient, so k3+ (a gradient trick) would be k3."""
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
-"""How per-token losses are aggregated (see ``token_weights``)."""
+# The names every op and the engine share, defined once in fusedrl.names (torch-free; exported by fusedrl.kernels).
+from fusedrl.names import AGG_MODES, BACKENDS, IGNORE_INDEX, KL_ESTIMATORS, REWARD_KL_ESTIMATORS  # noqa: E402
 
 _VALIDATE = os.environ.get("FUSEDRL_VALIDATE", "1") != "0"
 
