@@ -9,13 +9,14 @@ PYTEST_ARGS ?=
 .PHONY: install demo test sanitize bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
+	@echo "first set-up: creating $(VENV) (torch, triton, transformers, TRL: about 2.6 GB, several minutes)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# Without an NVIDIA driver, pin the CPU torch build first: an unpinned torch pulls GBs of CUDA wheels.
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "no GPU driver found: installing $(TORCH_CPU) (CPU build) first"; \
-		$(BIN)/python -m pip install -q "$(TORCH_CPU)"; fi
-	$(BIN)/python -m pip install -q -e ".[test]"
+		$(BIN)/python -m pip install --progress-bar on "$(TORCH_CPU)"; fi
+	$(BIN)/python -m pip install --progress-bar on -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -544,7 +544,7 @@ def run(cfg: DemoConfig, *, quick: bool = False) -> dict:
         plot_compare(result, out / "compare.png")
         print(format_compare(result))
         summary["compare"] = result
-    _log(f"outputs in {out}: summary.json, metrics.jsonl, report.png" + (", compare.json, compare.png" if cfg.compare
+    _log(f"outputs in {out.resolve()}: summary.json, metrics.jsonl, report.png" + (", compare.json, compare.png" if cfg.compare
                                                                          else ""))  # fmt: skip
     return summary
 
