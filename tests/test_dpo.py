@@ -294,3 +294,78 @@ def test_dpo_cli_resumes(dpo_run, tmp_path):
                             "--data", str(work / "pairs.jsonl"), "--output-dir", str(run)], cwd=tmp_path,
                            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)  # fmt: skip
     assert fresh.returncode != 0 and "already holds a run" in fresh.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference on the fly (ref_logps="online")
+# ----------------------------------------------------------------------------------------------------
+def _pairs_of_task(tok, n: int, seed: int) -> list:
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        p = TASK.prompts(1, rng)[0]
+        pairs.append(dpo.EncodedPair(tok(p)["input_ids"], tok(TASK.demonstration(rng))["input_ids"] + [2],
+                                     tok(TASK.demonstration(rng))["input_ids"] + [2], f"x:{i}"))  # fmt: skip
+    return pairs
+
+
+_ONLINE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "grad_norm")  # fmt: skip
+
+
+@pytest.mark.parametrize("reference", ["policy", "other-model"])
+def test_online_reference_makes_the_precomputed_losses(reference, tok, tmp_path, capsys):
+    """Three steps with the reference scored per micro-batch on the fly equal three steps with the precomputed
+    table: the same metrics every step and the same final weights. From step 2 on the policy has moved, so an
+    online reference that followed the policy (instead of its initial weights) would show a zero margin."""
+    pairs = _pairs_of_task(tok, 12, seed=4)
+    _, lengths = dpo.build_buffer(pairs)
+    runs = {}
+    for mode in ("precompute", "online"):
+        cfg = dpo.DPOConfig(loss_type="ipo" if reference == "other-model" else "dpo", beta=0.2, pairs_per_step=4,
+                            learning_rate=1e-3, max_tokens_per_microbatch=int(lengths.max()) + 6, ref_logps=mode,
+                            output_dir=str(tmp_path / mode), progress=False)  # fmt: skip
+        policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3)
+        ref = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=8) if reference == "other-model" else None
+        runs[mode] = (dpo.train_dpo(policy, tok, pairs, cfg, ref_model=ref), policy.state_dict())
+        # Online: no scoring pass up front.
+        assert ("reference log-probs of 12 pairs" in capsys.readouterr().err) == (mode == "precompute")
+    (pre, w_pre), (onl, w_onl) = runs["precompute"], runs["online"]
+    assert len(pre) == len(onl) == 3
+    assert abs(pre[1]["rewards/margins"]) > 1e-4  # the policy moved away from its reference
+    for step, (a, b) in enumerate(zip(pre, onl), 1):
+        for k in _ONLINE_KEYS:
+            assert_close(b[k], a[k], atol=1e-5 * max(1.0, abs(a[k])), name=f"step {step} {k}")
+    for k, v in w_pre.items():
+        assert_close(w_onl[k], v, atol=1e-6, name=f"final weights {k}")
+
+
+def test_online_reference_resumes_from_the_initial_policy(tok, tmp_path):
+    """A resumed online run scores the reference with the policy's *initial* weights (those given to train_dpo),
+    not the checkpoint's: steps after the resume equal the uninterrupted run's."""
+    import shutil
+
+    pairs = _pairs_of_task(tok, 9, seed=6)
+    cfg = dpo.DPOConfig(beta=0.2, pairs_per_step=3, learning_rate=1e-3, ref_logps="online", save_every=1,
+                        output_dir=str(tmp_path / "full"), progress=False)  # fmt: skip
+    full = dpo.train_dpo(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3), tok, pairs, cfg)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "ckpt-3")  # a crash after step 2
+    resumed = dpo.train_dpo(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3), tok, pairs,
+                            dataclasses.replace(cfg, output_dir=str(tmp_path / "cut"), resume=True))  # fmt: skip
+    assert [r["step"] for r in resumed] == [3]
+    assert abs(full[2]["rewards/margins"]) > 1e-4
+    for k in _ONLINE_KEYS:
+        assert_close(resumed[0][k], full[2][k], atol=1e-5 * max(1.0, abs(full[2][k])), name=k)
+
+
+def test_online_reference_config(tok, tmp_path):
+    assert dpo.parse_args(["--data", "x.jsonl", "--ref-logps", "online"]).ref_logps == "online"
+    assert dpo.DPOConfig().ref_logps == "precompute"
+    with pytest.raises(ValueError, match="DPOConfig.ref_logps must be 'precompute' or 'online', got 'lazy'"):
+        dpo.DPOConfig(ref_logps="lazy")
+    pairs = _pairs_of_task(tok, 2, seed=1)
+    cfg = dpo.DPOConfig(ref_logps="online", output_dir=str(tmp_path / "r"), progress=False)
+    with pytest.raises(ValueError, match="ref_logps .* was given but cfg.ref_logps='online'"):
+        dpo.train_dpo(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3), tok, pairs, cfg,
+                      ref_logps=torch.zeros(2, 2))  # fmt: skip

@@ -64,7 +64,10 @@ sys.exit(code)
 
 def _pairs(path: Path) -> Path:
     rng = random.Random(5)
-    digits = lambda lo, hi: "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))  # noqa: E731
+
+    def digits(lo: int, hi: int) -> str:
+        return "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
+
     rows = [{"prompt": digits(2, 5) + ":", "chosen": digits(1, 7), "rejected": digits(1, 7)} for _ in range(N_PAIRS)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -159,8 +162,8 @@ def _check_grads(got: list, want: list, first: int) -> None:
 def _check_weights(run: Path, want: dict, what: str) -> None:
     got = build_causal_lm(str(run / "policy")).state_dict()
     assert set(got) == set(want)
-    for k in want:
-        assert_close(got[k], want[k], atol=1e-5, name=f"{what}: {k}")
+    for k, v in want.items():
+        assert_close(got[k], v, atol=1e-5, name=f"{what}: {k}")
 
 
 @pytest.mark.slow
