@@ -413,6 +413,11 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
         use_packed_attention(ref_model)
         disable_dropout(ref_model)
     elif needs_ref and ref is None:
+        if ref_model is None and cfg.ref_policy is not None:
+            # run() skips loading the reference model when resuming: the table was expected in the checkpoint.
+            raise ValueError(f"resume: the checkpoint {str(latest)!r} holds no reference log-probs (it was written "
+                             f"with ref_logps='online') and ref_policy={cfg.ref_policy!r} is not loaded to score "
+                             "them: resume with --ref-logps online")  # fmt: skip
         t0 = time.perf_counter()
         ref = reference_logps(policy if ref_model is None else ref_model, buf, lengths, cfg.max_tokens_per_microbatch,
                               device, backend=cfg.backend, dist=dist)  # fmt: skip

@@ -369,3 +369,16 @@ def test_online_reference_config(tok, tmp_path):
     with pytest.raises(ValueError, match="ref_logps .* was given but cfg.ref_logps='online'"):
         dpo.train_dpo(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3), tok, pairs, cfg,
                       ref_logps=torch.zeros(2, 2))  # fmt: skip
+
+
+def test_resume_precompute_from_an_online_checkpoint_with_a_ref_policy_is_refused(tok, tmp_path):
+    """An online run's checkpoint holds no reference table; resuming it as precompute with a --ref-policy
+    (which run() does not load on resume) must not silently take the policy as the reference."""
+    pairs = _pairs_of_task(tok, 4, seed=2)
+    cfg = dpo.DPOConfig(pairs_per_step=2, ref_logps="online", save_every=1, epochs=1, output_dir=str(tmp_path / "r"),
+                        progress=False)  # fmt: skip
+    dpo.train_dpo(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3), tok, pairs, cfg,
+                  ref_model=build_causal_lm("tiny-llama", vocab_size=len(tok), seed=4))  # fmt: skip
+    again = dataclasses.replace(cfg, ref_logps="precompute", ref_policy="some-ref", epochs=2, resume=True)
+    with pytest.raises(ValueError, match="holds no reference log-probs .* resume with --ref-logps online"):
+        dpo.train_dpo(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3), tok, pairs, again)
