@@ -414,7 +414,10 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
         disable_dropout(ref_model)
     elif needs_ref and ref is None:
         if ref_model is None and cfg.ref_policy is not None:
-            # run() skips loading the reference model when resuming: the table was expected in the checkpoint.
+            # Never score with the policy when another reference was asked for. run() does not load it when
+            # resuming a precompute run: the table was expected in the checkpoint.
+            if latest is None:
+                raise ValueError(f"cfg.ref_policy={cfg.ref_policy!r} but neither ref_logps nor ref_model was given")
             raise ValueError(f"resume: the checkpoint {str(latest)!r} holds no reference log-probs (it was written "
                              f"with ref_logps='online') and ref_policy={cfg.ref_policy!r} is not loaded to score "
                              "them: resume with --ref-logps online")  # fmt: skip

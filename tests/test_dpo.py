@@ -382,3 +382,6 @@ def test_resume_precompute_from_an_online_checkpoint_with_a_ref_policy_is_refuse
     again = dataclasses.replace(cfg, ref_logps="precompute", ref_policy="some-ref", epochs=2, resume=True)
     with pytest.raises(ValueError, match="holds no reference log-probs .* resume with --ref-logps online"):
         dpo.train_dpo(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3), tok, pairs, again)
+    fresh = dataclasses.replace(cfg, ref_logps="precompute", ref_policy="some-ref", output_dir=str(tmp_path / "f"))
+    with pytest.raises(ValueError, match="ref_policy='some-ref' but neither ref_logps nor ref_model was given"):
+        dpo.train_dpo(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3), tok, pairs, fresh)
