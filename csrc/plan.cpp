@@ -20,6 +20,8 @@
 #include <cstring>
 #include <limits>
 #include <queue>
+#include <stdexcept>
+#include <utility>
 
 #include "rollout.h"
 
@@ -31,7 +33,17 @@ namespace {
 // that is kept (items_of), already ascending because sequences are visited in index order.
 struct Partition {
     std::vector<int64_t> load;  // (k,) tokens per bin
-    std::vector<int64_t> bin;   // (n,) bin of each sequence
+    std::vector<int64_t> bin;   // (n,) bin of each sequence, once finish() has run
+    // What finish() needs, so that the search over the bin count, which keeps one partition of several,
+    // pays for per-sequence bins only once:
+    std::vector<std::pair<int64_t, int64_t>> joins;  // kk: bins (lo, hi) joined, by smallest sequence index
+    std::vector<int64_t> root;                       // kk: (<= k,) smallest sequence index of bin b
+    bool by_position = false;                        // lpt: bin[j] is of the j-th longest sequence
+};
+
+// Sequences by length: by_length (longest first, ties by index) and sorted_len[j] = len[by_length[j]].
+struct Order {
+    std::vector<int64_t> by_length, sorted_len;
 };
 
 // Bin contents in CSR form: bin b holds items[start[b] .. start[b + 1]), ascending.
@@ -106,32 +118,32 @@ int64_t spread_of(const KKTuple& t, int64_t k) {
 // Scratch memory of kk_partition, kept across the partitions of one plan's search: after the first one no
 // step allocates.
 struct KKWork {
-    std::vector<int64_t> head, tail, next;
     std::vector<KKTuple> tuples;
     std::vector<int64_t> free_slots;
     std::vector<Queued> queue;  // a heap under QueuedOrder
     std::vector<Entry> desc, popped;
 };
 
-void kk_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& by_length, int64_t k, KKWork& w,
-                  Partition& out) {
-    const int64_t n = static_cast<int64_t>(len.size());
+// Bin contents are not tracked here: each join of two bins is logged (a sequential write), and finish()
+// replays the log for the one partition the search keeps. (Linked lists per bin cost three reads and a
+// write at random places of n-sized arrays per join, in every partition of the search, and a dependent
+// cache miss per sequence when walked: 75% of the time at 1M sequences.) Singletons are read by sorted
+// position from `ord`, sequentially.
+void kk_partition(const Order& ord, int64_t k, KKWork& w, Partition& out) {
+    const std::vector<int64_t>& by_length = ord.by_length;
+    const std::vector<int64_t>& sorted_len = ord.sorted_len;
+    const int64_t n = static_cast<int64_t>(by_length.size());
     out.load.assign(static_cast<size_t>(k), 0);
-    out.bin.assign(static_cast<size_t>(n), 0);
+    out.joins.clear();
+    out.root.clear();
+    out.by_position = false;
     if (n == 0) return;
-    if (k == 1 || n == 1) {  // one bin takes everything
-        for (int64_t i = 0; i < n; ++i) out.load[0] += len[i];
+    if (k == 1 || n == 1) {  // one bin takes everything: joined in index order, its root is sequence 0
+        for (int64_t j = 0; j < n; ++j) out.load[0] += sorted_len[j];
+        for (int64_t i = 1; i < n; ++i) out.joins.push_back({0, i});
+        out.root.assign(1, 0);
         return;
     }
-
-    // Bin contents as linked lists keyed by bin id: concatenating two bins is O(1).
-    std::vector<int64_t>& head = w.head;
-    std::vector<int64_t>& tail = w.tail;
-    std::vector<int64_t>& next = w.next;
-    head.resize(static_cast<size_t>(n));
-    tail.resize(static_cast<size_t>(n));
-    next.assign(static_cast<size_t>(n), -1);
-    for (int64_t i = 0; i < n; ++i) head[i] = tail[i] = i;
     std::vector<KKTuple>& tuples = w.tuples;
     for (KKTuple& t : tuples) t.heap.clear();  // capacity kept
     std::vector<int64_t>& free_slots = w.free_slots;
@@ -146,21 +158,17 @@ void kk_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& b
     } queue{w.queue};
     w.queue.clear();
     int64_t next_single = 0;
-    // The next tuple to combine: a stored tuple's slot, or -1 - i for singleton i. A singleton wins a
-    // spread tie against any stored tuple: its id i < n is older.
+    // The next tuple to combine: a stored tuple's slot, or -1 - j for the singleton of the j-th longest
+    // sequence. A singleton wins a spread tie against any stored tuple: its id (sequence index) < n is older.
     auto take = [&]() -> int64_t {
-        if (next_single < n) {
-            const int64_t i = by_length[next_single];
-            if (queue.empty() || len[i] >= queue.top().spread) {
-                ++next_single;
-                return -1 - i;
-            }
+        if (next_single < n && (queue.empty() || sorted_len[next_single] >= queue.top().spread)) {
+            return -1 - next_single++;
         }
         const int64_t slot = queue.top().slot;
         queue.pop();
         return slot;
     };
-    auto new_slot = [&](int64_t i) {
+    auto new_slot = [&](int64_t j) {
         int64_t slot;
         if (free_slots.empty()) {
             slot = static_cast<int64_t>(tuples.size());
@@ -169,8 +177,8 @@ void kk_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& b
             slot = free_slots.back();
             free_slots.pop_back();
         }
-        tuples[slot].heap.assign(1, Entry{len[i], i});
-        tuples[slot].max_load = len[i];
+        tuples[slot].heap.assign(1, Entry{sorted_len[j], by_length[j]});
+        tuples[slot].max_load = sorted_len[j];
         return slot;
     };
 
@@ -187,7 +195,7 @@ void kk_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& b
         }
         KKTuple& A = tuples[sa];
         if (sb < 0) {
-            desc.assign(1, Entry{len[-1 - sb], -1 - sb});
+            desc.assign(1, Entry{sorted_len[-1 - sb], by_length[-1 - sb]});
         } else {
             desc.assign(tuples[sb].heap.begin(), tuples[sb].heap.end());
             std::sort(desc.begin(), desc.end(), entry_greater);
@@ -210,8 +218,7 @@ void kk_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& b
                 const Entry& q = popped[j - a_empty];
                 const int64_t lo = std::min(q.id, e.id);
                 const int64_t hi = std::max(q.id, e.id);
-                next[tail[lo]] = head[hi];
-                tail[lo] = tail[hi];
+                out.joins.push_back({lo, hi});
                 e = {q.load + e.load, lo};
             }
             mx = std::max(mx, e.load);
@@ -231,9 +238,34 @@ void kk_partition(const std::vector<int64_t>& len, const std::vector<int64_t>& b
     std::sort(bins.begin(), bins.end(), [](const Entry& a, const Entry& b) {
         return a.load > b.load || (a.load == b.load && a.id < b.id);
     });
-    for (size_t b = 0; b < bins.size(); ++b) {
-        out.load[b] = bins[b].load;
-        for (int64_t i = head[bins[b].id]; i != -1; i = next[i]) out.bin[i] = static_cast<int64_t>(b);
+    out.root.resize(bins.size());
+    for (size_t b = 0; b < bins.size(); ++b) out.load[b] = bins[b].load, out.root[b] = bins[b].id;
+}
+
+// out.bin of the kept partition. kk: the joins as a forest, parent[hi] = lo, so every sequence's chain
+// of parents ends at its bin's smallest index and parent[i] < i off the roots; in index order a parent's
+// root is known before its child's: one pass, no pointer chasing. lpt: by sorted position -> by index.
+void finish(const Order& ord, Partition& out, std::vector<int64_t>& scratch) {
+    const size_t n = ord.by_length.size();
+    if (out.by_position) {
+        scratch.resize(n);
+        for (size_t j = 0; j < n; ++j) scratch[static_cast<size_t>(ord.by_length[j])] = out.bin[j];
+        out.bin.swap(scratch);
+        out.by_position = false;
+        return;
+    }
+    std::vector<int64_t>& parent = scratch;
+    parent.resize(n);
+    for (size_t i = 0; i < n; ++i) parent[i] = static_cast<int64_t>(i);
+    for (const auto& [lo, hi] : out.joins) parent[static_cast<size_t>(hi)] = lo;
+    out.bin.resize(n);
+    for (size_t b = 0; b < out.root.size(); ++b) out.bin[static_cast<size_t>(out.root[b])] = static_cast<int64_t>(b);
+    for (size_t i = 0; i < n; ++i) {
+        const int64_t p = parent[i];
+        if (p != static_cast<int64_t>(i)) {
+            parent[i] = parent[static_cast<size_t>(p)];
+            out.bin[i] = out.bin[static_cast<size_t>(parent[i])];
+        }
     }
 }
 
@@ -255,7 +287,6 @@ struct LPTWork {
     std::vector<int64_t> head, tail;                // (longest + 1,) first / last bin waiting at each load
     std::vector<int64_t> next;                      // (k,) the bin after it at the same load, or -1
     std::vector<int64_t> ready;                     // bins at the lightest load, ascending
-    std::vector<int64_t> by_index;                  // (n,) scratch of bin_by_index
     std::vector<int64_t> sort_scratch;              // (k,) scratch of sort_bins
 };
 
@@ -360,11 +391,19 @@ bool lpt_partition(const std::vector<int64_t>& sorted_len, int64_t k, int64_t li
     return true;
 }
 
-// out.bin of an LPT partition by sorted position -> by sequence index.
-void bin_by_index(const std::vector<int64_t>& by_length, Partition& out, std::vector<int64_t>& scratch) {
-    scratch.resize(out.bin.size());
-    for (size_t j = 0; j < by_length.size(); ++j) scratch[static_cast<size_t>(by_length[j])] = out.bin[j];
-    out.bin.swap(scratch);
+// LPT puts the j-th longest sequence on a bin holding at most floor(P_j / k) tokens, P_j being the tokens
+// of the sequences before it (the lightest bin holds at most the mean), so no bin ends above
+// max_j floor(P_j / k) + len_j. When that fits `limit`, so does the partition, and the search over the bin
+// count need not build it: one multiply-compare per sequence instead of a partition (at 1M sequences it
+// settles one of the four bin counts the search tries).
+bool lpt_surely_fits(const std::vector<int64_t>& sorted_len, int64_t k, int64_t limit) {
+    __int128 before = 0;
+    for (int64_t l : sorted_len) {
+        // floor(P / k) <= limit - l  <=>  P < k * (limit - l + 1)
+        if (before >= static_cast<__int128>(k) * (static_cast<__int128>(limit) - l + 1)) return false;
+        before += l;
+    }
+    return true;
 }
 
 enum class Balance { kKK, kLPT };
@@ -373,24 +412,19 @@ enum class Balance { kKK, kLPT };
 struct Work {
     KKWork kk;
     LPTWork lpt;
+    std::vector<int64_t> scratch;  // (n,) of finish()
 };
 
-// Sequences by length: by_length (longest first, ties by index) and sorted_len[j] = len[by_length[j]].
-struct Order {
-    std::vector<int64_t> by_length, sorted_len;
-};
-
-// Returns whether every bin holds at most `limit` tokens; out (with out.bin by sequence index) is complete
-// only when it does.
-bool partition(const std::vector<int64_t>& len, const Order& order, int64_t k, Balance balance, int64_t limit,
-               Work& w, Partition& out) {
+// Returns whether every bin holds at most `limit` tokens; out is complete (but for finish()) only when it
+// does.
+bool partition(const Order& order, int64_t k, Balance balance, int64_t limit, Work& w, Partition& out) {
     if (balance == Balance::kKK) {
-        kk_partition(len, order.by_length, k, w.kk, out);
+        kk_partition(order, k, w.kk, out);
         return max_load(out) <= limit;
     }
-    if (!lpt_partition(order.sorted_len, k, limit, w.lpt, out)) return false;
-    bin_by_index(order.by_length, out, w.lpt.by_index);
-    return true;
+    out.joins.clear();
+    out.by_position = true;
+    return lpt_partition(order.sorted_len, k, limit, w.lpt, out);
 }
 
 // Assign S = R * M bins (sorted heaviest first) to R ranks, one bin of every chunk of R per rank.
@@ -506,27 +540,37 @@ Plan plan_with(const std::vector<int64_t>& len, const Order& ord, int64_t max_to
     for (int64_t l : len) total += l;  // no overflow: checked at the boundary
 
     Work work;
-    auto fits = [&](int64_t M, Partition& out) { return partition(len, ord, R * M, balance, max_tokens, work, out); };
+    // fits(M, out, out_m): whether R * M bins fit; out_m = M when out now holds that partition, 0 when the
+    // answer came from lpt_surely_fits without building one.
+    auto fits = [&](int64_t M, Partition& out, int64_t& out_m) {
+        out_m = 0;
+        if (balance == Balance::kLPT && lpt_surely_fits(ord.sorted_len, R * M, max_tokens)) return true;
+        const bool ok = partition(ord, R * M, balance, max_tokens, work, out);
+        if (ok) out_m = M;
+        return ok;
+    };
     const int64_t bins_needed = total / max_tokens + (total % max_tokens != 0);
     const int64_t m_lo = std::max<int64_t>(1, bins_needed / R + (bins_needed % R != 0));
     const int64_t m_hi = (n + R - 1) / R;  // one sequence per bin at most: always fits
     Partition best, trial;
+    int64_t best_m = 0, trial_m = 0;
     int64_t M = m_lo;
-    if (!fits(m_lo, best)) {
+    if (!fits(m_lo, best, best_m)) {
         // Usually m_lo + 1 fits; galloping keeps adversarial inputs (every sequence just over half the
         // budget) at O(log N) partitions instead of O(N).
         int64_t lo = m_lo, hi = m_lo, step = 1;
         while (true) {
             hi = std::min(m_hi, lo + step);
-            if (fits(hi, best)) break;
+            if (fits(hi, best, best_m)) break;
             lo = hi;
             step *= 2;
         }
         while (hi - lo > 1) {
             const int64_t mid = lo + (hi - lo) / 2;
-            if (fits(mid, trial)) {
+            if (fits(mid, trial, trial_m)) {
                 hi = mid;
                 std::swap(best, trial);  // trial's buffers are reused by the next step
+                std::swap(best_m, trial_m);
             } else {
                 lo = mid;
             }
@@ -538,6 +582,10 @@ Plan plan_with(const std::vector<int64_t>& len, const Order& ord, int64_t max_to
     const int64_t S = R * M;
     std::vector<int64_t> order(static_cast<size_t>(S));
     for (int64_t b = 0; b < S; ++b) order[b] = b;
+    if (best_m != M && !partition(ord, S, balance, max_tokens, work, best)) {
+        throw std::logic_error("plan_microbatches: a bin count proven to fit did not");  // unreachable
+    }
+    finish(ord, best, work.scratch);
     const Bins bins = items_of(best);
     auto first = [&](int64_t b) { return bins.start[b] == bins.start[b + 1] ? n : bins.items[bins.start[b]]; };
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
@@ -672,7 +720,9 @@ void bind_plan(py::module_& m) {
                 py::gil_scoped_release nogil;
                 Work work;
                 Partition p;
-                partition(len, order_of(len), k, bal, std::numeric_limits<int64_t>::max(), work, p);
+                const Order ord = order_of(len);
+                partition(ord, k, bal, std::numeric_limits<int64_t>::max(), work, p);
+                finish(ord, p, work.scratch);
                 bins = items_of(p);
             }
             py::list out;
