@@ -2,7 +2,8 @@
 the updates one process makes on the same pairs (one global pair plan per step, global pair-count
 denominators, DDP-summed gradients, metrics reduced over ranks), including a step of one pair that leaves a
 rank without work; the precomputed reference table gathered from both ranks equals the one-process table; and
-both ranks resume from rank 0's checkpoint and continue where the one-process run continues."""
+both ranks resume from rank 0's checkpoint (with the reference now scored on the fly, ``--ref-logps online``)
+and continue where the one-process run continues."""
 from __future__ import annotations
 
 import json
@@ -198,11 +199,13 @@ def test_two_gloo_ranks_match_one_process_and_resume(tmp_path, monkeypatch):
     assert any(not torch.equal(final[k], c1["policy"][k]) for k in final)
     _check_weights(tmp_path / "two", final, "two ranks' final weights")
 
-    # A crash after step 3: both ranks resume from ckpt-3 and redo steps 4-6 as the one process did.
+    # A crash after step 3: both ranks resume from ckpt-3 and redo steps 4-6 as the one process did. They resume
+    # with the reference scored on the fly (each rank a frozen copy of the initial policy, on its own
+    # micro-batches), which must make the same losses as the precomputed table.
     shutil.rmtree(tmp_path / "two" / "ckpt-6")
     shutil.rmtree(tmp_path / "two" / "policy")
-    resumed, err = _two_ranks(tmp_path, "two", extra=("--resume",))
-    assert "reference log-probs" not in err  # the resumed ranks take the table from the checkpoint
+    resumed, err = _two_ranks(tmp_path, "two", extra=("--resume", "--ref-logps", "online"))
+    assert "reference log-probs" not in err  # no scoring pass up front
     _check_grads(resumed[0]["grads"], g1[STEPS_PER_EPOCH:], STEPS_PER_EPOCH + 1)
     _check_plans(tmp_path, resumed, STEPS_PER_EPOCH, reference=False)
     assert [r["step"] for r in _rows(tmp_path / "two")] == list(range(1, steps + 1))
