@@ -64,12 +64,6 @@ Bins items_of(const Partition& p) {
     return out;
 }
 
-int64_t max_load(const Partition& p) {
-    int64_t m = 0;
-    for (int64_t l : p.load) m = std::max(m, l);
-    return m;
-}
-
 // A non-empty bin inside a Karmarkar-Karp tuple; id = its smallest sequence index, the tie-breaker.
 struct Entry {
     int64_t load;
@@ -129,7 +123,9 @@ struct KKWork {
 // write at random places of n-sized arrays per join, in every partition of the search, and a dependent
 // cache miss per sequence when walked: 75% of the time at 1M sequences.) Singletons are read by sorted
 // position from `ord`, sequentially.
-void kk_partition(const Order& ord, int64_t k, KKWork& w, Partition& out) {
+// Returns false, with out unfinished, as soon as a bin exceeds `limit` (a bin's load only grows as tuples
+// combine, so that partition cannot fit).
+bool kk_partition(const Order& ord, int64_t k, int64_t limit, KKWork& w, Partition& out) {
     const std::vector<int64_t>& by_length = ord.by_length;
     const std::vector<int64_t>& sorted_len = ord.sorted_len;
     const int64_t n = static_cast<int64_t>(by_length.size());
@@ -137,12 +133,12 @@ void kk_partition(const Order& ord, int64_t k, KKWork& w, Partition& out) {
     out.joins.clear();
     out.root.clear();
     out.by_position = false;
-    if (n == 0) return;
+    if (n == 0) return true;
     if (k == 1 || n == 1) {  // one bin takes everything: joined in index order, its root is sequence 0
         for (int64_t j = 0; j < n; ++j) out.load[0] += sorted_len[j];
         for (int64_t i = 1; i < n; ++i) out.joins.push_back({0, i});
         out.root.assign(1, 0);
-        return;
+        return out.load[0] <= limit;
     }
     std::vector<KKTuple>& tuples = w.tuples;
     for (KKTuple& t : tuples) t.heap.clear();  // capacity kept
@@ -226,6 +222,7 @@ void kk_partition(const Order& ord, int64_t k, KKWork& w, Partition& out) {
             std::push_heap(A.heap.begin(), A.heap.end(), entry_greater);
         }
         A.max_load = mx;
+        if (mx > limit) return false;
         if (sb >= 0) {
             tuples[sb].heap.clear();  // keeps its capacity for the next tuple in this slot
             free_slots.push_back(sb);
@@ -240,6 +237,7 @@ void kk_partition(const Order& ord, int64_t k, KKWork& w, Partition& out) {
     });
     out.root.resize(bins.size());
     for (size_t b = 0; b < bins.size(); ++b) out.load[b] = bins[b].load, out.root[b] = bins[b].id;
+    return true;
 }
 
 // out.bin of the kept partition. kk: the joins as a forest, parent[hi] = lo, so every sequence's chain
@@ -419,8 +417,7 @@ struct Work {
 // does.
 bool partition(const Order& order, int64_t k, Balance balance, int64_t limit, Work& w, Partition& out) {
     if (balance == Balance::kKK) {
-        kk_partition(order, k, w.kk, out);
-        return max_load(out) <= limit;
+        return kk_partition(order, k, limit, w.kk, out);
     }
     out.joins.clear();
     out.by_position = true;
