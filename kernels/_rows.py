@@ -322,6 +322,9 @@ def _label_index(labels: torch.Tensor, V: int):
     return in_range, torch.where(in_range, labels, torch.zeros_like(labels)).unsqueeze(-1)
 
 
+# torch.compile of this per-chunk math (max, sum exp(x - m) and exp(x - lse) * c fused by inductor) was
+# measured on the CI CPU (torch 2.13, one thread, 6 x 151936 bf16 chunks): forward 1.26 ns/element and
+# backward 3.3 against ~1.0 each for the torch ops below, after a 66 s compile. Not used.
 def torch_chunk_fwd(chunk, labels, inv_temp, ignore_index, return_entropy, work=None):
     """The forward kernel's math on a (rows, V) chunk with torch ops: logp, entropy, row max, log sum-exp.
 
