@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import device_name, write_results  # noqa: E402
+from bench.common import device_name, git_commit, write_results  # noqa: E402
 
 from fusedrl.engine.models import build_causal_lm  # noqa: E402
 from fusedrl.engine.tokenizer import build_char_tokenizer  # noqa: E402
@@ -343,7 +343,7 @@ def main(argv=None):
         settings = settings[:1]
     if args.vocabs:
         settings = [s for s in settings if (s.vocab_size or len(build_char_tokenizer())) in args.vocabs]
-    records, load = [], [os.getloadavg()]
+    records, load, commit_at_start = [], [os.getloadavg()], git_commit()
     for s in settings:
         print(f"{s.preset}: {s.prompts_per_step} prompts x {s.group} completions x {s.max_new_tokens} tokens",
               flush=True)
@@ -354,6 +354,7 @@ def main(argv=None):
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            check=False, cwd=Path(__file__).resolve().parents[1]).stdout.split("\n")  # fmt: skip
     write_results("e2e_grpo", device, records, extra={"steps": steps, "rounds": rounds, "loadavg": load,
+                                                      "commit_at_start": commit_at_start,
                                                       "uncommitted": [d[3:] for d in dirty if d.strip()]})
     print()
     print(readme_table(records, device))
