@@ -269,7 +269,7 @@ void finish(const Order& ord, Partition& out, std::vector<int64_t>& scratch) {
 
 // Longest processing time: sequences from longest to shortest, each into the currently lightest bin
 // (ties: lowest bin number). `sorted_len` holds the lengths in that order (longest first), so the loop reads
-// and writes memory sequentially; out.bin is filled by sorted position (bin_by_index converts it for the
+// and writes memory sequentially; out.bin is filled by sorted position (finish() converts it for the
 // kept plan). Returns false, with out unfinished, as soon as a bin exceeds `limit`: loads only grow, so that
 // partition cannot fit, and the search over the bin count skips the rest of a failing run.
 //
