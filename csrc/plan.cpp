@@ -201,6 +201,36 @@ bool kk_partition(const Order& ord, int64_t k, int64_t limit, KKWork& w, Partiti
         const int64_t a_empty = k - a_size;
         // B's j-th heaviest meets A's j-th lightest: A's empty bins first, then its lightest non-empty.
         const int64_t npop = std::max<int64_t>(0, b_size - a_empty);
+        if (b_size == 1 && npop == 1) {
+            // The common step once A is full: one sequence onto A's lightest bin. Replacing the heap's top
+            // and sifting it down is one pass instead of a pop and a push (half the heap work of a
+            // partition); bins are unique by id, so the heap orders them as before and the plan is the same.
+            const Entry q = A.heap.front();
+            const Entry e = desc[0];
+            const int64_t lo = std::min(q.id, e.id);
+            out.joins.push_back({lo, std::max(q.id, e.id)});
+            const Entry x{q.load + e.load, lo};
+            std::vector<Entry>& h = A.heap;
+            const size_t size = h.size();
+            size_t pos = 0;
+            while (true) {
+                size_t child = 2 * pos + 1;
+                if (child >= size) break;
+                if (child + 1 < size && entry_greater(h[child], h[child + 1])) ++child;  // the lighter child
+                if (!entry_greater(x, h[child])) break;
+                h[pos] = h[child];
+                pos = child;
+            }
+            h[pos] = x;
+            A.max_load = std::max(a_size > 1 ? A.max_load : 0, x.load);
+            if (A.max_load > limit) return false;
+            if (sb >= 0) {  // B was a stored one-bin tuple
+                tuples[sb].heap.clear();
+                free_slots.push_back(sb);
+            }
+            queue.push({spread_of(A, k), next_tid++, sa});
+            continue;
+        }
         popped.clear();
         for (int64_t j = 0; j < npop; ++j) {
             std::pop_heap(A.heap.begin(), A.heap.end(), entry_greater);
