@@ -102,6 +102,20 @@ class Distributed:
         torch.distributed.all_gather_object(parts, obj)
         return parts
 
+    def on_rank0(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` run by rank 0 alone (e.g. preparing the output directory, which may delete an
+        old run); its result, or the exception it raised, comes back on every rank."""
+        answer = None
+        if self.rank == 0:
+            try:
+                answer = ("ok", fn(*args, **kwargs))
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                answer = ("error", e)
+        kind, value = self.gather_objects(answer)[0]
+        if kind == "error":
+            raise value
+        return value
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()

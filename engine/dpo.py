@@ -339,22 +339,6 @@ def _step_pairs(n_pairs: int, cfg: DPOConfig, step: int) -> np.ndarray:
     return order[k * cfg.pairs_per_step : (k + 1) * cfg.pairs_per_step]
 
 
-def _prepare_output_dir(dist, out: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """``prepare_run_dir`` on rank 0 (it may delete an old run); its answer, or its error, on every rank."""
-    from .checkpoint import prepare_run_dir
-
-    answer = None
-    if dist.rank == 0:
-        try:
-            answer = ("ok", prepare_run_dir(out, resume=resume, overwrite=overwrite))
-        except (OSError, ValueError, TypeError) as e:  # FileExistsError, FileNotFoundError, NotADirectoryError
-            answer = ("error", e)
-    kind, value = dist.gather_objects(answer)[0]
-    if kind == "error":
-        raise value
-    return value
-
-
 def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *,
               ref_logps: torch.Tensor | None = None, ref_model=None,
               run_config: dict | None = None) -> list[dict]:  # fmt: skip
@@ -369,7 +353,7 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     from fusedrl.kernels import linear_preference_loss
 
     from .attention import use_packed_attention
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
     from .distributed import Distributed, PolicyBody, no_sync
     from .metrics import MetricsLogger
     from .models import disable_dropout, output_head
@@ -378,7 +362,7 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     device = next(policy.parameters()).device
     dist = Distributed(device)
     out = Path(cfg.output_dir)
-    latest = _prepare_output_dir(dist, out, resume=cfg.resume, overwrite=cfg.overwrite)
+    latest = dist.on_rank0(prepare_run_dir, out, resume=cfg.resume, overwrite=cfg.overwrite)
     if run_config is not None and dist.rank == 0:
         import yaml
 
@@ -539,6 +523,7 @@ def parse_args(argv: Sequence[str]) -> DPOConfig:
 def run(cfg: DPOConfig) -> list[dict]:
     """Load the tokenizer, the data, the policy (and a reference), then ``train_dpo``. Under torchrun
     (WORLD_SIZE > 1) it joins the process group first and every rank runs it."""
+    from .checkpoint import prepare_run_dir
     from .distributed import Distributed, init_distributed, resolve_device
     from .models import PRESETS, build_causal_lm
 
@@ -548,7 +533,7 @@ def run(cfg: DPOConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     dist = Distributed(device)
     # A refused run fails first, before any model is built.
-    _prepare_output_dir(dist, Path(cfg.output_dir), resume=cfg.resume, overwrite=cfg.overwrite)
+    dist.on_rank0(prepare_run_dir, Path(cfg.output_dir), resume=cfg.resume, overwrite=cfg.overwrite)
     dtype = getattr(torch, cfg.dtype)
     tokenizer = _load_tokenizer(cfg)
     preset = cfg.policy in PRESETS

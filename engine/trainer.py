@@ -214,7 +214,7 @@ class PPOTrainer:
         out = Path(cfg.output_dir) if cfg.output_dir is not None else None
         if out is None and (resume or overwrite or run_config is not None):
             raise ValueError("resume=True, overwrite=True and run_config need config.output_dir (where the run is)")
-        latest = self._prepare_output_dir(out, resume=resume, overwrite=overwrite) if out is not None else None
+        latest = self.dist.on_rank0(prepare_run_dir, out, resume=resume, overwrite=overwrite) if out is not None else None
         if run_config is not None and self.rank == 0:
             import yaml
 
@@ -525,19 +525,6 @@ class PPOTrainer:
         self.reward_stats.load_state_dict(state["reward_stats"])
         set_rng_state(state["rng"])
         self.global_step = int(state["step"])
-
-    def _prepare_output_dir(self, out: Path, *, resume: bool, overwrite: bool) -> Path | None:
-        """``prepare_run_dir`` on rank 0 (it may delete an old run); its answer, or its error, on every rank."""
-        answer = None
-        if self.rank == 0:
-            try:
-                answer = ("ok", prepare_run_dir(out, resume=resume, overwrite=overwrite))
-            except (OSError, ValueError, TypeError) as e:  # FileExistsError, FileNotFoundError, NotADirectoryError
-                answer = ("error", e)
-        kind, value = self.dist.gather_objects(answer)[0]
-        if kind == "error":
-            raise value
-        return value
 
     def save_checkpoint(self) -> Path | None:
         """``<output_dir>/ckpt-<step>``, written atomically by rank 0 (every rank holds the same weights)."""
