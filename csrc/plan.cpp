@@ -377,7 +377,9 @@ bool lpt_partition(const std::vector<int64_t>& sorted_len, int64_t k, int64_t li
     const int64_t longest = sorted_len[0];
     int64_t total = 0;
     for (int64_t l : sorted_len) total += l;  // no overflow: checked at the boundary
-    const int64_t cheap = 4 * static_cast<int64_t>(n) + 65536;  // ring size and walk both O(n)
+    // The ring's size and its walk are both O(n) here; beyond (a few sequences, or loads far above their
+    // lengths) the heap is cheaper.
+    const int64_t cheap = 2 * static_cast<int64_t>(n) + 1024;
     if (longest >= cheap || total / k >= cheap) return lpt_heap(sorted_len, k, limit, w, out);
 
     const int64_t W = longest + 1;

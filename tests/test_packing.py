@@ -252,9 +252,9 @@ def test_partition_matches_reference(lengths, k):
     [
         (4000, 1, 3, 700),  # thousands of bins tied at one load: the bucket queue's radix sort decides ties
         (3000, 1, 40, 37),  # buckets of a few bins each: insertion sort
-        (2000, 1, 8192, 1999),  # nearly one sequence per bin
+        (5000, 1, 8192, 4999),  # nearly one sequence per bin, a ring of 8193 loads
         (500, 10**11, 10**12, 7),  # lengths too large for the bucket ring: the heap
-        (500, 1, 5, 1),  # one bin: its load walks far past the ring (total / k large): the heap
+        (3000, 1, 5, 1),  # one bin: its load would walk far around the ring (total / k large): the heap
     ],
 )
 def test_lpt_partition_matches_reference_on_ties_and_both_queues(n, low, high, k):
