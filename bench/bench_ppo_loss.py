@@ -220,19 +220,24 @@ def side_measure(provider, case, mode, reps):
         w = d["weight"].detach().requires_grad_(True)
         return torch.autograd.grad(fn(h, w), (h, w))
 
+    # warmup=0 for these multi-second calls (nothing lazy to initialise; every provider alike).
+    warmup = case.get("warmup", 1)
     if mode == "mem":
-        call()
+        for _ in range(warmup):
+            call()
         return {"extra_rss": child_peak_rss(call)}
-    return child_times(call, reps)
+    return child_times(call, reps, warmup)
 
 
 def side_by_side_main(args):
     from bench.common import side_by_side, write_side_by_side
 
-    cases = [{"op": "linear_ppo_loss", "N": 1024, "H": H, "V": 151936, "dtype": "float32"} for H in (896, 2048)]
+    cases = [{"op": "linear_ppo_loss", "N": 1024, "H": int(H), "V": 151936, "dtype": "float32",
+              "warmup": args.warmup} for H in args.H.split(",")]  # fmt: skip
     providers = args.providers.split(",") if args.providers else SIDE_PROVIDERS
     records = side_by_side(Path(__file__), cases, providers, repeats=args.repeats, reps=args.reps)
-    write_side_by_side("torch-path-linear-loss-cpu", records, ["op", "N", "H", "V", "dtype"],
+    tag = "-H" + "-".join(args.H.split(","))
+    write_side_by_side("torch-path-linear-loss-cpu" + tag, records, ["op", "N", "H", "V", "dtype"],
                        extra={"pass": "fwd+bwd", "config": repr(CONFIG), "mask_fraction_scored": 0.9})  # fmt: skip
 
 
@@ -259,7 +264,9 @@ def main(argv=None):
     ap.add_argument("--side-by-side", action="store_true", help="CPU: one process per provider (issue 16)")
     ap.add_argument("--providers", default="", help="comma-separated, for --side-by-side")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of --side-by-side (one process each)")
-    ap.add_argument("--reps", type=int, default=1, help="timed calls per process, after one warm-up")
+    ap.add_argument("--reps", type=int, default=1, help="timed calls per process")
+    ap.add_argument("--warmup", type=int, default=0, help="untimed calls per process before them")
+    ap.add_argument("--H", default="896,2048", help="hidden sizes for --side-by-side")
     args = ap.parse_args(argv)
     if args.side_by_side:
         return side_by_side_main(args)

@@ -155,9 +155,10 @@ def child_peak_rss(fn) -> int:
     return (peak - before) * 1024
 
 
-def child_times(fn, reps: int) -> dict:
-    """One warm-up call, then ``reps`` timed calls: wall-clock and process CPU seconds of each."""
-    fn()
+def child_times(fn, reps: int, warmup: int = 1) -> dict:
+    """``warmup`` untimed calls, then ``reps`` timed calls: wall-clock and process CPU seconds of each."""
+    for _ in range(warmup):
+        fn()
     wall, cpu = [], []
     for _ in range(reps):
         w0, c0 = time.perf_counter(), time.process_time()
