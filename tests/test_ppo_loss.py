@@ -326,7 +326,7 @@ def test_micro_batches_sum_to_the_full_batch(backend, agg, device):
 
     halves = [micro(slice(0, 2), num_tokens=n_tok, num_sequences=n_seq),
               micro(slice(2, 4), num_tokens=n_tok, num_sequences=n_seq)]  # fmt: skip
-    assert_close(halves[0][0] + halves[1][0], full[0], atol=1e-6, name="sum of micro-batch losses")
+    assert_close(halves[0][0] + halves[1][0], full[0], atol=1e-6, rtol=1e-6, name="sum of micro-batch losses")  # a loss ~16: one fp32 step
     assert_close(torch.cat([halves[0][2], halves[1][2]]), full[2], atol=1e-7, name="micro-batch gradients")
     # Without the global counts the sum is wrong: the check above can fail.
     local = [micro(slice(0, 2)), micro(slice(2, 4))]
