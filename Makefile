@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test sanitize bench clean
+.PHONY: install demo test lint sanitize bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	@echo "first set-up: creating $(VENV) (torch, triton, transformers, TRL: about 2.6 GB, several minutes)"
@@ -23,6 +23,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/fusedrl demo --out runs/demo
+
+lint: $(STAMP)
+	@# ruff's formatter and pyflakes-level checks, configured in pyproject.toml ([tool.ruff]).
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 test: $(STAMP)
 	@# The pytest script, not `python -m pytest`: the latter puts the repo root on sys.path, where kernels/

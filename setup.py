@@ -1,5 +1,6 @@
 """Build script: maps the top-level source folders into the single `fusedrl` namespace and builds the
 pybind11 rollout extension. Static metadata lives in pyproject.toml."""
+
 from glob import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext

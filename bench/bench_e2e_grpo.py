@@ -16,6 +16,7 @@ the engine scores old log-probs before its update, as PPO does.
 
 Writes bench/results/e2e_grpo-<cpu|cuda>.json and prints a Markdown table for the README.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -259,8 +260,14 @@ def run_engine(s: Setting, device: str, steps: int) -> dict:
             phase_peaks[k] = _peak_gb(timeline, start, end)
             start = end
         peaks.append(_peak_gb(timeline))
-    return {"times": times, "tokens": tokens, "rollout": rollout, "peak": max(peaks), "phase_peaks": phase_peaks,
-            "phase_s": phase_s}
+    return {
+        "times": times,
+        "tokens": tokens,
+        "rollout": rollout,
+        "peak": max(peaks),
+        "phase_peaks": phase_peaks,
+        "phase_s": phase_s,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,8 +306,10 @@ def run_setting(s: Setting, device: str, steps: int, rounds: int, providers) -> 
 
 def readme_table(records: list[dict], device: str) -> str:
     lines = [
-        (f"GRPO step on {device_name(device)} (torch {torch.__version__}, {torch.get_num_threads()} threads); "
-         "prompts x group x max new tokens; speed-up vs TRL's own trainer."),
+        (
+            f"GRPO step on {device_name(device)} (torch {torch.__version__}, {torch.get_num_threads()} threads); "
+            "prompts x group x max new tokens; speed-up vs TRL's own trainer."
+        ),
         "",
         "| model | provider | ms / step | tokens / s | rollout ms | update ms | peak mem (GB) | speed-up |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -312,8 +321,13 @@ def readme_table(records: list[dict], device: str) -> str:
         )
     engine = [r for r in records if f"peak_mem_{ENGINE_PHASES[0]}_gb" in r]
     if engine:
-        lines += ["", "The engine's phases (median ms; torch-allocator peak in MiB above the step's start):", "",
-                  "| model | " + " | ".join(ENGINE_PHASES) + " |", "|---|" + "---:|" * len(ENGINE_PHASES)]
+        lines += [
+            "",
+            "The engine's phases (median ms; torch-allocator peak in MiB above the step's start):",
+            "",
+            "| model | " + " | ".join(ENGINE_PHASES) + " |",
+            "|---|" + "---:|" * len(ENGINE_PHASES),
+        ]
         for r in engine:
             cells = [f"{r[f'{k}_phase_ms']:.0f} ms, {r[f'peak_mem_{k}_gb'] * 1024:.1f} MiB" for k in ENGINE_PHASES]
             lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
@@ -325,13 +339,23 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="CPU smoke test: the first setting, one timed step")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per provider and round (default 2 CPU, 5 GPU)")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="round-robin repeats of all providers (default 2 CPU, 1 GPU)")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="round-robin repeats of all providers (default 2 CPU, 1 GPU)"
+    )
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    ap.add_argument("--vocabs", nargs="+", type=int, default=None,
-                    help="run only the settings with these vocabulary sizes (the char vocabulary is 54)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU intra-op threads (default 1: on a shared box extra threads mostly wait on each other)")
+    ap.add_argument(
+        "--vocabs",
+        nargs="+",
+        type=int,
+        default=None,
+        help="run only the settings with these vocabulary sizes (the char vocabulary is 54)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU intra-op threads (default 1: on a shared box extra threads mostly wait on each other)",
+    )
     args = ap.parse_args(argv)
     device = args.device
     if device == "cpu":
@@ -345,17 +369,27 @@ def main(argv=None):
         settings = [s for s in settings if (s.vocab_size or len(build_char_tokenizer())) in args.vocabs]
     records, load, commit_at_start = [], [os.getloadavg()], git_commit()
     for s in settings:
-        print(f"{s.preset}: {s.prompts_per_step} prompts x {s.group} completions x {s.max_new_tokens} tokens",
-              flush=True)
+        print(
+            f"{s.preset}: {s.prompts_per_step} prompts x {s.group} completions x {s.max_new_tokens} tokens", flush=True
+        )
         records += run_setting(s, device, steps, rounds, args.providers)
         load.append(os.getloadavg())
     # The machine may be shared: the 1/5/15-minute load averages before and after each setting; and the
     # tracked files that differed from the commit while it ran (others' work in progress shows up here).
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            check=False, cwd=Path(__file__).resolve().parents[1]).stdout.split("\n")  # fmt: skip
-    write_results("e2e_grpo", device, records, extra={"steps": steps, "rounds": rounds, "loadavg": load,
-                                                      "commit_at_start": commit_at_start,
-                                                      "uncommitted": [d[3:] for d in dirty if d.strip()]})
+    write_results(
+        "e2e_grpo",
+        device,
+        records,
+        extra={
+            "steps": steps,
+            "rounds": rounds,
+            "loadavg": load,
+            "commit_at_start": commit_at_start,
+            "uncommitted": [d[3:] for d in dirty if d.strip()],
+        },
+    )
     print()
     print(readme_table(records, device))
 

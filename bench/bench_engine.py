@@ -9,6 +9,7 @@ Providers: ``fusedrl[triton]`` (the fused kernels; CUDA only) and ``fusedrl[torc
 on the PyTorch reference ops), so the kernels' share of a whole step is visible. Every step runs the full
 PPO pipeline: critic (GAE), frozen reference, KL in the reward. Writes bench/results/engine-<cpu|cuda>.json.
 """
+
 from __future__ import annotations
 
 import argparse

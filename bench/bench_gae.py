@@ -8,6 +8,7 @@ GAE is memory-bound: each token reads a reward and a value (the value twice, onc
 cache absorbs) and writes an advantage and a return, so GB/s is counted on those bytes and compared with
 a measured device-to-device copy.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -14,6 +14,7 @@ runs fusedrl's torch path, TRL's selective_log_softmax, eager log_softmax(x.floa
 --providers ...,compile, torch.compile of it) each in its own one-thread process, interleaved, and writes
 bench/results/torch-path-logprobs-cpu-<date>.json / .md with times, peak RSS above the inputs and ratios.
 """
+
 from __future__ import annotations
 
 import argparse

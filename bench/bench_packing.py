@@ -16,6 +16,7 @@ planners: the reference (tests/packing_ref.py, written for clarity) for "kk" and
 below, LPT written for speed in plain Python (heapq.heapreplace, one bin number per sequence), for "lpt".
 Both give the C++ plans exactly (checked here before timing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -165,7 +166,12 @@ def run_plan(sizes) -> list[dict]:
             rows = time_interleaved(fns, rounds=rounds, inner={"fusedrl": 5}, warmup=1 if n <= 100_000 else 0)
             mbs = len(plan[0])
             for name, t in rows.items():
-                rec = {"op": f"plan balance={balance}", "shape": f"{shape}, {mbs}x{NUM_RANKS} mb", "provider": name, **t}
+                rec = {
+                    "op": f"plan balance={balance}",
+                    "shape": f"{shape}, {mbs}x{NUM_RANKS} mb",
+                    "provider": name,
+                    **t,
+                }
                 for base in baselines:
                     rec[f"speedup_vs_{base}"] = rows[base]["median_ms"] / t["median_ms"]
                 records.append(rec)
@@ -245,8 +251,13 @@ def run(sizes) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="numbers of sequences")
-    p.add_argument("--plan-sizes", type=int, nargs="*", default=None,
-                   help="time the planner alone at these numbers of sequences instead (e.g. 1000 ... 1000000)")
+    p.add_argument(
+        "--plan-sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="time the planner alone at these numbers of sequences instead (e.g. 1000 ... 1000000)",
+    )
     args = p.parse_args(argv)
     if args.plan_sizes:
         load_before = [round(x, 2) for x in os.getloadavg()]
@@ -314,7 +325,9 @@ def test_plan_lpt_py_matches_cpp():
         want = [[mb.tolist() for mb in r] for r in plan_microbatches(lengths, budget, num_ranks=ranks, balance="lpt")]
         assert plan_lpt_py(lengths.tolist(), budget, ranks) == want
     lengths = np.full(64, 51)  # one per micro-batch: found by the galloping search
-    assert plan_lpt_py(lengths.tolist(), 100, 4) == [[mb.tolist() for mb in r] for r in plan_microbatches(lengths, 100, num_ranks=4, balance="lpt")]
+    assert plan_lpt_py(lengths.tolist(), 100, 4) == [
+        [mb.tolist() for mb in r] for r in plan_microbatches(lengths, 100, num_ranks=4, balance="lpt")
+    ]
 
 
 def test_plan_pack_python_ref(benchmark):

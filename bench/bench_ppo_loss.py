@@ -16,6 +16,7 @@ runs fusedrl's torch path, the eager lm_head + reference and Liger's LigerFusedL
 path, compiled=False, when installed) each in its own one-thread process, interleaved, and writes
 bench/results/torch-path-linear-loss-cpu-<date>.json / .md with times, peak RSS above the inputs and ratios.
 """
+
 from __future__ import annotations
 
 import argparse

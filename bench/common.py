@@ -1,4 +1,5 @@
 """Shared benchmark plumbing: timing, peak memory, environment facts and the JSON/table writers."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -19,7 +20,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def git_commit() -> str:
     try:
         return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            text=True,
             stderr=subprocess.DEVNULL,
         ).strip()
     except Exception:
@@ -113,12 +116,31 @@ def write_results(name: str, device: str, records: list[dict], extra: dict | Non
 def print_table(records: list[dict]) -> None:
     if not records:
         return
-    cols = [c for c in ("op", "shape", "dtype", "provider", "pass", "median_ms", "p20_ms", "p80_ms", "gbps",
-                        "tflops", "frac_of_peak", "peak_mem_gb", "speedup") if any(c in r for r in records)]
+    cols = [
+        c
+        for c in (
+            "op",
+            "shape",
+            "dtype",
+            "provider",
+            "pass",
+            "median_ms",
+            "p20_ms",
+            "p80_ms",
+            "gbps",
+            "tflops",
+            "frac_of_peak",
+            "peak_mem_gb",
+            "speedup",
+        )
+        if any(c in r for r in records)
+    ]
+
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.4g}"
         return str(v)
+
     widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in records)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     print("  ".join("-" * widths[c] for c in cols))
@@ -187,7 +209,7 @@ def run_child(script: Path, provider: str, case: dict, mode: str, reps: int, tim
     if out.returncode != 0 or not lines:
         tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or [""]
         return {"error": f"exit {out.returncode}: {tail[0][:200]}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def side_by_side(script: Path, cases: list[dict], providers: list[str], *, repeats: int, reps: int,
@@ -202,7 +224,7 @@ def side_by_side(script: Path, cases: list[dict], providers: list[str], *, repea
         errors = {}
         loads = [os.getloadavg()[0]]
         for r in range(repeats):
-            order = providers[r % len(providers):] + providers[: r % len(providers)]
+            order = providers[r % len(providers) :] + providers[: r % len(providers)]
             for p in order:
                 if p in errors:
                     continue
@@ -255,8 +277,10 @@ def side_by_side_markdown(records: list[dict], key_fields: list[str], base: str 
                 ratio = (f"{r['wall_median_s'] / ours['wall_median_s']:.2f}x / "
                          f"{r['cpu_median_s'] / ours['cpu_median_s']:.2f}x")  # fmt: skip
                 mem = f"{ours['extra_rss_mb'] / r['extra_rss_mb']:.2f}x" if r["extra_rss_mb"] > 0 else ""
-            lines.append(f"| {name} | {r['provider']} | {r['wall_median_s'] * 1e3:.0f} ms | "
-                         f"{r['cpu_median_s'] * 1e3:.0f} ms | +{r['extra_rss_mb']:.0f} MB | {ratio} | {mem} |")
+            lines.append(
+                f"| {name} | {r['provider']} | {r['wall_median_s'] * 1e3:.0f} ms | "
+                f"{r['cpu_median_s'] * 1e3:.0f} ms | +{r['extra_rss_mb']:.0f} MB | {ratio} | {mem} |"
+            )
     return "\n".join(lines) + "\n"
 
 

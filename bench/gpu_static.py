@@ -30,6 +30,7 @@ Occupancy per SM (the CUDA occupancy calculator's rules for sm_80 / sm_90)::
     blocks        = min(blocks_regs, blocks_smem, blocks_warps, 32)        (32 resident blocks per SM)
     occupancy     = blocks * warps_per_block / 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,6 @@ FLOORS = {"_logprobs_fwd_kernel": 0.5, "_logprobs_bwd_kernel": 0.5, "_ppo_fwd_ke
 PEAK_BW = {"h100": 3.35e12, "h200": 4.8e12}
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Bandwidth model: bytes each kernel pass must read and write, nothing cached between passes
 # ----------------------------------------------------------------------------------------------------
@@ -76,8 +76,9 @@ def _itemsize(dtype: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
 
-def pass_bytes(op: str, pass_: str, shape: str, dtype: str, *, entropy: bool = False, ref: bool = True,
-               n_tokens: int | None = None) -> dict:
+def pass_bytes(
+    op: str, pass_: str, shape: str, dtype: str, *, entropy: bool = False, ref: bool = True, n_tokens: int | None = None
+) -> dict:
     """``{"read", "write", "bytes", "formula"}`` for one pass of a fused op at a ``shape`` string as the
     benchmarks write it ("NxV" for logprobs / ppo_loss, "BxT" (sequences x tokens) for gae, "N" for value_loss).
 
@@ -86,10 +87,16 @@ def pass_bytes(op: str, pass_: str, shape: str, dtype: str, *, entropy: bool = F
     small torch glue of ppo_loss (the (N,) coefficient products and metric means) is left out: a floor."""
     e = _itemsize(dtype)
     if pass_ == "full":
-        f, b = pass_bytes(op, "fwd", shape, dtype, entropy=entropy, ref=ref), pass_bytes(
-            op, "bwd", shape, dtype, entropy=entropy, ref=ref)
-        return {"read": f["read"] + b["read"], "write": f["write"] + b["write"],
-                "bytes": f["bytes"] + b["bytes"], "formula": f"fwd + bwd: {f['formula']} | {b['formula']}"}
+        f, b = (
+            pass_bytes(op, "fwd", shape, dtype, entropy=entropy, ref=ref),
+            pass_bytes(op, "bwd", shape, dtype, entropy=entropy, ref=ref),
+        )
+        return {
+            "read": f["read"] + b["read"],
+            "write": f["write"] + b["write"],
+            "bytes": f["bytes"] + b["bytes"],
+            "formula": f"fwd + bwd: {f['formula']} | {b['formula']}",
+        }
     dims = [int(s) for s in shape.split(" ")[0].split("x")]
     if op in ("logprobs", "ppo_loss"):
         N, V = dims
@@ -98,8 +105,10 @@ def pass_bytes(op: str, pass_: str, shape: str, dtype: str, *, entropy: bool = F
             formula = f"read N*V*{e} + N*8 (labels); write N*4*{3 + entropy} (logp, 2 row stats{', entropy' * entropy})"
         elif op == "ppo_loss" and pass_ == "fwd":
             read, write = N * V * e + 8 * N + 4 * N * (3 + ref), 4 * N * 10
-            formula = (f"read N*V*{e} + N*8 (labels) + N*4*{3 + ref} (old logp, advantages, weights"
-                       f"{', ref logp' * ref}); write N*4*10 (8 token stats, 2 row stats)")
+            formula = (
+                f"read N*V*{e} + N*8 (labels) + N*4*{3 + ref} (old logp, advantages, weights"
+                f"{', ref logp' * ref}); write N*4*10 (8 token stats, 2 row stats)"
+            )
         elif pass_ == "bwd":  # the logprobs backward kernel, also the PPO backward
             k = 4 + 2 * entropy  # 2 row stats + dlogp [+ entropy + dent] float32, labels int64
             read, write = N * V * e + 8 * N + 4 * N * (k - 1), N * V * e
@@ -142,8 +151,16 @@ def bandwidth_table() -> list[dict]:
         for dtype in DTYPES:
             for pass_ in ("fwd", "bwd", "full") if op in ("logprobs", "ppo_loss") else ("fwd",):
                 b = pass_bytes(op, pass_, shape, dtype, **kw)
-                rows.append({"op": op, "pass": pass_, "shape": shape, "dtype": dtype, **b,
-                             **{f"floor_ms_{g}": b["bytes"] / bw * 1e3 for g, bw in PEAK_BW.items()}})
+                rows.append(
+                    {
+                        "op": op,
+                        "pass": pass_,
+                        "shape": shape,
+                        "dtype": dtype,
+                        **b,
+                        **{f"floor_ms_{g}": b["bytes"] / bw * 1e3 for g, bw in PEAK_BW.items()},
+                    }
+                )
     return rows
 
 
@@ -155,15 +172,22 @@ def occupancy(regs: int, shared: int, num_warps: int, arch: int) -> dict:
     regs_per_warp = math.ceil(regs * 32 / REG_UNIT) * REG_UNIT
     limits = {
         "registers": (REGS_PER_SM // regs_per_warp) // num_warps if regs_per_warp else MAX_BLOCKS_PER_SM,
-        "shared": (SMEM_PER_SM[arch] // (math.ceil(shared / SMEM_UNIT) * SMEM_UNIT + SMEM_RESERVED_PER_BLOCK)
-                   if shared else MAX_BLOCKS_PER_SM),
+        "shared": (
+            SMEM_PER_SM[arch] // (math.ceil(shared / SMEM_UNIT) * SMEM_UNIT + SMEM_RESERVED_PER_BLOCK)
+            if shared
+            else MAX_BLOCKS_PER_SM
+        ),
         "warps": MAX_WARPS_PER_SM // num_warps,
         "blocks": MAX_BLOCKS_PER_SM,
     }
     blocks = min(limits.values())
     limiter = min(limits, key=lambda k: (limits[k], k != "warps"))  # a tie with the warp limit is no loss
-    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * num_warps,
-            "occupancy": blocks * num_warps / MAX_WARPS_PER_SM, "limiter": limiter}
+    return {
+        "blocks_per_sm": blocks,
+        "warps_per_sm": blocks * num_warps,
+        "occupancy": blocks * num_warps / MAX_WARPS_PER_SM,
+        "limiter": limiter,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,8 +271,10 @@ def scenarios(vocabs=VOCABS, dtypes=DTYPES, n_tokens=N_TOKENS, gae_shape=GAE_SHA
                 run({**base, "op": "ppo_loss", "variant": "no ref"}, lambda: ppo(PPOLossConfig(), False))
                 for est in ("k1", "k2", "k3", "k3+"):
                     cfg = PPOLossConfig(kl_coef=0.04, kl_estimator=est, entropy_coef=0.01 if est == "k3" else 0.0)
-                    run({**base, "op": "ppo_loss", "variant": f"kl {est}" + (" + entropy" if est == "k3" else "")},
-                        lambda cfg=cfg: ppo(cfg, True))
+                    run(
+                        {**base, "op": "ppo_loss", "variant": f"kl {est}" + (" + entropy" if est == "k3" else "")},
+                        lambda cfg=cfg: ppo(cfg, True),
+                    )
             n = N * 8
             v = torch.empty(n, dtype=dt, requires_grad=True, **meta)
 
@@ -260,8 +286,10 @@ def scenarios(vocabs=VOCABS, dtypes=DTYPES, n_tokens=N_TOKENS, gae_shape=GAE_SHA
             B, T = gae_shape
             r = torch.empty(B * T, dtype=dt, **meta)
             cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, **meta)
-            run({"V": None, "N": B * T, "dtype": dtype, "op": "gae", "variant": f"{B}x{T}"},
-                lambda: gae(r, r, cu, backend="triton"))
+            run(
+                {"V": None, "N": B * T, "dtype": dtype, "op": "gae", "variant": f"{B}x{T}"},
+                lambda: gae(r, r, cu, backend="triton"),
+            )
     return out
 
 
@@ -357,10 +385,15 @@ def compile_launch(launch: dict, arch: int, tmp: Path) -> dict:
         raise RuntimeError(f"{compiled.name}: ptxas reports {ptxas['ptxas_regs']} registers, the cubin {res['regs']}")
     md = compiled.metadata
     shared = int(md.shared)  # Triton's dynamic shared memory (scratch for reductions / layout conversions)
-    return {"regs": res["regs"], **{k: ptxas[k] for k in ("spill_store_bytes", "spill_load_bytes")},
-            "stack_bytes": res["stack_bytes"], "local_bytes": res["local_bytes"],
-            "shared_bytes": shared + res["static_shared_bytes"], "num_warps": int(md.num_warps),
-            **occupancy(res["regs"], shared + res["static_shared_bytes"], int(md.num_warps), arch)}
+    return {
+        "regs": res["regs"],
+        **{k: ptxas[k] for k in ("spill_store_bytes", "spill_load_bytes")},
+        "stack_bytes": res["stack_bytes"],
+        "local_bytes": res["local_bytes"],
+        "shared_bytes": shared + res["static_shared_bytes"],
+        "num_warps": int(md.num_warps),
+        **occupancy(res["regs"], shared + res["static_shared_bytes"], int(md.num_warps), arch),
+    }
 
 
 def meets_floor(r: dict) -> bool | None:
@@ -419,8 +452,12 @@ def _versions() -> dict:
         commit = "unknown"
     import platform
 
-    return {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "commit": commit}
+    return {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+    }
 
 
 def _block(c: dict) -> str:
@@ -470,8 +507,11 @@ def markdown(payload: dict) -> str:
               "| op | pass | shape | dtype | MB read | MB written | floor ms H100 (3.35 TB/s) | floor ms H200 (4.8 TB/s) |",
               "|" + "---|" * 8]  # fmt: skip
     for b in payload["bandwidth"]:  # the md keeps bf16 at the benchmark vocabularies; the JSON has every case
-        if b["dtype"] != "bfloat16" or not any(b["shape"].endswith(f"x{V}") for V in (128256, 151936, 2048)) and \
-                b["op"] != "value_loss":
+        if (
+            b["dtype"] != "bfloat16"
+            or not any(b["shape"].endswith(f"x{V}") for V in (128256, 151936, 2048))
+            and b["op"] != "value_loss"
+        ):
             continue
         lines.append(f"| {b['op']} | {b['pass']} | {b['shape']} | {b['dtype']} | {b['read'] / 1e6:.1f} | "
                      f"{b['write'] / 1e6:.1f} | {b['floor_ms_h100']:.4g} | {b['floor_ms_h200']:.4g} |")  # fmt: skip

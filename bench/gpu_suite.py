@@ -12,6 +12,7 @@ Each case reuses the per-op benchmark modules; a case that fails is recorded as 
 run goes on, so a 30-minute GPU lease always comes back with numbers. Baselines: no torch.compile for GAE
 (gae_ref loops over time steps with host-read bounds) nor for the engine step (a whole trainer step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -300,8 +301,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run, under 2 minutes)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--cases", default=",".join(CASES),
-                    help=f"comma-separated subset of {','.join(CASES)} (to split a run across short leases)")
+    ap.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated subset of {','.join(CASES)} (to split a run across short leases)",
+    )
     args = ap.parse_args(argv)
     wanted = args.cases.split(",")
     if unknown := sorted(set(wanted) - set(CASES)):

@@ -14,6 +14,7 @@ is not implemented in the kernels, so it is not a candidate here.
 Writes <out>/sweep-<device>-<date>.json/.md: every candidate with median ms, GB/s and fraction of the
 bandwidth floor (bench/gpu_static.py's bytes of the pass), and the best per kernel and shape.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ Token tensors are packed (N,) with ``cu_seqlens`` (B+1,) offsets; sequence tenso
 group estimators the B sequences come in consecutive groups of ``group_size`` samples of one prompt.
 Everything returns float32 and runs without host syncs unless a docstring says otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,6 @@ from fusedrl.kernels import check_cu_seqlens, check_float, gae
 from fusedrl.names import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, TOKEN_REWARD_ESTIMATORS  # noqa: F401 (re-exported)
 
 from .distributed import Distributed
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,7 +57,9 @@ def whiten(
     check_float("x", x)
     if mask is not None and tuple(mask.shape) != tuple(x.shape):
         raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
-    return (dist if dist is not None else Distributed(x.device, single=True)).whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    return (dist if dist is not None else Distributed(x.device, single=True)).whiten(
+        x, mask, shift_mean=shift_mean, eps=eps
+    )
 
 
 def broadcast_to_tokens(

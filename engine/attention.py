@@ -23,6 +23,7 @@ every sequence attend to the ones before it. Inputs that are not packed (a padde
 ``attention_mask``, cached decoding in ``generate``) fall through to transformers' plain SDPA with the mask
 transformers builds, so the same model still generates normally.
 """
+
 from __future__ import annotations
 
 import functools
@@ -356,8 +357,7 @@ def packed_attention_forward(
     transformers' SDPA otherwise. Returns ``(out (B, Tq, Hq, D), None)`` like every attention function."""
     if sliding_window is not None:
         raise ValueError(
-            f"packed attention supports full causal attention only; this layer asks for sliding_window="
-            f"{sliding_window}"
+            f"packed attention supports full causal attention only; this layer asks for sliding_window={sliding_window}"
         )
     if softcap is not None:
         raise ValueError(f"packed attention does not support attention logit softcapping (softcap={softcap})")

@@ -19,6 +19,7 @@ A checkpoint is never written from non-finite model weights (``WEIGHT_KEYS``).
 ``prepare_run_dir`` is what a run calls before it writes anything into its output directory: it refuses to
 mix a fresh run into an old one, clears the old one on request, and finds the checkpoint to resume from.
 """
+
 from __future__ import annotations
 
 import hashlib

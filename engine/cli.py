@@ -14,6 +14,7 @@ are generated from two dataclasses: ``TrainArgs`` below (models, data, reward, d
 and one-line docstring as help. A YAML file given with ``--config`` may set any of those fields
 (snake_case or kebab-case keys).
 """
+
 from __future__ import annotations
 
 import argparse

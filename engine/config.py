@@ -5,6 +5,7 @@ Each dataclass field becomes ``--kebab-case-name`` with the field's type, defaul
 after it as help; ``fusedrl train`` (cli.py) and ``fusedrl demo`` (demo.py) build their parsers from here, and
 the trainer takes the dataclass itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -160,13 +161,19 @@ class PPOConfig:
         need(self.advantage_estimator in ADVANTAGE_ESTIMATORS, "advantage_estimator", f"one of {ADVANTAGE_ESTIMATORS}")
         need(self.kl_estimator in (None, *KL_ESTIMATORS), "kl_estimator", f"None or one of {KL_ESTIMATORS}")
         if self.kl_estimator is not None and self.kl_in_reward_resolved:
-            need(self.kl_estimator in REWARD_KL_ESTIMATORS, "kl_estimator",
-                 f"one of {REWARD_KL_ESTIMATORS} when the KL is in the reward (k3+ is a straight-through loss estimator)")
+            need(
+                self.kl_estimator in REWARD_KL_ESTIMATORS,
+                "kl_estimator",
+                f"one of {REWARD_KL_ESTIMATORS} when the KL is in the reward (k3+ is a straight-through loss estimator)",
+            )
         need(self.loss_agg in AGG_MODES, "loss_agg", f"one of {AGG_MODES}")
         need(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
         if self.advantage_estimator in GROUP_ESTIMATORS:
-            need(self.samples_per_prompt >= 2, "samples_per_prompt",
-                 f">= 2 for advantage_estimator={self.advantage_estimator!r} (a group of one has no baseline)")
+            need(
+                self.samples_per_prompt >= 2,
+                "samples_per_prompt",
+                f">= 2 for advantage_estimator={self.advantage_estimator!r} (a group of one has no baseline)",
+            )
 
     @property
     def kl_in_reward_resolved(self) -> bool:

@@ -13,6 +13,7 @@ tokenizer adds one itself on encoding (one BOS, not two). Every other column tra
 function that takes it as a keyword argument (``answer=``, or ``**kwargs`` for all of them) receives one value
 per completion, as TRL's reward functions do.
 """
+
 from __future__ import annotations
 
 import csv
@@ -175,7 +176,7 @@ def render_prompt(value, tokenizer, where: str = "prompt") -> str:
     if bos and text.startswith(bos):
         ids = tokenizer("x", add_special_tokens=True)["input_ids"]
         if ids and ids[0] == tokenizer.bos_token_id:  # encoding adds its own BOS: keep one
-            text = text[len(bos):]
+            text = text[len(bos) :]
     return text
 
 

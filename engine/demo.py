@@ -37,6 +37,7 @@ training pairs in ``fusedrl dpo``'s format), and the checkpoints ``sft/``, ``rew
 (the trainer's own directory: checkpoints, final ``policy/``, ``critic/``); with ``--compare`` also
 ``grpo/``, ``dpo/``, ``compare.json`` and ``compare.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -474,7 +475,9 @@ def run(cfg: DemoConfig, *, quick: bool = False) -> dict:
     # Checked before anything is written: a refused or failed run leaves OUT as it was.
     if cfg.resume:
         if not (out / "stages.json").is_file():
-            raise FileNotFoundError(f"--resume: {out / 'stages.json'} does not exist (run the demo once without --resume)")
+            raise FileNotFoundError(
+                f"--resume: {out / 'stages.json'} does not exist (run the demo once without --resume)"
+            )
         prepare_run_dir(out / "ppo", resume=True)  # nothing to resume fails now, not after loading the models
     else:
         prepare_run_dir(out, resume=False, overwrite=cfg.overwrite, extra_files=RUN_FILES)
@@ -509,8 +512,10 @@ def run(cfg: DemoConfig, *, quick: bool = False) -> dict:
     ref_policy = AutoModelForCausalLM.from_pretrained(out / "sft", local_files_only=True).to(device)
     models = (ref_policy, reward_model, tokenizer, task, eval_prompts)
     sft_eval = evaluate(policy, *models, max_new_tokens=cfg.max_new_tokens)
-    _log(f"stage 3/3 PPO: {cfg.ppo_steps} steps of {cfg.prompts_per_step} x {cfg.samples_per_prompt} rollouts, "
-         f"beta = {cfg.kl_coef:g}; the SFT policy's gold reward on held-out prompts is {sft_eval['gold']:.3f}")
+    _log(
+        f"stage 3/3 PPO: {cfg.ppo_steps} steps of {cfg.prompts_per_step} x {cfg.samples_per_prompt} rollouts, "
+        f"beta = {cfg.kl_coef:g}; the SFT policy's gold reward on held-out prompts is {sft_eval['gold']:.3f}"
+    )
     t0 = time.perf_counter()
     policy = stage_ppo(cfg, task, tokenizer, policy, ref_policy, reward_model, out)
     timings["ppo_s"] = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 gold and proxy reward against KL (the axes of Gao et al. 2022's over-optimisation curve; whether the run
 over-optimised is read off the numbers, not assumed), the console table, and ``--compare``'s PPO / GRPO /
 DPO table and plot."""
+
 from __future__ import annotations
 
 import json

@@ -12,6 +12,7 @@ Gradient reduction: the losses are divided by the *global* token (or sequence) c
 not averaged, over ranks (``data_parallel`` installs a sum hook on DDP; ``fully_shard_policy`` sets FSDP2's
 divide factor to 1).
 """
+
 from __future__ import annotations
 
 import contextlib

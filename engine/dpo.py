@@ -24,6 +24,7 @@ precomputed reference log-probs are scored once, each rank its share of the pair
 rank. Metrics are reduced over ranks; rank 0 writes metrics, checkpoints and the final model, and every rank
 resumes from the same checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -170,7 +171,7 @@ def _render_chat(tokenizer, prompt, response, where: str, field: str) -> tuple[s
     if not full.startswith(head):
         raise ValueError(f"{where}: the chat template renders prompt + {field} with a different prefix than the "
                          "prompt alone, so the response tokens cannot be told apart")  # fmt: skip
-    return head, full[len(head):]
+    return head, full[len(head) :]
 
 
 def encode_record(tokenizer, row, where: str, *, max_length: int | None) -> EncodedPair:
@@ -413,7 +414,9 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
             print(f"fusedrl dpo: reference log-probs of {n_pairs} pairs in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr)  # fmt: skip
     if not online and ref is not None and tuple(ref.shape) != (n_pairs, 2):
-        raise ValueError(f"ref_logps must be ({n_pairs}, 2), one (chosen, rejected) row per pair, got {tuple(ref.shape)}")
+        raise ValueError(
+            f"ref_logps must be ({n_pairs}, 2), one (chosen, rejected) row per pair, got {tuple(ref.shape)}"
+        )
     if state is not None:
         policy.load_state_dict(state["policy"])
         opt.load_state_dict(state["policy_optimizer"])
@@ -450,7 +453,8 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
             mine = micro_batches(buf, lengths, ids, cfg.max_tokens_per_microbatch, device, rank=dist.rank,
                                  num_ranks=dist.world_size)  # fmt: skip
             passes = [(i, mb, 1.0) for i, mb in mine] or [
-                (i, mb, 0.0) for i, mb in micro_batches(buf, lengths, ids[:1], cfg.max_tokens_per_microbatch, device)]
+                (i, mb, 0.0) for i, mb in micro_batches(buf, lengths, ids[:1], cfg.max_tokens_per_microbatch, device)
+            ]
             for i, (mb_ids, mb, weight_of_pass) in enumerate(passes):
                 # DDP all-reduces in the backward of this rank's last micro-batch only; the others accumulate.
                 with no_sync((body,), i < len(passes) - 1):

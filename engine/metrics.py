@@ -1,6 +1,7 @@
 """Per-step metrics: one JSON object per line (``metrics.jsonl``), optional TensorBoard, a console
 progress bar. Keys are namespaced (``rollout/reward_mean``, ``policy/clipfrac``, ``perf/tokens_per_s``).
 """
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ policy's output head and body, a critic (``ValueModel``) and a scalar reward mod
 Every model here is an ordinary transformers model (or wraps one), so ``use_packed_attention`` from
 ``fusedrl.engine.attention`` applies to all of them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -417,7 +418,9 @@ def enable_checkpointing(model: nn.Module) -> None:
     """HF activation (gradient) checkpointing on the outermost transformers model inside ``model``."""
     for m in model.modules():
         # transformers 5 renamed the method; older releases only have the gradient_ name.
-        enable = getattr(m, "activation_checkpointing_enable", None) or getattr(m, "gradient_checkpointing_enable", None)
+        enable = getattr(m, "activation_checkpointing_enable", None) or getattr(
+            m, "gradient_checkpointing_enable", None
+        )
         if enable is not None and getattr(m, "supports_gradient_checkpointing", False):
             enable()
             return

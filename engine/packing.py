@@ -16,6 +16,7 @@ The GPU side applies the returned indices with torch ops::
 
 A pure-Python reference of every algorithm here lives in ``tests/packing_ref.py``.
 """
+
 from __future__ import annotations
 
 import operator
@@ -40,7 +41,9 @@ def _as_numpy(name: str, x, *, floating: bool = False) -> np.ndarray:
     torch = sys.modules.get("torch")  # never imported here: only a caller that has tensors has torch
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
-            raise ValueError(f"{name} must be a NumPy array or a CPU tensor, got a tensor on {x.device}: call .cpu() first")
+            raise ValueError(
+                f"{name} must be a NumPy array or a CPU tensor, got a tensor on {x.device}: call .cpu() first"
+            )
         x = x.detach()
         if floating and x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
             x = x.float()

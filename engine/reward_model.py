@@ -10,6 +10,7 @@ The reward model is an HF sequence-classification model with one output; a seque
 prompt + completion + eos and its reward is the output at its last token (HF picks the last token that is
 not ``config.pad_token_id``, hence pad must differ from eos).
 """
+
 from __future__ import annotations
 
 import math

@@ -8,6 +8,7 @@ against a reference column of the data set), ``format_reward`` (a regular expres
 (soft over-length), added up with ``combine``. Data set columns (``answer``) reach a reward as keyword
 arguments through ``fusedrl.engine.data.bind_columns``.
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,6 +1,7 @@
 """Rollout: encode the prompts, sample responses with HF ``generate`` and put prompt + response sequences in
 the packed rollout buffer (the store of record of a step: packing, the exchange between ranks, checkpoints).
 Scoring the buffer is ``fusedrl.engine.scoring``."""
+
 from __future__ import annotations
 
 import math

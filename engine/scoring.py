@@ -10,6 +10,7 @@ Three index spaces, and the one object that translates between them:
   between stages as (R,) float32 tensors on the training device, and a micro-batch reads and writes its
   share with ``layout.gather`` / ``layout.scatter``.
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Stage 1 of the RLHF pipeline: the result is the reference policy pi_ref that PPO
 The prompt conditions the model but carries no loss, so the model learns what follows a prompt rather
 than how prompts look; every completion ends with the tokenizer's eos so that the policy learns to stop.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
 """A character-level tokenizer built in code (no downloads), as a transformers fast tokenizer so that it
 works everywhere an HF tokenizer does: ``generate``, ``save_pretrained``, chat-free prompting; and
 ``load_tokenizer`` for a directory or a Hub id."""
+
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers

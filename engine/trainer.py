@@ -20,6 +20,7 @@ gradients and optimizer state; the critic stays under DDP). Generation and scori
 weights once per call, checkpoints and saved models hold the gathered full weights, and ``trainer.policy``
 holds DTensor shards (use ``state_dict()`` or the saved model outside the trainer).
 """
+
 from __future__ import annotations
 
 import copy
@@ -214,7 +215,9 @@ class PPOTrainer:
         out = Path(cfg.output_dir) if cfg.output_dir is not None else None
         if out is None and (resume or overwrite or run_config is not None):
             raise ValueError("resume=True, overwrite=True and run_config need config.output_dir (where the run is)")
-        latest = self.dist.on_rank0(prepare_run_dir, out, resume=resume, overwrite=overwrite) if out is not None else None
+        latest = (
+            self.dist.on_rank0(prepare_run_dir, out, resume=resume, overwrite=overwrite) if out is not None else None
+        )
         if run_config is not None and self.rank == 0:
             import yaml
 
@@ -575,7 +578,6 @@ class PPOTrainer:
             self.tokenizer.save_pretrained(out / "policy")
         if self.critic is not None and hasattr(self.critic, "save_pretrained"):
             self.critic.save_pretrained(out / "critic")
-
 
 
 # Settings a resumed run may legitimately change (run length, logging, where to save).

@@ -5,6 +5,7 @@ right), saved with its tokenizer as a directory that `fusedrl train --policy` lo
     python examples/gsm8k_mini_sft.py --out runs/gsm8k-sft          # ~10 s on a CPU
     fusedrl train --policy runs/gsm8k-sft --prompts examples/gsm8k_mini.jsonl --reward-fn math_answer ...
 """
+
 import argparse
 import json
 from pathlib import Path

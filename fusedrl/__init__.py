@@ -4,4 +4,5 @@
   plain PyTorch references beside them.
 - ``fusedrl.engine``: packed rollouts, padding-free attention and the PPO/GRPO/RLOO/REINFORCE++ trainer.
 """
+
 __version__ = "0.1.0"

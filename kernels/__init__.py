@@ -2,6 +2,7 @@
 
 Everything other packages (fusedrl.engine, fusedrl.integrations, user code) use is exported here by a
 public name: the ops and their references, the shared constants and the boundary checks."""
+
 from ._utils import (
     AGG_MODES,
     BACKENDS,
@@ -36,6 +37,12 @@ __all__ += ["linear_logprobs", "linear_logprobs_ref", "linear_ppo_loss", "linear
 from .value_loss import value_loss, value_loss_ref
 
 __all__ += ["value_loss", "value_loss_ref"]
-from .linear_preference_loss import LOSS_TYPES, PreferenceLossConfig, linear_preference_loss, linear_preference_loss_ref, pair_losses
+from .linear_preference_loss import (
+    LOSS_TYPES,
+    PreferenceLossConfig,
+    linear_preference_loss,
+    linear_preference_loss_ref,
+    pair_losses,
+)
 
 __all__ += ["LOSS_TYPES", "PreferenceLossConfig", "linear_preference_loss", "linear_preference_loss_ref", "pair_losses"]

@@ -24,6 +24,7 @@ The contract:
   (Triton's min / max are used with ``propagate_nan=ALL``; its default fmin / fmax would drop NaN);
   ignored / masked rows store exact zeros whatever they hold.
 """
+
 from __future__ import annotations
 
 import math
@@ -440,8 +441,10 @@ def logprobs_bwd_torch(logits, labels, stats, ent, dlogp, dent, inv_temp, ignore
 
 def check_temperature(temperature) -> None:
     """A finite number > 0 (inf would silently make every distribution uniform)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature > 0)
     ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 

@@ -11,6 +11,7 @@ Triton kernel could be compiled anyway, importing fusedrl.kernels first sets it 
 yet); on a CUDA machine set it yourself to run Triton kernels on CPU tensors (tests/conftest.py explains the
 two test passes there).
 """
+
 from __future__ import annotations
 
 import os
@@ -46,7 +47,7 @@ except ImportError:  # pragma: no cover - exercised only on machines without Tri
     triton = tl = _Shim()  # type: ignore[assignment]
 
 # The names every op and the engine share, defined once in fusedrl.names (torch-free; exported by fusedrl.kernels).
-from fusedrl.names import AGG_MODES, BACKENDS, IGNORE_INDEX, KL_ESTIMATORS, REWARD_KL_ESTIMATORS  # noqa: E402
+from fusedrl.names import AGG_MODES, BACKENDS, IGNORE_INDEX, KL_ESTIMATORS, REWARD_KL_ESTIMATORS  # noqa: E402, F401 (re-exported)
 
 _VALIDATE = os.environ.get("FUSEDRL_VALIDATE", "1") != "0"
 
@@ -165,9 +166,7 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     dev0 = named[0][1].device
     for k, v in named[1:]:
         if v.device != dev0:
-            raise ValueError(
-                f"{k} is on {v.device} but {named[0][0]} is on {dev0}: all tensors must be on one device"
-            )
+            raise ValueError(f"{k} is on {v.device} but {named[0][0]} is on {dev0}: all tensors must be on one device")
 
 
 def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:

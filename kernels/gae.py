@@ -8,6 +8,7 @@ convention: sequence b owns tokens ``[cu_seqlens[b], cu_seqlens[b+1])``. One Tri
 sequence backwards, a block of tokens at a time. Advantages are constants for the policy update, so
 nothing here is differentiable: outputs are detached float32.
 """
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@ kernels/_rows.py run over ~1M-element sub-chunks of the chunk in place; every ch
 buffer, and on CPU ``linear_ppo_loss`` drops the unscored rows before the GEMMs. How many tokens a chunk
 holds (by arithmetic intensity, within a memory budget) is explained at ``_chunk_rows``.
 """
+
 from __future__ import annotations
 
 import torch

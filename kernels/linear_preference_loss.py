@@ -16,6 +16,7 @@ Two input layouts, as the other linear ops:
 - padded: ``hidden (B, T, H)``, ``labels (B, T)``; pairs are rows ``(i, B/2 + i)`` (TRL's concatenated
   chosen-then-rejected batch) unless ``pair_index`` names the rows.
 """
+
 from __future__ import annotations
 
 import math
@@ -182,7 +183,9 @@ def _check_pairs(hidden, labels, pair_index, cu_seqlens, ref_logp_sums, config, 
                                                output_size=hidden.shape[0])  # fmt: skip
     elif hidden.dim() == 3:
         if cu_seqlens is not None:
-            raise ValueError(f"cu_seqlens is for packed (N, H) input; hidden is padded (B, T, H) = {tuple(hidden.shape)}")
+            raise ValueError(
+                f"cu_seqlens is for packed (N, H) input; hidden is padded (B, T, H) = {tuple(hidden.shape)}"
+            )
         n_seq = hidden.shape[0]
         seq_of_token = None
         if pair_index is None:
@@ -197,7 +200,9 @@ def _check_pairs(hidden, labels, pair_index, cu_seqlens, ref_logp_sums, config, 
     if pair_index.device != dev:
         raise ValueError(f"pair_index is on {pair_index.device} but hidden is on {dev}")
     if pair_index.dim() != 2 or pair_index.shape[1] != 2:
-        raise ValueError(f"pair_index must be (P, 2) (chosen, rejected sequence ids), got shape {tuple(pair_index.shape)}")
+        raise ValueError(
+            f"pair_index must be (P, 2) (chosen, rejected sequence ids), got shape {tuple(pair_index.shape)}"
+        )
     P = pair_index.shape[0]
     if P == 0:
         raise ValueError("pair_index holds no pairs (P = 0)")

@@ -4,6 +4,7 @@ One streaming pass over each vocabulary row (online max / sum-exp), the label lo
 a per-row logsumexp kept for backward. No (N, V) float32 tensor is ever allocated; backward writes the
 gradient w.r.t. the logits in their own dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,6 +50,7 @@ class _LogProbs(torch.autograd.Function):
         bwd = logprobs_bwd_triton if use_triton else logprobs_bwd_torch
         grad = bwd(logits, flat_labels, stats, ent, dlogp, dent, inv_temp, ignore_index)
         return grad, None, None, None, None, None
+
 
 # ----------------------------------------------------------------------------------------------------
 # Public API

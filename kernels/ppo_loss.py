@@ -11,6 +11,7 @@ the whole per-token computation in registers: loss, metrics and the two coeffici
 and ``c_H = w dl/dH``. Backward is the logprobs backward kernel fed with ``c * grad_out``: one more
 streaming read and one write of the logits, optionally in place.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,6 +88,7 @@ class PPOLossConfig:
         if self.agg not in AGG_MODES:
             raise ValueError(f"PPOLossConfig.agg must be one of {AGG_MODES}, got {self.agg!r}")
 
+
 # ----------------------------------------------------------------------------------------------------
 # Autograd Function over the fused kernels and the chunked torch path (kernels/_rows.py)
 # ----------------------------------------------------------------------------------------------------
@@ -115,6 +117,7 @@ class _PPOLoss(torch.autograd.Function):
             # The torch path's copy_ bumps the version counter itself.
             torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None, None, None, None, None
+
 
 # ----------------------------------------------------------------------------------------------------
 # Public API
@@ -184,6 +187,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
     return kl_estimate(logp, ref_logp, estimator)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Reference

@@ -4,6 +4,7 @@ aggregated with the same token weights as the PPO policy loss.
 One elementwise kernel computes the weighted loss, the gradient coefficient w.r.t. the value and both
 metrics' per-token terms in a single read of the three inputs; backward is one multiply by grad_out.
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@
 - Tests taking the `device` fixture run on CPU and, when present, on CUDA with the same tolerances.
 - One intra-op thread per test process: tiny ops on a shared 2-core machine are 10-50x slower with more.
 """
+
 import os
 
 import torch

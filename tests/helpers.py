@@ -1,4 +1,5 @@
 """The one comparison helper every test uses: max / mean error and the first bad index on failure."""
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ the benchmark can never compare against different references. ``kk_partition_tex
 dense formulation of Karmarkar-Karp; the tests check that the sparse one used here and in C++ agrees
 with it.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -79,7 +80,7 @@ def kk_partition(lengths, k: int) -> list[list[int]]:
         tuples[next_tid] = (ha, mx)
         heapq.heappush(queue, (-spread(ha, mx), next_tid))
         next_tid += 1
-    (heap, _), = tuples.values()
+    ((heap, _),) = tuples.values()
     bins = [sorted(members[bid]) for _, bid in sorted(heap, key=lambda e: (-e[0], e[1]))]
     return bins + [[] for _ in range(k - len(bins))]
 
@@ -154,7 +155,9 @@ def rank_loads(lengths, plan) -> list[int]:
     return [sum(lengths[i] for mb in rank for i in mb) for rank in plan]
 
 
-def plan_microbatches_ref(lengths, max_tokens: int, *, num_ranks: int = 1, balance: str = "kk") -> list[list[list[int]]]:
+def plan_microbatches_ref(
+    lengths, max_tokens: int, *, num_ranks: int = 1, balance: str = "kk"
+) -> list[list[list[int]]]:
     """Reference of ``plan_microbatches``: result[rank][k] = ascending list of sequence indices. "kk" keeps
     the greedy plan where that one has the smaller max/min rank load."""
     lengths = _as_list(lengths)

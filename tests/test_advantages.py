@@ -1,5 +1,6 @@
 """fusedrl.engine.advantages: GRPO / RLOO / REINFORCE++ / GAE advantages, whitening, KL controllers and
 reward normalisation against small cases worked out by hand (the numbers are written here)."""
+
 import pytest
 import torch
 from helpers import assert_close

@@ -2,6 +2,7 @@
 sequence alone (logits, logp and parameter gradients, three-way against float64), stock SDPA does not
 isolate packed sequences, generate() and padded batches are unchanged, every backend on the device agrees
 with a float64 per-sequence reference, and bad input is named."""
+
 import copy
 
 import pytest
@@ -36,8 +37,10 @@ LAYOUTS = [[1, 6, 1, 11, 3], [7, 2, 1]]
 MODELS = {
     "llama": ("tiny-llama", {}),
     "gpt2": ("tiny-gpt2", {"scale_attn_by_inverse_layer_idx": True}),
-    "qwen2": ("qwen-0.5b-like", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, intermediate_size=128)),
+    "qwen2": (
+        "qwen-0.5b-like",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
+    ),
 }
 MAIN_KINDS = ["llama", "gpt2"]
 MODES = ["cu_kwargs", "cu_without_max", "position_ids_only"]

@@ -1,5 +1,6 @@
 """Checkpoints: atomic save, the latest pointer, crash safety, RNG round trips, and a CLI run that is
 SIGKILLed after a checkpoint and resumed reaching the same metrics as an uninterrupted run."""
+
 from __future__ import annotations
 
 import hashlib
@@ -154,9 +155,11 @@ def test_meta_records_the_state_checksum(tmp_path):
 
 @pytest.mark.parametrize(
     "how, match",
-    [("flip", r"ckpt-3/state.pt' has SHA-256 [0-9a-f]{64}, meta.json records [0-9a-f]{64}: the file is damaged"),
-     ("truncate", r"ckpt-3/state.pt' is \d+ bytes but meta.json records \d+: the file is truncated"),
-     ("empty", r"ckpt-3/state.pt' is 0 bytes but meta.json records \d+")],  # fmt: skip
+    [
+        ("flip", r"ckpt-3/state.pt' has SHA-256 [0-9a-f]{64}, meta.json records [0-9a-f]{64}: the file is damaged"),
+        ("truncate", r"ckpt-3/state.pt' is \d+ bytes but meta.json records \d+: the file is truncated"),
+        ("empty", r"ckpt-3/state.pt' is 0 bytes but meta.json records \d+"),
+    ],  # fmt: skip
 )
 def test_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, how, match):
     ckpt.save_checkpoint(tmp_path, 2, _state(2))
@@ -293,13 +296,13 @@ def test_corrupt_metrics_line_in_the_middle_is_an_error(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # End to end: kill the CLI after a checkpoint, resume, compare with an uninterrupted run
 # ----------------------------------------------------------------------------------------------------
-SLOW_REWARD = '''
+SLOW_REWARD = """
 import time
 
 def slow_count(prompts, completions):
     time.sleep(0.4)  # keeps each step long enough for the test to kill the run between checkpoints
     return [float(c.count("a")) + 0.1 * len(c) for c in completions]
-'''
+"""
 
 
 def _cli(tmp_path: Path, out: Path, *extra: str) -> list[str]:

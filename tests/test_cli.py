@@ -1,5 +1,6 @@
 """The ``fusedrl`` CLI: a parser generated from the dataclasses (flags, YAML, errors), reward loading,
 and a short training run in a subprocess, as a user runs it, that must raise the reward markedly."""
+
 from __future__ import annotations
 
 import dataclasses

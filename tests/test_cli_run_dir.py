@@ -1,5 +1,6 @@
 """`fusedrl train` never mixes two runs in one output directory: a fresh run into an existing run is refused
 (nothing touched), `--resume` with nothing to resume writes nothing, `--overwrite` removes only the run's files."""
+
 from __future__ import annotations
 
 import os

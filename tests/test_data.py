@@ -1,5 +1,6 @@
 """fusedrl.engine.data: prompts from every file format and from ``datasets`` directories, chat prompts through
 the tokenizer's chat template (one BOS), extra columns reaching the reward as keyword arguments."""
+
 from __future__ import annotations
 
 import csv
@@ -146,7 +147,7 @@ def test_chat_prompts_rendered_with_the_template():
     # A tokenizer that adds BOS when encoding: the template's own BOS is dropped, so the ids hold exactly one.
     tok_bos = chat_tokenizer(add_bos=True)
     text = render_prompt(msgs, tok_bos)
-    assert text == expected[len("<bos>"):]
+    assert text == expected[len("<bos>") :]
     ids = tok_bos(text, add_special_tokens=True)["input_ids"]
     assert ids.count(tok_bos.bos_token_id) == 1 and ids[0] == tok_bos.bos_token_id
     with pytest.raises(TypeError, match="must be a string or a list of chat messages"):

@@ -1,6 +1,7 @@
 """``fusedrl demo``: the synthetic task (gold scorer, noisy annotator), the SFT stage (encoding, loss), the
 config and flags, and the whole pipeline run as a user runs it -- a subprocess, ``--quick`` -- with the
 assertions made on what it wrote (summary, metrics, plot, checkpoints), then resumed through ``fusedrl demo``."""
+
 from __future__ import annotations
 
 import json
@@ -201,8 +202,7 @@ def test_compare_table_json_and_plot(tmp_path):
 
     gold_log = tmp_path / "gold.jsonl"
     gold_log.write_text("".join(json.dumps({"step": i, "gold/reward_mean": 0.4 + i / 100}) + "\n" for i in range(1, 9)))
-    ev = lambda g, kl, t: dict(gold=g, proxy=g - 1, kl=kl, well_formed=0.9, length=5.0, examples=["1:2"] * 6,
-                               wall_s=t)  # noqa: E731
+    ev = lambda g, kl, t: dict(gold=g, proxy=g - 1, kl=kl, well_formed=0.9, length=5.0, examples=["1:2"] * 6, wall_s=t)  # noqa: E731
     evals = {"sft": ev(0.45, 0.0, 0.0), "ppo": ev(0.55, 2.0, 12.3), "grpo": ev(0.5, 3.0, 9.0),
              "dpo": dict(ev(0.6, 2.5, 4.0), pairs=100)}  # fmt: skip
     result = make_compare(DemoConfig(), evals, {"ppo": gold_log, "grpo": gold_log})
@@ -246,7 +246,9 @@ def test_quick_demo_writes_the_report(quick_run):
     assert summary["rm_accuracy"] > 0.6, summary["rm_accuracy"]
     # PPO against that proxy raised the hidden gold reward over the SFT policy's, on the same held-out prompts.
     assert summary["gold_reward_final"] > summary["gold_reward_sft"] + 0.03, (
-        summary["gold_reward_sft"], summary["gold_reward_final"])
+        summary["gold_reward_sft"],
+        summary["gold_reward_final"],
+    )
     assert summary["proxy_reward_final"] > summary["proxy_reward_sft"]
     assert summary["kl_final"] > 0.0
 
@@ -311,7 +313,9 @@ def test_compare_writes_table_and_plot(quick_run):
         r = methods[name]
         assert r["wall_s"] > 0 and r["kl"] > 0 and 0 <= r["gold"] <= 1, (name, r)
     summary = json.loads((out / "summary.json").read_text())
-    assert methods["sft"]["gold"] == summary["gold_reward_sft"] and methods["ppo"]["gold"] == summary["gold_reward_final"]
+    assert (
+        methods["sft"]["gold"] == summary["gold_reward_sft"] and methods["ppo"]["gold"] == summary["gold_reward_final"]
+    )
     assert len(methods["grpo"]["gold_per_step"]) == QUICK_PPO_STEPS
     assert methods["dpo"]["gold"] > methods["sft"]["gold"] + 0.03, (methods["sft"]["gold"], methods["dpo"]["gold"])
     tok = build_char_tokenizer(demo.DIGITS + demo.SEPARATOR)

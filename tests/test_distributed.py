@@ -3,6 +3,7 @@ make the same first update as one process rolling out all of them (global token 
 gradients, batch-wide whitening and metrics), and train on the micro-batches of one global
 plan_microbatches(num_ranks=2) plan per mini-batch: the same number on each rank, token loads balanced.
 The same holds with the policy sharded by FSDP2, whose checkpoint round trip and saved model are checked too."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,7 +30,7 @@ CASES = {
 
 # Run by torchrun (2 ranks) and imported by the test (1 process). Generation is replaced by a
 # deterministic function of (prompt, sample number) so that both layouts see identical rollouts.
-WORKER = '''
+WORKER = """
 import os
 import sys
 
@@ -135,7 +136,7 @@ if __name__ == "__main__":
     if torch.distributed.get_rank() == 0:
         torch.save(results, sys.argv[1])
     torch.distributed.destroy_process_group()
-'''.replace("__CASES__", repr(CASES)).replace("__MAX_TOKENS__", str(MAX_TOKENS))
+""".replace("__CASES__", repr(CASES)).replace("__MAX_TOKENS__", str(MAX_TOKENS))
 
 
 def check_global_plan(one_steps, two_steps_per_rank, lengths, case):

@@ -1,6 +1,7 @@
 """``fusedrl dpo``: the data format and its errors (file:line), chat templates, pair-preserving packed
 micro-batches against unpacked float64 log-probs, the config, and the trainer run as a user runs it (a
 subprocess on the demo task), asserted on what it wrote and on the hidden gold reward, then resumed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -100,8 +101,8 @@ def test_chat_messages_through_the_chat_template(tmp_path):
     full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "ok 3"}], tokenize=False)
     head = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     assert full.startswith(head)
-    assert tok.decode(pair.prompt) == head and tok.decode(pair.chosen) == full[len(head):]
-    assert tok.decode(pair.rejected) == full[len(head):].replace("ok 3", "no")
+    assert tok.decode(pair.prompt) == head and tok.decode(pair.chosen) == full[len(head) :]
+    assert tok.decode(pair.rejected) == full[len(head) :].replace("ok 3", "no")
     assert pair.chosen[-1] == tok.eos_token_id  # the template's end of turn, no second eos appended
 
 
@@ -185,7 +186,9 @@ def test_train_dpo_every_loss_and_the_micro_batch_split(loss_type, tok, tmp_path
     _, lengths = dpo.build_buffer(pairs)
     cfg = dpo.DPOConfig(loss_type=loss_type, beta=0.2, rpo_alpha=0.5 if loss_type == "dpo" else 0.0,
                         pairs_per_step=12, learning_rate=1e-3, output_dir=str(tmp_path / "one"), progress=False)  # fmt: skip
-    tight = dataclasses.replace(cfg, output_dir=str(tmp_path / "many"), max_tokens_per_microbatch=int(lengths.max()) + 4)
+    tight = dataclasses.replace(
+        cfg, output_dir=str(tmp_path / "many"), max_tokens_per_microbatch=int(lengths.max()) + 4
+    )
     runs = [dpo.train_dpo(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3), tok, pairs, c)[0]
             for c in (cfg, tight)]  # fmt: skip
     keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",

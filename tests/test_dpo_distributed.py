@@ -4,6 +4,7 @@ denominators, DDP-summed gradients, metrics reduced over ranks), including a ste
 rank without work; the precomputed reference table gathered from both ranks equals the one-process table; and
 both ranks resume from rank 0's checkpoint (with the reference now scored on the fly, ``--ref-logps online``)
 and continue where the one-process run continues."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """fusedrl.kernels.gae: the GAE Triton kernel (interpreter on CPU) and its PyTorch reference against a
 textbook per-timestep Python loop on packed sequences, and the KL-shaped token rewards checked by hand."""
+
 import pytest
 import torch
 from helpers import assert_close, assert_kernel_close

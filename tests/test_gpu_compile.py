@@ -1,6 +1,7 @@
 """Every Triton kernel compiles ahead of time for an H100 (sm_90) on this machine, GPU or not: Triton's
 compiler and ptxas ship in its wheel. CI has no GPU; this catches code that only the interpreter accepts
 (the interpreter runs Python, the GPU compiler needs typed, statically shaped Triton code)."""
+
 import os
 import subprocess
 import sys

@@ -18,6 +18,7 @@ The floors, from what the table measures (Triton 3.9 here, 3.6 on the GPU machin
   (3.6 is ~40 registers from it); the floor still catches a shared-memory blow-up or a change of warps.
 A kernel with no floor here fails the test: a new kernel needs a stated floor and its reason.
 """
+
 import copy
 import importlib.util
 import json
@@ -75,7 +76,9 @@ def violations(data) -> list[str]:
     for r in data["records"]:
         where = f"{r['kernel']} {r['arch']} {r['dtype']} V={r['V']} {r['constexprs']} warps={r['num_warps']}"
         if r["spill_store_bytes"] != 0 or r["spill_load_bytes"] != 0 or r["stack_bytes"] != 0:
-            bad.append(f"{where}: spills {r['spill_store_bytes']}/{r['spill_load_bytes']} B, stack {r['stack_bytes']} B")
+            bad.append(
+                f"{where}: spills {r['spill_store_bytes']}/{r['spill_load_bytes']} B, stack {r['stack_bytes']} B"
+            )
         occ, blocks = occupancy(r["regs"], r["shared_bytes"], r["num_warps"], r["arch"])
         if occ != pytest.approx(r["occupancy"]):
             bad.append(f"{where}: the script says occupancy {r['occupancy']}, the formula {occ}")
@@ -83,8 +86,10 @@ def violations(data) -> list[str]:
         if floor is None:
             bad.append(f"{where}: no occupancy floor stated for this kernel in tests/test_gpu_static.py")
         elif occ < floor:
-            bad.append(f"{where}: occupancy {occ:.1%} < floor {floor:.1%} ({r['regs']} registers, "
-                       f"{r['shared_bytes']} B smem, {blocks} blocks per SM)")
+            bad.append(
+                f"{where}: occupancy {occ:.1%} < floor {floor:.1%} ({r['regs']} registers, "
+                f"{r['shared_bytes']} B smem, {blocks} blocks per SM)"
+            )
     return bad
 
 

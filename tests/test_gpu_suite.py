@@ -1,5 +1,6 @@
 """The one-command GPU benchmark suite, run as the GPU session will run it (a subprocess), in --quick mode on
 CPU: the JSON has the top-level facts and complete records, and the table and plot are written."""
+
 import json
 import math
 import os
@@ -82,7 +83,9 @@ def test_gpu_slug():
     names = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100",
              "Some Future GPU/X 9000": "some-future-gpu-x-9000"}  # fmt: skip
     # A subprocess: importing the suite puts the repo root on sys.path, where kernels/ would shadow-import.
-    code = "import json, sys; from bench.gpu_suite import gpu_slug; print(json.dumps([gpu_slug(n) for n in sys.argv[1:]]))"
+    code = (
+        "import json, sys; from bench.gpu_suite import gpu_slug; print(json.dumps([gpu_slug(n) for n in sys.argv[1:]]))"
+    )
     proc = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == list(names.values())
@@ -98,7 +101,9 @@ def test_records_carry_the_fraction_of_the_bandwidth_floor(suite):
     seen = set()
     for r in data["records"]:
         if r["op"] in ("logprobs", "ppo_loss", "gae"):
-            assert r["bw_floor_ms"] > 0 and r["fraction_of_bw_floor"] == pytest.approx(r["bw_floor_ms"] / r["median_ms"])
+            assert r["bw_floor_ms"] > 0 and r["fraction_of_bw_floor"] == pytest.approx(
+                r["bw_floor_ms"] / r["median_ms"]
+            )
             seen.add(r["op"])
         if r["op"] == "logprobs" and r["pass"] == "fwd":
             N, V = (int(s) for s in r["shape"].split("x"))

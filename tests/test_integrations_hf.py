@@ -3,6 +3,7 @@ the gradient of every parameter (random upstream gradients) against the model's 
 (fused in float32, the model's logits in float32, the model in float64); untied, tied and biased heads, logit
 scales, left padding, ignored positions; the lm_head module itself is never called; bad input and heads the
 fused op cannot reproduce raise."""
+
 import pytest
 import torch
 import transformers
@@ -32,7 +33,6 @@ MODELS = {
         transformers.GraniteConfig(**SMALL, logits_scaling=4.0)
     ).eval(),
 }
-
 
 
 def make_batch(device):

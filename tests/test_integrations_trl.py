@@ -3,6 +3,7 @@ tokenizer and a fixed batch, TRL's ``_compute_loss`` and ours give the same loss
 parameter and the same logged metrics, for each loss type, with KL and entropy terms, at a temperature != 1;
 three ways where it matters (ours and TRL in float32 against TRL in float64). Spies prove which path ran: the
 fused loss must not call TRL's loss or its chunked log-prob op, the TRL-math path must not call TRL's op."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +32,6 @@ PROMPTS = ["1+1=", "2+3=", "9-4=", "7*2="]
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama saved to disk: TRL builds its reference model from the policy's path."""
@@ -47,9 +47,21 @@ def digits_reward(completions, **kwargs):
 
 
 def make(cls, model_dir, tmp_path, *, dtype=torch.float32, extra=None, **overrides):
-    fixed = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False, seed=0,
-                 per_device_train_batch_size=B, num_generations=B, max_completion_length=C, max_steps=1,
-                 gradient_accumulation_steps=ACCUM, num_iterations=2, logging_steps=1, save_strategy="no")
+    fixed = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        per_device_train_batch_size=B,
+        num_generations=B,
+        max_completion_length=C,
+        max_steps=1,
+        gradient_accumulation_steps=ACCUM,
+        num_iterations=2,
+        logging_steps=1,
+        save_strategy="no",
+    )
     args = GRPOConfig(**{**fixed, **BASE, **overrides})
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     trainer = cls(model=model, reward_funcs=digits_reward, args=args,
@@ -233,9 +245,12 @@ def test_reference_and_old_logprobs_are_fused(model_dir, batch, tmp_path, spies)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     with torch.no_grad():
-        expected = {"policy": trl_trainer._get_per_token_logps_and_entropies(trl_trainer.model, ids, mask, C,
-                                                                             compute_entropy=True),
-                    "ref": trl_trainer._get_per_token_logps_and_entropies(trl_trainer.ref_model, ids, mask, C)}
+        expected = {
+            "policy": trl_trainer._get_per_token_logps_and_entropies(
+                trl_trainer.model, ids, mask, C, compute_entropy=True
+            ),
+            "ref": trl_trainer._get_per_token_logps_and_entropies(trl_trainer.ref_model, ids, mask, C),
+        }
         spies["trl_logprobs"]()
         policy = fused._get_per_token_logps_and_entropies(fused.model, ids, mask, C, batch_size=3, compute_entropy=True)
         ref = fused._get_per_token_logps_and_entropies(fused.ref_model, ids, mask, C)
@@ -285,8 +300,14 @@ def test_softcapped_model_is_refused(tmp_path):
 
     tok = build_char_tokenizer()
     cfg = Gemma2Config(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, intermediate_size=64, final_logit_softcapping=30.0,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        final_logit_softcapping=30.0,
     )
     path = tmp_path / "gemma2"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)

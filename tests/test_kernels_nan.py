@@ -6,6 +6,7 @@ torch path's gradient stays finite where the kernel's is (log-ratio past float32
 accurate for tiny differences everywhere; V = 0, non-finite temperatures and bad global counts are
 rejected; an out-of-range label without validation gives NaN on both paths; inplace_backward refuses or
 flags what it cannot do safely."""
+
 import pytest
 import torch
 from helpers import assert_close

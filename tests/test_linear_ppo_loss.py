@@ -1,6 +1,7 @@
 """fusedrl.kernels.linear_ppo_loss: lm_head fused with token log-probs and with the PPO loss, against the
 eager reference in float64 (outputs and gradients w.r.t. hidden, weight and bias), against the logits path,
 and a peak-memory check that the (N, V) logits are never materialised."""
+
 import importlib
 import os
 import subprocess
@@ -34,8 +35,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 BACKENDS = ["triton", "torch"]
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf/NaN on skipped rows
-
-
 
 
 def make_lm_head(lead, V, H, dtype, device, *, bias=True):

@@ -1,5 +1,6 @@
 """fusedrl.kernels.logprobs: Triton kernel (interpreter on CPU) and the chunked PyTorch path against a
 float64 reference, forward and backward, plus bad input and the logp <= 0 guarantee."""
+
 import importlib
 import os
 import subprocess
@@ -156,13 +157,20 @@ def test_temperature_is_runtime(backend, device):
     """Different temperatures give the matching reference results through the same compiled kernel."""
     logits, labels = make_inputs((9, 500), torch.float32, device)
     for t in (0.5, 1.0, 2.5):
-        assert_close(logprobs(logits, labels, temperature=t, backend=backend),
-                     logprobs_ref(logits.double(), labels, temperature=t), atol=2e-5, name=f"T={t}")
+        assert_close(
+            logprobs(logits, labels, temperature=t, backend=backend),
+            logprobs_ref(logits.double(), labels, temperature=t),
+            atol=2e-5,
+            name=f"T={t}",
+        )
     if device.type == "cuda" and backend == "triton":
         from fusedrl.kernels.logprobs import _logprobs_fwd_kernel
 
-        n_before = sum(len(c) for c in _logprobs_fwd_kernel.device_caches[0][0].values()) \
-            if hasattr(_logprobs_fwd_kernel, "device_caches") else None
+        n_before = (
+            sum(len(c) for c in _logprobs_fwd_kernel.device_caches[0][0].values())
+            if hasattr(_logprobs_fwd_kernel, "device_caches")
+            else None
+        )
         logprobs(logits, labels, temperature=0.123, backend=backend)
         if n_before is not None:
             n_after = sum(len(c) for c in _logprobs_fwd_kernel.device_caches[0][0].values())

@@ -1,6 +1,7 @@
 """fusedrl.engine.models: presets (shapes and parameter counts on the meta device), build_causal_lm from a
 preset or a directory, lm_head_of / backbone_of, the ValueModel critic and packed reward scoring, each
 packed result against the same model run per sequence (three-way against float64), save/load round trips."""
+
 import copy
 import os
 
@@ -170,8 +171,12 @@ def test_hub_id_from_cache_offline_and_one_line_error(tmp_path):
     errors = [line for line in r.stdout.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 2, r.stdout
     for line in errors:
-        assert "'Qwen/Qwen2.5-0.5B-Instruct' is not a local directory, and as a Hub id it is not in the local cache" \
-            in line and "HF_HUB_OFFLINE=1" in line and "hf download Qwen/Qwen2.5-0.5B-Instruct" in line, line
+        assert (
+            "'Qwen/Qwen2.5-0.5B-Instruct' is not a local directory, and as a Hub id it is not in the local cache"
+            in line
+            and "HF_HUB_OFFLINE=1" in line
+            and "hf download Qwen/Qwen2.5-0.5B-Instruct" in line
+        ), line
         assert str(tmp_path / "hub") in line
 
 

@@ -1,5 +1,6 @@
 """The installed package exposes only the fusedrl namespace: kernels/ and engine/ never leak as top-level
 packages (transformers probes for a package named `kernels`)."""
+
 import subprocess
 import sys
 
@@ -30,7 +31,9 @@ def test_no_top_level_kernels_or_engine(tmp_path):
     repo = str(pathlib.Path(__file__).resolve().parents[1])
     for name in ("kernels", "engine"):
         # Another distribution may legitimately own the name (HF's `kernels`); ours must not.
-        code = (f"import importlib.util, sys; s = importlib.util.find_spec({name!r}); "
-                f"sys.exit(3 if s is not None and (s.origin or '').startswith({repo!r}) else 0)")
+        code = (
+            f"import importlib.util, sys; s = importlib.util.find_spec({name!r}); "
+            f"sys.exit(3 if s is not None and (s.origin or '').startswith({repo!r}) else 0)"
+        )
         out = _run(code, cwd=str(tmp_path))
         assert out.returncode == 0, f"a top-level `{name}` package from this repo is importable: {out.stderr}"

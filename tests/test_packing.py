@@ -1,6 +1,7 @@
 """fusedrl.engine.packing (the C++ extension fusedrl.engine._rollout) against the pure-Python reference
 in tests/packing_ref.py: the rollout buffer, micro-batch planning (identical plans, invariants over many
 length distributions, balance quality), packing / unpacking, and the errors raised at the boundary."""
+
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np

@@ -1,6 +1,7 @@
 """fusedrl.kernels.ppo_loss: the fused kernel (interpreter on CPU) and the chunked PyTorch path against a
 float64 reference, forward, backward and metrics; hand-computed cases; micro-batch and layout invariances;
 no recompiles for new runtime scalars; CUDA-graph capture (GPU only); bad input."""
+
 import importlib
 import math
 
@@ -38,8 +39,6 @@ AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 FULL = dict(clip_low=0.2, clip_high=0.28, dual_clip=1.4, kl_coef=0.1, entropy_coef=0.01, temperature=0.7)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf/NaN on skipped rows
-
-
 
 
 def make_batch(layout, dtype, device, *, V=None, temperature=1.0, garbage_padding=False):
@@ -326,7 +325,9 @@ def test_micro_batches_sum_to_the_full_batch(backend, agg, device):
 
     halves = [micro(slice(0, 2), num_tokens=n_tok, num_sequences=n_seq),
               micro(slice(2, 4), num_tokens=n_tok, num_sequences=n_seq)]  # fmt: skip
-    assert_close(halves[0][0] + halves[1][0], full[0], atol=1e-6, rtol=1e-6, name="sum of micro-batch losses")  # a loss ~16: one fp32 step
+    assert_close(
+        halves[0][0] + halves[1][0], full[0], atol=1e-6, rtol=1e-6, name="sum of micro-batch losses"
+    )  # a loss ~16: one fp32 step
     assert_close(torch.cat([halves[0][2], halves[1][2]]), full[2], atol=1e-7, name="micro-batch gradients")
     # Without the global counts the sum is wrong: the check above can fail.
     local = [micro(slice(0, 2)), micro(slice(2, 4))]

@@ -4,6 +4,7 @@ Three-way (op in the low-precision dtype, the eager reference in the same dtype,
 forward and backward with a random upstream gradient, for every loss variant, packed pairs (chosen and
 rejected anywhere in the pack) and padded (B, T) input; parity of the loss formulas with TRL's DPO / CPO /
 ORPO trainers and of the whole op with Liger's fused linear DPO; the bad-input errors."""
+
 import importlib.util
 import math
 import types
@@ -109,7 +110,9 @@ def test_packed_matches_float64(backend, dtype, variant, device):
     ref = ref if cfg.needs_reference else None
     g_out = torch.randn(()).item()
     kw = dict(labels=labels, pair_index=pairs, cu_seqlens=cu, config=cfg)
-    kernel = run_loss(linear_preference_loss, h, w, b, g_out, ref_logp_sums=ref, chunk_size=CHUNK, backend=backend, **kw)
+    kernel = run_loss(
+        linear_preference_loss, h, w, b, g_out, ref_logp_sums=ref, chunk_size=CHUNK, backend=backend, **kw
+    )
     ref_low = run_loss(linear_preference_loss_ref, h, w, b, g_out, ref_logp_sums=ref, **kw)
     truth = run_loss(linear_preference_loss_ref, h.double(), w.double(), b.double(), g_out,
                      ref_logp_sums=None if ref is None else ref.double(), **kw)  # fmt: skip
@@ -128,7 +131,9 @@ def test_padded_matches_float64(backend, dtype, variant, device):
     ref = ref if cfg.needs_reference else None
     g_out = torch.randn(()).item()
     kw = dict(labels=labels, config=cfg)
-    kernel = run_loss(linear_preference_loss, h, w, b, g_out, ref_logp_sums=ref, chunk_size=CHUNK, backend=backend, **kw)
+    kernel = run_loss(
+        linear_preference_loss, h, w, b, g_out, ref_logp_sums=ref, chunk_size=CHUNK, backend=backend, **kw
+    )
     ref_low = run_loss(linear_preference_loss_ref, h, w, b, g_out, ref_logp_sums=ref, **kw)
     truth = run_loss(linear_preference_loss_ref, h.double(), w.double(), b.double(), g_out,
                      ref_logp_sums=None if ref is None else ref.double(), **kw)  # fmt: skip

@@ -1,6 +1,7 @@
 """The README is run as written: every ```python block executes on CPU (each in a fresh namespace, in one
 process, in a scratch directory), and the first `fusedrl train` command, on the data it names from examples/,
 must learn what it says it learns."""
+
 from __future__ import annotations
 
 import json
@@ -119,8 +120,14 @@ def test_examples_data_parse_and_their_references_score_correct():
 
 @pytest.mark.slow
 def test_examples_sft_script_writes_a_loadable_policy(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "gsm8k_mini_sft.py"), "--out", str(tmp_path / "m"),
-                        "--steps", "2"], capture_output=True, text=True, env=_env(), timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "gsm8k_mini_sft.py"), "--out", str(tmp_path / "m"), "--steps", "2"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"policy saved to {tmp_path / 'm'}/" in r.stdout
     from fusedrl.engine.models import build_causal_lm

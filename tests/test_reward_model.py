@@ -1,6 +1,7 @@
 """fusedrl.engine.reward_model: the Bradley-Terry loss against hand-computed values and a float64
 reference (forward and backward with a random upstream gradient), its gradient signs, bad input, padded
 scoring against the engine's packed scoring, and a tiny reward model learning a separable preference."""
+
 import math
 import random
 

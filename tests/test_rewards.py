@@ -1,4 +1,5 @@
 """check_rewards: what a reward callable may return, and the clear errors for everything else."""
+
 from __future__ import annotations
 
 import math
@@ -79,8 +80,13 @@ def test_refused_forms_name_source_expected_and_given(rewards, err, match):
 
 @pytest.mark.parametrize(
     "rewards",
-    [[0.0, 1e39, 0.0], np.array([0.0, 1e39, 0.0]), torch.tensor([0.0, 1e39, 0.0], dtype=torch.float64),
-     [0, 10**39, 0], [0.0, np.float64(-1e39), 0.0]],  # fmt: skip
+    [
+        [0.0, 1e39, 0.0],
+        np.array([0.0, 1e39, 0.0]),
+        torch.tensor([0.0, 1e39, 0.0], dtype=torch.float64),
+        [0, 10**39, 0],
+        [0.0, np.float64(-1e39), 0.0],
+    ],  # fmt: skip
 )
 def test_finite_in_float64_but_inf_in_float32_is_refused(rewards):
     # 1e39 is finite as a float64 but overflows float32: the loss would turn NaN and AdamW would write NaN weights.

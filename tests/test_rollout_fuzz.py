@@ -8,6 +8,7 @@ build (tests/sanitizer/run.sh, `make sanitize`) it also proves that no input rea
 or hits undefined behaviour. FUSEDRL_FUZZ_EXAMPLES sets the number of examples per property (the
 sanitizer run uses more).
 """
+
 import os
 
 import numpy as np
@@ -152,7 +153,9 @@ def pack_inputs(draw):
 def test_fuzz_pack(data, inputs, ignore_index):
     offsets, indices, tokens = inputs
     off = data.draw(int_arrays(offsets))
-    idx = data.draw(st.one_of(int_arrays(indices), junk()) if data.draw(st.integers(0, 9)) == 0 else int_arrays(indices))
+    idx = data.draw(
+        st.one_of(int_arrays(indices), junk()) if data.draw(st.integers(0, 9)) == 0 else int_arrays(indices)
+    )
     ok, got = expect_clear_error(
         lambda: _rollout.pack(off, idx, tokens, ignore_index), "offsets", "indices", "tokens", "ignore_index"
     )
@@ -252,7 +255,9 @@ class BufferMachine(RuleBasedStateMachine):
     def append(self, data, seq):
         tokens, mask, fields = seq
         t_arr = data.draw(int_arrays(tokens))
-        m_arr = data.draw(st.one_of(int_arrays(mask), st.just(np.array(mask, bool)) if set(mask) <= {0, 1} else int_arrays(mask)))
+        m_arr = data.draw(
+            st.one_of(int_arrays(mask), st.just(np.array(mask, bool)) if set(mask) <= {0, 1} else int_arrays(mask))
+        )
         with np.errstate(over="ignore"):  # 1e39 -> inf in float32, which the buffer must refuse
             f_arr = {k: data.draw(layouts(np.array(v, data.draw(st.sampled_from(["float32", "float64"])))))
                      for k, v in fields.items()}  # fmt: skip

@@ -1,5 +1,6 @@
 """prepare_run_dir: a fresh run never mixes into an old one, --overwrite removes only the old run's files,
 and a --resume with nothing to resume leaves the directory exactly as it was."""
+
 from __future__ import annotations
 
 from pathlib import Path

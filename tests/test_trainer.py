@@ -1,6 +1,7 @@
 """PPOTrainer on tiny models: one step's invariants (ratio starts at 1, the policy moves, losses are
 finite), packed scoring against plain per-sequence forwards at the sampling temperature, micro-batching
 against one batch, every advantage estimator, and bad input."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,14 @@ from fusedrl.kernels import linear_logprobs
 from helpers import assert_close
 
 PROMPTS = ["ab", "hello", "x", "1+1=", "abc d", "zz"]
-SMALL = {"prompts_per_step": 2, "samples_per_prompt": 3, "max_new_tokens": 6, "learning_rate": 1e-3,
-         "critic_learning_rate": 1e-3, "progress": False}
+SMALL = {
+    "prompts_per_step": 2,
+    "samples_per_prompt": 3,
+    "max_new_tokens": 6,
+    "learning_rate": 1e-3,
+    "critic_learning_rate": 1e-3,
+    "progress": False,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -374,7 +381,9 @@ def _frequencies_match(tokens, probs, n):
     f = torch.bincount(tokens, minlength=len(probs)).double() / n
     p = probs.double()
     z = (f - p).abs() / (p * (1 - p) / n).sqrt().clamp(min=1e-12)
-    assert float(z.max()) < 5, f"token {int(z.argmax())}: frequency {float(f[z.argmax()])}, probability {float(p[z.argmax()])}"
+    assert float(z.max()) < 5, (
+        f"token {int(z.argmax())}: frequency {float(f[z.argmax()])}, probability {float(p[z.argmax()])}"
+    )
     assert not bool((f[p == 0] > 0).any()), "drew a token of probability 0"
 
 

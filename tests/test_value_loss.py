@@ -1,5 +1,6 @@
 """fusedrl.kernels.value_loss: the clipped value loss kernel (interpreter on CPU) and the PyTorch path
 against a float64 reference, a hand-computed case, micro-batch invariance and bad input."""
+
 import pytest
 import torch
 from helpers import EPS, assert_close, assert_kernel_close

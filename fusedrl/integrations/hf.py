@@ -12,6 +12,7 @@ chunk by chunk, only at the positions that have a label.
 a constant logit scale in the config (Cohere ``logit_scale``, Granite ``logits_scaling``, ...) is folded into the
 temperature; tanh soft-capping (Gemma 2/3 ``final_logit_softcapping``) is not linear and is refused.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -24,8 +25,13 @@ from fusedrl.engine.models import hidden_states, logit_scale_of, output_head, un
 from fusedrl.kernels import BACKENDS, IGNORE_INDEX, check_int, check_labels_in_range, linear_logprobs
 
 __all__ = [
-    "fused_head_logprobs", "head_compute_dtype", "last_hidden_state", "logit_scale_of", "logprobs_from_model",
-    "output_head", "unwrap",
+    "fused_head_logprobs",
+    "head_compute_dtype",
+    "last_hidden_state",
+    "logit_scale_of",
+    "logprobs_from_model",
+    "output_head",
+    "unwrap",
 ]
 
 

@@ -26,6 +26,7 @@ The fused loss logs TRL's ``kl``, ``entropy``, ``clip_ratio/region_mean`` (and `
 ``entropy_coef`` with an entropy bonus); the per-direction ``clip_ratio/low_*`` / ``high_*`` need per-token
 ratios the fused op does not return, and are logged only by the TRL-math path.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -7,6 +7,7 @@ under the module's real name. -fno-sanitize-recover makes every UB report fatal,
 report can only end a test run with a failure, never scroll by. -D_GLIBCXX_ASSERTIONS adds bounds checks to
 std::vector::operator[] and friends.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,9 @@ def build(out_dir: Path) -> Path:
 
     def compile_one(src: Path) -> Path:
         obj = obj_dir / (src.stem + ".o")
-        if not obj.exists() or obj.stat().st_mtime < max(src.stat().st_mtime, (ROOT / "csrc/rollout.h").stat().st_mtime):
+        if not obj.exists() or obj.stat().st_mtime < max(
+            src.stat().st_mtime, (ROOT / "csrc/rollout.h").stat().st_mtime
+        ):
             cmd = [cxx, *FLAGS, *includes, "-c", str(src), "-o", str(obj)]
             print(shlex.join(cmd), flush=True)
             subprocess.run(cmd, check=True)

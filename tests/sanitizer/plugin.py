@@ -1,6 +1,7 @@
 """pytest plugin (``-p plugin`` with tests/sanitizer on PYTHONPATH): import the sanitizer build of
 fusedrl.engine._rollout under its real name before anything imports fusedrl.engine.packing, so the
 ordinary tests exercise the instrumented code. FUSEDRL_SANITIZED_EXT names the .so (tests/sanitizer/build.py)."""
+
 import importlib.machinery
 import importlib.util
 import os
