@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -155,46 +154,6 @@ def parse_train_args(argv: list[str]):
 # ----------------------------------------------------------------------------------------------------
 # fusedrl train
 # ----------------------------------------------------------------------------------------------------
-def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
-    """CPUs this process may use: its affinity mask, capped by the cgroup CPU quota (v2 ``cpu.max`` or v1
-    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, rounded up). A container limited to 2 CPUs on a 64-core host
-    sees 64 cores; torch's default of one thread per core then makes every step many times slower."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    root = Path(cgroup_root)
-    quota = period = None
-    try:
-        fields = (root / "cpu.max").read_text().split()
-        if fields and fields[0] != "max":
-            quota, period = float(fields[0]), float(fields[1]) if len(fields) > 1 else 100000.0
-    except (OSError, ValueError, IndexError):
-        try:
-            quota = float((root / "cpu" / "cpu.cfs_quota_us").read_text())
-            period = float((root / "cpu" / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
-            pass
-    if quota is not None and period and quota > 0:
-        n = min(n, math.ceil(quota / period))
-    return max(1, n)
-
-
-def default_threads() -> int:
-    """Intra-op threads per process: ``available_cpus`` shared among torchrun's processes on this node, less
-    the share other processes keep busy (the 1-minute load average over the visible cores). OpenMP threads
-    spin at every barrier: one descheduled thread stalls the rest, so on a shared machine fewer threads are
-    faster (a tiny model on 2 busy cores: 11.5 s per step with 2 threads, 0.12 s with 1)."""
-    local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
-    n = available_cpus()
-    try:
-        busy = os.getloadavg()[0] / (os.cpu_count() or 1)  # host-wide, as a fraction of the visible cores
-    except (AttributeError, OSError):
-        busy = 0.0
-    free = math.floor(n * max(0.0, 1.0 - busy) + 0.5)
-    return max(1, min(n, free) // local)
-
-
 def _fail(message) -> SystemExit:
     """A user mistake: one line on stderr, exit status 1, no traceback."""
     text = " ".join(str(message).split()) if "\n" in str(message) else str(message)
@@ -272,7 +231,7 @@ def train_main(argv: list[str]) -> int:
 
     from .checkpoint import prepare_run_dir
     from .data import bind_columns, load_prompt_data
-    from .distributed import init_distributed, resolve_device
+    from .distributed import default_threads, init_distributed, resolve_device
     from .models import PRESETS, apply_lora, build_causal_lm, build_reward_model, is_peft_model, save_model
     from .rewards import load_reward_fn
     from .tokenizer import build_char_tokenizer, load_tokenizer

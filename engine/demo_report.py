@@ -9,13 +9,9 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .distributed import resolve_device
 from .metrics import read_metrics
-
-if TYPE_CHECKING:
-    from .demo import DemoConfig
 
 
 def merge_metrics(trainer_metrics: Path, gold_log: Path, out_path: Path) -> list[dict]:
@@ -32,10 +28,9 @@ def merge_metrics(trainer_metrics: Path, gold_log: Path, out_path: Path) -> list
     return rows
 
 
-def make_summary(
-    cfg: DemoConfig, stages: dict, sft_eval: dict, final_eval: dict, rows: list[dict], timings: dict
-) -> dict:
-    """summary.json: the stage results, SFT vs final policy on held-out prompts, and where the gold peaked."""
+def make_summary(cfg, stages: dict, sft_eval: dict, final_eval: dict, rows: list[dict], timings: dict) -> dict:
+    """summary.json (``cfg``: the run's DemoConfig): the stage results, SFT vs final policy on held-out prompts, and
+    where the gold peaked."""
     window = 5  # rollout means of one step are noisy: peaks are read off a moving average
     gold = _smooth([r.get("gold/reward_mean", math.nan) for r in rows], window)
     proxy = _smooth([r.get("rollout/reward_mean", math.nan) for r in rows], window)
@@ -201,7 +196,7 @@ METHODS = {"sft": "SFT policy (reference)", "ppo": "PPO vs reward model", "grpo"
            "dpo": "DPO on the pairs"}  # fmt: skip
 
 
-def make_compare(cfg: DemoConfig, evals: dict[str, dict], gold_logs: dict[str, Path]) -> dict:
+def make_compare(cfg, evals: dict[str, dict], gold_logs: dict[str, Path]) -> dict:
     """compare.json: per method the held-out gold, proxy, KL to the SFT reference, well-formed fraction and
     wall time, and the per-step rollout gold of the RL runs (``gold_logs``: method -> its gold.jsonl)."""
     out = {"kl_coef": cfg.kl_coef, "ppo_steps": cfg.ppo_steps, "dpo_beta": cfg.dpo_beta, "dpo_epochs": cfg.dpo_epochs,

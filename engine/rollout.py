@@ -145,6 +145,17 @@ class NextTokenSampler(LogitsProcessor):
         return scores.fill_(-math.inf).scatter_(1, tokens[:, None], 0.0)
 
 
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a response: the tokenizer's eos and every eos id of the model's generation config (chat
+    models end their turn with a template token such as ``<|im_end|>`` or ``<|eot_id|>``, often listed there
+    beside the document eos). The first one a response samples ends it and stays in it (it carries a loss: the
+    policy learns to stop)."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(gen) if isinstance(gen, (list, tuple)) else [gen]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 @torch.no_grad()
 def generate_responses(
     policy,
@@ -154,11 +165,12 @@ def generate_responses(
     temperature: float,
     top_p: float = 1.0,
     top_k: int = 0,
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | None,
     pad_token_id: int,
     batch_size: int = 64,
 ) -> list[list[int]]:
-    """Sample one response per prompt (ids after the prompt, up to and including the first EOS).
+    """Sample one response per prompt (ids after the prompt, up to and including the first EOS; ``eos_token_id``
+    may list several stop ids, see ``stop_token_ids``).
 
     Prompts are left-padded into batches of ``batch_size`` and decoded with the KV cache; a response
     that reaches ``max_new_tokens`` without EOS is kept truncated."""
@@ -167,6 +179,11 @@ def generate_responses(
     if getattr(getattr(policy, "generation_config", None), "min_new_tokens", None):
         gen_cfg.min_new_tokens = 0  # a model's own minimum would forbid early EOS: 0 keeps every length possible
     sampler = LogitsProcessorList([NextTokenSampler(temperature, top_p=top_p, top_k=top_k)])
+    if isinstance(eos_token_id, int) or eos_token_id is None:
+        stops = set() if eos_token_id is None else {eos_token_id}
+    else:
+        stops = set(eos_token_id)
+        gen_cfg.eos_token_id = list(eos_token_id) or None
     responses: list[list[int]] = []
     with eval_mode(policy):
         for start in range(0, len(prompt_ids), batch_size):
@@ -181,9 +198,8 @@ def generate_responses(
                                   logits_processor=sampler)  # fmt: skip
             new = out[:, width:].tolist()  # host sync: the responses go to the CPU buffer anyway
             for row in new:
-                if eos_token_id is not None and eos_token_id in row:
-                    row = row[: row.index(eos_token_id) + 1]
-                responses.append(row)
+                end = next((i for i, t in enumerate(row) if t in stops), None)
+                responses.append(row if end is None else row[: end + 1])
     return responses
 
 

@@ -48,11 +48,11 @@ from .advantages import (
 from .attention import use_packed_attention
 from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
 from .config import PPOConfig
-from .distributed import Distributed, PolicyBody, fully_shard_policy, no_sync
+from .distributed import Distributed, PolicyBody, available_cpus, fully_shard_policy, no_sync
 from .metrics import MetricsLogger, PhaseTimer, UpdateStats, explained_variance
 from .models import ValueModel, disable_dropout, enable_checkpointing, logit_scale_of, output_head
 from .packing import RolloutBuffer, plan_microbatches
-from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer, generate_responses
+from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer, generate_responses, stop_token_ids
 from .scoring import (
     MicroBatch,
     ResponseLayout,
@@ -103,10 +103,20 @@ class PPOTrainer:
             )
         self.tokenizer = tokenizer
         self.device = next(policy.parameters()).device
+        if self.device.type == "cpu" and torch.get_num_threads() > available_cpus():
+            # Not changed here (a process-wide setting belongs to the caller); fusedrl train picks it itself.
+            warnings.warn(
+                f"torch uses {torch.get_num_threads()} CPU threads but this process may run on {available_cpus()} "
+                "CPUs (affinity mask, cgroup quota): OpenMP threads then spin against each other and a step can be "
+                "many times slower; call torch.set_num_threads(fusedrl.engine.distributed.default_threads())",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("tokenizer needs a pad_token_id or an eos_token_id to pad generation batches")
         self.eos_token_id = tokenizer.eos_token_id
+        self.stop_ids = stop_token_ids(tokenizer, policy)  # eos and a chat model's end-of-turn tokens
 
         self.policy = policy
         # Fails now for a head the fused ops cannot express (soft-capped logits); the scale is folded into the
@@ -274,7 +284,7 @@ class PPOTrainer:
         prompt_texts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         responses = self._policy_root.run_gathered(
             generate_responses, self.policy, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=self.stop_ids, pad_token_id=self.pad_token_id,
             batch_size=cfg.generation_batch_size,
         )  # fmt: skip
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -330,7 +340,7 @@ class PPOTrainer:
         self.global_step += 1
 
         n_tokens = dist.sum(float(buf.num_tokens))
-        eos = [float(len(r) > 0 and r[-1] == self.eos_token_id) for r in responses]
+        eos = [float(len(r) > 0 and r[-1] in self.stop_ids) for r in responses]
         metrics = {
             "rollout/reward_mean": dist.mean(raw_scores),
             "rollout/reward_std": dist.std(raw_scores),

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from fusedrl.engine import cli
+from fusedrl.engine import cli, distributed
 from fusedrl.engine.config import field_docs
 from fusedrl.engine.metrics import read_metrics
 from fusedrl.engine.rewards import check_rewards, count_token, load_reward_fn
@@ -86,31 +86,31 @@ def test_negative_numbers_in_scientific_notation_parse(capsys):
 
 def test_available_cpus_honours_affinity_and_cgroup_quota(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    assert cli.available_cpus(str(tmp_path)) == 8  # no cgroup files: the affinity mask
+    assert distributed.available_cpus(str(tmp_path)) == 8  # no cgroup files: the affinity mask
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert cli.available_cpus(str(tmp_path)) == 8
+    assert distributed.available_cpus(str(tmp_path)) == 8
     (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs of quota -> 2 threads
-    assert cli.available_cpus(str(tmp_path)) == 2
+    assert distributed.available_cpus(str(tmp_path)) == 2
     (tmp_path / "cpu.max").write_text("1600000 100000\n")  # a quota above the affinity mask
-    assert cli.available_cpus(str(tmp_path)) == 8
+    assert distributed.available_cpus(str(tmp_path)) == 8
     (tmp_path / "cpu.max").unlink()
     (tmp_path / "cpu").mkdir()
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")  # cgroup v1
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert cli.available_cpus(str(tmp_path)) == 3
+    assert distributed.available_cpus(str(tmp_path)) == 3
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1 "no limit"
-    assert cli.available_cpus(str(tmp_path)) == 8
-    monkeypatch.setattr(cli, "available_cpus", lambda: 8)
+    assert distributed.available_cpus(str(tmp_path)) == 8
+    monkeypatch.setattr(distributed, "available_cpus", lambda: 8)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.0, 0.0))  # an idle machine: every CPU
-    assert cli.default_threads() == 8
+    assert distributed.default_threads() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun: the CPUs are shared among the node's processes
-    assert cli.default_threads() == 2
+    assert distributed.default_threads() == 2
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(os, "getloadavg", lambda: (12.0, 0.0, 0.0))  # 3/4 of the host busy: 2 of our 8
-    assert cli.default_threads() == 2
+    assert distributed.default_threads() == 2
     monkeypatch.setattr(os, "getloadavg", lambda: (40.0, 0.0, 0.0))  # overloaded: still one thread
-    assert cli.default_threads() == 1
+    assert distributed.default_threads() == 1
     assert "affinity mask capped by the cgroup CPU quota, less the share other processes keep busy" in \
         " ".join(cli.build_train_parser().format_help().split())  # fmt: skip
 

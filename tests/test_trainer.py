@@ -510,3 +510,41 @@ def test_step_peak_is_bound_by_the_head_weights(tok):
     head = V * policy.config.hidden_size * 4
     peak = _step_peak_bytes(tr, PROMPTS[2:4])
     assert peak < 3.25 * head, f"step peak {peak / 2**20:.1f} MiB = {peak / head:.2f} x the head's size"
+
+
+def test_every_stop_id_ends_a_response(tok):
+    """A chat model ends its turn with a template token its generation config lists beside the eos: the rollout
+    stops at the first of any of them and keeps it (it carries the loss that teaches the policy to stop)."""
+    from fusedrl.engine.rollout import generate_responses, stop_token_ids
+
+    policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
+    turn_end = tok.convert_tokens_to_ids("z")
+    head = torch.nn.Linear(policy.config.hidden_size, len(tok), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+        head.bias[turn_end] = 30.0  # every sampled token is the turn end
+    policy.lm_head = head
+    prompt = [tok("ab")["input_ids"]]
+    kw = dict(max_new_tokens=5, temperature=1.0, pad_token_id=tok.pad_token_id)
+    assert generate_responses(policy, prompt, eos_token_id=tok.eos_token_id, **kw) == [[turn_end] * 5]
+    policy.generation_config.eos_token_id = [tok.eos_token_id, turn_end]
+    stops = stop_token_ids(tok, policy)
+    assert stops == [tok.eos_token_id, turn_end]
+    assert generate_responses(policy, prompt, eos_token_id=stops, **kw) == [[turn_end]]
+    tr = PPOTrainer(policy, tok, distinct_chars, PPOConfig(**{**SMALL, "advantage_estimator": "grpo"}))
+    m = tr.step(PROMPTS[:2])
+    assert tr.buffer.response_mask().sum() == 6 and m["rollout/eos_frac"] == 1.0  # 6 responses of one token
+
+
+def test_more_torch_threads_than_cpus_warns(tok, monkeypatch):
+    import warnings
+
+    policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
+    monkeypatch.setattr(trainer_mod, "available_cpus", lambda: torch.get_num_threads())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        PPOTrainer(policy, tok, distinct_chars, PPOConfig(**SMALL))  # threads == CPUs: silent
+    monkeypatch.setattr(trainer_mod, "available_cpus", lambda: torch.get_num_threads() - 1)
+    with pytest.warns(RuntimeWarning, match="CPU threads but this process may run on"):
+        PPOTrainer(policy, tok, distinct_chars, PPOConfig(**SMALL))
