@@ -112,7 +112,7 @@ class DPOConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the policy (and reference) weights."""
     threads: int = 0
-    """torch CPU threads (0: torch's default)."""
+    """torch CPU threads (0: the CPUs this process may actually use, as for fusedrl train)."""
 
     def __post_init__(self):
         def need(ok, name, what):
@@ -528,11 +528,10 @@ def run(cfg: DPOConfig) -> list[dict]:
     """Load the tokenizer, the data, the policy (and a reference), then ``train_dpo``. Under torchrun
     (WORLD_SIZE > 1) it joins the process group first and every rank runs it."""
     from .checkpoint import prepare_run_dir
-    from .distributed import Distributed, init_distributed, resolve_device
+    from .distributed import Distributed, default_threads, init_distributed, resolve_device
     from .models import PRESETS, build_causal_lm
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or default_threads())
     init_distributed()
     device = resolve_device(cfg.device)
     dist = Distributed(device)
