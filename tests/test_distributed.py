@@ -60,7 +60,8 @@ def distinct_chars(prompts, completions):
 
 
 def run(case):
-    T.generate_responses = fake_generate
+    # Restored below: the test also runs this in its own process, which later tests share.
+    generate, T.generate_responses = T.generate_responses, fake_generate
     grads = []
     clip = torch.nn.utils.clip_grad_norm_
     # What the update trained: per policy optimizer step, the (buffer sequence ids, tokens) of each micro-batch.
@@ -107,6 +108,7 @@ def run(case):
         metrics = tr.step(tr.sample_prompts(PROMPTS, 0))
     finally:
         torch.nn.utils.clip_grad_norm_ = clip
+        T.generate_responses = generate
         T.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step = micro_batch, update, optimizer_step
     state = tr.state_dict()  # with FSDP: gathered onto rank 0
     out = {"policy": state["policy"], "critic": tr.critic.state_dict() if tr.critic is not None else None,
