@@ -13,7 +13,7 @@ import math
 import torch
 
 from fusedrl.kernels import check_cu_seqlens, check_float, gae
-from fusedrl.names import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, TOKEN_REWARD_ESTIMATORS  # noqa: F401 (re-exported)
+from fusedrl.names import ADVANTAGE_ESTIMATORS
 
 from .distributed import Distributed
 

@@ -317,18 +317,11 @@ def reference_logps(model, buf, lengths, max_tokens: int, device, *, backend="au
 # ----------------------------------------------------------------------------------------------------
 def _load_tokenizer(cfg: DPOConfig):
     from .models import PRESETS
-    from .tokenizer import build_char_tokenizer
+    from .tokenizer import build_char_tokenizer, load_tokenizer
 
     if cfg.tokenizer is None and cfg.policy in PRESETS:
         return build_char_tokenizer()
-    from . import tokenizer as tok_mod
-
-    name = cfg.tokenizer or cfg.policy
-    if hasattr(tok_mod, "load_tokenizer"):
-        return tok_mod.load_tokenizer(name)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name)
+    return load_tokenizer(cfg.tokenizer or cfg.policy, "tokenizer" if cfg.tokenizer else "policy")
 
 
 def _step_pairs(n_pairs: int, cfg: DPOConfig, step: int) -> np.ndarray:

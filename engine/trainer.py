@@ -36,9 +36,9 @@ from torch.distributed.checkpoint import state_dict as dcp_state
 from torch.distributed.tensor import DTensor
 
 from fusedrl.kernels import PPOLossConfig, linear_ppo_loss, shape_token_rewards, value_loss
+from fusedrl.names import TOKEN_REWARD_ESTIMATORS
 
 from .advantages import (
-    TOKEN_REWARD_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     RunningMeanStd,
@@ -50,7 +50,15 @@ from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkp
 from .config import PPOConfig
 from .distributed import Distributed, PolicyBody, available_cpus, fully_shard_policy, no_sync
 from .metrics import MetricsLogger, PhaseTimer, UpdateStats, explained_variance
-from .models import ValueModel, disable_dropout, enable_checkpointing, logit_scale_of, output_head
+from .models import (
+    ValueModel,
+    adapter_disabled,
+    disable_dropout,
+    enable_checkpointing,
+    is_peft_model,
+    logit_scale_of,
+    output_head,
+)
 from .packing import RolloutBuffer, plan_microbatches
 from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer, generate_responses, stop_token_ids
 from .scoring import (
@@ -103,10 +111,11 @@ class PPOTrainer:
             )
         self.tokenizer = tokenizer
         self.device = next(policy.parameters()).device
-        if self.device.type == "cpu" and torch.get_num_threads() > available_cpus():
+        cpus = available_cpus() if self.device.type == "cpu" else None
+        if cpus is not None and torch.get_num_threads() > cpus:
             # Not changed here (a process-wide setting belongs to the caller); fusedrl train picks it itself.
             warnings.warn(
-                f"torch uses {torch.get_num_threads()} CPU threads but this process may run on {available_cpus()} "
+                f"torch uses {torch.get_num_threads()} CPU threads but this process may run on {cpus} "
                 "CPUs (affinity mask, cgroup quota): OpenMP threads then spin against each other and a step can be "
                 "many times slower; call torch.set_num_threads(fusedrl.engine.distributed.default_threads())",
                 RuntimeWarning,
@@ -115,7 +124,6 @@ class PPOTrainer:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("tokenizer needs a pad_token_id or an eos_token_id to pad generation batches")
-        self.eos_token_id = tokenizer.eos_token_id
         self.stop_ids = stop_token_ids(tokenizer, policy)  # eos and a chat model's end-of-turn tokens
 
         self.policy = policy
@@ -131,8 +139,6 @@ class PPOTrainer:
         # The reference is a copy of the policy as given (before any update): KL is measured from there.
         # A LoRA (peft) policy with no reference given is its own reference with the adapters disabled (the base
         # model): the frozen weights are held once, not copied.
-        from .models import adapter_disabled, is_peft_model
-
         shared = ref_policy is None and is_peft_model(policy)
         self._ref_scope = lambda: adapter_disabled(policy, shared)  # noqa: E731
         self.ref_policy = policy if shared else ref_policy if ref_policy is not None else copy.deepcopy(policy)
@@ -324,7 +330,7 @@ class PPOTrainer:
         )  # fmt: skip
         per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rewards": token_rewards,
                      "advantages": adv, "returns": returns}  # fmt: skip
-        # The buffer is the store of record (inspection, checkpoints): one device -> host copy per field.
+        # The buffer keeps the step for its readers (trainer.buffer.field): one device -> host copy per field.
         for name, t in per_token.items():
             if t is not None:
                 layout.to_buffer(buf, name, t)
