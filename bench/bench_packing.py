@@ -38,7 +38,7 @@ else:  # python bench/bench_packing.py: bench/ itself is on sys.path (the repo r
 
 # The reference lives with the tests so that tests and benchmark can never compare against different code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from packing_ref import pack_ref, plan_microbatches_ref  # noqa: E402
+from packing_ref import pack_ref, plan_microbatches_ref, smallest_fitting  # noqa: E402
 
 SIZES = (1_000, 10_000, 100_000)
 MAX_TOKENS = 16384  # per micro-batch
@@ -83,24 +83,7 @@ def plan_lpt_py(lengths: list, max_tokens: int, num_ranks: int) -> list:
 
     m_lo = max(1, -(-(-(-sum(lengths) // max_tokens)) // R))
     m_hi = -(-n // R)
-    M = m_lo
-    ok, best = fits(m_lo)
-    if not ok:
-        lo, step = m_lo, 1
-        while True:
-            hi = min(m_hi, lo + step)
-            ok, best = fits(hi)
-            if ok:
-                break
-            lo, step = hi, step * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            ok, bins = fits(mid)
-            if ok:
-                hi, best = mid, bins
-            else:
-                lo = mid
-        M = hi
+    M, best = smallest_fitting(fits, m_lo, m_hi)
     S = R * M
     bins, loads = [[] for _ in range(S)], [0] * S
     for i, b in enumerate(best):

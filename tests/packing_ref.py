@@ -170,6 +170,29 @@ def plan_microbatches_ref(
     return plan
 
 
+def smallest_fitting(fits, m_lo: int, m_hi: int):
+    """``(M, what fits(M) built)`` for the smallest M in [m_lo, m_hi] with ``fits(M)[0]`` (``fits(m_hi)`` must
+    hold): m_lo first, then an exponential and a binary search, probing the bin counts the C++ planner probes."""
+    ok, best = fits(m_lo)
+    if ok:
+        return m_lo, best
+    lo, step = m_lo, 1
+    while True:
+        hi = min(m_hi, lo + step)
+        ok, best = fits(hi)
+        if ok:
+            break
+        lo, step = hi, step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok, bins = fits(mid)
+        if ok:
+            hi, best = mid, bins
+        else:
+            lo = mid
+    return hi, best
+
+
 def plan_single_ref(lengths, max_tokens: int, *, num_ranks: int = 1, balance: str = "kk") -> list[list[list[int]]]:
     """One balancing method alone, without the "kk" -> greedy fallback."""
     lengths = _as_list(lengths)
@@ -187,24 +210,7 @@ def plan_single_ref(lengths, max_tokens: int, *, num_ranks: int = 1, balance: st
 
     m_lo = max(1, _ceil_div(_ceil_div(sum(lengths), max_tokens), R))
     m_hi = _ceil_div(n, R)  # one sequence per bin at most: always fits
-    M = m_lo
-    ok, best = fits(m_lo)
-    if not ok:  # exponential, then binary search for the smallest M that fits
-        lo, step = m_lo, 1
-        while True:
-            hi = min(m_hi, lo + step)
-            ok, best = fits(hi)
-            if ok:
-                break
-            lo, step = hi, step * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            ok, bins = fits(mid)
-            if ok:
-                hi, best = mid, bins
-            else:
-                lo = mid
-        M = hi
+    M, best = smallest_fitting(fits, m_lo, m_hi)
     best.sort(key=lambda b: (-load(b), b[0] if b else n))
     rank_bins = _assign_ranks([load(b) for b in best], R, M, balance)
     return [[best[p] for p in rank_bins[r]] for r in range(R)]
