@@ -8,8 +8,12 @@ from ._utils import (
     BACKENDS,
     HAS_TRITON,
     IGNORE_INDEX,
+    IS_LEVELS,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
     REWARD_KL_ESTIMATORS,
+    ROLLOUT_CORRECTION_LEVELS,
+    ROLLOUT_CORRECTIONS,
     check_cu_seqlens,
     check_float,
     check_int,
@@ -21,16 +25,17 @@ from ._utils import (
 from .logprobs import logprobs, logprobs_ref
 
 __all__ = [
-    "AGG_MODES", "BACKENDS", "HAS_TRITON", "IGNORE_INDEX", "KL_ESTIMATORS", "REWARD_KL_ESTIMATORS",
+    "AGG_MODES", "BACKENDS", "HAS_TRITON", "IGNORE_INDEX", "IS_LEVELS", "KL_ESTIMATORS", "POLICY_LOSSES",
+    "REWARD_KL_ESTIMATORS", "ROLLOUT_CORRECTION_LEVELS", "ROLLOUT_CORRECTIONS",
     "check_cu_seqlens", "check_float", "check_int", "check_labels_in_range", "data_checks_enabled",
     "logprobs", "logprobs_ref", "set_validation", "validation",
 ]  # fmt: skip
 from .gae import gae, gae_ref, shape_token_rewards
 
 __all__ += ["gae", "gae_ref", "shape_token_rewards"]
-from .ppo_loss import PPOLossConfig, kl_penalty, ppo_loss, ppo_loss_ref, token_weights
+from .ppo_loss import PPOLossConfig, kl_penalty, ppo_loss, ppo_loss_from_logprobs, ppo_loss_ref, token_weights
 
-__all__ += ["PPOLossConfig", "kl_penalty", "ppo_loss", "ppo_loss_ref", "token_weights"]
+__all__ += ["PPOLossConfig", "kl_penalty", "ppo_loss", "ppo_loss_from_logprobs", "ppo_loss_ref", "token_weights"]
 from .linear_ppo_loss import linear_logprobs, linear_logprobs_ref, linear_ppo_loss, linear_ppo_loss_ref
 
 __all__ += ["linear_logprobs", "linear_logprobs_ref", "linear_ppo_loss", "linear_ppo_loss_ref"]

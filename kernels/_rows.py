@@ -15,11 +15,12 @@ The contract:
   dtype, optionally in place (``out=``). The Triton and torch versions of a block compute the same math.
   ``row_chunks`` splits (..., V) logits into ~1M-element row chunks; ``chunk_workspace`` is the float32
   scratch one op allocates once and passes to every chunk (``work=``, optional).
-- PPO per-token step: ``ppo_fwd_triton`` / ``ppo_fwd_torch`` return ``(stats, mls)`` with ``stats`` the
-  (N_STATS, n) float32 per-token statistics (row ``STAT_LOSS`` holds w * loss); ``ppo_bwd_triton`` /
-  ``ppo_bwd_torch`` / ``dlogits_torch_chunk`` turn them into dL/dlogits. ``ppo_terms_ref`` holds the
-  textbook per-token formulas that the torch path differentiates and the references use; ``kl_estimate``
-  is the one place k1 / k2 / k3 / k3+ are written in torch.
+- PPO per-token step: ``ppo_fwd_triton`` (the fused kernel: the token-level clipped surrogate in registers) returns
+  ``(stats, mls)`` with ``stats`` the (N_STATS, n) float32 per-token statistics (row ``STAT_LOSS`` holds the
+  weighted loss, ``STAT_C_LP`` / ``STAT_C_H`` dL/dlogp and dL/dH, ``STAT_CLIP`` a ``CLIP_*`` code);
+  ``ppo_bwd_triton`` / ``ppo_bwd_torch`` / ``dlogits_torch_chunk`` turn them into dL/dlogits. The same contract
+  for every other setting, and on the torch backend, is ``_policy.ppo_fwd``, where the textbook per-token formulas
+  (``_policy.policy_terms``) live.
 - NaN and Inf are never hidden: a NaN or +inf input gives NaN in every output it feeds, on both backends
   (Triton's min / max are used with ``propagate_nan=ALL``; its default fmin / fmax would drop NaN);
   ignored / masked rows store exact zeros whatever they hold.
@@ -28,22 +29,17 @@ The contract:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import TYPE_CHECKING
 
 import torch
 
 from ._utils import (
-    AGG_MODES,
     IGNORE_INDEX,
     as_rows,
-    check_cu_seqlens,
     check_float,
     check_int,
     check_labels_in_range,
     check_same_device,
-    check_shape,
-    data_checks_enabled,
     launch,
     next_pow2,
     resolve_backend,
@@ -472,8 +468,10 @@ def check_logits_labels(logits, labels, temperature, *, ignore_index=-100, backe
 _KL_MODE = {"k1": 1, "k2": 2, "k3": 3, "k3+": 4}  # 0: no reference log-probs
 
 # Rows of the (8, N) float32 per-token statistics written by the forward pass (both backends).
-STAT_LOSS, _C_LP, _C_H, _RATIO, _CLIPPED, _APPROX_KL, _KL, _ENT = range(8)
+STAT_LOSS, STAT_C_LP, STAT_C_H, STAT_RATIO, STAT_CLIP, STAT_APPROX_KL, STAT_KL, STAT_ENT = range(8)
 N_STATS = 8
+# Values of row STAT_CLIP: no bound holds, the lower clip, the upper clip, the dual-clip (or delta) bound.
+CLIP_NONE, CLIP_LOW, CLIP_HIGH, CLIP_DUAL = 0.0, 1.0, 2.0, 3.0
 
 
 @triton.jit
@@ -583,7 +581,9 @@ def _ppo_fwd_kernel(
     tl.store(out + 1 * s_stat, tl.where(valid, c_lp, 0.0), mask=row_ok)
     tl.store(out + 2 * s_stat, tl.where(valid, c_h, 0.0), mask=row_ok)
     tl.store(out + 3 * s_stat, tl.where(valid, ratio, 0.0), mask=row_ok)
-    tl.store(out + 4 * s_stat, tl.where(valid, tl.where(clipped, 1.0, 0.0), 0.0), mask=row_ok)
+    # Clip state (CLIP_* codes): which bound holds, for the per-direction clip fractions.
+    state = tl.where(dual, 3.0, tl.where(clipped, tl.where(ratio < 1.0, 1.0, 2.0), 0.0))
+    tl.store(out + 4 * s_stat, tl.where(valid, state, 0.0), mask=row_ok)
     tl.store(out + 5 * s_stat, tl.where(valid, approx_kl, 0.0), mask=row_ok)
     tl.store(out + 6 * s_stat, tl.where(valid, kl, 0.0), mask=row_ok)
     tl.store(out + 7 * s_stat, tl.where(valid, ent, 0.0), mask=row_ok)
@@ -620,39 +620,15 @@ def ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig,
 def ppo_bwd_triton(logits, labels, mls, stats, grad_loss, config: PPOLossConfig, out=None):
     """dL/dlogits = grad_loss * (c_lp dlogp/dx + c_H dH/dx), by the logprobs backward kernel; the
     coefficients stay on the device (no sync)."""
-    dlogp = stats[_C_LP] * grad_loss
-    dent = stats[_C_H] * grad_loss if config.entropy_coef != 0 else None
+    dlogp = stats[STAT_C_LP] * grad_loss
+    dent = stats[STAT_C_H] * grad_loss if config.entropy_coef != 0 else None
     inv_temp = 1.0 / float(config.temperature)
-    return logprobs_bwd_triton(logits, labels, mls, stats[_ENT], dlogp, dent, inv_temp, IGNORE_INDEX, out=out)
+    return logprobs_bwd_triton(logits, labels, mls, stats[STAT_ENT], dlogp, dent, inv_temp, IGNORE_INDEX, out=out)
 
 
 # ----------------------------------------------------------------------------------------------------
 # PPO per-token step: torch twins (same contract as the Triton launchers)
 # ----------------------------------------------------------------------------------------------------
-def token_stats_torch(logp, ent, old, adv, ref, weight, valid, config):
-    """The (8, n) per-token statistics from log-probs and entropies via the reference formulas; the
-    coefficients c_lp, c_H by autograd on these (n,) vectors only."""
-    with torch.enable_grad():
-        logp = logp.detach().requires_grad_(True)
-        ent = ent.detach().requires_grad_(True)
-        t = ppo_terms_ref(logp, ent, old, adv, ref, valid, config)
-        weighted = weight * t["loss"]
-        c_lp, c_h = torch.autograd.grad(weighted.sum(), (logp, ent), allow_unused=True)
-    zeros = torch.zeros_like(weighted)
-    return torch.stack([
-        weighted.detach(), zeros if c_lp is None else c_lp, zeros if c_h is None else c_h, t["ratio"].detach(),
-        t["clipped"].to(weighted.dtype), t["approx_kl"].detach(), t["kl"].detach(), t["entropy"].detach(),
-    ])  # fmt: skip
-
-
-def ppo_fwd_torch(logits, labels, old, adv, ref, weight, config: PPOLossConfig):
-    """``ppo_fwd_triton``'s contract in torch ops: the logprobs op's chunked forward (row max and log
-    sum-exp kept, never (N, V) float32), then the per-token statistics on (n,) vectors."""
-    inv_temp = 1.0 / float(config.temperature)
-    logp, ent, mls = logprobs_fwd_torch(logits, labels, inv_temp, IGNORE_INDEX, True)
-    return token_stats_torch(logp, ent, old, adv, ref, weight, labels != IGNORE_INDEX, config), mls
-
-
 def ppo_bwd_torch(logits, labels, mls, stats, grad_loss, config: PPOLossConfig, out=None):
     """``ppo_bwd_triton``'s contract in torch ops, recomputing one chunk's softmax at a time; ``out=logits``
     overwrites the logits in place."""
@@ -670,195 +646,7 @@ def ppo_bwd_torch(logits, labels, mls, stats, grad_loss, config: PPOLossConfig, 
 def dlogits_torch_chunk(chunk, labels, mls, stats, grad_loss, config: PPOLossConfig, out=None, work=None):
     """Torch twin of ``ppo_bwd_triton`` on one (rows, V) chunk: written into ``out`` (may be ``chunk``) or
     returned as float32."""
-    dent = stats[_C_H] * grad_loss if config.entropy_coef != 0 else None
-    return torch_chunk_bwd(chunk, labels, mls[0], mls[1], stats[_ENT] if dent is not None else None,
-                           stats[_C_LP] * grad_loss, dent, 1.0 / float(config.temperature), IGNORE_INDEX,
+    dent = stats[STAT_C_H] * grad_loss if config.entropy_coef != 0 else None
+    return torch_chunk_bwd(chunk, labels, mls[0], mls[1], stats[STAT_ENT] if dent is not None else None,
+                           stats[STAT_C_LP] * grad_loss, dent, 1.0 / float(config.temperature), IGNORE_INDEX,
                            out=out, work=work)  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------
-# Per-token inputs: aggregation weights, boundary checks, metrics
-# ----------------------------------------------------------------------------------------------------
-def _count(name: str, value, device: torch.device) -> torch.Tensor | float | None:
-    """A user-given global count: a positive number or a one-element tensor (kept on the device)."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}"
-            )
-        count = value.reshape(()).to(device=device, dtype=torch.float32)
-        if data_checks_enabled(count):
-            v = float(count)  # host sync: documented, skipped under graph capture / set_validation(False)
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be > 0 and finite (a global count of tokens or sequences), got {v}")
-        return count.clamp(min=1.0)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be an int or a 0-dim tensor, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be > 0 and finite (a global count of tokens or sequences), got {value!r}")
-    return float(value)
-
-
-def token_weights(
-    mask: torch.Tensor,  # (B, T) padded: each row a sequence; or (N,) packed with cu_seqlens; nonzero = counts
-    agg: str = "token-mean",
-    *,
-    cu_seqlens: torch.Tensor | None = None,  # (B + 1,) int, leading 0, for packed tokens
-    num_tokens=None,
-    num_sequences=None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Per-token weights ``w`` (shape of mask) such that the aggregated loss is ``sum(w * per_token_loss)``.
-
-    - ``token-mean``: ``w = m / num_tokens`` (default: unmasked tokens in this batch);
-    - ``seq-mean-token-sum``: ``w = m / num_sequences`` (each sequence's token sum, averaged);
-    - ``seq-mean-token-mean``: ``w = m / (len_s * num_sequences)`` with ``len_s`` the unmasked tokens of
-      the token's sequence (each sequence's token mean, averaged).
-
-    ``num_sequences`` defaults to the sequences with at least one unmasked token. Passing the global
-    counts makes micro-batch losses sum to the full-batch loss. No host sync."""
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
-    m = (mask != 0).to(dtype)
-    if agg == "token-mean":
-        denom = _count("num_tokens", num_tokens, mask.device)
-        return m / (m.sum().clamp(min=1.0) if denom is None else denom)
-
-    flat = m.reshape(-1)
-    n = flat.numel()
-    if cu_seqlens is not None:
-        n_seq = cu_seqlens.numel() - 1
-        ends = cu_seqlens[1:].to(device=mask.device, dtype=torch.int64)
-        seq = torch.bucketize(torch.arange(n, device=mask.device), ends, right=True)
-    elif mask.dim() >= 2:
-        T = mask.shape[-1]
-        n_seq = n // max(T, 1)
-        seq = torch.arange(n, device=mask.device) // max(T, 1)
-    else:
-        raise ValueError(
-            f"agg={agg!r} needs sequence boundaries: pass padded (B, T) inputs (one sequence per row) or "
-            f"cu_seqlens for packed (N,) tokens; got 1-D tokens of shape {tuple(mask.shape)} without cu_seqlens"
-        )
-    # Slot n_seq catches nothing for valid cu_seqlens; it keeps the scatter in bounds without a sync.
-    seq_len = torch.zeros(n_seq + 1, dtype=dtype, device=mask.device).index_add_(0, seq, flat)
-    denom = _count("num_sequences", num_sequences, mask.device)
-    if denom is None:
-        denom = (seq_len[:n_seq] > 0).sum().to(dtype).clamp(min=1.0)
-    if agg == "seq-mean-token-sum":
-        w = flat / denom
-    else:
-        w = flat / (seq_len.clamp(min=1.0)[seq] * denom)
-    return w.view(mask.shape)
-
-
-def check_per_token(name: str, t, like: torch.Tensor, *, like_name: str = "labels", floating: bool = True) -> None:
-    """``t`` is a tensor (floating unless told) with one entry per token: the shape and device of ``like``."""
-    if floating:
-        check_float(name, t)
-    elif not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_shape(name, t, tuple(like.shape), f"one entry per token, the shape of {like_name}")
-    check_same_device(**{like_name: like, name: t})
-
-
-def prepare_ppo_inputs(labels, old_logp, advantages, mask, ref_logp, config, cu_seqlens, num_tokens, num_sequences):
-    """Boundary checks shared by ppo_loss and linear_ppo_loss; returns the flat float32 / int64 per-token
-    tensors the kernels read, the valid-token mask and the aggregation weights (no host sync)."""
-    check_per_token("old_logp", old_logp, labels)
-    check_per_token("advantages", advantages, labels)
-    if ref_logp is not None:
-        check_per_token("ref_logp", ref_logp, labels)
-    if mask is not None:
-        check_per_token("mask", mask, labels, floating=False)
-    if config.kl_coef > 0 and ref_logp is None:
-        raise ValueError(f"config.kl_coef={config.kl_coef} needs ref_logp (the reference policy's log-probs)")
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, labels.numel(), device=labels.device)
-    valid = labels != IGNORE_INDEX
-    if mask is not None:
-        valid = valid & (mask != 0)
-    weight = token_weights(valid, config.agg, cu_seqlens=cu_seqlens, num_tokens=num_tokens,
-                           num_sequences=num_sequences).reshape(-1)  # fmt: skip
-    flat_labels = torch.where(valid, labels, IGNORE_INDEX).reshape(-1).to(torch.int64)
-    as_f32 = lambda t: None if t is None else t.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
-    return flat_labels, as_f32(old_logp), as_f32(advantages), as_f32(ref_logp), weight, valid
-
-
-def ppo_metrics(stats: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Masked means (ratio_max: masked max, 0 when nothing is unmasked) of the per-token statistics;
-    masked tokens hold zeros in ``stats``. 0-dim float32 tensors, no host sync."""
-    count = valid.sum().to(torch.float32).clamp(min=1.0)
-    means = stats[_CLIPPED : _ENT + 1].sum(1) / count
-    ratio_max = stats[_RATIO].amax() if stats.shape[1] > 0 else stats.new_zeros(())
-    return {"clipfrac": means[0], "approx_kl": means[1], "kl": means[2], "entropy": means[3], "ratio_max": ratio_max}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Per-token formulas (the references and the torch path differentiate these)
-# ----------------------------------------------------------------------------------------------------
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate (``estimator`` already checked), differentiable, in the inputs'
-    dtype: k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d, k3+ = k3's value with k2's gradient; d = logp - ref."""
-    diff = logp - ref_logp
-    if estimator == "k1":
-        return diff
-    k2 = 0.5 * diff**2
-    if estimator == "k2":
-        return k2
-    k3 = _k3(diff)
-    if estimator == "k3":
-        return k3
-    return k2 + (k3 - k2).detach()
-
-
-def _k3(d: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(-d) - 1 + d, accurate for every d in d's dtype (differentiable), the formula of the kernel:
-    its series below |d| = 0.1, where exp(-d) - 1 + d cancels (0 in float32 for |d| ~ 1e-4), and
-    expm1(-d) + d above (whose relative error there is ~1e-5 at worst)."""
-    small = d.abs() < 0.1
-    ds = torch.where(small, d, torch.zeros_like(d))  # the unused branch stays finite: no 0 * inf in backward
-    series = ds * ds * (0.5 - ds * (1.0 / 6.0 - ds * (1.0 / 24.0 - ds * (1.0 / 120.0 - ds * (1.0 / 720.0)))))
-    return torch.where(small, series, torch.expm1(-d) + d)
-
-
-def ppo_terms_ref(logp, entropy, old_logp, advantages, ref_logp, valid, config: PPOLossConfig):
-    """Per-token PPO quantities, textbook formulas, in logp's dtype. Masked tokens are zeroed first so
-    that whatever their inputs hold (padding, NaN) they contribute nothing, not even to gradients."""
-    zero = torch.zeros_like(logp)
-    logp = torch.where(valid, logp, zero)
-    entropy = torch.where(valid, entropy, zero)
-    old = torch.where(valid, old_logp.to(logp.dtype).detach(), zero)
-    A = torch.where(valid, advantages.to(logp.dtype).detach(), zero)
-
-    log_ratio = logp - old
-    if config.log_ratio_clip is not None:
-        log_ratio = torch.clamp(log_ratio, -config.log_ratio_clip, config.log_ratio_clip)
-    with torch.no_grad():  # which tokens sit on a clip (or the dual bound), where d pg / d logp = 0
-        r = torch.exp(log_ratio)
-        pu, pc = -A * r, -A * torch.clamp(r, 1.0 - config.clip_low, 1.0 + config.clip_high)
-        frozen = pc > pu
-        if config.dual_clip is not None:
-            frozen |= (A < 0) & (torch.maximum(pu, pc) > -config.dual_clip * A)
-    # Their log-ratio is detached: its gradient is 0 anyway, but autograd would form it as 0 * exp(log_ratio),
-    # NaN once the ratio overflows float32 (log-ratio > ~88.7), where the kernel's gradient is a finite 0.
-    ratio = torch.exp(torch.where(frozen, log_ratio.detach(), log_ratio))
-    pg_unclipped = -A * ratio
-    pg_clipped = -A * torch.clamp(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high)
-    pg = torch.maximum(pg_unclipped, pg_clipped)
-    if config.dual_clip is not None:
-        pg = torch.where(A < 0, torch.minimum(pg, -config.dual_clip * A), pg)
-    if ref_logp is None:
-        kl = zero
-    else:
-        kl = kl_estimate(logp, torch.where(valid, ref_logp.to(logp.dtype).detach(), zero), config.kl_estimator)
-    loss = pg + config.kl_coef * kl - config.entropy_coef * entropy
-    return {
-        "loss": torch.where(valid, loss, zero),
-        "ratio": torch.where(valid, ratio, zero),
-        "clipped": valid & (pg_clipped > pg_unclipped),
-        "approx_kl": torch.where(valid, (ratio - 1.0) - log_ratio, zero),
-        "kl": torch.where(valid, kl, zero),
-        "entropy": entropy,
-    }

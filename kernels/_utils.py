@@ -47,7 +47,17 @@ except ImportError:  # pragma: no cover - exercised only on machines without Tri
     triton = tl = _Shim()  # type: ignore[assignment]
 
 # The names every op and the engine share, defined once in fusedrl.names (torch-free; exported by fusedrl.kernels).
-from fusedrl.names import AGG_MODES, BACKENDS, IGNORE_INDEX, KL_ESTIMATORS, REWARD_KL_ESTIMATORS  # noqa: E402, F401 (re-exported)
+from fusedrl.names import (  # noqa: E402, F401 (re-exported)
+    AGG_MODES,
+    BACKENDS,
+    IGNORE_INDEX,
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    REWARD_KL_ESTIMATORS,
+    ROLLOUT_CORRECTION_LEVELS,
+    ROLLOUT_CORRECTIONS,
+)
 
 _VALIDATE = os.environ.get("FUSEDRL_VALIDATE", "1") != "0"
 

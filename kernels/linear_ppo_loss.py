@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._policy import ppo_fwd, ppo_metrics, prepare_ppo_inputs
 from ._rows import (
     N_STATS,
     STAT_LOSS,
@@ -27,10 +28,6 @@ from ._rows import (
     logprobs_fwd_triton,
     ppo_bwd_torch,
     ppo_bwd_triton,
-    ppo_fwd_torch,
-    ppo_fwd_triton,
-    ppo_metrics,
-    prepare_ppo_inputs,
     row_chunks,
     torch_chunk_bwd,
 )
@@ -158,35 +155,51 @@ class _GradAccumulator:
 # Autograd Functions
 # ----------------------------------------------------------------------------------------------------
 class _LinearPPOLoss(torch.autograd.Function):
-    """L = sum_i w_i l_i(logp_i, H_i) with logits = h W^T + b. Per chunk: dlogits from the fused PPO kernels
+    """L = sum_i w_i l_i(logp, H) with logits = h W^T + b. Per chunk: dlogits from the fused PPO kernels
     (c_lp, c_H as in ``ppo_loss``), dh = dlogits W, dW = sum dlogits^T h, db = sum dlogits -- all in
-    forward; backward multiplies them by grad_out."""
+    forward; backward multiplies them by grad_out. A sequence-level ratio (GSPO) couples tokens of different
+    chunks: then a first pass over the chunks writes every token's logp and H, the per-token math runs on those
+    (n,) vectors, and a second pass recomputes each chunk's logits for its gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old, adv, ref, wts, config, chunk, use_triton):
+    def forward(ctx, hidden, weight, bias, tokens, config, chunk, use_triton):
         h = hidden.reshape(-1, hidden.shape[-1])
         n = h.shape[0]
-        keep = _scored_rows(labels, use_triton)
+        keep = _scored_rows(tokens.labels, use_triton)
         if keep is not None:  # only the scored rows, compacted (the others hold zeros in stats and dh)
-            h, labels, old, adv, wts = (t.index_select(0, keep) for t in (h, labels, old, adv, wts))
-            ref = None if ref is None else ref.index_select(0, keep)
+            h, tokens = h.index_select(0, keep), tokens.take(keep)
         n_k = h.shape[0]
-        stats = torch.empty(N_STATS, n_k, dtype=torch.float32, device=h.device)
         grads = _GradAccumulator(h, weight, bias, ctx.needs_input_grad)
         buf = _chunk_buffer(chunk, n_k, weight)
-        for c0 in range(0, n_k, chunk):
-            rows = slice(c0, min(n_k, c0 + chunk))
-            logits = _project(h[rows], weight, bias, buf)  # (chunk, V), input dtype
-            lab, ref_c = labels[rows], None if ref is None else ref[rows]
-            if use_triton:
-                _, mls = ppo_fwd_triton(logits, lab, old[rows], adv[rows], ref_c, wts[rows], config,
-                                         stats=stats[:, rows])  # fmt: skip
-                dlogits = ppo_bwd_triton(logits, lab, mls, stats[:, rows], 1.0, config, out=logits)
-            else:
-                stats[:, rows], mls = ppo_fwd_torch(logits, lab, old[rows], adv[rows], ref_c, wts[rows], config)
-                dlogits = ppo_bwd_torch(logits, lab, mls, stats[:, rows], 1.0, config, out=logits)
-            grads.add(rows, h[rows], dlogits)
-            del logits, dlogits
+        bwd = ppo_bwd_triton if use_triton else ppo_bwd_torch
+        if config.importance_sampling_level == "token":
+            stats = torch.empty(N_STATS, n_k, dtype=torch.float32, device=h.device)
+            for c0 in range(0, n_k, chunk):
+                rows = slice(c0, min(n_k, c0 + chunk))
+                logits = _project(h[rows], weight, bias, buf)  # (chunk, V), input dtype
+                _, mls = ppo_fwd(logits, tokens.take(rows), config, use_triton, stats=stats[:, rows])
+                dlogits = bwd(logits, tokens.labels[rows], mls, stats[:, rows], 1.0, config, out=logits)
+                grads.add(rows, h[rows], dlogits)
+                del logits, dlogits
+        else:
+            logp = torch.empty(n_k, dtype=torch.float32, device=h.device)
+            ent = torch.empty_like(logp)
+            mls = torch.empty(2, n_k, dtype=torch.float32, device=h.device)
+            fwd = logprobs_fwd_triton if use_triton else logprobs_fwd_torch
+            for c0 in range(0, n_k, chunk):
+                rows = slice(c0, min(n_k, c0 + chunk))
+                logits = _project(h[rows], weight, bias, buf)
+                logp[rows], ent[rows], mls[:, rows] = fwd(logits, tokens.labels[rows], 1.0 / float(config.temperature),
+                                                          IGNORE_INDEX, True)  # fmt: skip
+                del logits
+            stats, _ = ppo_fwd(None, tokens, config, use_triton, stream=(logp, ent, mls))
+            for c0 in range(0, n_k, chunk):
+                rows = slice(c0, min(n_k, c0 + chunk))
+                logits = _project(h[rows], weight, bias, buf)
+                dlogits = bwd(logits, tokens.labels[rows], mls[:, rows].contiguous(), stats[:, rows], 1.0, config,
+                              out=logits)  # fmt: skip
+                grads.add(rows, h[rows], dlogits)
+                del logits, dlogits
         dh, dw, db = grads.results((n_k, h.shape[1]), weight, bias)
         if keep is not None:
             stats = torch.zeros(N_STATS, n, dtype=torch.float32, device=h.device).index_copy_(1, keep, stats)
@@ -205,10 +218,9 @@ class _LinearPPOLoss(torch.autograd.Function):
         # grad_out = 1, the plain loss.backward(), on CPU (where reading it is no sync): the stored gradients
         # as they are, without a scaled copy of dW (V x H) next to them.
         if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
-            return (*(g if has else None for g, has in zip(saved, ctx.has)), None, None, None, None, None, None,
-                    None, None)  # fmt: skip
+            return (*(g if has else None for g, has in zip(saved, ctx.has)), None, None, None, None)
         dh, dw, db = (g * grad_loss if has else None for g, has in zip(saved, ctx.has))
-        return dh, dw, db, None, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 class _LinearLogProbs(torch.autograd.Function):
@@ -350,26 +362,28 @@ def linear_ppo_loss(
     *,
     bias: torch.Tensor | None = None,  # (V,)
     ref_logp: torch.Tensor | None = None,  # (N,) / (B, T)
+    rollout_logp: torch.Tensor | None = None,  # (N,) / (B, T)
     config: PPOLossConfig = PPOLossConfig(),
     cu_seqlens: torch.Tensor | None = None,  # (B + 1,) int
     num_tokens=None,
     num_sequences=None,
     chunk_size: int | None = None,
+    return_per_token: bool = False,
     backend: str = "auto",
 ):
     """``ppo_loss(hidden @ weight.T + bias, ...)`` (same arguments, same ``(loss, metrics)``) without
     materialising the (N, V) logits; gradients w.r.t. hidden, weight and bias are computed chunk by chunk
-    during forward (float32 dW accumulation), so backward costs nothing but a scale by grad_out."""
+    during forward (float32 dW accumulation), so backward costs nothing but a scale by grad_out. Sequence-level
+    ratios (``importance_sampling_level != "token"``) project each chunk twice (see ``_LinearPPOLoss``)."""
     if not isinstance(config, PPOLossConfig):
         raise TypeError(f"config must be a PPOLossConfig, got {type(config).__name__}")
     backend = _check_lm_head(hidden, weight, bias, labels, IGNORE_INDEX, backend)
-    labels_f, old, adv, ref, wts, valid = prepare_ppo_inputs(
-        labels, old_logp, advantages, mask, ref_logp, config, cu_seqlens, num_tokens, num_sequences
+    tokens, valid, rollout_metrics = prepare_ppo_inputs(
+        labels, old_logp, advantages, mask, ref_logp, rollout_logp, config, cu_seqlens, num_tokens, num_sequences
     )
-    chunk = _chunk_rows(labels_f.numel(), weight.shape[0], hidden.dtype, hidden.device, chunk_size)
-    loss, stats = _LinearPPOLoss.apply(hidden, weight, bias, labels_f, old, adv, ref, wts, config, chunk,
-                                       backend == "triton")  # fmt: skip
-    return loss, ppo_metrics(stats, valid)
+    chunk = _chunk_rows(tokens.labels.numel(), weight.shape[0], hidden.dtype, hidden.device, chunk_size)
+    loss, stats = _LinearPPOLoss.apply(hidden, weight, bias, tokens, config, chunk, backend == "triton")
+    return loss, ppo_metrics(stats, valid, rollout_metrics, per_token=return_per_token)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,15 +1,21 @@
-"""Fused PPO clipped-surrogate loss from logits, with KL-to-reference and entropy terms.
+"""Fused PPO-family policy loss from logits, with KL-to-reference and entropy terms.
 
-Per token, with ``logp = log softmax(logits / T)[label]`` and ``r = exp(logp - old_logp)``::
+Per token, with ``logp = log softmax(logits / T)[label]`` and ``r = exp(logp - old_logp)`` (the default, PPO)::
 
     pg   = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))      (dual clip, A < 0: min(pg, -c A))
     loss = pg + kl_coef * KL(logp, ref_logp) - entropy_coef * H(softmax(logits / T))
 
-summed with per-token weights ``w`` from the aggregation mode (``token_weights``). One forward kernel
-streams each vocabulary row once (online logsumexp and entropy sums, gathered label logit) and finishes
-the whole per-token computation in registers: loss, metrics and the two coefficients ``c_lp = w dl/dlogp``
-and ``c_H = w dl/dH``. Backward is the logprobs backward kernel fed with ``c * grad_out``: one more
-streaming read and one write of the logits, optionally in place.
+summed with per-token weights ``w`` from the aggregation mode (``token_weights``). ``PPOLossConfig`` also selects
+CISPO and SAPO objectives, sequence-level ratios (GSPO, GSPO-token), the two-sided clip ``clip_delta``, rollout
+importance correction (TIS / MIS from ``rollout_logp``), the importance-weighted KL and the abs / clamped KL; their
+formulas and sources are in ``kernels/_policy.py``.
+
+One forward kernel streams each vocabulary row once (online logsumexp and entropy sums, gathered label logit). For
+the token-level clipped surrogate it finishes the whole per-token computation in registers: loss, metrics and the
+two coefficients ``c_lp = w dl/dlogp`` and ``c_H = w dl/dH``; for every other setting the streaming log-softmax kernel
+writes logp and H and the per-token math runs on those (n,) vectors (a sequence's ratio couples its tokens there).
+Backward is the logprobs backward kernel fed with ``c * grad_out``: one more streaming read and one write of the
+logits, optionally in place. ``ppo_loss_from_logprobs`` is the same math on log-probs the caller already has.
 """
 
 from __future__ import annotations
@@ -20,49 +26,94 @@ from dataclasses import dataclass
 
 import torch
 
-from ._rows import _ppo_fwd_kernel  # noqa: F401  tests/test_gpu_compile.py compiles it here
-from ._rows import (
-    STAT_LOSS,
-    check_logits_labels,
+from ._policy import (
     kl_estimate,
-    ppo_bwd_torch,
-    ppo_bwd_triton,
-    ppo_fwd_torch,
-    ppo_fwd_triton,
+    metrics_ref,
+    policy_terms,
+    ppo_fwd,
     ppo_metrics,
-    ppo_terms_ref,
     prepare_ppo_inputs,
+    rollout_weights,
+    sequence_index,
     token_weights,
 )
-from ._utils import AGG_MODES, IGNORE_INDEX, KL_ESTIMATORS, check_float
+from ._rows import _ppo_fwd_kernel  # noqa: F401  tests/test_gpu_compile.py compiles it here
+from ._rows import CLIP_DUAL, CLIP_HIGH, CLIP_LOW, STAT_LOSS, check_logits_labels, ppo_bwd_torch, ppo_bwd_triton
+from ._utils import (
+    AGG_MODES,
+    IGNORE_INDEX,
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    ROLLOUT_CORRECTION_LEVELS,
+    ROLLOUT_CORRECTIONS,
+    check_float,
+)
 from .logprobs import logprobs_ref
+
+__all__ = ["PPOLossConfig", "kl_penalty", "ppo_loss", "ppo_loss_from_logprobs", "ppo_loss_ref", "token_weights"]
 
 
 @dataclass(frozen=True)
 class PPOLossConfig:
-    """Settings of the PPO policy loss; every number is a runtime kernel argument (no recompile)."""
+    """Settings of the PPO-family policy loss; every number is a runtime kernel argument (no recompile). The
+    formulas and their papers: ``kernels/_policy.py``."""
 
     clip_low: float = 0.2
-    """Lower clip: the ratio is clipped at ``1 - clip_low``."""
+    """Lower clip: the ratio is clipped at ``1 - clip_low`` (CISPO: the IS weight's lower bound; 1 = none)."""
     clip_high: float = 0.2
-    """Upper clip: the ratio is clipped at ``1 + clip_high`` (DAPO's clip-higher when > clip_low)."""
+    """Upper clip: the ratio is clipped at ``1 + clip_high`` (DAPO's clip-higher when > clip_low; CISPO: the IS
+    weight's upper bound minus 1, e.g. 4 for TRL's ``epsilon_high=5``)."""
     dual_clip: float | None = None
     """Dual-clip constant c > 1: for negative advantages the loss is bounded by ``-c * A``; None = off."""
+    clip_delta: float | None = None
+    """Two-sided clip (INTELLECT-2; TRL's and Liger's ``delta``): the unclipped ratio is clamped at ``delta`` > 1, which
+    bounds the loss of negative-advantage tokens by ``-delta * A``; None = off. ``policy_loss='clip'`` only."""
+    policy_loss: str = "clip"
+    """``clip`` (PPO's clipped surrogate), ``cispo`` (``-sg[clip(r)] A logp``) or ``sapo`` (soft gate)."""
+    importance_sampling_level: str = "token"
+    """``token`` (one ratio per token), ``sequence`` (GSPO: ``exp(mean(logp - old_logp))`` per sequence) or
+    ``sequence-token`` (GSPO-token: the sequence ratio's value, a token ratio's gradient). Sequence levels need
+    sequences: (B, T) inputs or ``cu_seqlens``."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature for positive advantages."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperature for zero / negative advantages (TRL's and Liger's defaults)."""
     kl_coef: float = 0.0
     """Weight of the per-token KL(policy || reference) term in the loss (needs ``ref_logp``)."""
     kl_estimator: str = "k3"
     """``k1`` (logp - ref), ``k2`` ((logp - ref)^2 / 2), ``k3`` (exp(ref - logp) - (ref - logp) - 1),
-    ``k3+`` (k3's value with k2's gradient, straight-through)."""
+    ``k3+`` (k3's value with k2's gradient, straight-through) or ``abs`` (|logp - ref|)."""
+    kl_clamp: float | None = None
+    """Clamp the per-token KL value to ``[-c, c]`` (no gradient where it holds; verl clamps at 10); None = off."""
+    kl_importance_weighted: bool = False
+    """Multiply the KL term by the importance ratio of the loss's level (DeepSeek-V3.2; TRL's
+    ``use_bias_correction_kl``): the KL estimate under samples of the old policy."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus: ``entropy_coef * H`` is subtracted from the loss."""
     temperature: float = 1.0
     """Sampling temperature: log-probs and entropy are those of ``softmax(logits / temperature)``."""
     agg: str = "token-mean"
-    """``token-mean``, ``seq-mean-token-sum`` or ``seq-mean-token-mean`` (see ``token_weights``)."""
+    """One of ``AGG_MODES`` (see ``token_weights``)."""
+    agg_norm_length: int | None = None
+    """The constant length of ``agg='seq-mean-token-sum-norm'`` (Dr. GRPO; e.g. max_new_tokens); None = the padded
+    width of (B, T) inputs (packed inputs must set it)."""
     log_ratio_clip: float | None = None
     """Clamp ``logp - old_logp`` to ``[-c, c]`` before the exponential (no gradient where it holds), so that a
     far-off-policy token cannot overflow the ratio (``exp`` > float32 past ~88.7); verl / OpenRLHF use 20.
     None = off. Applies to the loss, the ratio metrics and approx_kl, on every backend and in the reference."""
+    rollout_correction: str = "none"
+    """Importance correction for a rollout engine whose log-probs differ from the trainer's (needs
+    ``rollout_logp``): ``none``, ``tis`` (truncated: weight ``min(w, rollout_is_max)``, ``w = exp(old_logp -
+    rollout_logp)``) or ``mis`` (masked: ``w`` inside ``[rollout_is_min, rollout_is_max]``, 0 outside). The weight
+    multiplies the policy term (not the KL or entropy terms)."""
+    rollout_correction_level: str = "token"
+    """``token``, ``sequence`` (w = the product of the sequence's token ratios) or ``sequence-mean`` (their
+    geometric mean)."""
+    rollout_is_max: float = 2.0
+    """The rollout weight's upper bound C (TIS: truncation; MIS: rejection above it)."""
+    rollout_is_min: float | None = None
+    """The rollout weight's lower bound: None = ``1 / rollout_is_max`` for MIS and no lower bound for TIS."""
 
     def __post_init__(self):
         def number(name, lo=None, lo_open=False, hi=None):
@@ -74,34 +125,64 @@ class PPOLossConfig:
             if hi is not None and v > hi:
                 raise ValueError(f"PPOLossConfig.{name} must be <= {hi}, got {v!r}")
 
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"PPOLossConfig.{name} must be one of {options}, got {getattr(self, name)!r}")
+
         number("clip_low", 0.0, hi=1.0)  # above 1 the lower bound 1 - clip_low would be negative
         number("clip_high", 0.0)
         number("kl_coef", 0.0)
         number("entropy_coef")
         number("temperature", 0.0, lo_open=True)
-        if self.dual_clip is not None:
-            number("dual_clip", 1.0, lo_open=True)
-        if self.log_ratio_clip is not None:
-            number("log_ratio_clip", 0.0, lo_open=True)
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"PPOLossConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.agg not in AGG_MODES:
-            raise ValueError(f"PPOLossConfig.agg must be one of {AGG_MODES}, got {self.agg!r}")
+        number("sapo_temperature_pos", 0.0, lo_open=True)
+        number("sapo_temperature_neg", 0.0, lo_open=True)
+        number("rollout_is_max", 0.0, lo_open=True)
+        for name in ("dual_clip", "clip_delta"):  # a bound of 1 or less would cap even on-policy ratios
+            if getattr(self, name) is not None:
+                number(name, 1.0, lo_open=True)
+        for name in ("log_ratio_clip", "kl_clamp"):
+            if getattr(self, name) is not None:
+                number(name, 0.0, lo_open=True)
+        if self.rollout_is_min is not None:
+            number("rollout_is_min", 0.0, hi=self.rollout_is_max)
+        if not isinstance(self.kl_importance_weighted, bool):
+            raise ValueError(
+                f"PPOLossConfig.kl_importance_weighted must be a bool, got {self.kl_importance_weighted!r}"
+            )
+        n = self.agg_norm_length
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"PPOLossConfig.agg_norm_length must be a positive int or None, got {n!r}")
+        choice("kl_estimator", KL_ESTIMATORS)
+        choice("agg", AGG_MODES)
+        choice("policy_loss", POLICY_LOSSES)
+        choice("importance_sampling_level", IS_LEVELS)
+        choice("rollout_correction", ROLLOUT_CORRECTIONS)
+        choice("rollout_correction_level", ROLLOUT_CORRECTION_LEVELS)
+        if self.dual_clip is not None and self.clip_delta is not None:
+            raise ValueError(
+                f"PPOLossConfig.dual_clip={self.dual_clip} and clip_delta={self.clip_delta} both bound the loss of "
+                "negative-advantage tokens: set one of them"
+            )
+        if self.policy_loss != "clip":
+            for name in ("dual_clip", "clip_delta"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"PPOLossConfig.{name} applies to policy_loss='clip' only, got policy_loss={self.policy_loss!r}"
+                    )
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd Function over the fused kernels and the chunked torch path (kernels/_rows.py)
+# Autograd Function over the fused kernels and the chunked torch path (kernels/_rows.py, kernels/_policy.py)
 # ----------------------------------------------------------------------------------------------------
 class _PPOLoss(torch.autograd.Function):
-    """L = sum_i w_i l_i(logp_i, H_i); dL/dx_ij = (1/T) [c_lp,i ([j = y_i] - p_ij) - c_H,i p_ij (log p_ij + H_i)]
-    with c_lp = w dl/dlogp and c_H = w dl/dH written by the forward pass: the Triton kernels, or the same math
+    """L = sum_i w_i l_i(logp, H); dL/dx_ij = (1/T) [c_lp,i ([j = y_i] - p_ij) - c_H,i p_ij (log p_ij + H_i)]
+    with c_lp = dL/dlogp_i and c_H = dL/dH_i written by the forward pass: the Triton kernels, or the same math
     in chunked torch ops (peak memory a few float32 chunks, never (N, V))."""
 
     @staticmethod
-    def forward(ctx, logits, labels, old, adv, ref, weight, config, inplace, use_triton):
-        fwd = ppo_fwd_triton if use_triton else ppo_fwd_torch
-        stats, mls = fwd(logits, labels, old, adv, ref, weight, config)
-        ctx.save_for_backward(logits, labels, mls, stats)
+    def forward(ctx, logits, tokens, config, inplace, use_triton):
+        stats, mls = ppo_fwd(logits, tokens, config, use_triton)
+        ctx.save_for_backward(logits, tokens.labels, mls, stats)
         ctx.config, ctx.inplace, ctx.use_triton = config, inplace, use_triton
         ctx.mark_non_differentiable(stats)
         return stats[STAT_LOSS].sum(), stats
@@ -116,7 +197,7 @@ class _PPOLoss(torch.autograd.Function):
             # logits (or a view of them) and runs after this one raises instead of reading the gradient.
             # The torch path's copy_ bumps the version counter itself.
             torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,41 +208,91 @@ def ppo_loss(
     labels: torch.Tensor,  # (B, T) / (N,) integer; -100 = ignored
     old_logp: torch.Tensor,  # (B, T) / (N,) log-probs of the behaviour policy
     advantages: torch.Tensor,  # (B, T) / (N,)
-    mask: torch.Tensor | None = None,  # (B, T) / (N,) nonzero = token counts; None = label != -100
+    mask: torch.Tensor | None = None,  # (B, T) / (N,) bool or 0 / 1: 1 = the token counts; None = label != -100
     *,
     ref_logp: torch.Tensor | None = None,  # (B, T) / (N,) reference-policy log-probs, for the KL term
+    rollout_logp: torch.Tensor | None = None,  # (B, T) / (N,) the rollout engine's log-probs of the samples
     config: PPOLossConfig = PPOLossConfig(),
     cu_seqlens: torch.Tensor | None = None,  # (B + 1,) int32/int64 sequence offsets of packed tokens
     num_tokens=None,
     num_sequences=None,
     inplace_backward: bool = False,
+    return_per_token: bool = False,
     backend: str = "auto",
 ):
-    """PPO clipped-surrogate loss (asymmetric / dual clip) + ``kl_coef`` KL to a reference - ``entropy_coef``
-    entropy, aggregated over unmasked tokens by ``config.agg``; see ``PPOLossConfig`` and ``token_weights``.
+    """PPO-family policy loss (``config.policy_loss``: clipped surrogate, CISPO or SAPO, at token or sequence level)
+    + ``kl_coef`` KL to a reference - ``entropy_coef`` entropy, aggregated over unmasked tokens by ``config.agg``;
+    see ``PPOLossConfig`` and ``token_weights``.
 
     ``num_tokens`` / ``num_sequences`` (int or 0-dim tensor) are the global denominators of the token /
-    sequence means, so that micro-batch losses sum to the full-batch loss. ``old_logp``, ``advantages``
-    and ``ref_logp`` are constants (no gradient). ``inplace_backward=True`` writes the gradient into the
+    sequence means, so that micro-batch losses sum to the full-batch loss. ``old_logp``, ``advantages``,
+    ``ref_logp`` and ``rollout_logp`` are constants (no gradient). ``mask`` must be binary (fractional token
+    weights are refused: fold them into the advantages). ``inplace_backward=True`` writes the gradient into the
     logits buffer (halving peak memory): the logits are overwritten during backward and must not be used
-    afterwards. No host sync except the label / cu_seqlens range checks (see ``set_validation``); the
+    afterwards. No host sync except the label / cu_seqlens / mask value checks (see ``set_validation``); the
     Triton path is CUDA-graph capturable.
 
-    Returns ``(loss, metrics)``: a 0-dim float32 loss and 0-dim float32 tensors ``clipfrac``,
-    ``approx_kl`` (mean (r - 1) - log r), ``kl`` (the configured estimator vs ``ref_logp``, 0 without it),
-    ``entropy`` and ``ratio_max``, masked means (max) over this batch's tokens.
+    Returns ``(loss, metrics)``: a 0-dim float32 loss and 0-dim float32 tensors ``clipfrac`` (= ``clipfrac_low`` +
+    ``clipfrac_high``: tokens on the lower / upper clip), ``dualclip_frac`` (on the dual-clip or delta bound),
+    ``approx_kl`` (mean (r - 1) - log r of the token ratio), ``kl`` (the configured estimator vs ``ref_logp``, 0
+    without it), ``entropy`` and ``ratio_max``, masked means (max) over this batch's tokens; with ``rollout_logp``
+    also ``rollout_k3``, ``rollout_ratio_max`` and ``rollout_corrected_frac`` (see ``_policy.rollout_weights``).
+    ``return_per_token=True`` adds ``metrics["per_token"]``: ``ratio`` and the ``clipped_low`` / ``clipped_high`` /
+    ``dual_clipped`` flags in the labels' shape.
     """
     if not isinstance(config, PPOLossConfig):
         raise TypeError(f"config must be a PPOLossConfig, got {type(config).__name__}")
     backend = check_logits_labels(logits, labels, config.temperature, ignore_index=IGNORE_INDEX, backend=backend)
     if inplace_backward:
         _check_inplace_logits(logits)
-    labels_f, old, adv, ref, weight, valid = prepare_ppo_inputs(
-        labels, old_logp, advantages, mask, ref_logp, config, cu_seqlens, num_tokens, num_sequences
+    tokens, valid, rollout_metrics = prepare_ppo_inputs(
+        labels, old_logp, advantages, mask, ref_logp, rollout_logp, config, cu_seqlens, num_tokens, num_sequences
     )
-    loss, stats = _PPOLoss.apply(logits, labels_f, old, adv, ref, weight, config, bool(inplace_backward),
-                                 backend == "triton")  # fmt: skip
-    return loss, ppo_metrics(stats, valid)
+    loss, stats = _PPOLoss.apply(logits, tokens, config, bool(inplace_backward), backend == "triton")
+    return loss, ppo_metrics(stats, valid, rollout_metrics, per_token=return_per_token)
+
+
+def ppo_loss_from_logprobs(
+    logp: torch.Tensor,  # (B, T) / (N,) float: the policy's log-probs of the sampled tokens (differentiable)
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,  # bool or 0 / 1; None = every token counts
+    *,
+    entropy: torch.Tensor | None = None,  # per-token entropies (differentiable), needed for entropy_coef != 0
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    config: PPOLossConfig = PPOLossConfig(),
+    cu_seqlens: torch.Tensor | None = None,
+    num_tokens=None,
+    num_sequences=None,
+    return_per_token: bool = False,
+):
+    """The loss of ``ppo_loss`` (same config, aggregation and metrics) from log-probs the caller already has: for
+    trainers that compute log-probs themselves (e.g. with ``linear_logprobs`` or their own model code). Autograd
+    differentiates it through ``logp`` (and ``entropy``); the computation is in ``logp``'s dtype, at least float32.
+    ``metrics["entropy"]`` is the mean of ``entropy`` (0 without it)."""
+    if not isinstance(config, PPOLossConfig):
+        raise TypeError(f"config must be a PPOLossConfig, got {type(config).__name__}")
+    check_float("logp", logp)
+    if entropy is not None:
+        check_float("entropy", entropy)
+        if tuple(entropy.shape) != tuple(logp.shape):
+            raise ValueError(f"entropy must have the shape of logp {tuple(logp.shape)}, got {tuple(entropy.shape)}")
+    elif config.entropy_coef != 0:
+        raise ValueError(f"config.entropy_coef={config.entropy_coef} needs entropy (the per-token entropies)")
+    labels = torch.zeros(logp.shape, dtype=torch.int64, device=logp.device)  # every token scored; mask selects
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    tokens, valid, rollout_metrics = prepare_ppo_inputs(labels, old_logp, advantages, mask, ref_logp, rollout_logp,
+                                                        config, cu_seqlens, num_tokens, num_sequences, dtype)  # fmt: skip
+    lp = logp.reshape(-1).to(dtype)
+    ent = torch.zeros_like(lp) if entropy is None else entropy.reshape(-1).to(dtype)
+    t = policy_terms(lp, ent, tokens.old, tokens.adv, tokens.ref, tokens.valid, config, is_weight=tokens.is_weight,
+                     seq=tokens.seq, n_seq=tokens.n_seq)  # fmt: skip
+    loss = (tokens.weight.to(dtype) * t["loss"]).sum()
+    metrics = metrics_ref(t, tokens.valid, rollout_metrics)
+    if return_per_token:
+        metrics["per_token"] = _per_token_ref(t, valid.shape)
+    return loss, metrics
 
 
 def _check_inplace_logits(logits: torch.Tensor) -> None:
@@ -179,7 +310,7 @@ def _check_inplace_logits(logits: torch.Tensor) -> None:
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs, differentiable:
     ``k1 = logp - ref``, ``k2 = (logp - ref)^2 / 2``, ``k3 = exp(ref - logp) - (ref - logp) - 1`` and
-    ``k3+`` = k3's value with k2's gradient (straight-through). k3 keeps full relative accuracy for tiny
+    ``k3+`` = k3's value with k2's gradient (straight-through), ``abs = |logp - ref|``. k3 keeps full relative accuracy for tiny
     differences (a series below |logp - ref| = 0.1, where exp(-d) - 1 + d cancels), as the kernel does; reward
     shaping (``shape_token_rewards``) computes its KL by this function."""
     check_float("logp", logp)
@@ -193,25 +324,33 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
 # Reference
 # ----------------------------------------------------------------------------------------------------
 def ppo_loss_ref(
-    logits, labels, old_logp, advantages, mask=None, *, ref_logp=None, config=PPOLossConfig(),
-    cu_seqlens=None, num_tokens=None, num_sequences=None,
+    logits, labels, old_logp, advantages, mask=None, *, ref_logp=None, rollout_logp=None, config=PPOLossConfig(),
+    cu_seqlens=None, num_tokens=None, num_sequences=None, return_per_token=False,
 ):  # fmt: skip
-    """Textbook reference of ``ppo_loss``: full log-softmax in (at least) float32, per-token terms, then
-    the aggregation weights. Differentiable by autograd; float64 logits give a float64 ground truth."""
+    """Textbook reference of ``ppo_loss``: full log-softmax in (at least) float32, the per-token terms, then the
+    aggregation weights. Differentiable by autograd; float64 logits give a float64 ground truth."""
     valid = labels != IGNORE_INDEX
     if mask is not None:
         valid = valid & (mask != 0)
     logp, entropy = logprobs_ref(logits, labels, temperature=config.temperature, return_entropy=True)
-    t = ppo_terms_ref(logp, entropy, old_logp, advantages, ref_logp, valid, config)
-    w = token_weights(valid, config.agg, cu_seqlens=cu_seqlens, num_tokens=num_tokens,
-                      num_sequences=num_sequences, dtype=logp.dtype)  # fmt: skip
-    loss = (w * t["loss"]).sum()
-    count = valid.sum().clamp(min=1)
-    metrics = {
-        "clipfrac": t["clipped"].sum() / count,
-        "approx_kl": t["approx_kl"].sum() / count,
-        "kl": t["kl"].sum() / count,
-        "entropy": t["entropy"].sum() / count,
-        "ratio_max": t["ratio"].amax() if t["ratio"].numel() else t["ratio"].new_zeros(()),
-    }
-    return loss, {k: v.detach() for k, v in metrics.items()}
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    seq, n_seq = sequence_index(tuple(labels.shape), cu_seqlens, labels.device)
+    is_weight, rollout_metrics = None, {}
+    if rollout_logp is not None:
+        is_weight, rollout_metrics = rollout_weights(flat(old_logp).to(logp.dtype), flat(rollout_logp).to(logp.dtype),
+                                                     flat(valid), seq, n_seq, config)  # fmt: skip
+    t = policy_terms(flat(logp), flat(entropy), flat(old_logp), flat(advantages), flat(ref_logp), flat(valid), config,
+                     is_weight=is_weight, seq=seq, n_seq=n_seq)  # fmt: skip
+    w = token_weights(valid, config.agg, cu_seqlens=cu_seqlens, num_tokens=num_tokens, num_sequences=num_sequences,
+                      norm_length=config.agg_norm_length, dtype=logp.dtype)  # fmt: skip
+    loss = (flat(w) * t["loss"]).sum()
+    metrics = metrics_ref(t, flat(valid), rollout_metrics)
+    if return_per_token:
+        metrics["per_token"] = _per_token_ref(t, labels.shape)
+    return loss, metrics
+
+
+def _per_token_ref(t: dict, shape) -> dict:
+    clip = t["clip"]
+    return {"ratio": t["ratio"].detach().view(shape), "clipped_low": (clip == CLIP_LOW).view(shape),
+            "clipped_high": (clip == CLIP_HIGH).view(shape), "dual_clipped": (clip == CLIP_DUAL).view(shape)}  # fmt: skip

@@ -13,7 +13,7 @@ import numbers
 import torch
 
 from ._utils import AGG_MODES, check_cu_seqlens, check_float, launch, next_pow2, resolve_backend, tl, triton
-from ._rows import check_per_token, token_weights
+from ._policy import check_per_token, token_weights
 
 # Rows of the (4, N) float32 per-token statistics.
 _LOSS, _GRAD, _CLIPPED, _VPRED = range(4)

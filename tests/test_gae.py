@@ -243,7 +243,7 @@ def test_shape_token_rewards_bad_input(device):
         shape_token_rewards(torch.randn(3, device=device), logp, logp, cu, kl_coef=0.1)
     with pytest.raises(ValueError, match=r"must end at the number of tokens N = 5"):
         shape_token_rewards(s, logp, logp, torch.tensor([0, 2, 6], device=device), kl_coef=0.1)
-    with pytest.raises(ValueError, match=r"estimator must be one of \('k1', 'k2', 'k3'\), got 'k4'"):
+    with pytest.raises(ValueError, match=r"estimator must be one of \('k1', 'k2', 'k3', 'abs'\), got 'k4'"):
         shape_token_rewards(s, logp, logp, cu, kl_coef=0.1, estimator="k4")
     with pytest.raises(ValueError, match=r"kl_coef must be a number >= 0, got -1"):
         shape_token_rewards(s, logp, logp, cu, kl_coef=-1)
