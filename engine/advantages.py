@@ -95,38 +95,73 @@ def _last_token_rewards(scores: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens
 # ----------------------------------------------------------------------------------------------------
 # Estimators
 # ----------------------------------------------------------------------------------------------------
+GROUP_STDS = ("population", "unbiased")
+
+
+def _group_index(scores: torch.Tensor, group_size: int | None, group_index: torch.Tensor | None) -> torch.Tensor:
+    """(B,) int64 group of each sequence in [0, G): consecutive groups of ``group_size``, or ``group_index`` (any
+    integer ids, any group sizes; renumbered by ``torch.unique``, a host sync on GPU)."""
+    if (group_size is None) == (group_index is None):
+        raise ValueError("pass exactly one of group_size (consecutive groups) and group_index (a (B,) group id array)")
+    if group_index is None:
+        _groups(scores, group_size)  # the checks
+        return torch.arange(scores.shape[0], device=scores.device) // group_size
+    if not isinstance(group_index, torch.Tensor) or group_index.is_floating_point() or group_index.is_complex():
+        raise TypeError(f"group_index must be an integer tensor, got {type(group_index).__name__} "
+                        f"{getattr(group_index, 'dtype', '')}".rstrip())  # fmt: skip
+    if tuple(group_index.shape) != tuple(scores.shape):
+        raise ValueError(
+            f"group_index must have the shape of scores {tuple(scores.shape)}, got {tuple(group_index.shape)}"
+        )
+    return torch.unique(group_index.to(scores.device), return_inverse=True)[1]
+
+
+def _group_sums(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sum of ``x`` over its group."""
+    return x.new_zeros(x.shape[0] + 1).index_add(0, group, x)[group]
+
+
 def grpo_advantages(
-    scores: torch.Tensor,  # (B,) B = n_prompts * group_size, groups consecutive
-    group_size: int,
+    scores: torch.Tensor,  # (B,)
+    group_size: int | None = None,  # consecutive groups of this size (B = n_prompts * group_size) ...
     *,
+    group_index: torch.Tensor | None = None,  # ... or (B,) integer group ids, any group sizes
     eps: float = 1e-6,
     scale_by_std: bool = True,
+    std: str = "population",
 ) -> torch.Tensor:
-    """Group-relative advantages: ``(s - mean_group) / (std_group + eps)`` per group of ``group_size``
-    consecutive samples of one prompt; ``scale_by_std=False`` only subtracts the group mean (Dr. GRPO).
+    """Group-relative advantages: ``(s - mean_group) / (std_group + eps)`` per group of samples of one prompt;
+    ``scale_by_std=False`` only subtracts the group mean (Dr. GRPO).
 
-    std is the population std (divide by group_size, ``unbiased=False``): normalised advantages then have
-    unit root-mean-square in every group whatever its size (a group of two gives exactly +-1). DeepSeekMath
-    and TRL divide by the sample std instead, which makes advantages smaller by sqrt((k - 1) / k).
-    A group whose scores are all equal gets 0. Returns (B,) float32."""
+    ``std="population"`` (the default) divides by the group size: normalised advantages then have unit
+    root-mean-square in every group whatever its size (a group of two gives exactly +-1). ``std="unbiased"``
+    divides by size - 1, as DeepSeekMath, TRL and verl do, which makes advantages smaller by sqrt((k - 1) / k).
+    A group whose scores are all equal, and a group of one, get 0. Returns (B,) float32."""
+    if std not in GROUP_STDS:
+        raise ValueError(f"std must be one of {GROUP_STDS}, got {std!r}")
     s = _check_scores(scores)
-    g = _groups(s, group_size)
-    adv = g - g.mean(dim=1, keepdim=True)
+    group = _group_index(s, group_size, group_index)
+    count = _group_sums(torch.ones_like(s), group)
+    adv = s - _group_sums(s, group) / count
     if scale_by_std:
-        adv = adv / (g.std(dim=1, unbiased=False, keepdim=True) + eps)
-    return adv.reshape(-1)
+        dof = count if std == "population" else (count - 1.0).clamp(min=1.0)
+        adv = adv / ((_group_sums(adv * adv, group) / dof).sqrt() + eps)
+    return adv
 
 
 def rloo_advantages(
-    scores: torch.Tensor,  # (B,) B = n_prompts * group_size, groups consecutive
-    group_size: int,
+    scores: torch.Tensor,  # (B,)
+    group_size: int | None = None,
+    *,
+    group_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """REINFORCE leave-one-out: ``s_i - mean of the other group_size - 1 scores of its group``
-    (= k / (k - 1) * (s_i - mean_group)). Returns (B,) float32."""
+    """REINFORCE leave-one-out: ``s_i - mean of the other scores of its group`` (= k / (k - 1) * (s_i -
+    mean_group) in a group of k); groups as in ``grpo_advantages``; a group of one gets 0. Returns (B,) float32."""
     s = _check_scores(scores)
-    g = _groups(s, group_size)
-    others_mean = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
-    return (g - others_mean).reshape(-1)
+    group = _group_index(s, group_size, group_index)
+    count = _group_sums(torch.ones_like(s), group)
+    others = (count - 1.0).clamp(min=1.0)
+    return torch.where(count > 1, s - (_group_sums(s, group) - s) / others, torch.zeros_like(s))
 
 
 def reinforce_pp_advantages(
@@ -158,6 +193,8 @@ def compute_advantages(
     token_rewards: torch.Tensor | None = None,  # (N,) KL-shaped rewards (gae; reinforce++)
     values: torch.Tensor | None = None,  # (N,) critic values (gae)
     group_size: int = 1,
+    group_index: torch.Tensor | None = None,  # (B,) group ids (grpo, rloo), instead of consecutive group_size
+    group_std: str = "population",
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten_advantages: bool = True,
@@ -168,8 +205,8 @@ def compute_advantages(
 
     - ``gae``: GAE(gamma, lam) over ``token_rewards`` and ``values``; returns = raw advantages + values;
       the advantages (not the returns) are whitened when ``whiten_advantages``.
-    - ``grpo`` / ``rloo``: per-sequence group advantages of ``scores`` (``group_size`` >= 2), repeated
-      over each sequence's tokens. ``whiten_advantages`` does not apply: they are already baselined per
+    - ``grpo`` / ``rloo``: per-sequence group advantages of ``scores`` (consecutive groups of ``group_size`` >= 2,
+      or ``group_index``; grpo's std by ``group_std``, see ``grpo_advantages``), repeated over each sequence's tokens. ``whiten_advantages`` does not apply: they are already baselined per
       group, and a batch-wide shift would give groups with all-equal scores a non-zero advantage.
     - ``reinforce++``: whitened discounted returns-to-go of ``token_rewards`` (or, if None, of ``scores``
       placed at each sequence's last token); whitening is part of the estimator and always on.
@@ -221,7 +258,8 @@ def compute_advantages(
 
     if scores is None:
         raise ValueError(f"estimator {estimator!r} needs scores (B,), got None")
-    seq_adv = grpo_advantages(s, group_size) if estimator == "grpo" else rloo_advantages(s, group_size)
+    groups = dict(group_size=group_size) if group_index is None else dict(group_index=group_index)
+    seq_adv = grpo_advantages(s, std=group_std, **groups) if estimator == "grpo" else rloo_advantages(s, **groups)
     return broadcast_to_tokens(seq_adv, cu_seqlens, n_tokens=n_tokens), None
 
 

@@ -13,7 +13,7 @@ import numbers
 import torch
 
 from ._utils import AGG_MODES, check_cu_seqlens, check_float, launch, next_pow2, resolve_backend, tl, triton
-from ._policy import check_per_token, token_weights
+from ._policy import check_binary_mask, check_per_token, token_weights
 
 # Rows of the (4, N) float32 per-token statistics.
 _LOSS, _GRAD, _CLIPPED, _VPRED = range(4)
@@ -28,7 +28,7 @@ def _value_loss_fwd_kernel(
     MASK,  # (n,) float32 1.0 / 0.0
     STATS,  # (4, n) float32 out: w * loss, w * dloss/dv, clipped, v (masked tokens: 0)
     n,
-    clip,  # runtime float
+    clip,  # runtime float; +inf = unclipped
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -45,7 +45,9 @@ def _value_loss_fwd_kernel(
     # NaN-propagating min / max: the default fmin / fmax would turn a NaN value into a finite loss.
     diff_c = tl.minimum(tl.maximum(diff, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
                         propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
-    err_clip = old + diff_c - ret
+    # Where the clamp does not bind the clipped error is the unclipped one, exactly: old + (v - old) - R would round
+    # differently from v - R and turn a tie into a spurious "clipped" token (and clip=inf, no clip, into noise).
+    err_clip = tl.where(diff_c == diff, err, old + diff_c - ret)
     l_unclipped = err * err
     l_clipped = err_clip * err_clip
     loss = 0.5 * tl.maximum(l_unclipped, l_clipped, propagate_nan=tl.PropagateNan.ALL)
@@ -103,8 +105,11 @@ class _ValueLoss(torch.autograd.Function):
 
 
 def _check_clip(clip) -> float:
+    """The clip range as the kernel's float: None (unclipped, OpenRLHF's ``clip_eps=None``) is +inf."""
+    if clip is None:
+        return math.inf
     if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not math.isfinite(clip) or clip <= 0:
-        raise ValueError(f"clip must be a positive finite number (the value clip range), got {clip!r}")
+        raise ValueError(f"clip must be None (unclipped) or a positive finite number (the value clip range), got {clip!r}")
     return float(clip)
 
 
@@ -114,15 +119,15 @@ def value_loss(
     returns: torch.Tensor,  # (B, T) / (N,) value targets
     mask: torch.Tensor | None = None,  # (B, T) / (N,) nonzero = token counts; None = all tokens
     *,
-    clip: float = 0.2,
+    clip: float | None = 0.2,
     agg: str = "token-mean",
     num_tokens=None,
     cu_seqlens: torch.Tensor | None = None,  # (B + 1,) int, for packed tokens
     num_sequences=None,
     backend: str = "auto",
 ):
-    """Clipped value loss ``0.5 * max((v - R)^2, (old + clamp(v - old, -clip, clip) - R)^2)`` aggregated by
-    ``agg`` exactly like ``ppo_loss`` (see ``token_weights``: ``num_tokens`` / ``num_sequences`` are the
+    """Clipped value loss ``0.5 * max((v - R)^2, (old + clamp(v - old, -clip, clip) - R)^2)`` (``clip=None``: the
+    unclipped ``0.5 * (v - R)^2``) aggregated by ``agg`` exactly like ``ppo_loss`` (see ``token_weights``: ``num_tokens`` / ``num_sequences`` are the
     global counts for micro-batching). Gradient only w.r.t. ``values``. No host sync.
 
     Returns ``(loss, metrics)``: 0-dim float32 loss, ``clipfrac`` (share of tokens where the clipped
@@ -132,6 +137,7 @@ def value_loss(
     check_per_token("returns", returns, values, like_name="values")
     if mask is not None:
         check_per_token("mask", mask, values, like_name="values", floating=False)
+        check_binary_mask(mask)
     clip = _check_clip(clip)
     if agg not in AGG_MODES:
         raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
@@ -158,7 +164,9 @@ def _value_terms_ref(values, old_values, returns, keep, clip):
     v = torch.where(keep, values, zero)
     old = torch.where(keep, old_values.reshape(values.shape).to(values.dtype).detach(), zero)
     ret = torch.where(keep, returns.reshape(values.shape).to(values.dtype).detach(), zero)
-    v_clipped = old + torch.clamp(v - old, -clip, clip)
+    diff = v - old
+    diff_c = torch.clamp(diff, -clip, clip)
+    v_clipped = torch.where(diff_c == diff, v, old + diff_c)  # the kernel's form: no rounding where it does not bind
     loss_unclipped = (v - ret) ** 2
     loss_clipped = (v_clipped - ret) ** 2
     return {
@@ -173,7 +181,7 @@ def value_loss_ref(values, old_values, returns, mask=None, *, clip=0.2, agg="tok
     """Textbook reference of ``value_loss`` in (at least) float32; float64 stays float64."""
     v = values.to(torch.promote_types(values.dtype, torch.float32))
     keep = torch.ones_like(values, dtype=torch.bool) if mask is None else mask != 0
-    t = _value_terms_ref(v, old_values, returns, keep, clip)
+    t = _value_terms_ref(v, old_values, returns, keep, _check_clip(clip))
     w = token_weights(keep, agg, cu_seqlens=cu_seqlens, num_tokens=num_tokens, num_sequences=num_sequences,
                       dtype=v.dtype)  # fmt: skip
     count = keep.sum().clamp(min=1)

@@ -69,6 +69,59 @@ def test_group_size_errors(fn, device):
 # ----------------------------------------------------------------------------------------------------
 # Whitening, broadcasting
 # ----------------------------------------------------------------------------------------------------
+def _loop_group_advantages(scores, ids, std):
+    """Per-group loop: GRPO (population / unbiased std) and RLOO, float64."""
+    grpo, rloo = [0.0] * len(scores), [0.0] * len(scores)
+    for g in set(ids):
+        members = [i for i, x in enumerate(ids) if x == g]
+        vals = torch.tensor([scores[i] for i in members], dtype=torch.float64)
+        k = len(members)
+        sd = vals.std(unbiased=std == "unbiased") if k > 1 else torch.tensor(0.0, dtype=torch.float64)
+        for j, i in enumerate(members):
+            grpo[i] = float((vals[j] - vals.mean()) / (sd + 1e-6))
+            rloo[i] = float(vals[j] - (vals.sum() - vals[j]) / (k - 1)) if k > 1 else 0.0
+    return torch.tensor(grpo), torch.tensor(rloo)
+
+
+@pytest.mark.parametrize("std", ["population", "unbiased"])
+def test_group_index_any_group_sizes(std, device):
+    """Groups from an arbitrary id array (ids not contiguous, members interleaved, sizes 1, 2 and 4): each group's
+    advantages as a per-group loop computes them; a group of one gets 0."""
+    scores = [1.0, 5.0, 2.0, 7.0, 3.0, -1.0, 4.0, 0.5]
+    ids = [9, 2, 9, 4, 2, 9, 9, 2]  # group 9: four samples, group 2: three, group 4: one
+    grpo_exp, rloo_exp = _loop_group_advantages(scores, ids, std)
+    gi = torch.tensor(ids, device=device)
+    assert_close(grpo_advantages(t(scores, device), group_index=gi, std=std), grpo_exp, atol=1e-5, name="grpo")
+    assert_close(rloo_advantages(t(scores, device), group_index=gi), rloo_exp, atol=1e-5, name="rloo")
+    assert float(grpo_advantages(t(scores, device), group_index=gi, std=std)[3]) == 0.0
+
+
+def test_group_index_matches_consecutive_groups(device):
+    s = t(SCORES, device)
+    gi = torch.tensor([0, 0, 0, 1, 1, 1], device=device)
+    assert_close(grpo_advantages(s, group_index=gi), grpo_advantages(s, GROUP), atol=1e-7, name="grpo")
+    assert_close(rloo_advantages(s, group_index=gi), rloo_advantages(s, GROUP), atol=1e-7, name="rloo")
+    unbiased = grpo_advantages(s, GROUP, std="unbiased")
+    assert_close(unbiased[:3], torch.tensor([-2.0, -1.0, 3.0]) / (STD0 * 1.5**0.5 + 1e-6), atol=1e-5, name="unbiased")
+    adv, _ = compute_advantages("grpo", scores=s, cu_seqlens=torch.tensor([0, 1, 2, 3, 4, 5, 6], device=device),
+                                group_index=gi, group_std="unbiased")  # fmt: skip
+    assert_close(adv, unbiased, atol=1e-7, name="compute_advantages")
+
+
+def test_group_index_errors(device):
+    s = t(SCORES, device)
+    with pytest.raises(ValueError, match="exactly one of group_size"):
+        grpo_advantages(s)
+    with pytest.raises(ValueError, match="exactly one of group_size"):
+        rloo_advantages(s, 3, group_index=torch.zeros(6, dtype=torch.long))
+    with pytest.raises(TypeError, match="group_index must be an integer tensor"):
+        grpo_advantages(s, group_index=torch.zeros(6))
+    with pytest.raises(ValueError, match=r"group_index must have the shape of scores \(6,\), got \(5,\)"):
+        grpo_advantages(s, group_index=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="std must be one of"):
+        grpo_advantages(s, GROUP, std="sample")
+
+
 def test_whiten_by_hand(device):
     x = t([1.0, 2.0, 3.0, 4.0], device)  # mean 2.5, population var 1.25
     assert_close(whiten(x), [-1.3416408, -0.4472136, 0.4472136, 1.3416408], atol=1e-6, name="whiten")

@@ -102,6 +102,28 @@ def test_micro_batches_sum_to_the_full_batch(backend, agg, device):
     assert_close(torch.cat([parts[0][2], parts[1][2]]), full[2], atol=1e-7, name="micro-batch gradients")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_none_is_the_unclipped_loss(backend, device):
+    """clip=None (OpenRLHF's clip_eps=None): 0.5 (v - R)^2 with gradient (v - R) per token, nothing clipped, whatever
+    the distance to the old values; and a finite clip that never binds gives the same (no rounding ties)."""
+    batch, _ = make_values("padded", torch.float32, device)
+    keep = batch["mask"]
+    g = torch.randn((), device=device)
+    fused = lambda *a, **k: value_loss(*a, backend=backend, **k)  # noqa: E731
+    loss, m, grad = run(fused, batch["values"], batch, g, clip=None)
+    v, ret = batch["values"].double(), batch["returns"].double()
+    err = torch.where(keep, v - ret, 0.0)
+    n = keep.sum()
+    assert_close(loss, (0.5 * err**2).sum() / n, atol=1e-6, rtol=1e-6, name="unclipped loss")
+    assert_close(grad, g.double() * err / n, atol=1e-7, name="unclipped gradient")
+    assert float(m["clipfrac"]) == 0.0
+    wide = run(fused, batch["values"], batch, g, clip=1e6)
+    assert_close(wide[0], loss, atol=0.0, name="clip that never binds")
+    assert float(wide[1]["clipfrac"]) == 0.0
+    ref = run(value_loss_ref, batch["values"], batch, g, clip=None)
+    assert_close(ref[0], loss, atol=1e-6, rtol=1e-6, name="reference")
+
+
 def test_bad_arguments_raise_clear_errors():
     batch, _ = make_values("padded", torch.float32, "cpu")
     v, old, ret, mask = batch["values"], batch["old_values"], batch["returns"], batch["mask"]
@@ -111,6 +133,8 @@ def test_bad_arguments_raise_clear_errors():
         value_loss(v, old, ret, clip=float("inf"))
     with pytest.raises(ValueError, match="agg"):
         value_loss(v, old, ret, agg="sum")
+    with pytest.raises(ValueError, match="binary"):
+        value_loss(v, old, ret, mask.float() * 0.5)
     with pytest.raises(ValueError, match="old_values"):
         value_loss(v, old[:, :-1], ret)
     with pytest.raises(TypeError, match="returns"):
