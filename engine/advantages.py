@@ -13,7 +13,7 @@ import math
 import torch
 
 from fusedrl.kernels import check_cu_seqlens, check_float, gae
-from fusedrl.names import ADVANTAGE_ESTIMATORS
+from fusedrl.names import ADVANTAGE_ESTIMATORS, GROUP_STDS
 
 from .distributed import Distributed
 
@@ -95,9 +95,6 @@ def _last_token_rewards(scores: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens
 # ----------------------------------------------------------------------------------------------------
 # Estimators
 # ----------------------------------------------------------------------------------------------------
-GROUP_STDS = ("population", "unbiased")
-
-
 def _group_index(scores: torch.Tensor, group_size: int | None, group_index: torch.Tensor | None) -> torch.Tensor:
     """(B,) int64 group of each sequence in [0, G): consecutive groups of ``group_size``, or ``group_index`` (any
     integer ids, any group sizes; renumbered by ``torch.unique``, a host sync on GPU)."""

@@ -27,9 +27,14 @@ from fusedrl.names import (
     AGG_MODES,
     BACKENDS,
     GROUP_ESTIMATORS,
+    GROUP_STDS,
+    IS_LEVELS,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
     REWARD_KL_ESTIMATORS,
+    ROLLOUT_CORRECTION_LEVELS,
     TOKEN_REWARD_ESTIMATORS,
+    TRAINER_ROLLOUT_CORRECTIONS,
 )
 
 
@@ -61,10 +66,16 @@ class PPOConfig:
     """GAE lambda."""
     whiten_advantages: bool = True
     """Normalise gae advantages over the batch (grpo/rloo are baselined per group, reinforce++ always whitens)."""
+    group_std: Literal[GROUP_STDS] = "population"
+    """grpo's group std: population (divide by the group size) or unbiased (size - 1: DeepSeekMath, TRL, verl)."""
     kl_coef: float = 0.05
     """KL coefficient beta (initial value when adaptive_kl)."""
     kl_estimator: Literal[KL_ESTIMATORS] | None = None
     """KL estimator; None picks k1 for the KL in the reward and k3 for the KL in the loss (k3+: loss only)."""
+    kl_clamp: float | None = None
+    """Clamp the per-token KL in the loss to [-c, c] (verl clamps at 10; None = off)."""
+    kl_importance_weighted: bool = False
+    """Weight the KL in the loss by the importance ratio (DeepSeek-V3.2; TRL's use_bias_correction_kl)."""
     kl_in_reward: bool | None = None
     """KL penalty in the reward (True) or in the loss (False); None: reward for gae/reinforce++, loss for grpo/rloo."""
     adaptive_kl: bool = False
@@ -90,12 +101,31 @@ class PPOConfig:
     """PPO ratio clip above 1 (ratio <= 1 + clip_high; 0.28 is DAPO's clip-higher)."""
     dual_clip: float | None = None
     """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens (None = off)."""
+    clip_delta: float | None = None
+    """Two-sided clip (INTELLECT-2, TRL's delta): clamp the unclipped ratio at delta > 1 (None = off)."""
+    policy_loss: Literal[POLICY_LOSSES] = "clip"
+    """Per-token objective: clip (PPO's clipped surrogate), cispo (clipped detached IS weight) or sapo (soft gate)."""
+    importance_sampling_level: Literal[IS_LEVELS] = "token"
+    """Ratio per token, per sequence (GSPO: exp of the mean log-ratio) or sequence-token (GSPO-token)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO gate temperature for positive advantages."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO gate temperature for zero / negative advantages."""
+    rollout_correction: Literal[TRAINER_ROLLOUT_CORRECTIONS] = "auto"
+    """Correct the rollout engine's log-prob mismatch: none, tis (truncated IS), mis (masked IS); auto = tis when the
+    rollout backend returns its own log-probs, else none."""
+    rollout_correction_level: Literal[ROLLOUT_CORRECTION_LEVELS] = "token"
+    """Rollout weight per token, per sequence (product of token ratios) or sequence-mean (their geometric mean)."""
+    rollout_is_max: float = 2.0
+    """Upper bound C of the rollout weight (tis truncates at it, mis drops tokens above it)."""
+    rollout_is_min: float | None = None
+    """Lower bound of the rollout weight (None: 1/C for mis, no bound for tis)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient."""
     loss_agg: Literal[AGG_MODES] = "token-mean"
     """How per-token policy losses are aggregated."""
-    value_clip: float = 0.2
-    """Clip of the value prediction around its old value."""
+    value_clip: float | None = 0.2
+    """Clip of the value prediction around its old value (None = unclipped)."""
     learning_rate: float = 1e-5
     """Policy AdamW learning rate."""
     critic_learning_rate: float = 1e-5
@@ -149,15 +179,35 @@ class PPOConfig:
         need(number("top_p") and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         for name in ("gamma", "lam"):
             need(number(name) and 0 <= getattr(self, name) <= 1, name, "a number in [0, 1]")
-        for name in ("kl_coef", "entropy_coef", "weight_decay", "clip_low", "clip_high", "value_clip"):
+        for name in ("kl_coef", "entropy_coef", "weight_decay", "clip_low", "clip_high"):
             need(number(name) and getattr(self, name) >= 0, name, "a number >= 0")
         for name in ("learning_rate", "critic_learning_rate", "kl_target", "kl_horizon"):
             need(number(name) and getattr(self, name) > 0, name, "a number > 0")
-        for name in ("reward_clip", "max_grad_norm"):
+        for name in ("reward_clip", "max_grad_norm", "value_clip"):
             ok = getattr(self, name) is None or (number(name) and getattr(self, name) > 0)
             need(ok, name, "None or a number > 0")
-        ok = self.dual_clip is None or (number("dual_clip") and self.dual_clip > 1)
-        need(ok, "dual_clip", "None or a number > 1")
+        for name in ("dual_clip", "clip_delta"):
+            ok = getattr(self, name) is None or (number(name) and getattr(self, name) > 1)
+            need(ok, name, "None or a number > 1")
+        need(self.dual_clip is None or self.clip_delta is None, "clip_delta", "None when dual_clip is set (one bound)")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "rollout_is_max"):
+            need(number(name) and getattr(self, name) > 0, name, "a number > 0")
+        ok = self.kl_clamp is None or (number("kl_clamp") and self.kl_clamp > 0)
+        need(ok, "kl_clamp", "None or a number > 0")
+        ok = self.rollout_is_min is None or (
+            number("rollout_is_min") and 0 <= self.rollout_is_min <= self.rollout_is_max
+        )
+        need(ok, "rollout_is_min", f"None or a number in [0, rollout_is_max = {self.rollout_is_max}]")
+        need(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {POLICY_LOSSES}")
+        if self.policy_loss != "clip":
+            need(self.dual_clip is None and self.clip_delta is None, "policy_loss",
+                 "'clip' when dual_clip or clip_delta is set")  # fmt: skip
+        need(self.importance_sampling_level in IS_LEVELS, "importance_sampling_level", f"one of {IS_LEVELS}")
+        need(self.rollout_correction in TRAINER_ROLLOUT_CORRECTIONS, "rollout_correction",
+             f"one of {TRAINER_ROLLOUT_CORRECTIONS}")  # fmt: skip
+        need(self.rollout_correction_level in ROLLOUT_CORRECTION_LEVELS, "rollout_correction_level",
+             f"one of {ROLLOUT_CORRECTION_LEVELS}")  # fmt: skip
+        need(self.group_std in GROUP_STDS, "group_std", f"one of {GROUP_STDS}")
         need(self.advantage_estimator in ADVANTAGE_ESTIMATORS, "advantage_estimator", f"one of {ADVANTAGE_ESTIMATORS}")
         need(self.kl_estimator in (None, *KL_ESTIMATORS), "kl_estimator", f"None or one of {KL_ESTIMATORS}")
         if self.kl_estimator is not None and self.kl_in_reward_resolved:

@@ -130,6 +130,7 @@ class PPOTrainer:
         # Fails now for a head the fused ops cannot express (soft-capped logits); the scale is folded into the
         # temperature of every log-prob, so scoring and the loss see the distribution generate() samples from.
         self.logit_scale = logit_scale_of(policy)
+        self._loss_config(cfg.kl_coef)  # a loss setting the kernels refuse fails here, not at the first update
         disable_dropout(policy)
         use_packed_attention(policy)
         if cfg.gradient_checkpointing:
@@ -325,7 +326,8 @@ class PPOTrainer:
         adv, returns = compute_advantages(
             est, scores=layout.sequence_sum(token_rewards), cu_seqlens=layout.cu,
             token_rewards=token_rewards if est in TOKEN_REWARD_ESTIMATORS else None, values=values,
-            group_size=cfg.samples_per_prompt, gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages,
+            group_size=cfg.samples_per_prompt, group_std=cfg.group_std, gamma=cfg.gamma, lam=cfg.lam,
+            whiten_advantages=cfg.whiten_advantages,
             dist=dist, backend=cfg.backend,
         )  # fmt: skip
         per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rewards": token_rewards,
@@ -392,12 +394,7 @@ class PPOTrainer:
         buf, layout, per_token = self._gather_rollouts(per_token)
         lengths = np.asarray(buf.lengths())
         loss_tokens = _loss_tokens_per_sequence(buf)
-        loss_cfg = PPOLossConfig(
-            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-            kl_coef=0.0 if cfg.kl_in_reward_resolved else self.kl_controller.value,
-            kl_estimator=cfg.kl_estimator_resolved, entropy_coef=cfg.entropy_coef,
-            temperature=cfg.temperature / self.logit_scale, agg=cfg.loss_agg,
-        )  # fmt: skip
+        loss_cfg = self._loss_config(self.kl_controller.value)
         use_ref = loss_cfg.kl_coef > 0
         # The same seed on every rank: all ranks split the global batch into the same mini-batches.
         rng = np.random.default_rng([cfg.seed, self.global_step, 1])
@@ -442,7 +439,15 @@ class PPOTrainer:
                         continue
                     w = mb.num_loss_tokens
                     stats.add("loss/policy", loss.detach())
-                    for k in ("clipfrac", "approx_kl", "entropy", "kl"):
+                    for k in (
+                        "clipfrac",
+                        "clipfrac_low",
+                        "clipfrac_high",
+                        "dualclip_frac",
+                        "approx_kl",
+                        "entropy",
+                        "kl",
+                    ):
                         stats.add_weighted(f"policy/{k}", m[k], w)
                     stats.max("policy/ratio_max", m["ratio_max"])
                     if self.critic is not None:
@@ -456,6 +461,19 @@ class PPOTrainer:
                     stats.add("value/grad_norm", self._optimizer_step(self.critic, self.critic_optimizer, value_ok))
                 stats.count_optimizer_step()
         return {**stats.result(), "train/skipped_steps": float(self._skipped)}
+
+    def _loss_config(self, kl_coef: float) -> PPOLossConfig:
+        """The policy loss of this run at KL coefficient ``kl_coef`` (0 when the KL is in the reward)."""
+        cfg = self.config
+        return PPOLossConfig(
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, clip_delta=cfg.clip_delta,
+            policy_loss=cfg.policy_loss, importance_sampling_level=cfg.importance_sampling_level,
+            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
+            kl_coef=0.0 if cfg.kl_in_reward_resolved else kl_coef, kl_estimator=cfg.kl_estimator_resolved,
+            kl_clamp=cfg.kl_clamp, kl_importance_weighted=cfg.kl_importance_weighted, entropy_coef=cfg.entropy_coef,
+            temperature=cfg.temperature / self.logit_scale, agg=cfg.loss_agg,
+            agg_norm_length=cfg.max_new_tokens if cfg.loss_agg == "seq-mean-token-sum-norm" else None,
+        )  # fmt: skip
 
     def _optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_ok=True) -> torch.Tensor:
         """Clip, step, zero (gradients are already summed over ranks by DDP / FSDP). Returns the (pre-clip)

@@ -18,10 +18,14 @@ IS_LEVELS = ("token", "sequence", "sequence-token")
 """Where the importance ratio lives: per token (PPO), per sequence (GSPO) or GSPO-token."""
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 """Rollout importance correction from the rollout engine's log-probs: off, truncated (TIS) or masked (MIS)."""
+TRAINER_ROLLOUT_CORRECTIONS = ("auto", *ROLLOUT_CORRECTIONS)
+"""The trainer's choices: auto = tis when the rollout backend returns its own log-probs, else none."""
 ROLLOUT_CORRECTION_LEVELS = ("token", "sequence", "sequence-mean")
 """The rollout weight per token, per sequence (the product of its token ratios) or their geometric mean."""
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
 """The trainer's advantage estimators."""
+GROUP_STDS = ("population", "unbiased")
+"""GRPO's group std: divide by the group size (fusedrl's default) or by size - 1 (DeepSeekMath, TRL, verl)."""
 GROUP_ESTIMATORS = ("grpo", "rloo")
 """Baselined within groups of samples of one prompt (need group_size >= 2; never whitened over the batch)."""
 TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce++")

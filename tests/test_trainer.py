@@ -184,6 +184,49 @@ def test_critic_free_estimators(tok, estimator):
     assert tr.config.kl_in_reward_resolved == (estimator == "reinforce++")
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(policy_loss="cispo", clip_low=1.0, clip_high=4.0),
+        dict(policy_loss="sapo", importance_sampling_level="sequence"),
+        dict(
+            importance_sampling_level="sequence-token",
+            clip_delta=1.5,
+            kl_importance_weighted=True,
+            kl_estimator="abs",
+            kl_clamp=5.0,
+            loss_agg="seq-mean-token-sum-norm",
+            group_std="unbiased",
+        ),
+    ],
+    ids=["cispo", "gspo-sapo", "gspo-token-delta-kl"],
+)
+def test_policy_loss_settings_reach_the_loss(tok, monkeypatch, overrides):
+    """PPOConfig's loss settings arrive in the fused loss's PPOLossConfig (Dr. GRPO's constant length is
+    max_new_tokens), and two GRPO steps train with finite metrics, the per-direction clip fractions included."""
+    seen = []
+    real = trainer_mod.linear_ppo_loss
+
+    def spy(*a, **kw):
+        seen.append(kw["config"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    tr = make(tok, advantage_estimator="grpo", ppo_epochs=2, kl_coef=0.05, **overrides)
+    torch.manual_seed(6)
+    ms = [tr.step(PROMPTS[:2]), tr.step(PROMPTS[2:4])]
+    loss_cfg = seen[-1]
+    for k, v in overrides.items():
+        if k == "loss_agg":
+            assert loss_cfg.agg == v and loss_cfg.agg_norm_length == tr.config.max_new_tokens
+        elif k != "group_std":
+            assert getattr(loss_cfg, k) == v, k
+    for m in ms:
+        assert all(math.isfinite(v) for v in m.values()), m
+        for k in ("policy/clipfrac_low", "policy/clipfrac_high", "policy/dualclip_frac"):
+            assert k in m, k
+
+
 def test_group_advantages_use_groups_of_samples(tok):
     """grpo: groups whose samples all score the same get zero advantage."""
     tr = make(tok, advantage_estimator="grpo", kl_coef=0.0, reward=lambda p, c: [float(len(q)) for q in p])
