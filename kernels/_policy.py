@@ -444,16 +444,15 @@ def policy_terms(logp, entropy, old_logp, advantages, ref_logp, valid, config: P
 
 def kernel_math(config: PPOLossConfig, tokens: TokenInputs) -> bool:
     """True when the fused PPO kernel's in-register per-token math (``_ppo_fwd_kernel``) expresses this setting:
-    the token-level clipped surrogate (asymmetric / dual clip, log-ratio clamp), a k1 / k2 / k3 / k3+ KL and the
-    entropy bonus. Everything else takes the streaming log-softmax kernel and ``token_stats``."""
+    the token-level clipped surrogate (asymmetric, dual or two-sided clip, log-ratio clamp, rollout weights), a
+    k1 / k2 / k3 / k3+ KL and the entropy bonus. Everything else takes the streaming log-softmax kernel and
+    ``token_stats``."""
     return (
         config.policy_loss == "clip"
         and config.importance_sampling_level == "token"
-        and config.clip_delta is None
         and config.kl_estimator != "abs"
         and config.kl_clamp is None
         and not config.kl_importance_weighted
-        and tokens.is_weight is None
     )
 
 
@@ -480,7 +479,7 @@ def ppo_fwd(logits, tokens: TokenInputs, config: PPOLossConfig, use_triton: bool
     ``stream`` = precomputed ``(logp, ent, mls)`` skips the log-softmax (the lm_head op's two-pass forward)."""
     if use_triton and stream is None and kernel_math(config, tokens):
         return ppo_fwd_triton(logits, tokens.labels, tokens.old, tokens.adv, tokens.ref, tokens.weight, config,
-                              stats=stats)  # fmt: skip
+                              stats=stats, is_weight=tokens.is_weight)  # fmt: skip
     if stream is None:
         fwd = logprobs_fwd_triton if use_triton else logprobs_fwd_torch
         stream = fwd(logits, tokens.labels, 1.0 / float(config.temperature), IGNORE_INDEX, True)

@@ -494,6 +494,7 @@ def _ppo_fwd_kernel(
     ADV,  # (n_rows,) float32
     REF_LOGP,  # (n_rows,) float32 (read only when KL_MODE != 0)
     WEIGHT,  # (n_rows,) float32 aggregation weights w
+    IS_W,  # (n_rows,) float32 rollout importance weights on the policy term (read only when HAS_IS)
     STATS,  # (8, n_rows) float32 out, rows STAT_LOSS.._ENT, s_stat apart
     MLS,  # (2, n_rows) float32 out: row max m of logits / T and log sum exp(logits / T - m), for backward
     n_rows,
@@ -507,11 +508,13 @@ def _ppo_fwd_kernel(
     clip_low,
     clip_high,
     dual_clip,  # +inf when dual clip is off
+    clip_delta,  # +inf when the two-sided clip is off
     log_ratio_clip,  # +inf when the log-ratio clamp is off
     kl_coef,
     entropy_coef,
     ignore_index,
     KL_MODE: tl.constexpr,  # 0 none, 1 k1, 2 k2, 3 k3, 4 k3+
+    HAS_IS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program: 1 on GPU; many in the interpreter, where each op costs the same
     BLOCK_V: tl.constexpr,
 ):
@@ -540,7 +543,9 @@ def _ppo_fwd_kernel(
         log_ratio * log_ratio * (0.5 + log_ratio * (1.0 / 6.0 + log_ratio * (1.0 / 24.0))),
         ratio - 1.0 - log_ratio,
     )
-    pg1 = -adv * ratio
+    # The two-sided clip clamps the unclipped ratio at delta (INTELLECT-2); +inf leaves it as it is.
+    over_delta = ratio > clip_delta
+    pg1 = -adv * tl.minimum(ratio, clip_delta, propagate_nan=tl.PropagateNan.ALL)
     pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low, propagate_nan=tl.PropagateNan.ALL), 1.0 + clip_high,
                             propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
     clipped = pg2 > pg1
@@ -548,8 +553,13 @@ def _ppo_fwd_kernel(
     dual_bound = -dual_clip * adv
     dual = tl.where(adv < 0.0, pg > dual_bound, False)
     pg = tl.where(dual, dual_bound, pg)
-    # d pg / d logp = -A r where the unclipped branch is active, 0 where a clip (or the dual bound) is.
-    g_pg = tl.where(clipped | dual | lr_frozen, 0.0, -adv * ratio)
+    dual = dual | (over_delta & ~clipped)  # the delta bound holds (it is the dual bound's twin; never both set)
+    # d pg / d logp = -A r where the unclipped branch is active, 0 where a clip (or the dual / delta bound) is.
+    g_pg = tl.where(clipped | dual | over_delta | lr_frozen, 0.0, -adv * ratio)
+    if HAS_IS:  # the rollout weight scales the policy term and its gradient
+        is_w = tl.load(IS_W + rows, mask=row_ok, other=0.0)
+        pg = pg * is_w
+        g_pg = g_pg * is_w
 
     kl = tl.zeros([BLOCK_M], tl.float32)
     g_kl = tl.zeros([BLOCK_M], tl.float32)
@@ -591,7 +601,7 @@ def _ppo_fwd_kernel(
     tl.store(MLS + n_rows + rows, tl.where(valid, log_s, 0.0), mask=row_ok)
 
 
-def ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig, stats=None):
+def ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig, stats=None, is_weight=None):
     """Run the forward kernel. Returns ``stats`` (8, n; may be given as a view into a larger buffer) and
     ``mls`` (2, n), the row max and log sum-exp the logprobs backward kernel reads."""
     x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
@@ -603,16 +613,15 @@ def ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig,
     if n > 0:
         block, warps = vocab_block(V, logits.dtype, dev)
         block_m = rows_per_program(n, block, dev)
-        dual = float("inf") if config.dual_clip is None else float(config.dual_clip)
-        lr_clip = float("inf") if config.log_ratio_clip is None else float(config.log_ratio_clip)
+        off = lambda v: float("inf") if v is None else float(v)  # noqa: E731
         launch(
             _ppo_fwd_kernel, (triton.cdiv(n, block_m),), dev,
-            x, labels, old, adv, old if ref is None else ref, weight, stats, mls, n,
-            V, inner, s_outer, s_inner, s_v, stats.stride(0),
-            1.0 / float(config.temperature), float(config.clip_low), float(config.clip_high), dual, lr_clip,
-            float(config.kl_coef), float(config.entropy_coef), IGNORE_INDEX,
-            KL_MODE=0 if ref is None else _KL_MODE[config.kl_estimator], BLOCK_M=block_m, BLOCK_V=block,
-            num_warps=warps,
+            x, labels, old, adv, old if ref is None else ref, weight, old if is_weight is None else is_weight,
+            stats, mls, n, V, inner, s_outer, s_inner, s_v, stats.stride(0),
+            1.0 / float(config.temperature), float(config.clip_low), float(config.clip_high), off(config.dual_clip),
+            off(config.clip_delta), off(config.log_ratio_clip), float(config.kl_coef), float(config.entropy_coef),
+            IGNORE_INDEX, KL_MODE=0 if ref is None else _KL_MODE[config.kl_estimator], HAS_IS=is_weight is not None,
+            BLOCK_M=block_m, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
     return stats, mls
 

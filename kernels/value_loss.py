@@ -109,7 +109,9 @@ def _check_clip(clip) -> float:
     if clip is None:
         return math.inf
     if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not math.isfinite(clip) or clip <= 0:
-        raise ValueError(f"clip must be None (unclipped) or a positive finite number (the value clip range), got {clip!r}")
+        raise ValueError(
+            f"clip must be None (unclipped) or a positive finite number (the value clip range), got {clip!r}"
+        )
     return float(clip)
 
 
