@@ -76,10 +76,10 @@ VARIANTS = {
 }
 
 
-def make_batch(B, T, H, V, dtype, device, seed=0):
+def make_batch(B, T, H, V, dtype, device, seed=0, noise=1.0):
     """Padded (B, T) sequences of 3/4 T to T scored tokens, one advantage per sequence; the old, reference and
-    rollout log-probs are the current policy's plus small noise, so that ratios, clips and rollout weights sit
-    where a training step finds them."""
+    rollout log-probs are the current policy's plus small noise (``noise`` times 0.02 / 0.05 / 0.02 nats), so that
+    ratios, clips and rollout weights sit where a training step finds them."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
     hidden = rnd(B, T, H).to(dtype)
@@ -90,10 +90,10 @@ def make_batch(B, T, H, V, dtype, device, seed=0):
     labels = ids.masked_fill(~mask, -100)
     with torch.no_grad():
         logp = linear_logprobs_ref(hidden, weight, labels).float()  # (B, T); 0 where ignored
-    old = logp + 0.02 * rnd(B, T)
+    old = logp + 0.02 * noise * rnd(B, T)
     return {"hidden": hidden, "weight": weight, "ids": ids, "labels": labels, "mask": mask,
-            "advantages": rnd(B), "old_logp": old, "ref_logp": logp + 0.05 * rnd(B, T),
-            "rollout_logp": old + 0.02 * rnd(B, T)}  # fmt: skip
+            "advantages": rnd(B), "old_logp": old, "ref_logp": logp + 0.05 * noise * rnd(B, T),
+            "rollout_logp": old + 0.02 * noise * rnd(B, T)}  # fmt: skip
 
 
 def liger_is_ratio(batch, kind):
@@ -237,15 +237,30 @@ def add_ratios(records):
                 ours[f"mem_vs_{other}"] = ours["peak_mem_mb"] / base["peak_mem_mb"]
 
 
-def markdown(records, head):
-    lines = [head, "", "| variant | provider | time (median) | CPU time | peak mem above inputs | max rel. err vs eager "
-             "(loss / dW) | fused / eager (time, mem) | fused / Liger (time, mem) |",
+def markdown(payload):
+    """The .md report of a run, from its JSON payload alone (``--render`` redoes it from a saved file)."""
+    s, v, records = payload["shape"], payload["versions"], payload["records"]
+    cuda = not payload["device"].startswith("cpu")
+    loads = [x for r in records for x in r.get("load_avg_1min", [])]
+    head = (f"Fused lm_head policy loss per variant, forward + backward (d hidden, d weight): B={s['B']} x T={s['T']} "
+            f"(N={s['N']}, {payload['scored_tokens']} scored), H={s['H']}, V={s['V']}, {s['dtype']}. "
+            f"{payload['device']}, {payload['threads']} thread(s), torch {payload['torch']}, triton {payload['triton']}, "
+            f"liger-kernel {v['liger-kernel']}, commit {payload['commit']}, {payload['date']}. Median of "
+            f"{payload['rounds']} rounds; each round runs every provider once in one process, the order rotated round "
+            f"by round, so that the load of the shared machine (1-min load average {min(loads, default=0):.1f}-"
+            f"{max(loads, default=0):.1f}) falls on all alike; CPU time is this process's, which other processes' "
+            f"load disturbs less than wall time. Peak memory: "
+            f"{'the CUDA allocator peak' if cuda else 'the torch profiler memory timeline (tensors)'} above the inputs, "
+            f"gradients included. Ratios are fused / other: below 1 favours fused.")  # fmt: skip
+    lines = [head, "", "| variant | provider | time (median) | CPU time | peak mem | max rel. err vs eager (loss / dW) "
+             "| fused / eager (time, CPU time, mem) | fused / Liger (time, CPU time, mem) |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
-    def pair(r, other):
+    def ratios(r, other):
         if f"time_vs_{other}" not in r:
             return ""
-        return f"{r[f'time_vs_{other}']:.2f}x, {r.get(f'mem_vs_{other}', float('nan')):.2f}x"
+        mem = r.get(f"mem_vs_{other}", float("nan"))
+        return f"{r[f'time_vs_{other}']:.2f}x, {r[f'cpu_time_vs_{other}']:.2f}x, {mem:.2f}x"
 
     for r in records:
         if "error" in r:
@@ -253,7 +268,7 @@ def markdown(records, head):
             continue
         err = f"{r['loss_rel_err']:.1e} / {r['dw_rel_err']:.1e}" if "loss_rel_err" in r else ""
         lines.append(f"| {r['variant']} | {r['provider']} | {r['median_ms']:.0f} ms | {r['cpu_median_ms']:.0f} ms | "
-                     f"{r['peak_mem_mb']:.0f} MB | {err} | {pair(r, 'eager')} | {pair(r, 'liger')} |")  # fmt: skip
+                     f"{r['peak_mem_mb']:.0f} MB | {err} | {ratios(r, 'eager')} | {ratios(r, 'liger')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -274,9 +289,15 @@ def main(argv=None):
     ap.add_argument("--shape", default="", help="override, e.g. B=2,T=8,H=16,V=64,dtype=float32")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 on CPU, 10 on CUDA)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per provider (default 1 / 3)")
+    ap.add_argument("--noise", type=float, default=1.0, help="scale of the log-prob noise (tests: bounds bind)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and the .md")
+    ap.add_argument("--render", type=Path, default=None, help="only rewrite the .md of this saved JSON")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        payload = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(payload))
+        return payload
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device; none is visible")
@@ -295,7 +316,8 @@ def main(argv=None):
     if device == "cpu":
         torch.set_num_threads(args.threads)
     set_validation(False)  # steady-state training step: no label range check
-    batch = make_batch(shape["B"], shape["T"], shape["H"], shape["V"], getattr(torch, shape["dtype"]), device)
+    batch = make_batch(shape["B"], shape["T"], shape["H"], shape["V"], getattr(torch, shape["dtype"]), device,
+                       noise=args.noise)  # fmt: skip
     records = []
     for v in variants:
         t0 = time.perf_counter()
@@ -306,26 +328,16 @@ def main(argv=None):
         print(f"{v}: {summary} ({time.perf_counter() - t0:.0f} s)", flush=True)
     env = environment(device)
     payload = {**env, "versions": _versions(), "shape": {**shape, "N": shape["B"] * shape["T"]},
-               "scored_tokens": int(batch["mask"].sum()), "rounds": rounds, "warmup": warmup,
+               "scored_tokens": int(batch["mask"].sum()), "noise": args.noise, "rounds": rounds, "warmup": warmup,
                "base_config": BASE, "variants": {k: {"fusedrl": a, "liger": b, "liger_is_ratio": c}
                                                  for k, (a, b, c) in VARIANTS.items() if k in variants},
                "records": records}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"policy-variants-{device}-{env['date']}"
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    loads = [x for r in records for x in r.get("load_avg_1min", [])]
-    s = shape
-    head = (f"Fused lm_head policy loss per variant, forward + backward (d hidden, d weight): B={s['B']} x T={s['T']} "
-            f"(N={s['B'] * s['T']}, {payload['scored_tokens']} scored), H={s['H']}, V={s['V']}, {s['dtype']}. "
-            f"{env['device']}, {env['threads'] if device == 'cuda' else args.threads} thread(s), torch {env['torch']}, "
-            f"triton {env['triton']}, liger-kernel {payload['versions']['liger-kernel']}, commit {env['commit']}, "
-            f"{env['date']}. Median of {rounds} rounds; each round runs every provider once in one process, the "
-            f"order rotated round by round, so that the load of the shared machine (1-min load average "
-            f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f}) falls on all alike. Peak memory: "
-            f"{'CUDA allocator peak' if device == 'cuda' else 'torch profiler memory timeline (tensors)'} above the "
-            f"inputs, gradients included. Ratios below 1 favour fused.")  # fmt: skip
-    stem.with_suffix(".md").write_text(markdown(records, head))
-    print(markdown(records, head))
+    report = markdown(payload)
+    stem.with_suffix(".md").write_text(report)
+    print(report)
     print(f"wrote {stem}.json / .md")
     return payload
 
