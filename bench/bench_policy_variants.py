@@ -80,12 +80,12 @@ def make_batch(B, T, H, V, dtype, device, seed=0, noise=1.0):
     """Padded (B, T) sequences of 3/4 T to T scored tokens, one advantage per sequence; the old, reference and
     rollout log-probs are the current policy's plus small noise (``noise`` times 0.02 / 0.05 / 0.02 nats), so that
     ratios, clips and rollout weights sit where a training step finds them."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(seed)  # on the device: the GPU weight is 0.6 G values
+    rnd = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
     hidden = rnd(B, T, H).to(dtype)
     weight = (rnd(V, H) / H**0.5).to(dtype)
-    ids = torch.randint(0, V, (B, T), generator=g).to(device)
-    lengths = torch.randint(3 * T // 4, T + 1, (B,), generator=g).to(device)
+    ids = torch.randint(0, V, (B, T), generator=g, device=device)
+    lengths = torch.randint(3 * T // 4, T + 1, (B,), generator=g, device=device)
     mask = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (B, T) bool
     labels = ids.masked_fill(~mask, -100)
     with torch.no_grad():
@@ -176,7 +176,7 @@ def bench_variant(variant, batch, device, rounds, warmup):
             for i in range(warmup):
                 out = step(fn, batch)
                 if i == 0:
-                    outs[p] = tuple(t.cpu() for t in out)
+                    outs[p] = out  # on the device: freed before the timed rounds
                 del out
         except Exception as e:  # a provider that cannot run this case is reported, not fatal
             errors[p] = f"{type(e).__name__}: {str(e)[:200]}"
