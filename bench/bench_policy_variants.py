@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, environment, peak_memory_gb  # noqa: E402
+from bench.common import RESULTS, environment, peak_memory_gb, write_report  # noqa: E402
 
 from fusedrl.kernels import PPOLossConfig, linear_logprobs_ref, linear_ppo_loss, linear_ppo_loss_ref  # noqa: E402
 from fusedrl.kernels import set_validation  # noqa: E402
@@ -332,13 +332,7 @@ def main(argv=None):
                "base_config": BASE, "variants": {k: {"fusedrl": a, "liger": b, "liger_is_ratio": c}
                                                  for k, (a, b, c) in VARIANTS.items() if k in variants},
                "records": records}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"policy-variants-{device}-{env['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    report = markdown(payload)
-    stem.with_suffix(".md").write_text(report)
-    print(report)
-    print(f"wrote {stem}.json / .md")
+    write_report(args.out, f"policy-variants-{device}-{env['date']}", payload, markdown)
     return payload
 
 

@@ -113,6 +113,19 @@ def write_results(name: str, device: str, records: list[dict], extra: dict | Non
     return path
 
 
+def write_report(out_dir: Path, stem: str, payload: dict, markdown) -> Path:
+    """Write ``<out_dir>/<stem>.json`` (the payload) and ``.md`` (``markdown(payload)``), print the table; returns the
+    stem path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / stem
+    path.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    md = markdown(payload)
+    path.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"wrote {path}.json / .md")
+    return path
+
+
 def print_table(records: list[dict]) -> None:
     if not records:
         return

@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import datetime as _dt
 import io
-import json
 import math
 import os
 import re
@@ -535,13 +534,10 @@ def main(argv=None) -> int:
         "smem_reserved_per_block": SMEM_RESERVED_PER_BLOCK}, "occupancy_formula": __doc__.split("::")[1].strip(),
         "sm_count": {f"sm_{a}": v for a, v in SM_COUNT.items()}, "floors": FLOORS, "peak_bw": PEAK_BW, "kernels": kernels,
         "records": records, "bandwidth": bandwidth_table()}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"gpu-static-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    md = markdown(payload)
-    stem.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {stem}.json/.md")
+    sys.path.insert(0, str(REPO))
+    from bench.common import write_report  # imports torch: only once the table is built
+
+    write_report(args.out, f"gpu-static-{date}", payload, markdown)
     return 0
 
 

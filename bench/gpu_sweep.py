@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import importlib
 import inspect
-import json
 import pkgutil
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, device_name, environment, time_fn  # noqa: E402
+from bench.common import RESULTS, device_name, environment, time_fn, write_report  # noqa: E402
 from bench.gpu_static import pass_bytes, peak_bandwidth  # noqa: E402
 
 import fusedrl.kernels as K  # noqa: E402
@@ -241,13 +240,8 @@ def main(argv=None) -> int:
     payload = {"device": env["device"], "torch": env["torch"], "triton": env["triton"], "commit": env["commit"],
                "date": env["date"], "quick": args.quick, "bw_floor_basis": basis, "candidates": cands,
                "wall_s": time.perf_counter() - t0, "best": best(records), "records": records}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"sweep-{slug}-{env['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    md = markdown(payload)
-    stem.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {stem}.json/.md in {payload['wall_s']:.0f} s")
+    write_report(args.out, f"sweep-{slug}-{env['date']}", payload, markdown)
+    print(f"in {payload['wall_s']:.0f} s")
     return 0
 
 
