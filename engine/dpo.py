@@ -520,6 +520,13 @@ def parse_args(argv: Sequence[str]) -> DPOConfig:
 def run(cfg: DPOConfig) -> list[dict]:
     """Load the tokenizer, the data, the policy (and a reference), then ``train_dpo``. Under torchrun
     (WORLD_SIZE > 1) it joins the process group first and every rank runs it."""
+    args, kwargs = setup(cfg)
+    return train_dpo(*args, **kwargs)
+
+
+def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
+    """Everything ``run`` does before training: ``train_dpo``'s positional and keyword arguments. The user's mistakes (a missing file,
+    a bad model id, an existing run directory, a bad setting) surface here, before any step."""
     from .checkpoint import prepare_run_dir
     from .distributed import Distributed, default_threads, init_distributed, resolve_device
     from .models import PRESETS, build_causal_lm
@@ -554,15 +561,18 @@ def run(cfg: DPOConfig) -> list[dict]:
             ref_model = buf = None  # the reference leaves memory: only its (P, 2) log-probs are kept
     run_config = dataclasses.asdict(cfg)
     run_config.pop("resume"), run_config.pop("overwrite")
-    return train_dpo(policy, tokenizer, pairs, cfg, ref_logps=ref_logps, ref_model=ref_model, run_config=run_config)
+    return (policy, tokenizer, pairs, cfg), dict(ref_logps=ref_logps, ref_model=ref_model, run_config=run_config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    # Set-up errors are the user's (one line); an error during training is a bug or a numerical failure and keeps
+    # its traceback, as in fusedrl train.
     try:
-        rows = run(cfg)
+        args, kwargs = setup(cfg)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         raise SystemExit(f"fusedrl dpo: {e}") from None
+    rows = train_dpo(*args, **kwargs)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

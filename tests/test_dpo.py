@@ -119,6 +119,25 @@ def test_cli_bad_record_is_one_line_naming_it(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_cli_error_during_training_keeps_its_traceback(tmp_path, monkeypatch):
+    """Set-up mistakes are one line (above); a ValueError raised by training itself is not the user's and must not
+    be shortened into one (the set-up ran, so the data and model were fine)."""
+    f = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "1:", "chosen": "2", "rejected": "3"}])
+    calls = []
+    monkeypatch.setattr(dpo, "setup", lambda cfg: (calls.append(cfg), ((), {}))[1])
+
+    def broken(*a, **k):
+        raise ValueError("boom inside a training step")
+
+    monkeypatch.setattr(dpo, "train_dpo", broken)
+    with pytest.raises(ValueError, match="boom inside a training step"):
+        dpo.main(["--data", str(f), "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert len(calls) == 1
+    monkeypatch.setattr(dpo, "setup", lambda cfg: (_ for _ in ()).throw(ValueError("bad setting")))
+    with pytest.raises(SystemExit, match="fusedrl dpo: bad setting"):
+        dpo.main(["--data", str(f), "--output-dir", str(tmp_path / "run"), "--no-progress"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------
