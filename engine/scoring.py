@@ -135,24 +135,12 @@ def packed_hidden_states(model, mb: MicroBatch) -> torch.Tensor:
     return hidden_states(model, input_ids=mb.input_ids, position_ids=mb.position_ids, **mb.attn_kwargs)[0][mb.rows]
 
 
-def head_chunk_size(weight: torch.Tensor) -> int | None:
-    """Tokens per chunk for the fused lm_head ops on this (V, H) head: on the CPU at most H (and at most the
-    kernels' own 256), so that a chunk's (c, V) float32 logits never outgrow the (V, H) float32 head gradient
-    the update holds anyway and the step's peak stays bound by the weights, not by a scratch buffer (at
-    H=64, V=151936 the kernels' 256-row CPU chunk is 155 MiB, 4x the gradient); 6c / 16 flop per byte of W
-    streamed is still ~4x a CPU core's balance at c=64. None (the kernels' default) on GPUs."""
-    if weight.device.type == "cuda":
-        return None
-    return min(weight.shape[1], 256)
-
-
 def token_logprobs(model, mb: MicroBatch, *, temperature: float, backend: str = "auto") -> torch.Tensor:
     """(M,) log-probs of the micro-batch's response tokens under ``model`` sampling at ``temperature``, through
     the fused linear log-prob op (no (N, V) logits); a logit scale in the model's config is folded in."""
     h = packed_hidden_states(model, mb)
     weight, bias, scale = output_head(model)
-    return linear_logprobs(h, weight, mb.labels, bias=bias, temperature=temperature / scale,
-                           chunk_size=head_chunk_size(weight), backend=backend)  # fmt: skip
+    return linear_logprobs(h, weight, mb.labels, bias=bias, temperature=temperature / scale, backend=backend)
 
 
 @torch.no_grad()

@@ -64,7 +64,6 @@ from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer,
 from .scoring import (
     MicroBatch,
     ResponseLayout,
-    head_chunk_size,
     score_logprobs,
     score_reward_fn,
     score_reward_model,
@@ -422,8 +421,7 @@ class PPOTrainer:
                         loss, m = linear_ppo_loss(
                             hidden, weight, mb.labels, take("old_logp"), take("advantages"), bias=bias,
                             ref_logp=take("ref_logp") if use_ref else None, config=loss_cfg, cu_seqlens=mb.cu_rows,
-                            num_tokens=n_tok, num_sequences=n_seq, chunk_size=head_chunk_size(weight),
-                            backend=cfg.backend,
+                            num_tokens=n_tok, num_sequences=n_seq, backend=cfg.backend,
                         )  # fmt: skip
                         (loss * scale).backward()
                         mini_losses["policy"].append(loss.detach())

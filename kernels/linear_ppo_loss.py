@@ -46,7 +46,10 @@ from .ppo_loss import PPOLossConfig, ppo_loss_ref
 #   (measured: the GEMMs' time per token is flat from c = 128 to 1024 and 3-4x worse at c = 13), and the
 #   budget of 256 MiB of float32 logits caps it at 441 rows at V = 151936 (155 MB per chunk at c = 256).
 #   The elementwise softmax work runs over sub-chunks of ~1M elements of the chunk (kernels/_rows.py), so
-#   its float32 scratch stays a few MiB whatever c is.
+#   its float32 scratch stays a few MiB whatever c is. And c <= H: then a chunk's (c, V) float32 logits never
+#   outgrow the (V, H) float32 head gradient the caller holds anyway, so a small-H model's peak stays bound by
+#   its weights (at H=64, V=151936 a 256-row chunk is 155 MiB, 4x the gradient), while 6c / 16 flop per byte
+#   of W at c = 64 is still ~4x a core's balance.
 # - GPU (H200: ~990 TFLOP/s bf16 against 4.8 TB/s, balance ~206 flop/B): 256 MiB of logits in the input
 #   dtype gives c = 880 at V = 151936 bf16 (440 flop/B, ~2x the balance) in whole 16-row MMA tiles; the
 #   (c, V) chunk is ~0.4% of the (N, V) logits at N = 64k. Not yet checked against a GPU measurement.
@@ -56,7 +59,7 @@ _CPU_CHUNK_ROWS = 256
 _CPU_CHUNK_BYTES = 256 << 20
 
 
-def _chunk_rows(n: int, V: int, dtype: torch.dtype, device: torch.device, chunk_size) -> int:
+def _chunk_rows(n: int, V: int, H: int, dtype: torch.dtype, device: torch.device, chunk_size) -> int:
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
@@ -65,7 +68,7 @@ def _chunk_rows(n: int, V: int, dtype: torch.dtype, device: torch.device, chunk_
         rows = _GPU_CHUNK_BYTES // (V * dtype.itemsize)
         rows = max(16, rows // 16 * 16)  # whole MMA tiles
         return max(1, min(n, rows))
-    rows = max(1, min(_CPU_CHUNK_ROWS, _CPU_CHUNK_BYTES // (V * 4)))
+    rows = max(1, min(_CPU_CHUNK_ROWS, H, _CPU_CHUNK_BYTES // (V * 4)))
     n_chunks = -(-max(n, 1) // rows)
     return max(1, -(-n // n_chunks))
 
@@ -345,7 +348,7 @@ def linear_logprobs(
     backend = _check_lm_head(hidden, weight, bias, labels, ignore_index, backend)
     check_temperature(temperature)
     n = labels.numel()
-    chunk = _chunk_rows(n, weight.shape[0], hidden.dtype, hidden.device, chunk_size)
+    chunk = _chunk_rows(n, *weight.shape, hidden.dtype, hidden.device, chunk_size)
     flat_labels = labels.reshape(-1).to(torch.int64)
     logp, ent = _LinearLogProbs.apply(hidden, weight, bias, flat_labels, float(temperature), int(ignore_index),
                                       bool(return_entropy), chunk, backend == "triton")  # fmt: skip
@@ -381,7 +384,7 @@ def linear_ppo_loss(
     tokens, valid, rollout_metrics = prepare_ppo_inputs(
         labels, old_logp, advantages, mask, ref_logp, rollout_logp, config, cu_seqlens, num_tokens, num_sequences
     )
-    chunk = _chunk_rows(tokens.labels.numel(), weight.shape[0], hidden.dtype, hidden.device, chunk_size)
+    chunk = _chunk_rows(tokens.labels.numel(), *weight.shape, hidden.dtype, hidden.device, chunk_size)
     loss, stats = _LinearPPOLoss.apply(hidden, weight, bias, tokens, config, chunk, backend == "triton")
     return loss, ppo_metrics(stats, valid, rollout_metrics, per_token=return_per_token)
 

@@ -298,7 +298,7 @@ def test_bad_arguments_raise_clear_errors():
         linear_ppo_loss(hidden, weight, labels, old, old, config=PPOLossConfig(kl_coef=0.1))
     with pytest.raises(ValueError, match="advantages"):
         linear_ppo_loss(hidden, weight, labels, old, old[:-1])
-    assert lin_mod._chunk_rows(10, V, torch.float32, torch.device("cpu"), None) == 10
+    assert lin_mod._chunk_rows(10, V, 64, torch.float32, torch.device("cpu"), None) == 10
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,21 +309,24 @@ def test_chunk_rule_is_hundreds_of_rows_balanced_and_within_budget():
     streaming the whole weight. The rule now targets 256 rows, caps the float32 chunk at 256 MiB and
     balances the chunks; the GPU rule is 256 MiB of logits in the input dtype, whole 16-row tiles."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    rows = lin_mod._chunk_rows(1024, 151936, torch.float32, cpu, None)
+    rows = lin_mod._chunk_rows(1024, 151936, 896, torch.float32, cpu, None)
     assert rows == 256
-    assert lin_mod._chunk_rows(1000, 151936, torch.float32, cpu, None) == 250  # 4 x 250, not 3 x 256 + 232
-    assert lin_mod._chunk_rows(300, 151936, torch.bfloat16, cpu, None) == 150
+    assert lin_mod._chunk_rows(1000, 151936, 896, torch.float32, cpu, None) == 250  # 4 x 250, not 3 x 256 + 232
+    assert lin_mod._chunk_rows(300, 151936, 896, torch.bfloat16, cpu, None) == 150
     big_v = 1 << 20  # a 1M vocabulary: the memory budget wins
-    assert lin_mod._chunk_rows(4096, big_v, torch.float32, cpu, None) * big_v * 4 <= 256 << 20
-    assert lin_mod._chunk_rows(7, 151936, torch.float32, cpu, None) == 7
-    assert lin_mod._chunk_rows(65536, 151936, torch.bfloat16, cuda, None) == 880
-    assert lin_mod._chunk_rows(5, 151936, torch.float32, cpu, 3) == 3  # an explicit chunk_size is kept
+    assert lin_mod._chunk_rows(4096, big_v, 896, torch.float32, cpu, None) * big_v * 4 <= 256 << 20
+    assert lin_mod._chunk_rows(7, 151936, 896, torch.float32, cpu, None) == 7
+    assert lin_mod._chunk_rows(65536, 151936, 896, torch.bfloat16, cuda, None) == 880
+    assert lin_mod._chunk_rows(5, 151936, 896, torch.float32, cpu, 3) == 3  # an explicit chunk_size is kept
+    # A small hidden size caps the CPU chunk at H rows (the (c, V) float32 chunk <= the (V, H) head gradient).
+    assert lin_mod._chunk_rows(1024, 151936, 64, torch.float32, cpu, None) == 64
+    assert lin_mod._chunk_rows(65536, 151936, 64, torch.bfloat16, cuda, None) == 880  # not on GPU
 
 
 def test_torch_path_default_chunks_match_float64():
     """Several default-size chunks (one logits buffer reused by all, a ragged tail) on the torch path."""
-    N, V, H = 600, 1271, 16  # 3 balanced chunks of 200 rows
-    assert lin_mod._chunk_rows(N, V, torch.float32, torch.device("cpu"), None) == 200
+    N, V, H = 600, 1271, 256  # 3 balanced chunks of 200 rows
+    assert lin_mod._chunk_rows(N, V, H, torch.float32, torch.device("cpu"), None) == 200
     hidden, weight, b, labels = make_lm_head((N,), V, H, torch.float32, "cpu")
     config = PPOLossConfig(kl_coef=0.1, entropy_coef=0.01, temperature=0.7)
     old, adv, mask, ref = make_ppo_inputs(hidden, weight, b, labels, config.temperature)
