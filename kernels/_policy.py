@@ -444,12 +444,11 @@ def policy_terms(logp, entropy, old_logp, advantages, ref_logp, valid, config: P
 
 def kernel_math(config: PPOLossConfig, tokens: TokenInputs) -> bool:
     """True when the fused PPO kernel's in-register per-token math (``_ppo_fwd_kernel``) expresses this setting:
-    the token-level clipped surrogate (asymmetric, dual or two-sided clip, log-ratio clamp, rollout weights), a
-    k1 / k2 / k3 / k3+ KL and the entropy bonus. Everything else takes the streaming log-softmax kernel and
-    ``token_stats``."""
+    a token-level objective (the clipped surrogate with asymmetric, dual or two-sided clip; CISPO; SAPO), the
+    log-ratio clamp, rollout weights, a k1 / k2 / k3 / k3+ KL and the entropy bonus. Everything else (sequence-level
+    ratios, the abs / clamped / importance-weighted KL) takes the streaming log-softmax kernel and ``token_stats``."""
     return (
-        config.policy_loss == "clip"
-        and config.importance_sampling_level == "token"
+        config.importance_sampling_level == "token"
         and config.kl_estimator != "abs"
         and config.kl_clamp is None
         and not config.kl_importance_weighted

@@ -466,6 +466,7 @@ def check_logits_labels(logits, labels, temperature, *, ignore_index=-100, backe
 # PPO per-token step: Triton kernel and launchers
 # ----------------------------------------------------------------------------------------------------
 _KL_MODE = {"k1": 1, "k2": 2, "k3": 3, "k3+": 4}  # 0: no reference log-probs
+_POLICY_MODE = {"clip": 0, "cispo": 1, "sapo": 2}
 
 # Rows of the (8, N) float32 per-token statistics written by the forward pass (both backends).
 STAT_LOSS, STAT_C_LP, STAT_C_H, STAT_RATIO, STAT_CLIP, STAT_APPROX_KL, STAT_KL, STAT_ENT = range(8)
@@ -510,10 +511,13 @@ def _ppo_fwd_kernel(
     dual_clip,  # +inf when dual clip is off
     clip_delta,  # +inf when the two-sided clip is off
     log_ratio_clip,  # +inf when the log-ratio clamp is off
+    sapo_tau_pos,
+    sapo_tau_neg,
     kl_coef,
     entropy_coef,
     ignore_index,
     KL_MODE: tl.constexpr,  # 0 none, 1 k1, 2 k2, 3 k3, 4 k3+
+    POLICY: tl.constexpr,  # 0 clip, 1 cispo, 2 sapo (_POLICY_MODE)
     HAS_IS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program: 1 on GPU; many in the interpreter, where each op costs the same
     BLOCK_V: tl.constexpr,
@@ -543,19 +547,38 @@ def _ppo_fwd_kernel(
         log_ratio * log_ratio * (0.5 + log_ratio * (1.0 / 6.0 + log_ratio * (1.0 / 24.0))),
         ratio - 1.0 - log_ratio,
     )
-    # The two-sided clip clamps the unclipped ratio at delta (INTELLECT-2); +inf leaves it as it is.
-    over_delta = ratio > clip_delta
-    pg1 = -adv * tl.minimum(ratio, clip_delta, propagate_nan=tl.PropagateNan.ALL)
-    pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low, propagate_nan=tl.PropagateNan.ALL), 1.0 + clip_high,
-                            propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
-    clipped = pg2 > pg1
-    pg = tl.maximum(pg1, pg2, propagate_nan=tl.PropagateNan.ALL)
-    dual_bound = -dual_clip * adv
-    dual = tl.where(adv < 0.0, pg > dual_bound, False)
-    pg = tl.where(dual, dual_bound, pg)
-    dual = dual | (over_delta & ~clipped)  # the delta bound holds (it is the dual bound's twin; never both set)
-    # d pg / d logp = -A r where the unclipped branch is active, 0 where a clip (or the dual / delta bound) is.
-    g_pg = tl.where(clipped | dual | over_delta | lr_frozen, 0.0, -adv * ratio)
+    lo = 1.0 - clip_low
+    hi = 1.0 + clip_high
+    if POLICY == 0:  # PPO's clipped surrogate
+        # The two-sided clip clamps the unclipped ratio at delta (INTELLECT-2); +inf leaves it as it is.
+        over_delta = ratio > clip_delta
+        pg1 = -adv * tl.minimum(ratio, clip_delta, propagate_nan=tl.PropagateNan.ALL)
+        pg2 = -adv * tl.minimum(tl.maximum(ratio, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                                propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
+        clipped = pg2 > pg1
+        pg = tl.maximum(pg1, pg2, propagate_nan=tl.PropagateNan.ALL)
+        dual_bound = -dual_clip * adv
+        dual = tl.where(adv < 0.0, pg > dual_bound, False)
+        pg = tl.where(dual, dual_bound, pg)
+        dual = dual | (over_delta & ~clipped)  # the delta bound holds (the dual bound's twin; never both set)
+        # d pg / d logp = -A r where the unclipped branch is active, 0 where a clip (or the dual / delta bound) is.
+        g_pg = tl.where(clipped | dual | over_delta | lr_frozen, 0.0, -adv * ratio)
+        state = tl.where(dual, 3.0, tl.where(clipped, tl.where(ratio < 1.0, 1.0, 2.0), 0.0))
+    elif POLICY == 1:  # CISPO: -sg[clip(r)] A logp, the weight's gradient is never taken
+        w_is = tl.minimum(tl.maximum(ratio, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                          propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
+        pg = -w_is * adv * logp
+        g_pg = -w_is * adv
+        state = tl.where(ratio < lo, 1.0, tl.where(ratio > hi, 2.0, 0.0))
+    else:  # SAPO: -A (4 / tau) sigmoid(tau (r - 1)), tau by the advantage's sign
+        tau = tl.where(adv > 0.0, sapo_tau_pos, sapo_tau_neg)
+        z = tau * (ratio - 1.0)
+        sig = tl.sigmoid(z)
+        pg = -adv * sig * (4.0 / tau)
+        # d pg / d logp = -A 4 sig (1 - sig) r: 0 where the gate is flat (and as 0 * inf once r overflows) or the
+        # log-ratio clamp holds, as the torch path detaches it there.
+        g_pg = tl.where((z > 40.0) | lr_frozen, 0.0, -adv * 4.0 * sig * (1.0 - sig) * ratio)
+        state = tl.zeros([BLOCK_M], tl.float32)
     if HAS_IS:  # the rollout weight scales the policy term and its gradient
         is_w = tl.load(IS_W + rows, mask=row_ok, other=0.0)
         pg = pg * is_w
@@ -592,7 +615,6 @@ def _ppo_fwd_kernel(
     tl.store(out + 2 * s_stat, tl.where(valid, c_h, 0.0), mask=row_ok)
     tl.store(out + 3 * s_stat, tl.where(valid, ratio, 0.0), mask=row_ok)
     # Clip state (CLIP_* codes): which bound holds, for the per-direction clip fractions.
-    state = tl.where(dual, 3.0, tl.where(clipped, tl.where(ratio < 1.0, 1.0, 2.0), 0.0))
     tl.store(out + 4 * s_stat, tl.where(valid, state, 0.0), mask=row_ok)
     tl.store(out + 5 * s_stat, tl.where(valid, approx_kl, 0.0), mask=row_ok)
     tl.store(out + 6 * s_stat, tl.where(valid, kl, 0.0), mask=row_ok)
@@ -619,8 +641,10 @@ def ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig,
             x, labels, old, adv, old if ref is None else ref, weight, old if is_weight is None else is_weight,
             stats, mls, n, V, inner, s_outer, s_inner, s_v, stats.stride(0),
             1.0 / float(config.temperature), float(config.clip_low), float(config.clip_high), off(config.dual_clip),
-            off(config.clip_delta), off(config.log_ratio_clip), float(config.kl_coef), float(config.entropy_coef),
-            IGNORE_INDEX, KL_MODE=0 if ref is None else _KL_MODE[config.kl_estimator], HAS_IS=is_weight is not None,
+            off(config.clip_delta), off(config.log_ratio_clip), float(config.sapo_temperature_pos),
+            float(config.sapo_temperature_neg), float(config.kl_coef), float(config.entropy_coef), IGNORE_INDEX,
+            KL_MODE=0 if ref is None else _KL_MODE[config.kl_estimator], POLICY=_POLICY_MODE[config.policy_loss],
+            HAS_IS=is_weight is not None,
             BLOCK_M=block_m, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
     return stats, mls

@@ -293,6 +293,27 @@ def test_rollout_nan_propagates_through_mis():
     assert torch.isnan(loss)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["cispo", "sapo", "delta", "tis", "gspo", "kl-abs-clamp"])
+def test_nan_in_gives_nan_out(name, backend, device):
+    """A NaN old log-prob on one scored token makes the loss NaN on every path (fused kernel and generic alike),
+    and the gradient rows of the other tokens stay finite unless a sequence-level ratio couples them."""
+    batch = batch_for(name, "packed", torch.float32, device)
+    valid = batch["mask"] & (batch["labels"] != -100)
+    i = int(valid.nonzero()[0])
+    batch["old_logp"] = batch["old_logp"].clone()
+    batch["old_logp"][i] = float("nan")
+    config = PPOLossConfig(**{**BASE, **VARIANTS[name]})
+    loss, _, g = run(lambda *a, **k: ppo_loss(*a, backend=backend, **k), batch["logits"], batch, torch.ones(()),
+                     config=config, cu_seqlens=batch["cu_seqlens"])  # fmt: skip
+    assert torch.isnan(loss)
+    assert torch.isnan(g[i]).all()
+    if "importance_sampling_level" not in VARIANTS[name]:
+        others = torch.ones(g.shape[0], dtype=torch.bool, device=device)
+        others[i] = False
+        assert torch.isfinite(g[others]).all()
+
+
 def test_importance_weighted_kl_is_kl_times_ratio():
     """kl_importance_weighted: the KL term is r * k with r differentiated (TRL's use_bias_correction_kl)."""
     lp = _leaf([-1.0, -0.5])
