@@ -442,17 +442,12 @@ def policy_terms(logp, entropy, old_logp, advantages, ref_logp, valid, config: P
     }
 
 
-def kernel_math(config: PPOLossConfig, tokens: TokenInputs) -> bool:
+def kernel_math(config: PPOLossConfig) -> bool:
     """True when the fused PPO kernel's in-register per-token math (``_ppo_fwd_kernel``) expresses this setting:
-    a token-level objective (the clipped surrogate with asymmetric, dual or two-sided clip; CISPO; SAPO), the
-    log-ratio clamp, rollout weights, a k1 / k2 / k3 / k3+ KL and the entropy bonus. Everything else (sequence-level
-    ratios, the abs / clamped / importance-weighted KL) takes the streaming log-softmax kernel and ``token_stats``."""
-    return (
-        config.importance_sampling_level == "token"
-        and config.kl_estimator != "abs"
-        and config.kl_clamp is None
-        and not config.kl_importance_weighted
-    )
+    every token-level one (the clipped surrogate with asymmetric, dual or two-sided clip; CISPO; SAPO; the log-ratio
+    clamp, rollout weights, every KL estimator with its clamp and importance weight, the entropy bonus). Sequence-level
+    ratios couple tokens of different rows: they take the streaming log-softmax kernel and ``token_stats``."""
+    return config.importance_sampling_level == "token"
 
 
 def token_stats(logp, ent, tokens: TokenInputs, config: PPOLossConfig) -> torch.Tensor:
@@ -476,7 +471,7 @@ def ppo_fwd(logits, tokens: TokenInputs, config: PPOLossConfig, use_triton: bool
     """Forward of the PPO-family ops over (rows, V) logits: ``(stats, mls)`` (see ``_rows.py``'s contract). The fused
     PPO kernel where ``kernel_math`` holds, else the streaming log-softmax (Triton or torch) and ``token_stats``.
     ``stream`` = precomputed ``(logp, ent, mls)`` skips the log-softmax (the lm_head op's two-pass forward)."""
-    if use_triton and stream is None and kernel_math(config, tokens):
+    if use_triton and stream is None and kernel_math(config):
         return ppo_fwd_triton(logits, tokens.labels, tokens.old, tokens.adv, tokens.ref, tokens.weight, config,
                               stats=stats, is_weight=tokens.is_weight)  # fmt: skip
     if stream is None:

@@ -465,7 +465,7 @@ def check_logits_labels(logits, labels, temperature, *, ignore_index=-100, backe
 # ----------------------------------------------------------------------------------------------------
 # PPO per-token step: Triton kernel and launchers
 # ----------------------------------------------------------------------------------------------------
-_KL_MODE = {"k1": 1, "k2": 2, "k3": 3, "k3+": 4}  # 0: no reference log-probs
+_KL_MODE = {"k1": 1, "k2": 2, "k3": 3, "k3+": 4, "abs": 5}  # 0: no reference log-probs
 _POLICY_MODE = {"clip": 0, "cispo": 1, "sapo": 2}
 
 # Rows of the (8, N) float32 per-token statistics written by the forward pass (both backends).
@@ -513,10 +513,12 @@ def _ppo_fwd_kernel(
     log_ratio_clip,  # +inf when the log-ratio clamp is off
     sapo_tau_pos,
     sapo_tau_neg,
+    kl_clamp,  # +inf when the KL value clamp is off
     kl_coef,
     entropy_coef,
     ignore_index,
-    KL_MODE: tl.constexpr,  # 0 none, 1 k1, 2 k2, 3 k3, 4 k3+
+    KL_MODE: tl.constexpr,  # 0 none, 1 k1, 2 k2, 3 k3, 4 k3+, 5 abs
+    KL_IW: tl.constexpr,  # the KL term times the importance ratio
     POLICY: tl.constexpr,  # 0 clip, 1 cispo, 2 sapo (_POLICY_MODE)
     HAS_IS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program: 1 on GPU; many in the interpreter, where each op costs the same
@@ -594,6 +596,9 @@ def _ppo_fwd_kernel(
         elif KL_MODE == 2:
             kl = 0.5 * d * d
             g_kl = d
+        elif KL_MODE == 5:  # abs: |d|, gradient sign(d) (0 at 0, NaN stays NaN)
+            kl = tl.abs(d)
+            g_kl = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, tl.where(d == 0.0, 0.0, d)))
         else:
             # k3 = expm1(-d) + d and its gradient -expm1(-d), by the series of the torch path's _k3 below
             # |d| = 0.1 (exp(-d) - 1 + d cancels there), the closed form above it.
@@ -603,6 +608,13 @@ def _ppo_fwd_kernel(
                 g_kl = tl.where(small, _k3_grad_series(d), 1.0 - tl.exp(-d))
             else:
                 g_kl = d  # k3+: straight-through, k2's gradient
+        # The value clamp (verl's [-10, 10]; +inf = off): no gradient where it holds.
+        g_kl = tl.where((kl < -kl_clamp) | (kl > kl_clamp), 0.0, g_kl)
+        kl = tl.minimum(tl.maximum(kl, -kl_clamp, propagate_nan=tl.PropagateNan.ALL), kl_clamp,
+                        propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
+        if KL_IW:  # importance-weighted KL: r k, d(r k)/dlogp = r k' + k r (r's gradient is 0 where lr is clamped)
+            g_kl = ratio * g_kl + tl.where(lr_frozen, 0.0, kl * ratio)
+            kl = kl * ratio
 
     loss = pg + kl_coef * kl - entropy_coef * ent
     c_lp = wt * (g_pg + kl_coef * g_kl)
@@ -642,8 +654,9 @@ def ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig,
             stats, mls, n, V, inner, s_outer, s_inner, s_v, stats.stride(0),
             1.0 / float(config.temperature), float(config.clip_low), float(config.clip_high), off(config.dual_clip),
             off(config.clip_delta), off(config.log_ratio_clip), float(config.sapo_temperature_pos),
-            float(config.sapo_temperature_neg), float(config.kl_coef), float(config.entropy_coef), IGNORE_INDEX,
-            KL_MODE=0 if ref is None else _KL_MODE[config.kl_estimator], POLICY=_POLICY_MODE[config.policy_loss],
+            float(config.sapo_temperature_neg), off(config.kl_clamp), float(config.kl_coef), float(config.entropy_coef),
+            IGNORE_INDEX, KL_MODE=0 if ref is None else _KL_MODE[config.kl_estimator],
+            KL_IW=bool(config.kl_importance_weighted), POLICY=_POLICY_MODE[config.policy_loss],
             HAS_IS=is_weight is not None,
             BLOCK_M=block_m, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip

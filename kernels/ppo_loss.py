@@ -11,10 +11,10 @@ importance correction (TIS / MIS from ``rollout_logp``), the importance-weighted
 formulas and sources are in ``kernels/_policy.py``.
 
 One forward kernel streams each vocabulary row once (online logsumexp and entropy sums, gathered label logit). For
-token-level objectives (clip, CISPO, SAPO, with rollout weights) it finishes the whole per-token computation in
-registers: loss, metrics and the two coefficients ``c_lp = w dl/dlogp`` and ``c_H = w dl/dH``; for the other settings
-the streaming log-softmax kernel writes logp and H and the per-token math runs on those (n,) vectors (a sequence's
-ratio couples its tokens there).
+every token-level setting (clip, CISPO, SAPO, rollout weights, every KL form) it finishes the whole per-token
+computation in registers: loss, metrics and the two coefficients ``c_lp = w dl/dlogp`` and ``c_H = w dl/dH``; for
+sequence-level ratios the streaming log-softmax kernel writes logp and H and the per-token math runs on those (n,)
+vectors (a sequence's ratio couples its tokens there).
 Backward is the logprobs backward kernel fed with ``c * grad_out``: one more streaming read and one write of the
 logits, optionally in place. ``ppo_loss_from_logprobs`` is the same math on log-probs the caller already has.
 """

@@ -19,13 +19,13 @@ SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     import fusedrl.kernels  # noqa: F401
     mods = {n: sys.modules["fusedrl.kernels." + n] for n in ("logprobs", "ppo_loss", "value_loss", "gae")}
-    F32 = ("inv_temp", "clip_low", "clip_high", "dual_clip", "clip_delta", "log_ratio_clip", "sapo_tau_pos", "sapo_tau_neg", "kl_coef", "entropy_coef", "clip", "gamma", "lam")
+    F32 = ("inv_temp", "clip_low", "clip_high", "dual_clip", "clip_delta", "log_ratio_clip", "sapo_tau_pos", "sapo_tau_neg", "kl_clamp", "kl_coef", "entropy_coef", "clip", "gamma", "lam")
     CASES = [  # (module, kernel, argument types where the defaults below are wrong, constexprs)
         ("logprobs", "_logprobs_fwd_kernel", {"X": "*bf16", "LABELS": "*i64"}, {"RETURN_ENTROPY": True, "BLOCK_M": 1, "BLOCK_V": 8192}),
         ("logprobs", "_logprobs_bwd_kernel", {"X": "*bf16", "DX": "*bf16", "LABELS": "*i64"}, {"HAS_DENT": True, "BLOCK_M": 1, "BLOCK_V": 8192}),
-        ("ppo_loss", "_ppo_fwd_kernel", {"X": "*bf16", "LABELS": "*i64"}, {"KL_MODE": 3, "POLICY": 0, "HAS_IS": True, "BLOCK_M": 1, "BLOCK_V": 8192}),
-        ("ppo_loss", "_ppo_fwd_kernel", {"X": "*fp32", "LABELS": "*i64"}, {"KL_MODE": 4, "POLICY": 1, "HAS_IS": False, "BLOCK_M": 1, "BLOCK_V": 4096}),
-        ("ppo_loss", "_ppo_fwd_kernel", {"X": "*bf16", "LABELS": "*i64"}, {"KL_MODE": 0, "POLICY": 2, "HAS_IS": True, "BLOCK_M": 1, "BLOCK_V": 8192}),
+        ("ppo_loss", "_ppo_fwd_kernel", {"X": "*bf16", "LABELS": "*i64"}, {"KL_MODE": 3, "KL_IW": True, "POLICY": 0, "HAS_IS": True, "BLOCK_M": 1, "BLOCK_V": 8192}),
+        ("ppo_loss", "_ppo_fwd_kernel", {"X": "*fp32", "LABELS": "*i64"}, {"KL_MODE": 4, "KL_IW": False, "POLICY": 1, "HAS_IS": False, "BLOCK_M": 1, "BLOCK_V": 4096}),
+        ("ppo_loss", "_ppo_fwd_kernel", {"X": "*bf16", "LABELS": "*i64"}, {"KL_MODE": 5, "KL_IW": False, "POLICY": 2, "HAS_IS": True, "BLOCK_M": 1, "BLOCK_V": 8192}),
         ("value_loss", "_value_loss_fwd_kernel", {"VALUES": "*bf16", "OLD": "*bf16", "RETURNS": "*fp32"}, {"BLOCK": 1024}),
         ("gae", "_gae_fwd_kernel", {"R": "*bf16", "V": "*fp32", "CU": "*i32", "N": "i64"}, {"BLOCK_T": 64}),
     ]

@@ -48,6 +48,9 @@ VARIANTS = {
     "kl-iw": dict(kl_importance_weighted=True, kl_estimator="k3"),
     "kl-iw-seq": dict(kl_importance_weighted=True, importance_sampling_level="sequence", kl_estimator="k2"),
     "kl-abs-clamp": dict(kl_estimator="abs", kl_clamp=0.2),
+    "kl-iw-lr-clip": dict(kl_importance_weighted=True, kl_estimator="k1", kl_clamp=0.3, log_ratio_clip=0.25),
+    "sapo-lr-clip": dict(policy_loss="sapo", log_ratio_clip=0.25),
+    "cispo-lr-clip": dict(policy_loss="cispo", clip_low=0.1, clip_high=0.1, log_ratio_clip=0.25),
     "token-sum": dict(agg="token-sum"),
     "dr-grpo": dict(agg="seq-mean-token-sum-norm", agg_norm_length=16),
 }
