@@ -347,12 +347,14 @@ class VLLMBackend(RolloutBackend):
             self._build(policy, prompt_ids, n, spec)
         elif self._stale:
             self._push(policy)
+        # Greedy takes n = 1 only: its n copies go in as separate requests (the prefix cache shares their prefill).
+        inputs, forks = ([p for p in prompt_ids for _ in range(n)], 1) if spec.greedy else (prompt_ids, n)
         params = SamplingParams(
-            n=n, temperature=0.0 if spec.greedy else spec.temperature,
+            n=forks, temperature=0.0 if spec.greedy else spec.temperature,
             top_p=1.0 if spec.greedy else spec.top_p, top_k=0 if spec.greedy else spec.top_k,  # 0: vLLM's "off"
             max_tokens=spec.max_new_tokens, stop_token_ids=list(stop_ids), logprobs=0, detokenize=False,
         )  # fmt: skip
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in inputs], params, use_tqdm=False)
         stops = set(stop_ids)
         responses, logprobs = [], []
         for o in outs:
