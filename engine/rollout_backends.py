@@ -310,6 +310,8 @@ class VLLMBackend(RolloutBackend):
                 )  # fmt: skip
                 if device.type == "cuda":
                     kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+                else:  # CPU's default block is 128 tokens: RL prompts rarely fill one, and a group shares full blocks
+                    kwargs["block_size"] = 32
                 self.llm = LLM(**kwargs)
         finally:
             torch.set_num_threads = set_threads
