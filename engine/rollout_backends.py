@@ -306,7 +306,7 @@ class VLLMBackend(RolloutBackend):
                 kwargs = dict(
                     model=self._dir, dtype=str(model.dtype).removeprefix("torch."), max_model_len=ctx,
                     enforce_eager=True, seed=self.seed, skip_tokenizer_init=True, enable_prefix_caching=True,
-                    logprobs_mode="processed_logprobs",
+                    logprobs_mode="processed_logprobs", generation_config="vllm",  # no defaults from the model dir
                 )  # fmt: skip
                 if device.type == "cuda":
                     kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
@@ -378,10 +378,13 @@ def _unwrap(policy):
 # ----------------------------------------------------------------------------------------------------
 # Choosing one
 # ----------------------------------------------------------------------------------------------------
-def resolve_rollout_backend(name: str, policy=None) -> tuple[str, str]:
+def resolve_rollout_backend(name: str, policy=None, device: str | torch.device | None = None) -> tuple[str, str]:
     """(backend, why) for a configured ``name``: ``auto`` is vllm when importable (and the policy is a plain
-    model), else hf-paged when this transformers has continuous batching, else hf. An explicit name that cannot
-    run here raises ValueError / ImportError saying why."""
+    model), else hf-paged on CUDA when this transformers has continuous batching, else hf. Not hf-paged on CPU:
+    there it was 1.3x plain generate on long-tailed responses but 0.3x on fixed-length ones
+    (bench/results/rollout-cpu.json), and a fresh policy's responses mostly run to max_new_tokens. ``device``:
+    where generation runs (default: the policy's, else CPU). An explicit name that cannot run here raises
+    ValueError / ImportError saying why."""
     if name not in ROLLOUT_BACKENDS:
         raise ValueError(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {name!r}")
     from .models import is_peft_model
@@ -399,9 +402,17 @@ def resolve_rollout_backend(name: str, policy=None) -> tuple[str, str]:
         return name, "asked for"
     if vllm_available() and not peft:
         return "vllm", "vllm is importable"
-    if hf_paged_available(policy):
+    if device is None:
+        device = next(policy.parameters()).device if policy is not None else "cpu"
+    if not hf_paged_available(policy):
+        return "hf", "neither vllm nor transformers continuous batching is available"
+    if torch.device(device).type == "cuda":
         return "hf-paged", "vllm is not installed; this transformers has continuous batching"
-    return "hf", "neither vllm nor transformers continuous batching is available"
+    return (
+        "hf",
+        "vllm is not installed; on CPU continuous batching measured 1.3x plain generate on long-tailed "
+        "responses but 0.3x on fixed-length ones: set rollout_backend=hf-paged to use it anyway",
+    )
 
 
 def make_rollout_backend(name: str, policy=None, *, batch_size: int = 64, page_size: int = 32,

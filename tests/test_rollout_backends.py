@@ -45,9 +45,10 @@ def test_resolve_and_bad_input(monkeypatch):
     assert resolve_rollout_backend("auto")[0] == "vllm"
     monkeypatch.setattr(rb, "vllm_available", lambda: False)
     monkeypatch.setattr(rb, "hf_paged_available", lambda policy=None: True)
-    assert resolve_rollout_backend("auto")[0] == "hf-paged"
+    assert resolve_rollout_backend("auto", device="cuda")[0] == "hf-paged"
+    assert resolve_rollout_backend("auto", device="cpu")[0] == "hf"  # slower there on fixed-length responses
     monkeypatch.setattr(rb, "hf_paged_available", lambda policy=None: False)
-    assert resolve_rollout_backend("auto")[0] == "hf"
+    assert resolve_rollout_backend("auto", device="cuda")[0] == "hf"
     with pytest.raises(ImportError, match="needs vllm"):
         resolve_rollout_backend("vllm")
     with pytest.raises(ImportError, match="generate_batch"):
