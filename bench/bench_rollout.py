@@ -4,6 +4,7 @@
     python bench/bench_rollout.py                  # CPU, 3 interleaved rounds, both workloads
     python bench/bench_rollout.py --quick          # 1 round, a smaller batch (smoke test)
     python bench/bench_rollout.py --vllm-python .venv-vllm/bin/python   # where vllm is installed (default: that)
+    python bench/bench_rollout.py --e2e            # whole GRPO steps of the trainer per backend (16 x 4 x 64)
 
 Model: a random ~6M-parameter Llama (V=8192, 4 layers, hidden 256, head_dim 64) in fp32 (``--dtype bfloat16``
 too). Workload: 16 prompts of 16-64 tokens x 4 samples each (a GRPO step's 64 sequences, each prompt sent once
@@ -16,7 +17,7 @@ Each (round, backend) runs in its own process (vllm's with the interpreter of th
 in), backends rotated round by round so that load drift on a shared machine does not become a ratio. In its
 process a backend makes one untimed call (engine construction, vLLM's sampler compile), then ``--reps`` timed
 calls per workload. Memory: the process's peak RSS (VmHWM) above its RSS after building the model, so vLLM's
-preallocated KV cache counts. Writes bench/results/rollout-cpu.json.
+preallocated KV cache counts. Writes bench/results/rollout-cpu.json (--e2e: rollout_e2e_grpo-cpu.json).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def child(backend: str, setting: dict) -> dict:
     from fusedrl.engine.models import build_causal_lm
     from fusedrl.engine.rollout_backends import SamplingSpec, make_rollout_backend
 
+    if setting.get("e2e"):
+        return child_e2e(backend, setting)
     vocab = setting["vocab"]
     model = build_causal_lm("small-llama", vocab_size=vocab, seed=0, hidden_size=256, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=704,
@@ -80,6 +83,45 @@ def child(backend: str, setting: dict) -> dict:
     return out
 
 
+def child_e2e(backend: str, setting: dict) -> dict:
+    """Whole GRPO steps of fusedrl's trainer with this rollout backend: one warm-up step, then timed ones."""
+    import torch
+    from fusedrl.engine.models import build_causal_lm
+    from fusedrl.engine.tokenizer import build_char_tokenizer
+    from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+
+    tok = build_char_tokenizer()
+    model = build_causal_lm("small-llama", vocab_size=setting["vocab"], seed=0, hidden_size=256, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=704,
+                            dtype=getattr(torch, setting["dtype"]))  # fmt: skip
+    n = setting["prompts"] * setting["samples"]
+    cfg = PPOConfig(prompts_per_step=setting["prompts"], samples_per_prompt=setting["samples"],
+                    max_new_tokens=setting["max_new_tokens"], advantage_estimator="grpo", kl_coef=0.04,
+                    learning_rate=1e-6, generation_batch_size=n, max_tokens_per_microbatch=n * (16 + setting[
+                        "max_new_tokens"]), progress=False, rollout_backend=backend, vllm_kv_cache_gb=1)  # fmt: skip
+    prompts = [f"{a}+{b}=" for a, b in zip(range(10, 10 + 4 * n), range(37, 37 + 12 * n, 3))]
+    digits = lambda p, c: [sum(ch.isdigit() for ch in x) / max(len(x), 1) for x in c]  # noqa: E731
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_kb("VmRSS")
+    trainer = PPOTrainer(model, tok, digits, cfg)
+    torch.manual_seed(0)
+    steps = []
+    for i in range(setting["steps"] + 1):
+        t0 = time.perf_counter()
+        m = trainer.step(trainer.sample_prompts(prompts, i))
+        if i:  # step 0 builds the engine (vLLM: its sampler compile)
+            steps.append(
+                {
+                    "s": time.perf_counter() - t0,
+                    "rollout_s": m["perf/rollout_s"],
+                    "tokens": int(trainer.buffer.num_tokens),
+                    "mismatch_k3": m.get("rollout/logp_mismatch_k3"),
+                }
+            )
+    return {"backend": backend, "steps": steps, "peak_extra_rss_gb": (_rss_kb("VmHWM") - base) / 2**20}
+
+
 def run_child(python: str, backend: str, setting: dict, timeout: float) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(setting["threads"]), "MKL_NUM_THREADS": str(setting["threads"])}
     # vLLM compiles its sampler once per cache: every vllm child of this run shares one (warm-up stays honest: the
@@ -107,6 +149,7 @@ def main(argv=None) -> None:
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     ap.add_argument("--out", default=None, help="results file (default bench/results/rollout-cpu[-bf16].json)")
+    ap.add_argument("--e2e", action="store_true", help="whole GRPO steps of the trainer per backend instead")
     ap.add_argument("--child", nargs=2, metavar=("BACKEND", "SETTING"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -118,8 +161,10 @@ def main(argv=None) -> None:
     setting = {"vocab": 8192, "prompts": 16, "samples": 4, "max_new_tokens": 128, "dtype": args.dtype,
                "threads": args.threads, "reps": args.reps, "kv_cache_gb": 1}  # fmt: skip
     rounds = args.rounds
+    if args.e2e:
+        setting.update(e2e=True, vocab=8192, max_new_tokens=64, steps=2)
     if args.quick:
-        setting.update(prompts=4, max_new_tokens=32, reps=1)
+        setting.update(prompts=4, max_new_tokens=32, reps=1, steps=1)
         rounds = 1
     backends = args.backends.split(",")
     python = {b: sys.executable for b in backends}
@@ -138,6 +183,10 @@ def main(argv=None) -> None:
                 print(f"round {r} {b}: {res['error']}", flush=True)
                 continue
             results[b].append(res)
+            if args.e2e:
+                print(f"round {r} {b}: " + ", ".join(f"{x['s']:.2f} s (rollout {x['rollout_s']:.2f} s)"
+                                                     for x in res["steps"]), flush=True)  # fmt: skip
+                continue
             tps = {w: statistics.median(x["tokens_per_s"] for x in res["runs"][w]) for w in WORKLOADS}
             print(
                 f"round {r} {b}: "
@@ -145,6 +194,8 @@ def main(argv=None) -> None:
                 + f", peak +{res['peak_extra_rss_gb']:.2f} GiB, warm-up {res['warmup_s']:.1f} s",
                 flush=True,
             )
+    if args.e2e:
+        return _write_e2e(args, setting, rounds, backends, results, errors, loads)
     records = []
     for w in WORKLOADS:
         base = None
@@ -197,6 +248,53 @@ def main(argv=None) -> None:
         print(
             f"| {rec['workload']} | {rec['provider']} | {rec['tokens_per_s']:,.0f} | {rec.get('speedup', 1):.2f} | "
             f"{rec['median_s']:.2f} s | {rec['peak_mem_gb']:.2f} GiB |"
+        )
+
+
+def _write_e2e(args, setting, rounds, backends, results, errors, loads) -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.common import environment
+
+    records, base = [], None
+    for b in backends:
+        rec = {
+            "op": "grpo-step",
+            "provider": b,
+            "dtype": args.dtype,
+            "shape": f"{setting['prompts']}x{setting['samples']} prompts x <= {setting['max_new_tokens']} new",
+        }
+        if b in errors:
+            records.append({**rec, "error": errors[b]})
+            continue
+        steps = [x for res in results[b] for x in res["steps"]]
+        rec.update(
+            median_s=statistics.median(x["s"] for x in steps),
+            rollout_median_s=statistics.median(x["rollout_s"] for x in steps),
+            tokens_per_s=statistics.median(x["tokens"] / x["s"] for x in steps),
+            peak_mem_gb=max(res["peak_extra_rss_gb"] for res in results[b]), n_timed=len(steps),
+            logp_mismatch_k3=max((x["mismatch_k3"] for x in steps if x["mismatch_k3"] is not None), default=None),
+        )  # fmt: skip
+        if b == "hf":
+            base = rec["median_s"]
+        if base:
+            rec["speedup"] = base / rec["median_s"]
+        records.append(rec)
+    payload = {**environment("cpu"), "threads": args.threads, "rounds": rounds, "setting": setting,
+               "load_avg_1min": loads, "records": records}  # fmt: skip
+    path = Path(args.out) if args.out else ROOT / "bench" / "results" / "rollout_e2e_grpo-cpu.json"
+    if not args.quick or args.out:
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")
+    print("\n| backend | s / GRPO step | rollout s | x hf (step) | peak extra RSS | max logp mismatch k3 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for rec in records:
+        if "error" in rec:
+            print(f"| {rec['provider']} | error: {rec['error'][:80]} | | | | |")
+            continue
+        mm = rec["logp_mismatch_k3"]
+        print(
+            f"| {rec['provider']} | {rec['median_s']:.2f} | {rec['rollout_median_s']:.2f} | "
+            f"{rec.get('speedup', 1):.2f} | {rec['peak_mem_gb']:.2f} GiB | {'-' if mm is None else f'{mm:.1e}'} |"
         )
 
 
