@@ -6,6 +6,9 @@
 ``policy`` is any transformers causal LM; ``reward`` a sequence-classification reward model (score read
 at the last token) or a callable ``(prompts, completions) -> list[float]``. The reference policy defaults
 to a frozen copy of the policy, the critic (``gae`` only) to a value model on a copy of its backbone.
+The rollout runs through ``PPOConfig.rollout_backend`` (``rollout_backends``: plain generate, transformers'
+continuous batching or a colocated vLLM that gets the weights after every optimizer step); an engine's own
+sampled-token log-probs are kept as ``rollout_logp`` beside the trainer's ``old_logp``.
 
 Multi-process (``torchrun``): rank and world size come from ``torch.distributed`` when it is initialised.
 Each rank draws its own slice of the step's prompts, rolls out and scores them. For the update every rank
@@ -306,6 +309,9 @@ class PPOTrainer:
         rollout_logp = None
         if out.logprobs is not None:  # the engine's own log-probs, in the layout's order (responses in sequence)
             rollout_logp = torch.tensor([x for lp in out.logprobs for x in lp], dtype=torch.float32)
+            if len(rollout_logp) != layout.num_tokens:
+                raise RuntimeError(f"rollout backend {self.rollout_backend} returned {len(rollout_logp)} log-probs "
+                                   f"for {layout.num_tokens} response tokens")  # fmt: skip
             rollout_logp = rollout_logp.to(self.device)
         timer.lap("rollout")
 
@@ -656,18 +662,9 @@ class PPOTrainer:
 
 
 # Settings a resumed run may legitimately change (run length, logging, where to save).
-_RESUME_MAY_CHANGE = {
-    "total_steps",
-    "save_every",
-    "keep_checkpoints",
-    "tensorboard",
-    "progress",
-    "output_dir",
-    "rollout_backend",
-    "rollout_page_size",
-    "vllm_gpu_memory_utilization",
-    "vllm_kv_cache_gb",
-}
+_RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorboard", "progress", "output_dir"}
+# ... and the generation engine (same sampling law, same weights).
+_RESUME_MAY_CHANGE |= {"rollout_backend", "rollout_page_size", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb"}
 
 
 # ----------------------------------------------------------------------------------------------------
