@@ -355,6 +355,7 @@ class VLLMBackend(RolloutBackend):
             n=forks, temperature=0.0 if spec.greedy else spec.temperature,
             top_p=1.0 if spec.greedy else spec.top_p, top_k=0 if spec.greedy else spec.top_k,  # 0: vLLM's "off"
             max_tokens=spec.max_new_tokens, stop_token_ids=list(stop_ids), logprobs=0, detokenize=False,
+            ignore_eos=True,  # stop_ids are the only stops (they hold the eos when the caller wants it), as in hf
         )  # fmt: skip
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in inputs], params, use_tqdm=False)
         stops = set(stop_ids)
