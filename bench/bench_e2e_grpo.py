@@ -39,7 +39,10 @@ from bench.common import device_name, git_commit, write_results  # noqa: E402
 from fusedrl.engine.models import build_causal_lm  # noqa: E402
 from fusedrl.engine.tokenizer import build_char_tokenizer  # noqa: E402
 
-PROVIDERS = ("trl", "trl+fusedrl", "fusedrl-engine")
+# fusedrl-engine samples with the hf rollout backend (plain generate, as before the backends existed);
+# fusedrl-engine:hf-paged with transformers' continuous batching (the vllm backend: bench/bench_rollout.py, whose
+# environment has no TRL).
+PROVIDERS = ("trl", "trl+fusedrl", "fusedrl-engine", "fusedrl-engine:hf-paged")
 ENGINE_PHASES = ("rollout", "score", "advantages", "update")  # PPOTrainer.step's laps, in order
 
 
@@ -216,7 +219,7 @@ def run_trl(provider: str, s: Setting, device: str, model_dir: Path, steps: int,
 # ----------------------------------------------------------------------------------------------------
 # fusedrl's engine
 # ----------------------------------------------------------------------------------------------------
-def run_engine(s: Setting, device: str, steps: int) -> dict:
+def run_engine(s: Setting, device: str, steps: int, rollout_backend: str = "hf") -> dict:
     from fusedrl.engine.trainer import PPOConfig, PPOTrainer
 
     tok = build_char_tokenizer()
@@ -226,7 +229,7 @@ def run_engine(s: Setting, device: str, steps: int) -> dict:
     cfg = PPOConfig(
         prompts_per_step=s.prompts_per_step, samples_per_prompt=s.group, max_new_tokens=s.max_new_tokens,
         advantage_estimator="grpo", kl_coef=s.beta, learning_rate=1e-6, generation_batch_size=n,
-        max_tokens_per_microbatch=n * (16 + s.max_new_tokens), progress=False,
+        max_tokens_per_microbatch=n * (16 + s.max_new_tokens), progress=False, rollout_backend=rollout_backend,
     )  # fmt: skip
     trainer = PPOTrainer(policy, tok, digit_reward, cfg)
     prompts = make_prompts(64)
@@ -286,8 +289,8 @@ def run_setting(s: Setting, device: str, steps: int, rounds: int, providers) -> 
             for provider in providers:
                 torch.manual_seed(0)
                 t0 = time.perf_counter()
-                if provider == "fusedrl-engine":
-                    r = run_engine(s, device, steps)
+                if provider.startswith("fusedrl-engine"):
+                    r = run_engine(s, device, steps, provider.partition(":")[2] or "hf")
                 else:
                     r = run_trl(provider, s, device, model_dir, steps, Path(tmp) / provider)
                 runs[provider].append(r)

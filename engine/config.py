@@ -32,6 +32,7 @@ from fusedrl.names import (
     KL_ESTIMATORS,
     POLICY_LOSSES,
     REWARD_KL_ESTIMATORS,
+    ROLLOUT_BACKENDS,
     ROLLOUT_CORRECTION_LEVELS,
     TOKEN_REWARD_ESTIMATORS,
     TRAINER_ROLLOUT_CORRECTIONS,
@@ -56,7 +57,15 @@ class PPOConfig:
     top_k: int = 0
     """Top-k sampling (0 = off)."""
     generation_batch_size: int = 64
-    """Sequences per generate() call (bounds the KV cache)."""
+    """Sequences per generate() call of the hf rollout backend (bounds its KV cache)."""
+    rollout_backend: Literal[ROLLOUT_BACKENDS] = "auto"
+    """Generation engine: hf (plain generate), hf-paged (transformers continuous batching, paged KV cache), vllm (colocated vLLM: pip install 'fusedrl[vllm]'); auto: vllm when importable, else hf-paged on CUDA when this transformers has it, else hf (on CPU continuous batching measured 0.3-1.3x plain generate)."""
+    rollout_page_size: int = 32
+    """Tokens per KV-cache page of the hf-paged backend (its cache is sized from each step's token budget)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of GPU memory the vllm backend may take for weights + KV cache (CUDA only; the trainer needs the rest)."""
+    vllm_kv_cache_gb: float | None = None
+    """KV cache of the vllm backend on CPU, in GiB (rounded up to whole GiB); None sizes it from the first step's token budget."""
     # --- advantages, KL, reward processing
     advantage_estimator: Literal[ADVANTAGE_ESTIMATORS] = "gae"
     """gae: critic + per-token KL reward; grpo: group-normalised; rloo: leave-one-out; reinforce++: batch-normalised."""
@@ -218,6 +227,12 @@ class PPOConfig:
             )
         need(self.loss_agg in AGG_MODES, "loss_agg", f"one of {AGG_MODES}")
         need(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
+        need(self.rollout_backend in ROLLOUT_BACKENDS, "rollout_backend", f"one of {ROLLOUT_BACKENDS}")
+        need(integer("rollout_page_size") and self.rollout_page_size >= 4, "rollout_page_size", "an int >= 4")
+        ok = number("vllm_gpu_memory_utilization") and 0 < self.vllm_gpu_memory_utilization <= 1
+        need(ok, "vllm_gpu_memory_utilization", "a number in (0, 1]")
+        ok = self.vllm_kv_cache_gb is None or (number("vllm_kv_cache_gb") and self.vllm_kv_cache_gb > 0)
+        need(ok, "vllm_kv_cache_gb", "None or a number > 0")
         if self.advantage_estimator in GROUP_ESTIMATORS:
             need(
                 self.samples_per_prompt >= 2,

@@ -16,7 +16,8 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from .packing import RolloutBuffer
 
 # Per-token float fields of the rollout buffer, each at the flat position of the token it is about.
-BUFFER_FIELDS = ("old_logp", "ref_logp", "values", "rewards", "advantages", "returns")
+# rollout_logp: the rollout engine's own log-prob of each sampled token (0 where the backend gives none).
+BUFFER_FIELDS = ("old_logp", "ref_logp", "values", "rewards", "advantages", "returns", "rollout_logp")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,9 +169,10 @@ def generate_responses(
     eos_token_id: int | Sequence[int] | None,
     pad_token_id: int,
     batch_size: int = 64,
+    greedy: bool = False,
 ) -> list[list[int]]:
     """Sample one response per prompt (ids after the prompt, up to and including the first EOS; ``eos_token_id``
-    may list several stop ids, see ``stop_token_ids``).
+    may list several stop ids, see ``stop_token_ids``); ``greedy`` takes the argmax instead (parity tests).
 
     Prompts are left-padded into batches of ``batch_size`` and decoded with the KV cache; a response
     that reaches ``max_new_tokens`` without EOS is kept truncated."""
@@ -178,7 +180,7 @@ def generate_responses(
     gen_cfg = sampling_config(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if getattr(getattr(policy, "generation_config", None), "min_new_tokens", None):
         gen_cfg.min_new_tokens = 0  # a model's own minimum would forbid early EOS: 0 keeps every length possible
-    sampler = LogitsProcessorList([NextTokenSampler(temperature, top_p=top_p, top_k=top_k)])
+    sampler = LogitsProcessorList([] if greedy else [NextTokenSampler(temperature, top_p=top_p, top_k=top_k)])
     if isinstance(eos_token_id, int) or eos_token_id is None:
         stops = set() if eos_token_id is None else {eos_token_id}
     else:

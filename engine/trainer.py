@@ -6,6 +6,9 @@
 ``policy`` is any transformers causal LM; ``reward`` a sequence-classification reward model (score read
 at the last token) or a callable ``(prompts, completions) -> list[float]``. The reference policy defaults
 to a frozen copy of the policy, the critic (``gae`` only) to a value model on a copy of its backbone.
+The rollout runs through ``PPOConfig.rollout_backend`` (``rollout_backends``: plain generate, transformers'
+continuous batching or a colocated vLLM that gets the weights after every optimizer step); an engine's own
+sampled-token log-probs are kept as ``rollout_logp`` beside the trainer's ``old_logp``.
 
 Multi-process (``torchrun``): rank and world size come from ``torch.distributed`` when it is initialised.
 Each rank draws its own slice of the step's prompts, rolls out and scores them. For the update every rank
@@ -24,6 +27,7 @@ holds DTensor shards (use ``state_dict()`` or the saved model outside the traine
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -61,6 +65,7 @@ from .models import (
 )
 from .packing import RolloutBuffer, plan_microbatches
 from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer, generate_responses, stop_token_ids
+from .rollout_backends import HFBackend, SamplingSpec, make_rollout_backend, print_choice, resolve_rollout_backend
 from .scoring import (
     MicroBatch,
     ResponseLayout,
@@ -129,7 +134,6 @@ class PPOTrainer:
         # Fails now for a head the fused ops cannot express (soft-capped logits); the scale is folded into the
         # temperature of every log-prob, so scoring and the loss see the distribution generate() samples from.
         self.logit_scale = logit_scale_of(policy)
-        self._loss_config(cfg.kl_coef)  # a loss setting the kernels refuse fails here, not at the first update
         disable_dropout(policy)
         use_packed_attention(policy)
         if cfg.gradient_checkpointing:
@@ -210,6 +214,9 @@ class PPOTrainer:
         self.global_step = 0
         self._skipped = 0  # optimizer steps skipped for a non-finite loss or gradient, in the current update
         self.context = context_length(policy)
+        self._init_rollout_backend()
+        # A loss setting the kernels refuse fails here, not at the first update (hf returns no rollout log-probs).
+        self._loss_config(cfg.kl_coef, rollout_logp=self.rollout_backend != "hf")
 
     # ------------------------------------------------------------------------------------------------
     # The loop
@@ -237,7 +244,9 @@ class PPOTrainer:
         if run_config is not None and self.rank == 0:
             import yaml
 
-            (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+            # The resolved rollout backend as a comment: the file stays a valid --config of the same run.
+            head = f"# rollout backend: {self.rollout_backend} (rollout_backend={cfg.rollout_backend})\n"
+            (out / "config.yaml").write_text(head + yaml.safe_dump(run_config, sort_keys=False))
         if resume:
             self.load_checkpoint(latest)
         else:
@@ -286,17 +295,25 @@ class PPOTrainer:
                 f"PPOConfig.max_tokens_per_microbatch={cfg.max_tokens_per_microbatch} is smaller than the longest "
                 f"possible sequence ({longest} tokens: prompt + max_new_tokens)"
             )
+        # Each prompt goes to the engine once with n samples (one prefill, shared KV); the group comes back
+        # consecutive, as the group estimators expect.
+        rollout_t0 = time.perf_counter()
+        out = self._policy_root.run_gathered(self._generate, prompt_ids)
+        rollout_s = time.perf_counter() - rollout_t0
+        responses = out.responses
         prompt_ids = [p for p in prompt_ids for _ in range(cfg.samples_per_prompt)]  # groups are consecutive
         prompt_texts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-        responses = self._policy_root.run_gathered(
-            generate_responses, self.policy, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=self.stop_ids, pad_token_id=self.pad_token_id,
-            batch_size=cfg.generation_batch_size,
-        )  # fmt: skip
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         buf = self.buffer
         fill_buffer(buf, prompt_ids, responses)
         self.layout = layout = ResponseLayout(buf, self.device)
+        rollout_logp = None
+        if out.logprobs is not None:  # the engine's own log-probs, in the layout's order (responses in sequence)
+            rollout_logp = torch.tensor([x for lp in out.logprobs for x in lp], dtype=torch.float32)
+            if len(rollout_logp) != layout.num_tokens:
+                raise RuntimeError(f"rollout backend {self.rollout_backend} returned {len(rollout_logp)} log-probs "
+                                   f"for {layout.num_tokens} response tokens")  # fmt: skip
+            rollout_logp = rollout_logp.to(self.device)
         timer.lap("rollout")
 
         # 2. Score: old / reference log-probs and values, (R,) tensors on the device; sequence scores (B,).
@@ -330,7 +347,7 @@ class PPOTrainer:
             dist=dist, backend=cfg.backend,
         )  # fmt: skip
         per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rewards": token_rewards,
-                     "advantages": adv, "returns": returns}  # fmt: skip
+                     "advantages": adv, "returns": returns, "rollout_logp": rollout_logp}  # fmt: skip
         # The buffer keeps the step for its readers (trainer.buffer.field): one device -> host copy per field.
         for name, t in per_token.items():
             if t is not None:
@@ -365,6 +382,12 @@ class PPOTrainer:
             "perf/peak_mem_gb": timer.peak_gb,
             **{f"perf/peak_mem_{k}_gb": v for k, v in timer.peaks_gb.items()},
         }
+        metrics["perf/rollout_tokens_per_s"] = dist.sum(float(layout.num_tokens)) / max(dist.max(rollout_s), 1e-9)
+        if rollout_logp is not None:
+            # Engine vs trainer log-probs of the sampled tokens: k3 estimate of KL(engine || trainer), largest ratio.
+            d = old_logp - rollout_logp
+            metrics["rollout/logp_mismatch_k3"] = dist.mean(torch.expm1(d) - d)
+            metrics["rollout/ratio_max"] = dist.max(float(d.max().exp()))
         if self.critic is not None:
             metrics["value/explained_variance"] = explained_variance(dist.gather(values), dist.gather(returns))
         return metrics
@@ -372,6 +395,46 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------------
     # Stages
     # ------------------------------------------------------------------------------------------------
+    def _init_rollout_backend(self) -> None:
+        """Resolve and build ``config.rollout_backend`` (printed by rank 0; ``self.rollout_backend`` names it)."""
+        cfg = self.config
+        name, why = resolve_rollout_backend(cfg.rollout_backend, self.policy)
+        if name == "vllm" and self.fsdp:
+            raise ValueError("rollout_backend='vllm' with fsdp=True is not supported yet (the weight push would need "
+                             "the gathered full weights on every rank); use hf-paged or hf")  # fmt: skip
+        self._auto_rollout = cfg.rollout_backend == "auto"
+        if name == "hf":
+            self.rollout = HFBackend(batch_size=cfg.generation_batch_size, generate_fn=_generate_responses)
+        else:
+            cache = str(Path(cfg.output_dir) / "vllm_cache") if cfg.output_dir is not None else None
+            self.rollout = make_rollout_backend(
+                name, self.policy, page_size=cfg.rollout_page_size, max_batch_tokens=cfg.max_tokens_per_microbatch,
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gb=cfg.vllm_kv_cache_gb,
+                cache_dir=cache, seed=cfg.seed + 1000003 * self.rank,
+            )  # fmt: skip
+        self.rollout_backend = name
+        if self.rank == 0:
+            print_choice(name, why)
+
+    def _generate(self, prompt_ids: list[list[int]]):
+        """``samples_per_prompt`` responses per prompt from the rollout backend (a ``RolloutOutput``). Under
+        ``auto``, a continuous-batching backend that fails on its first call (a model it cannot run) falls back to
+        hf for the rest of the run, with a warning."""
+        cfg = self.config
+        spec = SamplingSpec(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            top_k=cfg.top_k)  # fmt: skip
+        kw = dict(n=cfg.samples_per_prompt, spec=spec, stop_ids=self.stop_ids, pad_token_id=self.pad_token_id)
+        try:
+            return self.rollout.generate(self.policy, prompt_ids, **kw)
+        except Exception as e:  # noqa: BLE001 - re-raised unless auto may fall back
+            if not (self._auto_rollout and self.rollout_backend == "hf-paged" and self.global_step == 0):
+                raise
+            warnings.warn(f"rollout backend hf-paged failed on this model ({type(e).__name__}: {e}); falling back "
+                          "to hf", RuntimeWarning, stacklevel=2)  # fmt: skip
+            self.rollout = HFBackend(batch_size=cfg.generation_batch_size, generate_fn=_generate_responses)
+            self.rollout_backend = "hf"
+            return self.rollout.generate(self.policy, prompt_ids, **kw)
+
     def _micro_batches(self, seq_ids: np.ndarray) -> list[MicroBatch]:
         """Token-budget micro-batches of this step's buffer covering ``seq_ids``, addressing ``self.layout``."""
         lengths = np.asarray(self.buffer.lengths())[seq_ids]
@@ -393,8 +456,10 @@ class PPOTrainer:
         buf, layout, per_token = self._gather_rollouts(per_token)
         lengths = np.asarray(buf.lengths())
         loss_tokens = _loss_tokens_per_sequence(buf)
-        loss_cfg = self._loss_config(self.kl_controller.value)
+        has_rollout = per_token.get("rollout_logp") is not None
+        loss_cfg = self._loss_config(self.kl_controller.value, rollout_logp=has_rollout)
         use_ref = loss_cfg.kl_coef > 0
+        use_rollout = loss_cfg.rollout_correction != "none"
         # The same seed on every rank: all ranks split the global batch into the same mini-batches.
         rng = np.random.default_rng([cfg.seed, self.global_step, 1])
         stats = UpdateStats(self.dist)
@@ -420,8 +485,9 @@ class PPOTrainer:
                         weight, bias, _ = output_head(self.policy)
                         loss, m = linear_ppo_loss(
                             hidden, weight, mb.labels, take("old_logp"), take("advantages"), bias=bias,
-                            ref_logp=take("ref_logp") if use_ref else None, config=loss_cfg, cu_seqlens=mb.cu_rows,
-                            num_tokens=n_tok, num_sequences=n_seq, backend=cfg.backend,
+                            ref_logp=take("ref_logp") if use_ref else None,
+                            rollout_logp=take("rollout_logp") if use_rollout else None, config=loss_cfg,
+                            cu_seqlens=mb.cu_rows, num_tokens=n_tok, num_sequences=n_seq, backend=cfg.backend,
                         )  # fmt: skip
                         (loss * scale).backward()
                         mini_losses["policy"].append(loss.detach())
@@ -448,6 +514,8 @@ class PPOTrainer:
                     ):
                         stats.add_weighted(f"policy/{k}", m[k], w)
                     stats.max("policy/ratio_max", m["ratio_max"])
+                    if use_rollout:  # tokens whose rollout weight was truncated (tis) or masked (mis)
+                        stats.add_weighted("rollout/corrected_frac", m["rollout_corrected_frac"], w)
                     if self.critic is not None:
                         stats.add("loss/value", vloss.detach())
                         stats.add_weighted("value/clipfrac", vm["clipfrac"], w)
@@ -460,9 +528,19 @@ class PPOTrainer:
                 stats.count_optimizer_step()
         return {**stats.result(), "train/skipped_steps": float(self._skipped)}
 
-    def _loss_config(self, kl_coef: float) -> PPOLossConfig:
-        """The policy loss of this run at KL coefficient ``kl_coef`` (0 when the KL is in the reward)."""
+    def _loss_config(self, kl_coef: float, rollout_logp: bool = False) -> PPOLossConfig:
+        """The policy loss of this run at KL coefficient ``kl_coef`` (0 when the KL is in the reward); ``rollout_logp``:
+        whether this step's rollout engine returned its own log-probs (``rollout_correction='auto'`` corrects with TIS
+        then, an explicit tis / mis needs them)."""
         cfg = self.config
+        correction = cfg.rollout_correction
+        if correction == "auto":
+            correction = "tis" if rollout_logp else "none"
+        elif correction != "none" and not rollout_logp:
+            raise ValueError(
+                f"PPOConfig.rollout_correction={correction!r} needs a rollout backend that returns its sampled tokens' "
+                f"log-probs (hf-paged or vllm), got rollout backend {getattr(self, 'rollout_backend', cfg.rollout_backend)!r}"
+            )
         return PPOLossConfig(
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, clip_delta=cfg.clip_delta,
             policy_loss=cfg.policy_loss, importance_sampling_level=cfg.importance_sampling_level,
@@ -471,6 +549,8 @@ class PPOTrainer:
             kl_clamp=cfg.kl_clamp, kl_importance_weighted=cfg.kl_importance_weighted, entropy_coef=cfg.entropy_coef,
             temperature=cfg.temperature / self.logit_scale, agg=cfg.loss_agg,
             agg_norm_length=cfg.max_new_tokens if cfg.loss_agg == "seq-mean-token-sum-norm" else None,
+            rollout_correction=correction, rollout_correction_level=cfg.rollout_correction_level,
+            rollout_is_max=cfg.rollout_is_max, rollout_is_min=cfg.rollout_is_min,
         )  # fmt: skip
 
     def _optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_ok=True) -> torch.Tensor:
@@ -496,6 +576,8 @@ class PPOTrainer:
                           "that optimizer step was skipped", RuntimeWarning, stacklevel=2)  # fmt: skip
         else:
             optimizer.step()
+            if model is self.policy:
+                self.rollout.sync_weights(self.policy)  # the engine serves the new weights from the next rollout
         optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
@@ -560,6 +642,7 @@ class PPOTrainer:
         self.reward_stats.load_state_dict(state["reward_stats"])
         set_rng_state(state["rng"])
         self.global_step = int(state["step"])
+        self.rollout.sync_weights(self.policy)
 
     def save_checkpoint(self) -> Path | None:
         """``<output_dir>/ckpt-<step>``, written atomically by rank 0 (every rank holds the same weights)."""
@@ -614,11 +697,18 @@ class PPOTrainer:
 
 # Settings a resumed run may legitimately change (run length, logging, where to save).
 _RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorboard", "progress", "output_dir"}
+# ... and the generation engine (same sampling law, same weights).
+_RESUME_MAY_CHANGE |= {"rollout_backend", "rollout_page_size", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb"}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------
+def _generate_responses(*args, **kwargs):
+    """This module's ``generate_responses``, looked up at each call (tests replace it with a fake generator)."""
+    return generate_responses(*args, **kwargs)
+
+
 def _adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW through torch's fused kernel where it has one for these parameters (CUDA and CPU): one pass per
     parameter, no temporaries. The default per-tensor loop allocates ~3 copies of each parameter inside every

@@ -30,3 +30,6 @@ GROUP_ESTIMATORS = ("grpo", "rloo")
 """Baselined within groups of samples of one prompt (need group_size >= 2; never whitened over the batch)."""
 TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce++")
 """Built from per-token rewards (so a KL penalty in the reward reaches them token by token)."""
+ROLLOUT_BACKENDS = ("auto", "hf", "hf-paged", "vllm")
+"""Rollout (generation) backends: hf = plain ``generate``, hf-paged = transformers continuous batching, vllm =
+colocated vLLM; auto = vllm when importable, else hf-paged on CUDA when this transformers has it, else hf."""

@@ -102,7 +102,7 @@ def run(case):
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
     cfg = T.PPOConfig(prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, learning_rate=1e-3,
                       critic_learning_rate=1e-3, max_tokens_per_microbatch=__MAX_TOKENS__, normalize_rewards=True,
-                      progress=False, seed=0, **CASES[case])
+                      progress=False, seed=0, rollout_backend="hf", **CASES[case])  # hf: the fake generator
     tr = T.PPOTrainer(policy, tok, distinct_chars, cfg)
     try:
         metrics = tr.step(tr.sample_prompts(PROMPTS, 0))

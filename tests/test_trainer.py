@@ -25,6 +25,9 @@ SMALL = {
     "learning_rate": 1e-3,
     "critic_learning_rate": 1e-3,
     "progress": False,
+    # The reference rollout: these tests' seeded draws were written against it (test_reward_model_scores' check
+    # reads the score before a sampled pad id); the other backends are tests/test_rollout_backends.py's.
+    "rollout_backend": "hf",
 }
 
 

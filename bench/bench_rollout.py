@@ -1,0 +1,302 @@
+"""Rollout backends side by side: generated tokens/s and peak memory of hf (plain generate), hf-paged
+(transformers continuous batching) and vllm (colocated vLLM), same model, same prompts, same sampling.
+
+    python bench/bench_rollout.py                  # CPU, 3 interleaved rounds, both workloads
+    python bench/bench_rollout.py --quick          # 1 round, a smaller batch (smoke test)
+    python bench/bench_rollout.py --vllm-python .venv-vllm/bin/python   # where vllm is installed (default: that)
+    python bench/bench_rollout.py --e2e            # whole GRPO steps of the trainer per backend (16 x 4 x 64)
+
+Model: a random ~6M-parameter Llama (V=8192, 4 layers, hidden 256, head_dim 64) in fp32 (``--dtype bfloat16``
+too). Workload: 16 prompts of 16-64 tokens x 4 samples each (a GRPO step's 64 sequences, each prompt sent once
+with n = 4), up to 128 new tokens at temperature 1:
+- ``long-tail``: 1 token in 48 is a stop id, so lengths are geometric (mean ~40, a tail up to 128): where
+  left-padded generate wastes most;
+- ``fixed``: no stop id, every response is 128 tokens.
+
+Each (round, backend) runs in its own process (vllm's with the interpreter of the environment it is installed
+in), backends rotated round by round so that load drift on a shared machine does not become a ratio. In its
+process a backend makes one untimed call (engine construction, vLLM's sampler compile), then ``--reps`` timed
+calls per workload. Memory: the process's peak RSS (VmHWM) above its RSS after building the model, so vLLM's
+preallocated KV cache counts. Writes bench/results/rollout-cpu.json (--e2e: rollout_e2e_grpo-cpu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("hf", "hf-paged", "vllm")
+WORKLOADS = ("long-tail", "fixed")
+
+
+def _rss_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def child(backend: str, setting: dict) -> dict:
+    """One backend in this process: build, warm up, time each workload."""
+    import torch
+
+    torch.set_num_threads(setting["threads"])
+    from fusedrl.engine.models import build_causal_lm
+    from fusedrl.engine.rollout_backends import SamplingSpec, make_rollout_backend
+
+    if setting.get("e2e"):
+        return child_e2e(backend, setting)
+    vocab = setting["vocab"]
+    model = build_causal_lm("small-llama", vocab_size=vocab, seed=0, hidden_size=256, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=704,
+                            dtype=getattr(torch, setting["dtype"]))  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    prompts = [[1] + torch.randint(3, vocab, (int(n),), generator=g).tolist()
+               for n in torch.randint(15, 64, (setting["prompts"],), generator=g)]  # fmt: skip
+    stops = {"long-tail": list(range(3, 3 + vocab // 48)), "fixed": []}
+    spec = SamplingSpec(max_new_tokens=setting["max_new_tokens"], temperature=1.0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_kb("VmRSS")
+    rb = make_rollout_backend(backend, model, kv_cache_gb=setting.get("kv_cache_gb"))
+    kw = dict(n=setting["samples"], spec=spec, pad_token_id=0)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    rb.generate(model, prompts, stop_ids=stops["long-tail"], **kw)
+    out = {"backend": backend, "warmup_s": time.perf_counter() - t0, "runs": {}}
+    for w in WORKLOADS:
+        runs = []
+        for _ in range(setting["reps"]):
+            t0 = time.perf_counter()
+            res = rb.generate(model, prompts, stop_ids=stops[w], **kw)
+            dt = time.perf_counter() - t0
+            tokens = sum(len(r) for r in res.responses)
+            runs.append({"s": dt, "tokens": tokens, "tokens_per_s": tokens / dt})
+        out["runs"][w] = runs
+    out["peak_extra_rss_gb"] = (_rss_kb("VmHWM") - base) / 2**20
+    rb.close()
+    return out
+
+
+def child_e2e(backend: str, setting: dict) -> dict:
+    """Whole GRPO steps of fusedrl's trainer with this rollout backend: one warm-up step, then timed ones."""
+    import torch
+    from fusedrl.engine.models import build_causal_lm
+    from fusedrl.engine.tokenizer import build_char_tokenizer
+    from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+
+    tok = build_char_tokenizer()
+    model = build_causal_lm("small-llama", vocab_size=setting["vocab"], seed=0, hidden_size=256, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=704,
+                            dtype=getattr(torch, setting["dtype"]))  # fmt: skip
+    n = setting["prompts"] * setting["samples"]
+    cfg = PPOConfig(prompts_per_step=setting["prompts"], samples_per_prompt=setting["samples"],
+                    max_new_tokens=setting["max_new_tokens"], advantage_estimator="grpo", kl_coef=0.04,
+                    learning_rate=1e-6, generation_batch_size=n, max_tokens_per_microbatch=n * (16 + setting[
+                        "max_new_tokens"]), progress=False, rollout_backend=backend, vllm_kv_cache_gb=1)  # fmt: skip
+    prompts = [f"{a}+{b}=" for a, b in zip(range(10, 10 + 4 * n), range(37, 37 + 12 * n, 3))]
+    digits = lambda p, c: [sum(ch.isdigit() for ch in x) / max(len(x), 1) for x in c]  # noqa: E731
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_kb("VmRSS")
+    trainer = PPOTrainer(model, tok, digits, cfg)
+    torch.manual_seed(0)
+    steps = []
+    for i in range(setting["steps"] + 1):
+        t0 = time.perf_counter()
+        m = trainer.step(trainer.sample_prompts(prompts, i))
+        if i:  # step 0 builds the engine (vLLM: its sampler compile)
+            steps.append(
+                {
+                    "s": time.perf_counter() - t0,
+                    "rollout_s": m["perf/rollout_s"],
+                    "tokens": int(trainer.buffer.num_tokens),
+                    "mismatch_k3": m.get("rollout/logp_mismatch_k3"),
+                }
+            )
+    return {"backend": backend, "steps": steps, "peak_extra_rss_gb": (_rss_kb("VmHWM") - base) / 2**20}
+
+
+def run_child(python: str, backend: str, setting: dict, timeout: float) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(setting["threads"]), "MKL_NUM_THREADS": str(setting["threads"])}
+    # vLLM compiles its sampler once per cache: every vllm child of this run shares one (warm-up stays honest: the
+    # first child pays it).
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / "runs" / "bench-rollout-inductor"))
+    cmd = [python, str(Path(__file__).resolve()), "--child", backend, json.dumps(setting)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {r.returncode}: {' | '.join(tail)[-400:]}"}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2, help="timed calls per workload in each process")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
+    ap.add_argument("--out", default=None, help="results file (default bench/results/rollout-cpu[-bf16].json)")
+    ap.add_argument("--e2e", action="store_true", help="whole GRPO steps of the trainer per backend instead")
+    ap.add_argument("--child", nargs=2, metavar=("BACKEND", "SETTING"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child[0], json.loads(args.child[1]))), flush=True)
+        return
+    sys.path.insert(0, str(ROOT))
+    from bench.common import environment
+
+    setting = {"vocab": 8192, "prompts": 16, "samples": 4, "max_new_tokens": 128, "dtype": args.dtype,
+               "threads": args.threads, "reps": args.reps, "kv_cache_gb": 1}  # fmt: skip
+    rounds = args.rounds
+    if args.e2e:
+        setting.update(e2e=True, vocab=8192, max_new_tokens=64, steps=2)
+    if args.quick:
+        setting.update(prompts=4, max_new_tokens=32, reps=1, steps=1)
+        rounds = 1
+    backends = args.backends.split(",")
+    python = {b: sys.executable for b in backends}
+    if "vllm" in backends:
+        python["vllm"] = args.vllm_python if Path(args.vllm_python).exists() else sys.executable
+    results = {b: [] for b in backends}
+    errors, loads = {}, [os.getloadavg()[0]]
+    for r in range(rounds):
+        for b in backends[r % len(backends) :] + backends[: r % len(backends)]:
+            if b in errors:
+                continue
+            res = run_child(python[b], b, setting, timeout=900)
+            loads.append(os.getloadavg()[0])
+            if "error" in res:
+                errors[b] = res["error"]
+                print(f"round {r} {b}: {res['error']}", flush=True)
+                continue
+            results[b].append(res)
+            if args.e2e:
+                print(f"round {r} {b}: " + ", ".join(f"{x['s']:.2f} s (rollout {x['rollout_s']:.2f} s)"
+                                                     for x in res["steps"]), flush=True)  # fmt: skip
+                continue
+            tps = {w: statistics.median(x["tokens_per_s"] for x in res["runs"][w]) for w in WORKLOADS}
+            print(
+                f"round {r} {b}: "
+                + ", ".join(f"{w} {v:,.0f} tok/s" for w, v in tps.items())
+                + f", peak +{res['peak_extra_rss_gb']:.2f} GiB, warm-up {res['warmup_s']:.1f} s",
+                flush=True,
+            )
+    if args.e2e:
+        return _write_e2e(args, setting, rounds, backends, results, errors, loads)
+    records = []
+    for w in WORKLOADS:
+        base = None
+        for b in backends:
+            rec = {
+                "op": "rollout",
+                "workload": w,
+                "provider": b,
+                "dtype": args.dtype,
+                "shape": f"{setting['prompts']}x{setting['samples']} prompts x <= {setting['max_new_tokens']} new",
+            }
+            if b in errors:
+                records.append({**rec, "error": errors[b]})
+                continue
+            runs = [x for res in results[b] for x in res["runs"][w]]
+            rec.update(
+                tokens_per_s=statistics.median(x["tokens_per_s"] for x in runs),
+                median_s=statistics.median(x["s"] for x in runs), tokens=statistics.median(x["tokens"] for x in runs),
+                peak_mem_gb=max(res["peak_extra_rss_gb"] for res in results[b]),
+                warmup_s=statistics.median(res["warmup_s"] for res in results[b]), n_timed=len(runs),
+            )  # fmt: skip
+            if b == "hf":
+                base = rec["tokens_per_s"]
+            if base:
+                rec["speedup"] = rec["tokens_per_s"] / base
+            records.append(rec)
+    env = environment("cpu")
+    try:
+        vllm_v = subprocess.run([python.get("vllm", sys.executable), "-c", "import vllm; print(vllm.__version__)"],
+                                capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1:]  # fmt: skip
+    except Exception:  # noqa: BLE001 - only for the record
+        vllm_v = []
+    import transformers
+
+    payload = {**env, "threads": args.threads, "rounds": rounds, "setting": setting, "load_avg_1min": loads,
+               "transformers": transformers.__version__, "vllm": vllm_v[0] if vllm_v else None,
+               "records": records}  # fmt: skip
+    suffix = "" if args.dtype == "float32" else "-bf16"
+    path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"rollout-cpu{suffix}.json"
+    if not args.quick or args.out:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")
+    print("\n| workload | backend | tokens/s | x hf | time per call | peak extra RSS |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for rec in records:
+        if "error" in rec:
+            print(f"| {rec['workload']} | {rec['provider']} | error: {rec['error'][:80]} | | | |")
+            continue
+        print(
+            f"| {rec['workload']} | {rec['provider']} | {rec['tokens_per_s']:,.0f} | {rec.get('speedup', 1):.2f} | "
+            f"{rec['median_s']:.2f} s | {rec['peak_mem_gb']:.2f} GiB |"
+        )
+
+
+def _write_e2e(args, setting, rounds, backends, results, errors, loads) -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.common import environment
+
+    records, base = [], None
+    for b in backends:
+        rec = {
+            "op": "grpo-step",
+            "provider": b,
+            "dtype": args.dtype,
+            "shape": f"{setting['prompts']}x{setting['samples']} prompts x <= {setting['max_new_tokens']} new",
+        }
+        if b in errors:
+            records.append({**rec, "error": errors[b]})
+            continue
+        steps = [x for res in results[b] for x in res["steps"]]
+        rec.update(
+            median_s=statistics.median(x["s"] for x in steps),
+            rollout_median_s=statistics.median(x["rollout_s"] for x in steps),
+            tokens_per_s=statistics.median(x["tokens"] / x["s"] for x in steps),
+            peak_mem_gb=max(res["peak_extra_rss_gb"] for res in results[b]), n_timed=len(steps),
+            logp_mismatch_k3=max((x["mismatch_k3"] for x in steps if x["mismatch_k3"] is not None), default=None),
+        )  # fmt: skip
+        if b == "hf":
+            base = rec["median_s"]
+        if base:
+            rec["speedup"] = base / rec["median_s"]
+        records.append(rec)
+    payload = {**environment("cpu"), "threads": args.threads, "rounds": rounds, "setting": setting,
+               "load_avg_1min": loads, "records": records}  # fmt: skip
+    path = Path(args.out) if args.out else ROOT / "bench" / "results" / "rollout_e2e_grpo-cpu.json"
+    if not args.quick or args.out:
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")
+    print("\n| backend | s / GRPO step | rollout s | x hf (step) | peak extra RSS | max logp mismatch k3 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for rec in records:
+        if "error" in rec:
+            print(f"| {rec['provider']} | error: {rec['error'][:80]} | | | | |")
+            continue
+        mm = rec["logp_mismatch_k3"]
+        print(
+            f"| {rec['provider']} | {rec['median_s']:.2f} | {rec['rollout_median_s']:.2f} | "
+            f"{rec.get('speedup', 1):.2f} | {rec['peak_mem_gb']:.2f} GiB | {'-' if mm is None else f'{mm:.1e}'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
