@@ -258,10 +258,10 @@ def scenarios(vocabs=VOCABS, dtypes=DTYPES, n_tokens=N_TOKENS, gae_shape=GAE_SHA
                     res = res if ent else (res,)
                     torch.autograd.backward(res, [torch.empty_like(r) for r in res])
 
-                def ppo(cfg, ref):
+                def ppo(cfg, ref, rollout=False):
                     x = torch.empty(N, V, dtype=dt, requires_grad=True, **meta)
-                    loss, _ = ppo_loss(x, y, vec, vec, vec, ref_logp=vec if ref else None, config=cfg,
-                                       backend="triton")  # fmt: skip
+                    loss, _ = ppo_loss(x, y, vec, vec, vec, ref_logp=vec if ref else None,
+                                       rollout_logp=vec if rollout else None, config=cfg, backend="triton")  # fmt: skip
                     loss.backward()
 
                 base = {"V": V, "N": N, "dtype": dtype}
@@ -274,6 +274,19 @@ def scenarios(vocabs=VOCABS, dtypes=DTYPES, n_tokens=N_TOKENS, gae_shape=GAE_SHA
                         {**base, "op": "ppo_loss", "variant": f"kl {est}" + (" + entropy" if est == "k3" else "")},
                         lambda cfg=cfg: ppo(cfg, True),
                     )
+                # The other objectives and per-token terms of the fused kernel (constexpr POLICY, KL_IW, HAS_IS).
+                kl = dict(kl_coef=0.04, kl_estimator="k3")
+                others = {
+                    "cispo + tis": (PPOLossConfig(policy_loss="cispo", clip_low=1.0, clip_high=4.0,
+                                                  rollout_correction="tis", **kl), True),
+                    "sapo": (PPOLossConfig(policy_loss="sapo", **kl), False),
+                    "delta + abs kl, clamped, IS-weighted": (PPOLossConfig(
+                        clip_delta=3.0, kl_coef=0.04, kl_estimator="abs", kl_clamp=10.0,
+                        kl_importance_weighted=True), False),
+                }  # fmt: skip
+                for variant, (cfg, rollout) in others.items():
+                    run({**base, "op": "ppo_loss", "variant": variant},
+                        lambda cfg=cfg, rollout=rollout: ppo(cfg, True, rollout))  # fmt: skip
             n = N * 8
             v = torch.empty(n, dtype=dt, requires_grad=True, **meta)
 
