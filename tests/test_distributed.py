@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -141,6 +142,9 @@ if __name__ == "__main__":
 """.replace("__CASES__", repr(CASES)).replace("__MAX_TOKENS__", str(MAX_TOKENS))
 
 
+RUNTIME_ABORT = "terminate called without an active exception"
+
+
 def check_global_plan(one_steps, two_steps_per_rank, lengths, case):
     """Each 2-rank mini-batch was planned once over both ranks: rank r trained exactly the micro-batches
     plan_microbatches(num_ranks=2)[r] of the mini-batch the 1-process run trained, in lockstep."""
@@ -186,6 +190,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
            str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+    if r.returncode != 0 and RUNTIME_ABORT in r.stderr:
+        # A rank aborted inside the C++ runtime (std::terminate in a gloo / torch thread, no Python error): seen about
+        # once in 20 runs on 2 loaded CPUs, never with a Python traceback. One retry; a second abort fails the test.
+        warnings.warn(f"torchrun rank aborted ({RUNTIME_ABORT!r}); retrying once", stacklevel=1)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     two = torch.load(out, weights_only=False)
 
