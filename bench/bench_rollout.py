@@ -234,21 +234,27 @@ def main(argv=None) -> None:
                "transformers": transformers.__version__, "vllm": vllm_v[0] if vllm_v else None,
                "records": records}  # fmt: skip
     suffix = "" if args.dtype == "float32" else "-bf16"
-    path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"rollout-cpu{suffix}.json"
+    rows = [
+        f"| {r['workload']} | {r['provider']} | error: {r['error'][:80]} | | | |" if "error" in r else
+        f"| {r['workload']} | {r['provider']} | {r['tokens_per_s']:,.0f} | {r.get('speedup', 1):.2f} | "
+        f"{r['median_s']:.2f} s | {r['peak_mem_gb']:.2f} GiB |"
+        for r in records
+    ]  # fmt: skip
+    _save_and_print(args, payload, f"rollout-cpu{suffix}.json",
+                    "| workload | backend | tokens/s | x hf | time per call | peak extra RSS |", rows)  # fmt: skip
+
+
+def _save_and_print(args, payload: dict, name: str, header: str, rows: list[str]) -> None:
+    """Write the payload to ``--out`` or bench/results/<name> (not for a plain --quick run) and print the table."""
+    path = Path(args.out) if args.out else ROOT / "bench" / "results" / name
     if not args.quick or args.out:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {path}")
-    print("\n| workload | backend | tokens/s | x hf | time per call | peak extra RSS |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for rec in records:
-        if "error" in rec:
-            print(f"| {rec['workload']} | {rec['provider']} | error: {rec['error'][:80]} | | | |")
-            continue
-        print(
-            f"| {rec['workload']} | {rec['provider']} | {rec['tokens_per_s']:,.0f} | {rec.get('speedup', 1):.2f} | "
-            f"{rec['median_s']:.2f} s | {rec['peak_mem_gb']:.2f} GiB |"
-        )
+    print("\n" + header)
+    print("|" + " --- |" * header.count(" | ") + " --- |")
+    for row in rows:
+        print(row)
 
 
 def _write_e2e(args, setting, rounds, backends, results, errors, loads) -> None:
@@ -281,21 +287,16 @@ def _write_e2e(args, setting, rounds, backends, results, errors, loads) -> None:
         records.append(rec)
     payload = {**environment("cpu"), "threads": args.threads, "rounds": rounds, "setting": setting,
                "load_avg_1min": loads, "records": records}  # fmt: skip
-    path = Path(args.out) if args.out else ROOT / "bench" / "results" / "rollout_e2e_grpo-cpu.json"
-    if not args.quick or args.out:
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {path}")
-    print("\n| backend | s / GRPO step | rollout s | x hf (step) | peak extra RSS | max logp mismatch k3 |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for rec in records:
-        if "error" in rec:
-            print(f"| {rec['provider']} | error: {rec['error'][:80]} | | | | |")
-            continue
-        mm = rec["logp_mismatch_k3"]
-        print(
-            f"| {rec['provider']} | {rec['median_s']:.2f} | {rec['rollout_median_s']:.2f} | "
-            f"{rec.get('speedup', 1):.2f} | {rec['peak_mem_gb']:.2f} GiB | {'-' if mm is None else f'{mm:.1e}'} |"
-        )
+    mismatch = lambda mm: "-" if mm is None else f"{mm:.1e}"  # noqa: E731
+    rows = [
+        f"| {r['provider']} | error: {r['error'][:80]} | | | | |" if "error" in r else
+        f"| {r['provider']} | {r['median_s']:.2f} | {r['rollout_median_s']:.2f} | {r.get('speedup', 1):.2f} | "
+        f"{r['peak_mem_gb']:.2f} GiB | {mismatch(r['logp_mismatch_k3'])} |"
+        for r in records
+    ]  # fmt: skip
+    _save_and_print(args, payload, "rollout_e2e_grpo-cpu.json",
+                    "| backend | s / GRPO step | rollout s | x hf (step) | peak extra RSS | max logp mismatch k3 |",
+                    rows)  # fmt: skip
 
 
 if __name__ == "__main__":
