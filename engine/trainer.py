@@ -39,7 +39,7 @@ from torch import nn
 from torch.distributed.checkpoint import state_dict as dcp_state
 from torch.distributed.tensor import DTensor
 
-from fusedrl.kernels import PPOLossConfig, linear_ppo_loss, shape_token_rewards, value_loss
+from fusedrl.kernels import PPOLossConfig, kl_penalty, linear_ppo_loss, shape_token_rewards, value_loss
 from fusedrl.names import TOKEN_REWARD_ESTIMATORS
 
 from .advantages import (
@@ -385,9 +385,8 @@ class PPOTrainer:
         metrics["perf/rollout_tokens_per_s"] = dist.sum(float(layout.num_tokens)) / max(dist.max(rollout_s), 1e-9)
         if rollout_logp is not None:
             # Engine vs trainer log-probs of the sampled tokens: k3 estimate of KL(engine || trainer), largest ratio.
-            d = old_logp - rollout_logp
-            metrics["rollout/logp_mismatch_k3"] = dist.mean(torch.expm1(d) - d)
-            metrics["rollout/ratio_max"] = dist.max(float(d.max().exp()))
+            metrics["rollout/logp_mismatch_k3"] = dist.mean(kl_penalty(rollout_logp, old_logp, "k3"))
+            metrics["rollout/ratio_max"] = dist.max(float((old_logp - rollout_logp).max().exp()))
         if self.critic is not None:
             metrics["value/explained_variance"] = explained_variance(dist.gather(values), dist.gather(returns))
         return metrics

@@ -460,11 +460,16 @@ def token_stats(logp, ent, tokens: TokenInputs, config: PPOLossConfig) -> torch.
                          is_weight=tokens.is_weight, seq=tokens.seq, n_seq=tokens.n_seq)  # fmt: skip
         weighted = tokens.weight * t["loss"]
         c_lp, c_h = torch.autograd.grad(weighted.sum(), (logp, ent), allow_unused=True)
-    zeros = torch.zeros_like(weighted)
-    return torch.stack([
-        weighted.detach(), zeros if c_lp is None else c_lp, zeros if c_h is None else c_h, t["ratio"], t["clip"],
-        t["approx_kl"], t["kl"], t["entropy"],
-    ])  # fmt: skip
+    return terms_stats(t, weighted.detach(), c_lp, c_h)
+
+
+def terms_stats(t: dict, weighted=None, c_lp=None, c_h=None) -> torch.Tensor:
+    """``policy_terms``' output in the (N_STATS, n) layout of the fused ops' statistics (rows without a value: 0),
+    so that the references and ``ppo_loss_from_logprobs`` share ``ppo_metrics`` with the kernels."""
+    zeros = torch.zeros_like(t["ratio"])
+    pick = lambda x: zeros if x is None else x  # noqa: E731
+    return torch.stack([pick(weighted), pick(c_lp), pick(c_h), t["ratio"], t["clip"], t["approx_kl"], t["kl"],
+                        t["entropy"]])  # fmt: skip
 
 
 def ppo_fwd(logits, tokens: TokenInputs, config: PPOLossConfig, use_triton: bool, stats=None, stream=None):
@@ -511,16 +516,3 @@ def ppo_metrics(stats: torch.Tensor, valid: torch.Tensor, rollout_metrics: dict 
             "clipped_high": (clip == CLIP_HIGH).view(shape), "dual_clipped": (clip == CLIP_DUAL).view(shape),
         }  # fmt: skip
     return out
-
-
-def metrics_ref(t: dict, valid: torch.Tensor, rollout_metrics: dict | None = None) -> dict:
-    """``ppo_metrics`` from ``policy_terms``' output (the references' metrics)."""
-    count = valid.sum().clamp(min=1)
-    fr = lambda x: x.sum() / count  # noqa: E731
-    low, high = fr(t["clip"] == CLIP_LOW), fr(t["clip"] == CLIP_HIGH)
-    out = {
-        "clipfrac": low + high, "clipfrac_low": low, "clipfrac_high": high, "dualclip_frac": fr(t["clip"] == CLIP_DUAL),
-        "approx_kl": fr(t["approx_kl"]), "kl": fr(t["kl"]), "entropy": fr(t["entropy"]),
-        "ratio_max": t["ratio"].amax() if t["ratio"].numel() else t["ratio"].new_zeros(()), **(rollout_metrics or {}),
-    }  # fmt: skip
-    return {k: v.detach() for k, v in out.items()}

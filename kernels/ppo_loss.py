@@ -29,17 +29,17 @@ import torch
 
 from ._policy import (
     kl_estimate,
-    metrics_ref,
     policy_terms,
     ppo_fwd,
     ppo_metrics,
     prepare_ppo_inputs,
     rollout_weights,
     sequence_index,
+    terms_stats,
     token_weights,
 )
 from ._rows import _ppo_fwd_kernel  # noqa: F401  tests/test_gpu_compile.py compiles it here
-from ._rows import CLIP_DUAL, CLIP_HIGH, CLIP_LOW, STAT_LOSS, check_logits_labels, ppo_bwd_torch, ppo_bwd_triton
+from ._rows import STAT_LOSS, check_logits_labels, ppo_bwd_torch, ppo_bwd_triton
 from ._utils import (
     AGG_MODES,
     IGNORE_INDEX,
@@ -290,10 +290,7 @@ def ppo_loss_from_logprobs(
     t = policy_terms(lp, ent, tokens.old, tokens.adv, tokens.ref, tokens.valid, config, is_weight=tokens.is_weight,
                      seq=tokens.seq, n_seq=tokens.n_seq)  # fmt: skip
     loss = (tokens.weight.to(dtype) * t["loss"]).sum()
-    metrics = metrics_ref(t, tokens.valid, rollout_metrics)
-    if return_per_token:
-        metrics["per_token"] = _per_token_ref(t, valid.shape)
-    return loss, metrics
+    return loss, ppo_metrics(terms_stats(t), valid, rollout_metrics, per_token=return_per_token)
 
 
 def _check_inplace_logits(logits: torch.Tensor) -> None:
@@ -345,13 +342,4 @@ def ppo_loss_ref(
     w = token_weights(valid, config.agg, cu_seqlens=cu_seqlens, num_tokens=num_tokens, num_sequences=num_sequences,
                       norm_length=config.agg_norm_length, dtype=logp.dtype)  # fmt: skip
     loss = (flat(w) * t["loss"]).sum()
-    metrics = metrics_ref(t, flat(valid), rollout_metrics)
-    if return_per_token:
-        metrics["per_token"] = _per_token_ref(t, labels.shape)
-    return loss, metrics
-
-
-def _per_token_ref(t: dict, shape) -> dict:
-    clip = t["clip"]
-    return {"ratio": t["ratio"].detach().view(shape), "clipped_low": (clip == CLIP_LOW).view(shape),
-            "clipped_high": (clip == CLIP_HIGH).view(shape), "dual_clipped": (clip == CLIP_DUAL).view(shape)}  # fmt: skip
+    return loss, ppo_metrics(terms_stats(t), valid, rollout_metrics, per_token=return_per_token)
