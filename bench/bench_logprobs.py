@@ -10,7 +10,7 @@ achieved GB/s (bytes the op must move at minimum), fraction of the measured copy
 
     python bench/bench_logprobs.py --side-by-side      # CPU, N=1024, V=151936, bf16 and fp32, fwd+bwd
 
-runs fusedrl's torch path, TRL's selective_log_softmax, eager log_softmax(x.float()).gather (and, with
+runs fusedrl's torch path (native CPU loops; ``fusedrl-ops``: its chunked torch ops), TRL's selective_log_softmax, eager log_softmax(x.float()).gather (and, with
 --providers ...,compile, torch.compile of it) each in its own one-thread process, interleaved, and writes
 bench/results/torch-path-logprobs-cpu-<date>.json / .md with times, peak RSS above the inputs and ratios.
 """
@@ -119,11 +119,16 @@ def bench_shape(N, V, dtype, device, copy_gbps, *, include_loop=True):
 
 
 # ----------------------------------------------------------------------------- CPU side by side (issue 16)
-SIDE_PROVIDERS = ["fusedrl", "trl", "eager"]
+SIDE_PROVIDERS = ["fusedrl", "fusedrl-ops", "trl", "eager"]
 
 
 def _side_fn(provider):
     if provider == "fusedrl":
+        return lambda x, y: logprobs(x, y, backend="torch")
+    if provider == "fusedrl-ops":  # the torch path without its native CPU loops: the chunked torch ops
+        from fusedrl.kernels import _rows
+
+        _rows.native_cpu = False
         return lambda x, y: logprobs(x, y, backend="torch")
     if provider == "trl":
         from trl.trainer.utils import selective_log_softmax  # CPU tensors: its per-row torch path

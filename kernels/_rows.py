@@ -14,7 +14,10 @@ The contract:
   ``torch_chunk_fwd`` / ``torch_chunk_bwd`` give dL/dlogits from upstream dlogp (and dH) in the logits'
   dtype, optionally in place (``out=``). The Triton and torch versions of a block compute the same math.
   ``row_chunks`` splits (..., V) logits into ~1M-element row chunks; ``chunk_workspace`` is the float32
-  scratch one op allocates once and passes to every chunk (``work=``, optional).
+  scratch one op allocates once and passes to every chunk (``work=``, optional). On CPU float32 / bfloat16
+  logits with a contiguous V axis the ``*_torch`` functions run native loops instead (csrc/cpu_rows/rows.cpp,
+  ``fusedrl.kernels._cpu_rows``: one read per row forward, one read + one write backward, no temporaries, rows
+  split over ``torch.get_num_threads()`` threads); ``native_cpu = False`` switches them off.
 - PPO per-token step: ``ppo_fwd_triton`` (the fused kernel: the token-level clipped surrogate in registers) returns
   ``(stats, mls)`` with ``stats`` the (N_STATS, n) float32 per-token statistics (row ``STAT_LOSS`` holds the
   weighted loss, ``STAT_C_LP`` / ``STAT_C_H`` dL/dlogp and dL/dH, ``STAT_CLIP`` a ``CLIP_*`` code);
@@ -54,6 +57,16 @@ if TYPE_CHECKING:
 # Rows per chunk on the PyTorch path: bounds the float32 temporaries at ~1M elements (4 MiB each) whatever N is.
 _TORCH_CHUNK_ELEMS = 1 << 20
 _F32_LOWEST = torch.finfo(torch.float32).min
+
+# Native CPU loops (csrc/cpu_rows/rows.cpp) for the streaming row softmax on CPU float32 / bfloat16 logits: the
+# torch path's math in one read of each row forward and one read + one write backward, no float32 temporaries.
+# Optional: without the compiled module (or with ``native_cpu = False``, which the tests use to check the torch
+# ops too) the chunked torch ops below run.
+try:
+    from . import _cpu_rows as _native
+except ImportError:  # pragma: no cover - the extension is built with the package
+    _native = None
+native_cpu = _native is not None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,6 +326,30 @@ def _f32_rows(chunk: torch.Tensor, inv_temp: float, out: torch.Tensor | None) ->
     return torch.mul(chunk, torch.full((1,), inv_temp, dtype=torch.float32, device=chunk.device), out=out)
 
 
+def _native_ok(*tensors) -> bool:
+    """Whether the native CPU loops take these (rows, V) tensors: CPU float32 / bfloat16, V contiguous."""
+    return native_cpu and all(
+        t.device.type == "cpu"
+        and t.dtype in (torch.float32, torch.bfloat16)
+        and (t.shape[-1] <= 1 or t.stride(-1) == 1)
+        for t in tensors
+    )
+
+
+def _np(t: torch.Tensor):
+    """A NumPy view of a CPU tensor (bfloat16 as its int16 bits) for the native loops: no copy."""
+    t = t.detach()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _np_f32(t: torch.Tensor | None):
+    return None if t is None else _np(t.float().contiguous())
+
+
+def _np_i64(t: torch.Tensor):
+    return _np(t.to(torch.int64).contiguous())
+
+
 def _label_index(labels: torch.Tensor, V: int):
     """(in_range, safe): labels in [0, V) and, for gathers, the labels with column 0 for the others."""
     in_range = (labels >= 0) & (labels < V)
@@ -364,6 +401,15 @@ def torch_chunk_bwd(chunk, labels, m, log_s, ent, g_lp, g_h, inv_temp, ignore_in
     coefficients; the label column is then fixed from the exact ``(x_y / T - m) - log s``. Scratch: one
     float32 (rows, V) buffer (two with the entropy term; none for float32 logits overwritten in place),
     from ``work`` when given; about three passes."""
+    if _native_ok(chunk) and (out is None or _native_ok(out)):
+        dest = torch.empty(chunk.shape, dtype=torch.float32, device=chunk.device) if out is None else out
+        g_h = None if g_h is None else _np_f32(g_h)
+        _native.logprobs_bwd(_np(chunk), _np_i64(labels), _np_f32(m), _np_f32(log_s), None if g_h is None else _np_f32(ent),
+                             _np_f32(g_lp), g_h, float(inv_temp), int(ignore_index), _np(dest),
+                             torch.get_num_threads())  # fmt: skip
+        if out is not None:
+            torch.autograd.graph.increment_version(out)  # written through NumPy: autograd must see an in-place op
+        return dest
     valid = labels != ignore_index
     in_range, safe = _label_index(labels, chunk.shape[-1])
     # Read before anything is written: ``out`` may be the chunk.
@@ -419,6 +465,14 @@ def logprobs_fwd_torch(logits, labels, inv_temp, ignore_index, return_entropy):
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=logits.device)
     stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
+    if _native_ok(logits):
+        # Whole row blocks per call: the native loops keep no temporaries and split the rows over threads.
+        for r0, block in _row_blocks(logits):
+            rows = slice(r0, r0 + block.shape[0])
+            _native.logprobs_fwd(_np(block), _np_i64(labels[rows]), float(inv_temp), int(ignore_index), _np(logp[rows]),
+                                 _np(stats[0, rows]), _np(stats[1, rows]), _np(ent[rows]) if return_entropy else None,
+                                 torch.get_num_threads())  # fmt: skip
+        return logp, ent, stats
     work = chunk_workspace(logits, 2 if return_entropy else 1)
     for r0, chunk in row_chunks(logits):
         rows = slice(r0, r0 + chunk.shape[0])
@@ -434,8 +488,9 @@ def logprobs_bwd_torch(logits, labels, stats, ent, dlogp, dent, inv_temp, ignore
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_rows = grad.view(-1, logits.shape[-1])
     with_ent = dent is not None
-    work = chunk_workspace(logits, 2 if with_ent else 1)
-    for r0, chunk in row_chunks(logits):
+    native = _native_ok(logits)
+    work = None if native else chunk_workspace(logits, 2 if with_ent else 1)
+    for r0, chunk in _row_blocks(logits) if native else row_chunks(logits):
         rows = slice(r0, r0 + chunk.shape[0])
         torch_chunk_bwd(chunk, labels[rows], stats[0, rows], stats[1, rows], ent[rows] if with_ent else None,
                         dlogp[rows], dent[rows] if with_ent else None, inv_temp, ignore_index,
@@ -688,8 +743,9 @@ def ppo_bwd_torch(logits, labels, mls, stats, grad_loss, config: PPOLossConfig, 
     overwrites the logits in place."""
     grad = out if out is not None else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_rows = None if out is logits else grad.view(-1, logits.shape[-1])
-    work = chunk_workspace(logits, 2 if config.entropy_coef != 0 else 1)
-    for r0, chunk in row_chunks(logits):
+    native = _native_ok(logits, grad)
+    work = None if native else chunk_workspace(logits, 2 if config.entropy_coef != 0 else 1)
+    for r0, chunk in _row_blocks(logits) if native else row_chunks(logits):
         rows = slice(r0, r0 + chunk.shape[0])
         # In place: torch_chunk_bwd reads this chunk of the logits before it writes any of it.
         dlogits_torch_chunk(chunk, labels[rows], mls[:, rows], stats[:, rows], grad_loss, config,

@@ -193,10 +193,10 @@ class _PPOLoss(torch.autograd.Function):
         logits, labels, mls, stats = ctx.saved_tensors
         bwd = ppo_bwd_triton if ctx.use_triton else ppo_bwd_torch
         grad = bwd(logits, labels, mls, stats, grad_loss, ctx.config, out=logits if ctx.inplace else None)
-        if ctx.inplace and ctx.use_triton:
-            # The kernel wrote through a pointer; tell autograd, so that any other node that saved these
-            # logits (or a view of them) and runs after this one raises instead of reading the gradient.
-            # The torch path's copy_ bumps the version counter itself.
+        if ctx.inplace:
+            # The Triton kernel and the native CPU loops write through a pointer; tell autograd, so that any
+            # other node that saved these logits (or a view of them) and runs after this one raises instead of
+            # reading the gradient.
             torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None
 

@@ -5,6 +5,7 @@
   process), so tests that would run a Triton kernel on CPU tensors are skipped there; run
   `TRITON_INTERPRET=1 pytest tests` as a second pass to cover them too on a GPU machine.
 - Tests taking the `device` fixture run on CPU and, when present, on CUDA with the same tolerances.
+- `@pytest.mark.torch_ops` (helpers.TORCH_OPS): backend="torch" with the native CPU loops switched off.
 - One intra-op thread per test process: tiny ops on a shared 2-core machine are 10-50x slower with more.
 """
 
@@ -34,5 +35,12 @@ def _seed_and_threads(request):
     torch.manual_seed(1234)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
+    rows = None
+    if request.node.get_closest_marker("torch_ops"):
+        from fusedrl.kernels import _rows as rows
+
+        native, rows.native_cpu = rows.native_cpu, False
     yield
+    if rows is not None:
+        rows.native_cpu = native
     torch.set_num_threads(n)

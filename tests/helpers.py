@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+# The kernel backends every op test runs: Triton (the interpreter on CPU), backend="torch" (on CPU float32 /
+# bfloat16 logits the native loops of csrc/cpu_rows) and backend="torch" with those loops switched off, so that
+# the chunked torch ops are checked too (conftest.py reads the marker).
+TORCH_OPS = pytest.param("torch", marks=pytest.mark.torch_ops, id="torch-ops")
+KERNEL_BACKENDS = ["triton", "torch", TORCH_OPS]
 
 # Per-dtype scale for atol in three-way comparisons: about one rounding step of the dtype.
 EPS = {torch.float32: 1e-6, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 1e-12}

@@ -9,7 +9,7 @@ flags what it cannot do safely."""
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import KERNEL_BACKENDS, assert_close
 
 from fusedrl.kernels import (
     PPOLossConfig,
@@ -30,7 +30,7 @@ from fusedrl.kernels import (
 # Shapes declared once: a few rows over an odd vocabulary; a small lm_head; two packed sequences.
 N, V, H = 7, 37, 16
 SEQLENS = (5, 70)  # the second spans two 64-token GAE blocks
-BACKENDS = ["triton", "torch"]
+BACKENDS = KERNEL_BACKENDS
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf/NaN arithmetic
 

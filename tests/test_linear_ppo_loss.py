@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import EPS, assert_close, assert_kernel_close
+from helpers import EPS, KERNEL_BACKENDS, assert_close, assert_kernel_close
 
 from fusedrl.kernels import (
     PPOLossConfig,
@@ -32,7 +32,7 @@ CHUNK = 16
 PADDED = (3, 9, 1000, 24)  # B, T, V, H
 MEMORY = (2048, 65536, 64)
 DTYPES = [torch.float32, torch.bfloat16]
-BACKENDS = ["triton", "torch"]
+BACKENDS = KERNEL_BACKENDS
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf/NaN on skipped rows
 

@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 import torch
-from helpers import EPS, assert_close, assert_kernel_close
+from helpers import EPS, KERNEL_BACKENDS, assert_close, assert_kernel_close
 
 from fusedrl.kernels import logprobs, logprobs_ref, validation
 
 # Shapes (leading dims..., V) and dtypes, declared once.
 SHAPES = [(37, 1271), (4, 9, 333), (3, 131072), (1, 1), (5, 64)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BACKENDS = ["triton", "torch"]
+BACKENDS = KERNEL_BACKENDS
 TEMPERATURES = [1.0, 0.7]
 
 
@@ -206,7 +206,7 @@ def test_backend_auto_on_cpu_is_torch_path(monkeypatch):
 )
 def test_bad_input(make, exc, words):
     logits, labels = make()
-    for backend in BACKENDS:
+    for backend in ("triton", "torch"):
         with pytest.raises(exc) as info:
             logprobs(logits, labels, backend=backend)
         for w in words:

@@ -11,7 +11,8 @@ def _run(code: str, cwd: str):
 
 def test_fusedrl_namespace_imports(tmp_path):
     out = _run(
-        "import fusedrl, fusedrl.kernels, fusedrl.engine, fusedrl.engine._rollout, fusedrl.integrations\n"
+        "import fusedrl, fusedrl.kernels, fusedrl.engine, fusedrl.engine._rollout, fusedrl.kernels._cpu_rows\n"
+        "import fusedrl.integrations\n"
         "print(fusedrl.__version__)",
         cwd=str(tmp_path),
     )

@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import EPS, assert_close, assert_kernel_close
+from helpers import EPS, KERNEL_BACKENDS, assert_close, assert_kernel_close
 from test_ppo_loss import make_batch
 
 from fusedrl.kernels import (
@@ -27,7 +27,7 @@ from fusedrl.kernels import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf/NaN on skipped rows
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = KERNEL_BACKENDS
 BASE = dict(kl_coef=0.1, entropy_coef=0.01, temperature=0.7)
 # Each variant with every other term on (KL, entropy, temperature); clip ranges wide enough that some tokens or
 # sequences of the random batches sit on each bound.

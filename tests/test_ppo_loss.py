@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import EPS, assert_close, assert_kernel_close
+from helpers import EPS, KERNEL_BACKENDS, assert_close, assert_kernel_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +31,7 @@ PACKED_V = 1271
 PADDED = (4, 11, 1000)
 LARGE = (3, 131072)
 DTYPES = [torch.float32, torch.bfloat16]
-BACKENDS = ["triton", "torch"]
+BACKENDS = KERNEL_BACKENDS
 ESTIMATORS = ["k1", "k2", "k3", "k3+"]
 AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 

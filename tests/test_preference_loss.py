@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import EPS, assert_close, assert_kernel_close
+from helpers import EPS, KERNEL_BACKENDS, assert_close, assert_kernel_close
 
 from fusedrl.kernels.linear_preference_loss import _metrics as _metrics_of
 from fusedrl.kernels import (
@@ -31,7 +31,7 @@ CHUNK = 16  # leaves a ragged last chunk
 PADDED = (4, 9)  # B, T
 BIG_V = 128256
 DTYPES = [torch.float32, torch.bfloat16]
-BACKENDS = ["triton", "torch"]
+BACKENDS = KERNEL_BACKENDS
 VARIANTS = {
     "dpo": PreferenceLossConfig("dpo", beta=0.3),
     "cdpo": PreferenceLossConfig("dpo", beta=0.3, label_smoothing=0.15),
@@ -179,7 +179,7 @@ def test_large_vocab_and_non_contiguous_hidden(device):
     kw = dict(labels=labels, pair_index=pairs, cu_seqlens=cu, config=cfg)
     truth = run_loss(linear_preference_loss_ref, h.double(), w.double(), b.double(), g_out, **kw)
     ref_low = run_loss(linear_preference_loss_ref, h, w, b, g_out, **kw)
-    for backend in BACKENDS:
+    for backend in ("triton", "torch"):
         kernel = run_loss(linear_preference_loss, view, w, b, g_out, chunk_size=7, backend=backend, **kw)
         three_way(kernel, ref_low, truth, torch.float32)
 
@@ -199,7 +199,7 @@ def test_metrics_hand_computed():
 def test_nan_in_nan_out(device):
     h, w, b, labels, cu, pairs, ref = packed_case(torch.float32, device)
     h[int(cu[int(pairs[0, 0]) + 1]) - 1] = math.nan  # the last token of pair 0's chosen response
-    for backend in BACKENDS:
+    for backend in ("triton", "torch"):
         loss, m = linear_preference_loss(h, w, labels, pairs, cu, ref, bias=b, backend=backend)
         assert math.isnan(loss.item()) and math.isnan(m["rewards/margins"].item()), backend
 

@@ -1,9 +1,10 @@
-"""Build fusedrl.engine._rollout with AddressSanitizer + UndefinedBehaviorSanitizer into its own directory.
+"""Build the C++ extensions (fusedrl.engine._rollout, fusedrl.kernels._cpu_rows) with AddressSanitizer +
+UndefinedBehaviorSanitizer into their own directory.
 
     python tests/sanitizer/build.py [OUT_DIR]       # default build/sanitize; prints the .so path
 
-The normal in-place build (engine/_rollout*.so) is never touched: tests/sanitizer/plugin.py loads this copy
-under the module's real name. -fno-sanitize-recover makes every UB report fatal, like an ASan report, so a
+The normal in-place builds (engine/_rollout*.so, kernels/_cpu_rows*.so) are never touched:
+tests/sanitizer/plugin.py loads these copies under the modules' real names. -fno-sanitize-recover makes every UB report fatal, like an ASan report, so a
 report can only end a test run with a failure, never scroll by. -D_GLIBCXX_ASSERTIONS adds bounds checks to
 std::vector::operator[] and friends.
 """
@@ -45,9 +46,14 @@ def build(out_dir: Path) -> Path:
             subprocess.run(cmd, check=True)
         return obj
 
+    rows_src = ROOT / "csrc/cpu_rows/rows.cpp"
     with ThreadPoolExecutor(2) as pool:  # the CI machine has 2 cores
-        objs = list(pool.map(compile_one, sources))
-    subprocess.run([cxx, "-shared", "-fsanitize=address,undefined", *map(str, objs), "-o", str(so)], check=True)
+        objs = list(pool.map(compile_one, [*sources, rows_src]))
+    rows_obj = objs.pop()
+    link = [cxx, "-shared", "-fsanitize=address,undefined"]
+    subprocess.run([*link, *map(str, objs), "-o", str(so)], check=True)
+    rows_so = out_dir / ("_cpu_rows" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run([*link, str(rows_obj), "-o", str(rows_so)], check=True)
     return so
 
 

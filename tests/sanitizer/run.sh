@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The C++-facing tests and the property-based fuzz of fusedrl.engine._rollout against an ASan + UBSan build
-# of the extension (tests/sanitizer/build.py; the normal in-place build is left alone).
+# The C++-facing tests and the property-based fuzz of fusedrl.engine._rollout, and the tests of
+# fusedrl.kernels._cpu_rows, against ASan + UBSan builds of the extensions (tests/sanitizer/build.py; the normal
+# in-place builds are left alone).
 #   bash tests/sanitizer/run.sh [pytest args]     # VENV (default .venv) names the virtual environment
 # Any sanitizer report aborts the test process, and pytest (or the crashed xdist worker) fails the run.
 set -euo pipefail
@@ -23,7 +24,7 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$PWD/$OUT/repo
 export PYTHONPATH="$PWD/tests/sanitizer${PYTHONPATH:+:$PYTHONPATH}"
 export FUSEDRL_FUZZ_EXAMPLES="${FUSEDRL_FUZZ_EXAMPLES:-300}"
 status=0
-"$BIN/pytest" -p plugin -q -n "${SANITIZE_JOBS:-2}" -p no:cacheprovider tests/test_packing.py tests/test_rollout_fuzz.py "$@" || status=$?
+"$BIN/pytest" -p plugin -q -n "${SANITIZE_JOBS:-2}" -p no:cacheprovider tests/test_packing.py tests/test_rollout_fuzz.py tests/test_cpu_rows.py "$@" || status=$?
 if compgen -G "$OUT/report.*" >/dev/null; then
     echo "sanitizer reports:" >&2
     cat "$OUT"/report.* >&2
