@@ -214,6 +214,14 @@ def test_large_buffer_with_huge_page_advice():
 # ----------------------------------------------------------------------------------------------------
 # The extension's argument checks: a clear error naming the argument, never a read outside a buffer
 # ----------------------------------------------------------------------------------------------------
+def _expect_error(fn, kwargs, change, exc, words):
+    change(kwargs)
+    with pytest.raises(exc) as info:
+        fn(**kwargs)
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
 def _args():
     x = np.random.default_rng(0).standard_normal((4, 40)).astype(np.float32)
     y = np.array([1, 2, 3, 4], dtype=np.int64)
@@ -244,11 +252,7 @@ def test_forward_refuses_bad_arguments(change, exc, words):
     x, y, (logp, m, log_s, ent) = _args()
     a = dict(logits=x, labels=y, inv_temp=1.0, ignore_index=-100, logp=logp, m=m, log_s=log_s, entropy=ent,
              num_threads=1)  # fmt: skip
-    change(a)
-    with pytest.raises(exc) as info:
-        cr.logprobs_fwd(**a)
-    for w in words:
-        assert w in str(info.value), f"{w!r} not in {info.value}"
+    _expect_error(cr.logprobs_fwd, a, change, exc, words)
 
 
 def test_forward_refuses_read_only_outputs():
@@ -275,11 +279,7 @@ def test_backward_refuses_bad_arguments(change, exc, words):
     x, y, (m, log_s, ent, g) = _args()
     a = dict(logits=x, labels=y, m=m, log_s=log_s, entropy=ent, grad_logp=g, grad_entropy=g.copy(), inv_temp=1.0,
              ignore_index=-100, out=np.zeros((4, 40), np.float32), num_threads=1)  # fmt: skip
-    change(a)
-    with pytest.raises(exc) as info:
-        cr.logprobs_bwd(**a)
-    for w in words:
-        assert w in str(info.value), f"{w!r} not in {info.value}"
+    _expect_error(cr.logprobs_bwd, a, change, exc, words)
 
 
 def test_unaligned_and_empty_buffers():
