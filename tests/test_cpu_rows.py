@@ -10,11 +10,14 @@ extension refuses. Run under ASan + UBSan by `make sanitize` (tests/sanitizer/ru
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 from helpers import EPS, assert_close, assert_kernel_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fusedrl.kernels import _rows, logprobs, logprobs_ref, set_validation
 
@@ -306,3 +309,110 @@ def test_unaligned_and_empty_buffers():
     with pytest.raises(ValueError, match="V > 0"):
         cr.logprobs_fwd(np.zeros((2, 0), np.float32), np.zeros(2, np.int64), 1.0, -100, *[np.zeros(2, np.float32)] * 3,
                         None, 1)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Property-based: any layout a caller can hand over gives the reference result or a named argument error
+# (under `make sanitize`: and never an access outside the buffers)
+# ----------------------------------------------------------------------------------------------------
+_EXAMPLES = int(os.environ.get("FUSEDRL_FUZZ_EXAMPLES", "60"))
+_FUZZ = settings(max_examples=_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+_ARG_NAMES = ("logits", "labels", "logp", "m", "log_s", "entropy", "out", "grad_logp", "inv_temp", "num_threads")
+
+
+def _layout(a: np.ndarray, kind: str) -> np.ndarray:
+    """The same logical 2-D (or 1-D) values in another memory layout."""
+    if kind == "wide" and a.ndim == 2:
+        w = np.zeros((a.shape[0], a.shape[1] + 3), a.dtype)
+        w[:, 1 : 1 + a.shape[1]] = a
+        return w[:, 1 : 1 + a.shape[1]]
+    if kind == "unaligned":
+        raw = np.zeros(a.nbytes + 1, np.uint8)
+        v = raw[1:].view(a.dtype).reshape(a.shape)
+        v[...] = a
+        return v
+    if kind == "reversed" and a.ndim == 2:
+        return a[::-1].copy()[::-1]
+    if kind == "broadcast" and a.ndim == 2 and a.shape[0] > 0:
+        return np.broadcast_to(a[:1], a.shape)
+    return a
+
+
+_BREAKS = ["logits f8", "logits i4", "logits >f4", "logits reversed", "out reversed", "out broadcast", "out short",
+           "labels short", "inv_temp 0", "inv_temp inf", "threads 0"]  # fmt: skip
+
+
+@_FUZZ
+@given(
+    rows=st.integers(0, 5),
+    V=st.integers(0, 40),
+    bf16=st.booleans(),
+    x_kind=st.sampled_from(["plain", "wide", "unaligned", "broadcast"]),
+    out_kind=st.sampled_from(["plain", "wide", "unaligned"]),
+    label_values=st.lists(st.sampled_from([0, 1, 5, 39, 40, -1, -100, 2**62, -(2**63)]), min_size=6, max_size=6),
+    inv_temp=st.sampled_from([1.0, 0.5, 3.0]),
+    threads=st.sampled_from([1, 3]),
+    broken=st.sampled_from([None] * len(_BREAKS) + _BREAKS),  # half the examples break one argument
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_layouts(rows, V, bf16, x_kind, out_kind, label_values, inv_temp, threads, broken, seed):
+    dtype = "bf16" if bf16 else "f4"
+    if broken and broken.startswith("logits") and broken != "logits reversed":
+        dtype = broken.split()[1]
+    x_kind = "reversed" if broken == "logits reversed" else x_kind
+    out_kind = broken.split()[1] if broken and broken.startswith("out") else out_kind
+    short_labels = broken == "labels short"
+    inv_temp = {"inv_temp 0": 0.0, "inv_temp inf": float("inf")}.get(broken, inv_temp)
+    threads = 0 if broken == "threads 0" else threads
+    rng = np.random.default_rng(seed)
+    base = (rng.standard_normal((rows, V)) * 3).astype(np.float32)
+    if dtype == "bf16":
+        bits = torch.from_numpy(base).to(torch.bfloat16).view(torch.int16).numpy()
+        values = torch.from_numpy(bits.copy()).view(torch.bfloat16).float().numpy()
+        x = bits
+    else:
+        values = base if dtype != "i4" else base.astype(np.int32).astype(np.float32)
+        x = base.astype(dtype)
+    x = _layout(x, x_kind)
+    if x_kind == "broadcast" and rows > 0:
+        values = np.broadcast_to(values[:1], values.shape)
+    labels = np.array(label_values[: max(rows - int(short_labels), 0)], np.int64)
+    f = [np.zeros(rows, np.float32) for _ in range(3)]
+    ok, _ = _try(lambda: cr.logprobs_fwd(x, labels, inv_temp, -100, f[0], f[1], f[2], None, threads))
+    if not ok:
+        return
+    logp, m, log_s = f
+    x64 = values.astype(np.float64) * inv_temp
+    valid = labels != -100
+    with np.errstate(all="ignore"):
+        mx = x64.max(axis=1, keepdims=True) if V else np.zeros((rows, 1))
+        lse = (np.log(np.exp(x64 - mx).sum(axis=1, keepdims=True)) + mx)[:, 0]
+        in_range = (labels >= 0) & (labels < V)
+        picked = np.where(in_range, x64[np.arange(rows), np.where(in_range, labels, 0)], np.nan) if V else lse
+        want = np.where(valid, picked - lse, 0.0)
+    np.testing.assert_allclose(logp, want, rtol=1e-4, atol=1e-4)
+    g = rng.standard_normal(rows).astype(np.float32)
+    out = np.zeros((rows, V), x.dtype if dtype == "bf16" else np.float32)
+    out = _layout(out, out_kind) if out_kind != "short" else np.zeros((rows, max(V - 1, 0)), np.float32)
+    ok, _ = _try(lambda: cr.logprobs_bwd(x, labels, m, log_s, None, g, None, inv_temp, -100, out, threads))
+    if not ok:
+        return
+    got = torch.from_numpy(np.ascontiguousarray(out)).view(torch.bfloat16).float().numpy() if dtype == "bf16" else out
+    with np.errstate(all="ignore"):
+        p = np.exp(x64 - lse[:, None])
+        want = -g[:, None].astype(np.float64) * p
+        r = np.nonzero(valid & in_range)[0]
+        want[r, labels[r]] += g[r]
+        want = np.where(valid[:, None], want * inv_temp, 0.0)
+    np.testing.assert_allclose(
+        got, want, rtol=2e-2 if dtype == "bf16" else 1e-4, atol=1e-2 if dtype == "bf16" else 1e-5
+    )
+
+
+def _try(call):
+    """(True, result), or (False, error) for an argument error that names one of the arguments."""
+    try:
+        return True, call()
+    except (TypeError, ValueError) as e:
+        assert any(n in str(e) for n in _ARG_NAMES), f"{type(e).__name__} names no argument: {e}"
+        return False, e
