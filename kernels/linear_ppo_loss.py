@@ -42,21 +42,23 @@ from .ppo_loss import PPOLossConfig, ppo_loss_ref
 # above the machine balance, or the chunks are memory-bound on W (at the old CPU rule of 2M elements / V,
 # c = 13 at V = 151936: ~5 flop/B, and the loss ran 4x slower than eager). Within that, a memory budget on
 # the chunk's logits keeps the O(chunk * V) promise.
-# - CPU: one core does ~90 GFLOP/s fp32 against ~10 GB/s (balance ~9 flop/B); c = 256 gives 96 flop/B
-#   (measured: the GEMMs' time per token is flat from c = 128 to 1024 and 3-4x worse at c = 13), and the
-#   budget of 256 MiB of float32 logits caps it at 441 rows at V = 151936 (155 MB per chunk at c = 256).
+# - CPU: one core does ~90 GFLOP/s fp32 against ~10 GB/s (balance ~9 flop/B); c = 512 gives 192 flop/B.
+#   Measured at V = 151936, one thread: on a 2-vCPU AMD EPYC the GEMMs' time per token was flat from c = 128 to
+#   1024 (3-4x worse at c = 13); on a 2-vCPU Intel Xeon (AVX-512) 256-row chunks made h W^T and dlogits W ~25%
+#   slower than 512-row ones (the whole loss at N = 1024: 4-5% slower), flat from 512 to 1024. The budget of
+#   512 MiB of float32 logits caps c at 883 rows at V = 151936 (311 MB per chunk at c = 512).
 #   The elementwise softmax work runs over sub-chunks of ~1M elements of the chunk (kernels/_rows.py), so
 #   its float32 scratch stays a few MiB whatever c is. And c <= H: then a chunk's (c, V) float32 logits never
 #   outgrow the (V, H) float32 head gradient the caller holds anyway, so a small-H model's peak stays bound by
-#   its weights (at H=64, V=151936 a 256-row chunk is 155 MiB, 4x the gradient), while 6c / 16 flop per byte
+#   its weights (at H=64, V=151936 a 512-row chunk is 311 MiB, 8x the gradient), while 6c / 16 flop per byte
 #   of W at c = 64 is still ~4x a core's balance.
 # - GPU (H200: ~990 TFLOP/s bf16 against 4.8 TB/s, balance ~206 flop/B): 256 MiB of logits in the input
 #   dtype gives c = 880 at V = 151936 bf16 (440 flop/B, ~2x the balance) in whole 16-row MMA tiles; the
 #   (c, V) chunk is ~0.4% of the (N, V) logits at N = 64k. Not yet checked against a GPU measurement.
-# Chunks are balanced (n = 1000 at c = 256 runs 4 chunks of 250, not 3 of 256 and one of 232).
+# Chunks are balanced (n = 1000 at c = 512 runs 2 chunks of 500, not 512 and 488).
 _GPU_CHUNK_BYTES = 256 << 20
-_CPU_CHUNK_ROWS = 256
-_CPU_CHUNK_BYTES = 256 << 20
+_CPU_CHUNK_ROWS = 512
+_CPU_CHUNK_BYTES = 512 << 20
 
 
 def _chunk_rows(n: int, V: int, H: int, dtype: torch.dtype, device: torch.device, chunk_size) -> int:

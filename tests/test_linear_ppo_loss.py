@@ -306,15 +306,15 @@ def test_bad_arguments_raise_clear_errors():
 # ----------------------------------------------------------------------------------------------------
 def test_chunk_rule_is_hundreds_of_rows_balanced_and_within_budget():
     """The old CPU rule (2M elements / V) gave 13 rows at V=151936: three skinny GEMMs per chunk, each
-    streaming the whole weight. The rule now targets 256 rows, caps the float32 chunk at 256 MiB and
+    streaming the whole weight. The rule now targets 512 rows, caps the float32 chunk at 512 MiB and
     balances the chunks; the GPU rule is 256 MiB of logits in the input dtype, whole 16-row tiles."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     rows = lin_mod._chunk_rows(1024, 151936, 896, torch.float32, cpu, None)
-    assert rows == 256
-    assert lin_mod._chunk_rows(1000, 151936, 896, torch.float32, cpu, None) == 250  # 4 x 250, not 3 x 256 + 232
-    assert lin_mod._chunk_rows(300, 151936, 896, torch.bfloat16, cpu, None) == 150
+    assert rows == 512
+    assert lin_mod._chunk_rows(1000, 151936, 896, torch.float32, cpu, None) == 500  # 2 x 500, not 512 + 488
+    assert lin_mod._chunk_rows(1100, 151936, 896, torch.bfloat16, cpu, None) == 367  # 3 x <= 367
     big_v = 1 << 20  # a 1M vocabulary: the memory budget wins
-    assert lin_mod._chunk_rows(4096, big_v, 896, torch.float32, cpu, None) * big_v * 4 <= 256 << 20
+    assert lin_mod._chunk_rows(4096, big_v, 896, torch.float32, cpu, None) * big_v * 4 <= 512 << 20
     assert lin_mod._chunk_rows(7, 151936, 896, torch.float32, cpu, None) == 7
     assert lin_mod._chunk_rows(65536, 151936, 896, torch.bfloat16, cuda, None) == 880
     assert lin_mod._chunk_rows(5, 151936, 896, torch.float32, cpu, 3) == 3  # an explicit chunk_size is kept
