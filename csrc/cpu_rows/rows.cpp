@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <string>
 #include <thread>
@@ -351,8 +352,13 @@ void parallel_rows(int64_t rows, int64_t V, int64_t threads, F&& fn) {
         return;
     }
     std::vector<std::thread> pool;
-    pool.reserve(t - 1);
-    for (int64_t i = 1; i < t; ++i) pool.emplace_back(fn, rows * i / t, rows * (i + 1) / t);
+    int64_t started = 1;
+    try {
+        pool.reserve(t - 1);
+        for (; started < t; ++started) pool.emplace_back(fn, rows * started / t, rows * (started + 1) / t);
+    } catch (const std::exception&) {  // no thread to be had (a process limit): the calling thread does the rest
+    }
+    for (int64_t i = started; i < t; ++i) fn(rows * i / t, rows * (i + 1) / t);
     fn(0, rows / t);
     for (auto& th : pool) th.join();
 }
