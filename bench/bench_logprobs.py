@@ -10,8 +10,9 @@ achieved GB/s (bytes the op must move at minimum), fraction of the measured copy
 
     python bench/bench_logprobs.py --side-by-side      # CPU, N=1024, V=151936, bf16 and fp32, fwd+bwd
 
-runs fusedrl's torch path (native CPU loops; ``fusedrl-ops``: its chunked torch ops), TRL's selective_log_softmax, eager log_softmax(x.float()).gather (and, with
---providers ...,compile, torch.compile of it) each in its own one-thread process, interleaved, and writes
+runs fusedrl's torch path (native CPU loops; ``fusedrl-ops``: its chunked torch ops), TRL's
+selective_log_softmax, eager log_softmax(x.float()).gather (and, with --providers ...,compile, torch.compile
+of it) each in its own one-thread process, interleaved, and writes
 bench/results/torch-path-logprobs-cpu-<date>.json / .md with times, peak RSS above the inputs and ratios.
 """
 

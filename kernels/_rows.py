@@ -295,6 +295,15 @@ def row_chunks(x: torch.Tensor):
             yield first + i, block[i : i + step]
 
 
+def _pieces(logits: torch.Tensor, n_bufs: int, *outs: torch.Tensor):
+    """The (first_row, rows) pieces a ``*_torch`` backward walks, and their float32 scratch: whole row blocks and
+    none where the native loops take ``logits`` (and ``outs``), ~1M-element chunks and one workspace of
+    ``n_bufs`` buffers for the torch ops."""
+    if _native_ok(logits, *outs):
+        return _row_blocks(logits), None
+    return row_chunks(logits), chunk_workspace(logits, n_bufs)
+
+
 def chunk_workspace(x: torch.Tensor, n_bufs: int = 2) -> torch.Tensor:
     """Float32 scratch for ``torch_chunk_fwd`` / ``torch_chunk_bwd`` over the chunks of ``x`` (..., V):
     (n_bufs, rows of the largest chunk, V). Allocated once per op and reused by every chunk: a fresh
@@ -403,9 +412,9 @@ def torch_chunk_bwd(chunk, labels, m, log_s, ent, g_lp, g_h, inv_temp, ignore_in
     from ``work`` when given; about three passes."""
     if _native_ok(chunk) and (out is None or _native_ok(out)):
         dest = torch.empty(chunk.shape, dtype=torch.float32, device=chunk.device) if out is None else out
-        g_h = None if g_h is None else _np_f32(g_h)
-        _native.logprobs_bwd(_np(chunk), _np_i64(labels), _np_f32(m), _np_f32(log_s), None if g_h is None else _np_f32(ent),
-                             _np_f32(g_lp), g_h, float(inv_temp), int(ignore_index), _np(dest),
+        ent = None if g_h is None else ent  # the entropy is read only with its gradient
+        _native.logprobs_bwd(_np(chunk), _np_i64(labels), _np_f32(m), _np_f32(log_s), _np_f32(ent), _np_f32(g_lp),
+                             _np_f32(g_h), float(inv_temp), int(ignore_index), _np(dest),
                              torch.get_num_threads())  # fmt: skip
         if out is not None:
             torch.autograd.graph.increment_version(out)  # written through NumPy: autograd must see an in-place op
@@ -488,9 +497,8 @@ def logprobs_bwd_torch(logits, labels, stats, ent, dlogp, dent, inv_temp, ignore
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_rows = grad.view(-1, logits.shape[-1])
     with_ent = dent is not None
-    native = _native_ok(logits)
-    work = None if native else chunk_workspace(logits, 2 if with_ent else 1)
-    for r0, chunk in _row_blocks(logits) if native else row_chunks(logits):
+    pieces, work = _pieces(logits, 2 if with_ent else 1, grad)
+    for r0, chunk in pieces:
         rows = slice(r0, r0 + chunk.shape[0])
         torch_chunk_bwd(chunk, labels[rows], stats[0, rows], stats[1, rows], ent[rows] if with_ent else None,
                         dlogp[rows], dent[rows] if with_ent else None, inv_temp, ignore_index,
@@ -743,9 +751,8 @@ def ppo_bwd_torch(logits, labels, mls, stats, grad_loss, config: PPOLossConfig, 
     overwrites the logits in place."""
     grad = out if out is not None else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_rows = None if out is logits else grad.view(-1, logits.shape[-1])
-    native = _native_ok(logits, grad)
-    work = None if native else chunk_workspace(logits, 2 if config.entropy_coef != 0 else 1)
-    for r0, chunk in _row_blocks(logits) if native else row_chunks(logits):
+    pieces, work = _pieces(logits, 2 if config.entropy_coef != 0 else 1, grad)
+    for r0, chunk in pieces:
         rows = slice(r0, r0 + chunk.shape[0])
         # In place: torch_chunk_bwd reads this chunk of the logits before it writes any of it.
         dlogits_torch_chunk(chunk, labels[rows], mls[:, rows], stats[:, rows], grad_loss, config,

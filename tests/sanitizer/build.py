@@ -4,9 +4,9 @@ UndefinedBehaviorSanitizer into their own directory.
     python tests/sanitizer/build.py [OUT_DIR]       # default build/sanitize; prints the .so path
 
 The normal in-place builds (engine/_rollout*.so, kernels/_cpu_rows*.so) are never touched:
-tests/sanitizer/plugin.py loads these copies under the modules' real names. -fno-sanitize-recover makes every UB report fatal, like an ASan report, so a
-report can only end a test run with a failure, never scroll by. -D_GLIBCXX_ASSERTIONS adds bounds checks to
-std::vector::operator[] and friends.
+tests/sanitizer/plugin.py loads these copies under the modules' real names. -fno-sanitize-recover makes every
+UB report fatal, like an ASan report, so a report can only end a test run with a failure, never scroll by.
+-D_GLIBCXX_ASSERTIONS adds bounds checks to std::vector::operator[] and friends.
 """
 
 from __future__ import annotations
