@@ -401,8 +401,9 @@ FUSEDRL_CLONES void backward_range(const Rows& x, const Rows& dx, const Vec& lab
 // "always" mode): its first touch is otherwise a page fault per 4 KiB, which at (1024, 151936) bfloat16 costs more
 // than computing the gradient (~190 ms against ~90 ms with 2 MiB pages, one thread). Only the 2 MiB-aligned
 // interior of the buffer is advised; it is a hint (contents and ownership unchanged, errors ignored).
-void advise_huge_pages(const Rows& dx, int64_t itemsize) {
+void advise_huge_pages(const Rows& dx) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const int64_t itemsize = dx.kind == Kind::bf16 ? 2 : 4;
     constexpr uintptr_t kHuge = uintptr_t(1) << 21;
     if (dx.rows == 0 || (dx.rows > 1 && dx.row_stride != dx.V * itemsize)) return;
     const uintptr_t begin = reinterpret_cast<uintptr_t>(dx.ptr);
@@ -412,7 +413,6 @@ void advise_huge_pages(const Rows& dx, int64_t itemsize) {
     if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
 #else
     (void)dx;
-    (void)itemsize;
 #endif
 }
 
@@ -482,7 +482,7 @@ void logprobs_bwd(py::object x_obj, py::object labels_obj, py::object m_obj, py:
     const Vec* ent = with_ent ? &ent_v : nullptr;
     const Vec* g_h = with_ent ? &g_h_v : nullptr;
     py::gil_scoped_release nogil;
-    if (dx.ptr != x.ptr) advise_huge_pages(dx, dx.kind == Kind::bf16 ? 2 : 4);  // not when overwriting the logits
+    if (dx.ptr != x.ptr) advise_huge_pages(dx);  // not when overwriting the logits
     parallel_rows(x.rows, x.V, threads, [&](int64_t r0, int64_t r1) {
         const bool in16 = x.kind == Kind::bf16, out16 = dx.kind == Kind::bf16;
         if (!in16 && !out16) backward_range<float, float>(x, dx, labels, inv_temp, ignore_index, m, log_s, ent, g_lp, g_h, r0, r1);
