@@ -30,8 +30,6 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP)
-	@# The pytest script, not `python -m pytest`: the latter puts the repo root on sys.path, where kernels/
-	@# and engine/ would shadow-import as top-level packages (transformers probes for `kernels`).
 	$(BIN)/pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS) tests
 
 # The vllm rollout backend's tests, in a second environment: vLLM pins transformers (< 5.20) and brings ~3.5 GB,

@@ -20,9 +20,7 @@ OUT=${OUT:-bench/results/gpu-run-$(date +%F)}
 mkdir -p "$OUT"
 BUDGET=${GPU_RUN_BUDGET_S:-480}
 T0=$(date +%s)
-# The pytest script, not `python -m pytest` (which would put the repo root on sys.path, where kernels/ and
-# engine/ shadow-import as top-level packages). -o addopts: the project's addopts name pytest-benchmark's
-# flag, which a bare GPU box may lack.
+# -o addopts: the project's addopts name pytest-benchmark's flag, which a bare GPU box may lack.
 PYTEST_BIN=$(dirname "$PY")/pytest
 [ -x "$PYTEST_BIN" ] || PYTEST_BIN=pytest
 PYTEST="$PYTEST_BIN -q -p no:cacheprovider -o addopts=-ra"

@@ -42,8 +42,7 @@ SMEM = {"sm_90": 228 * 1024, "sm_80": 164 * 1024}
 
 
 def _load_static():
-    """bench/gpu_static.py as a module without putting the repo root on sys.path (where kernels/ and engine/
-    would shadow-import as top-level packages); its top level imports the standard library only."""
+    """bench/gpu_static.py as a module by its path; its top level imports the standard library only."""
     spec = importlib.util.spec_from_file_location("gpu_static", REPO / "bench" / "gpu_static.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -82,7 +82,7 @@ def test_targets_reported(suite):
 def test_gpu_slug():
     names = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100",
              "Some Future GPU/X 9000": "some-future-gpu-x-9000"}  # fmt: skip
-    # A subprocess: importing the suite puts the repo root on sys.path, where kernels/ would shadow-import.
+    # A subprocess started in the repository root, as `python bench/gpu_suite.py` runs.
     code = (
         "import json, sys; from bench.gpu_suite import gpu_slug; print(json.dumps([gpu_slug(n) for n in sys.argv[1:]]))"
     )

@@ -242,7 +242,7 @@ def test_linear_logprobs_peak_memory_cpu(tmp_path):
     N, V, H = MEMORY
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     script = _RSS_SCRIPT.format(shape=(N, V, H))
-    # cwd outside the repository: its kernels/ folder must not shadow-import as a top-level package.
+    # cwd outside the repository: nothing of the checkout but the installed package is on sys.path.
     out = subprocess.run([sys.executable, "-c", script, "fused"], env=env, capture_output=True, text=True,
                          cwd=tmp_path, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr

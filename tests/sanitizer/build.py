@@ -3,7 +3,7 @@ UndefinedBehaviorSanitizer into their own directory.
 
     python tests/sanitizer/build.py [OUT_DIR]       # default build/sanitize; prints the .so path
 
-The normal in-place builds (engine/_rollout*.so, kernels/_cpu_rows*.so) are never touched:
+The normal in-place builds (fusedrl/engine/_rollout*.so, fusedrl/kernels/_cpu_rows*.so) are never touched:
 tests/sanitizer/plugin.py loads these copies under the modules' real names. -fno-sanitize-recover makes every
 UB report fatal, like an ASan report, so a report can only end a test run with a failure, never scroll by.
 -D_GLIBCXX_ASSERTIONS adds bounds checks to std::vector::operator[] and friends.

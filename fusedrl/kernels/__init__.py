@@ -1,7 +1,12 @@
 """fusedrl.kernels: fused Triton ops for RLHF losses, each with a plain PyTorch reference beside it.
 
 Everything other packages (fusedrl.engine, fusedrl.integrations, user code) use is exported here by a
-public name: the ops and their references, the shared constants and the boundary checks."""
+public name: the ops and their references, the shared constants and the boundary checks. The modules are in the
+repository's top-level kernels/ folder (see fusedrl/__init__.py for why it is not a package itself)."""
+
+from fusedrl import _with_sources
+
+__path__ = _with_sources(__path__, "kernels")
 
 from ._utils import (
     AGG_MODES,

@@ -1,1 +1,0 @@
-"""fusedrl.engine: rollout -> pack -> score -> advantages -> update."""
