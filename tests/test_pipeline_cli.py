@@ -6,6 +6,7 @@ digits than the SFT policy (the preference the comparisons encode). Then resume,
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -145,3 +146,31 @@ def test_a_bad_record_is_one_line_naming_file_and_line(tmp_path, command, record
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"fusedrl {command}: {data}:2: ") and message in lines[0], lines
     assert not (tmp_path / "runs" / command / "metrics.jsonl").exists()
+
+
+def test_sft_on_chat_messages_from_parquet_with_a_model_directory(tmp_path):
+    """A saved model whose tokenizer has a chat template, {"messages"} records in Parquet, --eval-data JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fusedrl.engine.models import build_causal_lm
+    from fusedrl.engine.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }};{% endfor %}"
+                         "{% if add_generation_prompt %}a: {% endif %}")  # fmt: skip
+    build_causal_lm("tiny-llama", vocab_size=len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    chat = lambda i: {"messages": [{"role": "user", "content": f"{i}+1"},  # noqa: E731
+                                   {"role": "assistant", "content": str(i + 1)}]}  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([chat(i) for i in range(40)]), tmp_path / "chat.parquet")
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(chat(i)) + "\n" for i in range(40, 48)))
+    proc = fusedrl(["sft", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "chat.parquet"), "--eval-data",
+                    str(tmp_path / "held.jsonl"), "--epochs", "2", "--batch-size", "8", "--learning-rate", "3e-3",
+                    "--no-progress", "--output-dir", "out"], tmp_path)  # fmt: skip
+    assert "40 demonstrations" in proc.stderr and "8 held out" in proc.stderr
+    rows = metrics(tmp_path / "out/metrics.jsonl")
+    assert len(rows) == 10 and math.isfinite(rows[-1]["eval/loss"]) and rows[-1]["loss"] < rows[0]["loss"]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "out/policy").chat_template == tok.chat_template
