@@ -32,6 +32,10 @@ import torch
 
 from fusedrl.kernels import BACKENDS
 
+# Raised while setting a run up, they are the user's mistakes (a missing file or model, a bad record, a run directory
+# in use): one line, no traceback. Once training runs, an error keeps its traceback.
+USER_ERRORS = (OSError, ValueError, TypeError, ImportError)
+
 
 @dataclass
 class OfflineConfig:
@@ -325,8 +329,3 @@ def report(prog: str, out: Path, rows: list[dict], summary: str, outputs: list[t
     lines = [f"{prog}: {len(rows)} steps done in {elapsed:.0f} s; {summary}; outputs in {out}/"]
     lines += [f"  {name:<{width}}  {what}" for name, what in found]
     print("\n".join(lines), file=sys.stderr)
-
-
-def user_errors():
-    """The exceptions that are the user's mistakes while setting up a run (one line, no traceback)."""
-    return (OSError, ValueError, TypeError, ImportError)

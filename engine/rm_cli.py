@@ -154,7 +154,7 @@ def setup(cfg: OfflineConfig):
 def main(argv: Sequence[str] | None = None) -> int:
     import dataclasses
 
-    from .offline import fit, parse_args, report, run_config_of, user_errors
+    from .offline import USER_ERRORS, fit, parse_args, report, run_config_of
 
     cfg = parse_args(sys.argv[1:] if argv is None else argv, prog="fusedrl rm", data_help=DATA_HELP,
                      description="Fit a reward model to {prompt, chosen, rejected} comparisons with the Bradley-Terry "
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         model, tokenizer, objective = setup(cfg)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         raise SystemExit(f"fusedrl rm: {' '.join(str(e).split())}") from None
     held = objective.held_out
     print(f"fusedrl rm: {objective.num_records} pairs from {cfg.data}" + (f", {len(held)} held out" if held else

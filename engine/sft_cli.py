@@ -240,7 +240,7 @@ def setup(cfg: OfflineConfig):
 def main(argv: Sequence[str] | None = None) -> int:
     import dataclasses
 
-    from .offline import fit, parse_args, report, run_config_of, user_errors
+    from .offline import USER_ERRORS, fit, parse_args, report, run_config_of
 
     cfg = parse_args(sys.argv[1:] if argv is None else argv, prog="fusedrl sft", data_help=DATA_HELP,
                      description="Supervised fine-tuning on prompt / completion or chat-message records, the loss on "
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         model, tokenizer, objective = setup(cfg)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         raise SystemExit(f"fusedrl sft: {' '.join(str(e).split())}") from None
     print(f"fusedrl sft: {objective.num_records} demonstrations ({int(objective.train.loss_tokens.sum())} completion "
           f"tokens) from {cfg.data}" + (f", {len(objective.held_out)} held out" if objective.held_out else "")

@@ -5,6 +5,7 @@ the readers and the held-out split. The commands as a user runs them: tests/test
 from __future__ import annotations
 
 import copy
+import math
 import json
 
 import numpy as np
@@ -257,3 +258,32 @@ def test_rm_held_out_accuracy_counts_ties_half(tok):
     assert float(rc[0]) == float(rr[0])  # the same sequence twice: an exact tie
     assert m["eval/accuracy"] == pytest.approx((0.5 + float(rc[1] > rr[1])) / 2)
     assert m["eval/loss"] == pytest.approx(float(bradley_terry_loss(rc, rr)), rel=1e-5)
+
+
+def test_fit_skips_a_non_finite_step_and_saves_a_loadable_policy(tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fusedrl.engine.offline import fit
+
+    recs = [(f"w{i}", {"prompt": f"{i}:", "completion": str(9 - i)}) for i in range(8)]
+    model = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=4)
+    use_packed_attention(model)
+    objective = SFTObjective(model, PackedDemonstrations(encode_demonstrations(tok, recs), 4096, CPU), None)
+    clean_loss, calls = objective.loss, []
+
+    def loss(mb):  # the second of the two steps meets a NaN
+        calls.append(mb)
+        value, metrics = clean_loss(mb)
+        return (value * math.nan if len(calls) == 2 else value), metrics
+
+    objective.loss = loss
+    cfg = OfflineConfig(data="x", batch_size=4, epochs=1, learning_rate=1e-2, progress=False, save_every=1,
+                        output_dir=str(tmp_path / "run"))  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="step 2: non-finite"):
+        rows = fit(model, tok, objective, cfg, final_name="policy")
+    assert [r["train/skipped_steps"] for r in rows] == [0.0, 1.0]
+    ckpt1 = torch.load(tmp_path / "run/ckpt-1/state.pt", weights_only=True)["model"]
+    for k, v in model.state_dict().items():  # step 2 changed nothing: the final weights are step 1's
+        assert torch.equal(v, ckpt1[k]), k
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run/policy")
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
