@@ -182,6 +182,13 @@ def load_tokenizer_for(cfg: OfflineConfig):
     return load_tokenizer(cfg.tokenizer or cfg.model, "tokenizer" if cfg.tokenizer else "model")
 
 
+def max_length_of(cfg: OfflineConfig, model) -> int | None:
+    """``--max-length``, else the model's context length."""
+    from .rollout import context_length
+
+    return cfg.max_length if cfg.max_length is not None else context_length(model)
+
+
 def step_records(n: int, per_step: int, seed: int, step: int) -> np.ndarray:
     """The record ids of ``step`` (0-based): epoch-wise seeded shuffles, derived from (seed, epoch) alone so a
     resumed run draws the same records."""
@@ -208,7 +215,7 @@ class Objective(Protocol):
         """The micro-batch's summed loss and metric sums (each becomes a mean over the step's denominator)."""
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics (``eval/...``); empty when there are no held-out records."""
+        """Held-out metrics (``eval/...``; the model is in eval mode); empty when there are no held-out records."""
 
 
 def fit(model, tokenizer, objective: Objective, cfg: OfflineConfig, *, final_name: str,
@@ -287,6 +294,7 @@ def fit(model, tokenizer, objective: Objective, cfg: OfflineConfig, *, final_nam
                             "train/skipped_steps": float(skipped), "perf/step_s": dt,
                             "perf/tokens_per_s": n_tok / dt})  # fmt: skip
             if step == total or (cfg.eval_every and step % cfg.eval_every == 0):
+                model.eval()
                 metrics.update(objective.evaluate())
                 model.train()
             rows.append(logger.log(step, metrics))

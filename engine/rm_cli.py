@@ -92,14 +92,12 @@ class RMObjective:
         if self.held_out is None:
             return {}
         from .reward_model import bradley_terry_loss
-        from .rollout import eval_mode
 
         sums: dict[str, float] = {}
-        with eval_mode(self.model):
-            for mb in self.held_out.micro_batches(np.arange(len(self.held_out))):
-                r_c, r_r = pair_rewards(self.model, mb)
-                for k, v in pair_metrics(r_c, r_r, bradley_terry_loss(r_c, r_r, reduction="sum")).items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+        for mb in self.held_out.micro_batches(np.arange(len(self.held_out))):
+            r_c, r_r = pair_rewards(self.model, mb)
+            for k, v in pair_metrics(r_c, r_r, bradley_terry_loss(r_c, r_r, reduction="sum")).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
         return {f"eval/{k}": v / len(self.held_out) for k, v in sums.items()}
 
 
@@ -129,7 +127,7 @@ def setup(cfg: OfflineConfig):
     from .attention import use_packed_attention
     from .checkpoint import prepare_run_dir
     from .models import PRESETS, build_reward_model
-    from .offline import load_tokenizer_for, read_records, setup_device, split_records
+    from .offline import load_tokenizer_for, max_length_of, read_records, setup_device, split_records
 
     device = setup_device(cfg)
     prepare_run_dir(Path(cfg.output_dir), resume=cfg.resume, overwrite=cfg.overwrite, extra_files=("reward_model",))
@@ -140,11 +138,7 @@ def setup(cfg: OfflineConfig):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = build_reward_model(cfg.model, vocab_size=len(tokenizer) if cfg.model in PRESETS else None, seed=cfg.seed,
                                pad_token_id=pad, dtype=getattr(torch, cfg.dtype)).to(device)  # fmt: skip
-    max_length = cfg.max_length
-    if max_length is None:
-        from .rollout import context_length
-
-        max_length = context_length(model)
+    max_length = max_length_of(cfg, model)
     encode = lambda recs: encode_pairs(tokenizer, recs, max_length=max_length, max_tokens=cfg.max_tokens_per_microbatch)
     pack = lambda pairs: PackedPairs(pairs, cfg.max_tokens_per_microbatch, device)
     use_packed_attention(model)

@@ -190,13 +190,11 @@ class SFTObjective:
     def evaluate(self) -> dict[str, float]:
         if self.held_out is None:
             return {}
-        from .rollout import eval_mode
         from .scoring import token_logprobs
 
         total = torch.zeros((), dtype=torch.float64)
-        with eval_mode(self.model):
-            for mb in self.held_out.micro_batches(np.arange(len(self.held_out))):
-                total += token_logprobs(self.model, mb, temperature=1.0, backend=self.backend).double().sum().cpu()
+        for mb in self.held_out.micro_batches(np.arange(len(self.held_out))):
+            total += token_logprobs(self.model, mb, temperature=1.0, backend=self.backend).double().sum().cpu()
         return {"eval/loss": -float(total) / float(self.held_out.loss_tokens.sum())}
 
 
@@ -214,7 +212,7 @@ def setup(cfg: OfflineConfig):
     from .attention import use_packed_attention
     from .checkpoint import prepare_run_dir
     from .models import PRESETS, build_causal_lm
-    from .offline import load_tokenizer_for, read_records, setup_device, split_records
+    from .offline import load_tokenizer_for, max_length_of, read_records, setup_device, split_records
 
     device = setup_device(cfg)
     prepare_run_dir(Path(cfg.output_dir), resume=cfg.resume, overwrite=cfg.overwrite, extra_files=("policy",))
@@ -224,11 +222,7 @@ def setup(cfg: OfflineConfig):
     train, held = split_records(read_records(cfg.data, split=cfg.dataset_split, config=cfg.dataset_config), cfg)
     model = build_causal_lm(cfg.model, vocab_size=len(tokenizer) if cfg.model in PRESETS else None, seed=cfg.seed,
                             dtype=getattr(torch, cfg.dtype)).to(device)  # fmt: skip
-    max_length = cfg.max_length
-    if max_length is None:
-        from .rollout import context_length
-
-        max_length = context_length(model)
+    max_length = max_length_of(cfg, model)
     encode = lambda recs: encode_demonstrations(tokenizer, recs, max_length=max_length,
                                                 max_tokens=cfg.max_tokens_per_microbatch)  # fmt: skip
     pack = lambda demos: PackedDemonstrations(demos, cfg.max_tokens_per_microbatch, device)
