@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import is_conversation
 from .offline import OfflineConfig
 
 
@@ -44,11 +45,6 @@ class Demonstration:
     mask: list[int]
     where: str
     """``file:line`` (or ``source row i``) of the record."""
-
-
-def _is_messages(x) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                      for m in x)  # fmt: skip
 
 
 def _chat_segments(tokenizer, messages: list, spans: list[tuple[int, int]], where: str) -> list[tuple[str, int]]:
@@ -78,7 +74,7 @@ def encode_demonstration(tokenizer, row, where: str, *, max_length: int | None =
                          f"{type(row).__name__}")  # fmt: skip
     if "messages" in row:
         msgs = row["messages"]
-        if not _is_messages(msgs):
+        if not is_conversation(msgs):
             raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if not turns:
@@ -95,10 +91,10 @@ def encode_demonstration(tokenizer, row, where: str, *, max_length: int | None =
             p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
             c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             tokens, mask, pieces = p + c, [0] * len(p) + [1] * len(c), None
-        elif _is_messages(prompt):
+        elif is_conversation(prompt):
             if isinstance(completion, str):
                 completion = [{"role": "assistant", "content": completion}]
-            if not _is_messages(completion):
+            if not is_conversation(completion):
                 raise ValueError(f"{where}: 'completion' must be a string or a list of {{'role', 'content'}} "
                                  "messages when 'prompt' is a list of messages")  # fmt: skip
             msgs = list(prompt) + list(completion)
