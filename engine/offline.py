@@ -226,7 +226,7 @@ def fit(model, tokenizer, objective: Objective, cfg: OfflineConfig, *, final_nam
 
     An optimizer step whose gradient norm is not finite is skipped (warned, counted in ``train/skipped_steps``):
     one bad batch must not write NaN into the weights."""
-    from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
+    from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
     from .metrics import MetricsLogger
     from .sft import warmup_cosine
     from .trainer import _adamw
@@ -252,11 +252,12 @@ def fit(model, tokenizer, objective: Objective, cfg: OfflineConfig, *, final_nam
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, skipped = int(state["step"]), int(state["skipped_steps"])
+        set_rng_state(state["rng"])  # dropout draws continue where the checkpoint left them
         del state
 
     def save(at: int) -> None:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "step": at, "num_records": n, "skipped_steps": skipped}  # fmt: skip
+                 "step": at, "num_records": n, "skipped_steps": skipped, "rng": rng_state()}  # fmt: skip
         save_checkpoint(out, at, state, keep_last=cfg.keep_checkpoints)
 
     rows = []

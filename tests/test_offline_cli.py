@@ -287,3 +287,34 @@ def test_fit_skips_a_non_finite_step_and_saves_a_loadable_policy(tok, tmp_path):
         assert torch.equal(v, ckpt1[k]), k
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run/policy")
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_fit_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tok, tmp_path):
+    """With dropout on, so the checkpoint's RNG state matters too."""
+    import shutil
+
+    from fusedrl.engine.offline import fit
+
+    rng = np.random.default_rng(5)
+    recs = [(f"w{i}", {"prompt": _random_digits(rng, 2, 4) + ":", "completion": _random_digits(rng, 1, 4)})
+            for i in range(12)]  # fmt: skip
+    demos = encode_demonstrations(tok, recs)
+
+    def run(out: str, **kw):
+        model = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=6, attention_dropout=0.2)
+        use_packed_attention(model)
+        objective = SFTObjective(model, PackedDemonstrations(demos, 4096, CPU), None)
+        cfg = OfflineConfig(data="x", batch_size=4, epochs=2, learning_rate=1e-2, progress=False, save_every=3,
+                            output_dir=str(tmp_path / out), **kw)  # fmt: skip
+        torch.manual_seed(0)
+        return fit(model, tok, objective, cfg, final_name="policy"), model
+
+    rows, whole = run("whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut/ckpt-6")
+    (tmp_path / "cut/latest").write_text("ckpt-3")
+    resumed_rows, resumed = run("cut", resume=True)
+    assert [r["step"] for r in resumed_rows] == [4, 5, 6]
+    assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in rows[3:]]
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
