@@ -3,7 +3,7 @@ file, a ``datasets`` directory or a Hub data set, and the packed training run ov
 ``RolloutBuffer``.
 
     records = read_records("demos.jsonl")                 # [(where, row)]: "demos.jsonl:12" names a bad one
-    train, held_out = split_records(records, cfg)         # --eval-data, else the --eval-fraction tail
+    train, held_out = split_records(records, cfg)         # --eval-data, else a seeded --eval-fraction of them
     rows = fit(model, tokenizer, objective, cfg, ...)     # checkpoints, metrics.jsonl, final model
 
 An objective (``sft_cli.SFTObjective``, ``rm_cli.RMObjective``) holds its records packed in a buffer and says,
@@ -48,7 +48,7 @@ class OfflineConfig:
     data: str | None = None
     """Training records: a .jsonl/.json/.parquet file, a datasets directory (save_to_disk) or a Hub data set name."""
     eval_data: str | None = None
-    """Held-out records in the same formats (default: the --eval-fraction tail of --data)."""
+    """Held-out records in the same formats (default: a seeded --eval-fraction of --data)."""
     eval_fraction: float = 0.0
     """Share of --data held out for evaluation when no --eval-data is given (a seeded random subset)."""
     dataset_split: str = "train"
