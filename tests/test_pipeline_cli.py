@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here starts fusedrl in a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "pipeline"
 TIMEOUT_S = 300  # generous: CI machines are shared; each command takes seconds on 2 idle cores
