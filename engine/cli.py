@@ -313,11 +313,12 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-USAGE = """usage: fusedrl {train,demo} [options]
+USAGE = """usage: fusedrl {train,demo,dpo,report} [options]
 
   train   PPO / GRPO / RLOO / REINFORCE++ training (fusedrl train --help)
   demo    the built-in demo (fusedrl demo --help)
   dpo     offline DPO / IPO / SimPO / ORPO on {prompt, chosen, rejected} pairs (fusedrl dpo --help)
+  report  plots of runs (PNGs + one self-contained HTML page), several overlaid (fusedrl report --help)
 
   fusedrl --version prints the installed version
 """
@@ -344,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         from .dpo import main as dpo_main
 
         return dpo_main(rest) or 0
+    if cmd == "report":
+        from .report import main as report_main
+
+        return report_main(rest) or 0
     print(f"fusedrl: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
