@@ -327,10 +327,12 @@ class PPOTrainer:
         with self._ref_scope():  # the LoRA policy's base model (adapters off), or the separate reference
             ref_logp = score_logprobs(self.ref_policy, micro, layout, temperature=cfg.temperature, backend=cfg.backend)
         values = score_values(self.critic, micro, layout) if self.critic is not None else None
+        reward_parts = None
         if self.reward_model is not None:
             raw_scores = score_reward_model(self.reward_model, micro, len(buf))
         else:
             raw_scores = score_reward_fn(self.reward_fn, prompt_texts, completions)
+            reward_parts = getattr(self.reward_fn, "last_parts", None)  # each function's part (rewards.combine)
         raw_scores = raw_scores.to(self.device)
         timer.lap("score")
 
@@ -372,6 +374,10 @@ class PPOTrainer:
         metrics = {
             "rollout/reward_mean": dist.mean(raw_scores),
             "rollout/reward_std": dist.std(raw_scores),
+            **{
+                f"rollout/reward/{k}": dist.mean(torch.tensor(v, device=self.device))
+                for k, v in (reward_parts or {}).items()
+            },
             "rollout/score_mean": dist.mean(scores),
             "rollout/response_len": dist.mean(layout.cu.diff().float()),
             "rollout/eos_frac": dist.mean(torch.tensor(eos)),
@@ -399,7 +405,7 @@ class PPOTrainer:
             lengths = layout.cu.diff()
             self.completions = completion_rows(
                 prompt_texts, completions, rewards=raw_scores, advantages=layout.sequence_sum(adv) / lengths.clamp(min=1),
-                lengths=lengths, truncated=[not e for e in eos],
+                lengths=lengths, truncated=[not e for e in eos], reward_parts=reward_parts,
             )  # fmt: skip
         return metrics
 

@@ -255,3 +255,34 @@ def test_log_every_prints_a_line_per_n_steps_when_not_a_terminal(tmp_path):
         r.stderr
     )
     assert [row["step"] for row in read_metrics(tmp_path / "m.jsonl")] == list(range(1, 8))
+
+
+def test_each_reward_functions_part_reaches_metrics_and_completions(tmp_path):
+    """A combined reward: every function's part is a metric (their means add up to the reward's) and a column of
+    the completions rows (adding up to each row's reward); completions.jsonl holds the sampled steps only."""
+    import torch
+    from fusedrl.engine.models import build_causal_lm
+    from fusedrl.engine.rewards import combine, count_token, target_length
+    from fusedrl.engine.tokenizer import build_char_tokenizer
+    from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+
+    torch.set_num_threads(1)
+    tok = build_char_tokenizer()
+    reward = combine(count_token, (0.5, target_length), (2.0, count_token))
+    cfg = PPOConfig(prompts_per_step=2, samples_per_prompt=3, max_new_tokens=6, advantage_estimator="grpo",
+                    total_steps=3, log_completions=2, progress=False, rollout_backend="hf",
+                    output_dir=str(tmp_path / "run"))  # fmt: skip
+    trainer = PPOTrainer(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0), tok, reward, cfg)
+    rows = trainer.train(PROMPTS)
+    parts = ("count_token_1", "target_length", "count_token_2")
+    for row in rows:
+        assert sum(row[f"rollout/reward/{p}"] for p in parts) == pytest.approx(row["rollout/reward_mean"])
+        assert row["rollout/reward/count_token_2"] == pytest.approx(2 * row["rollout/reward/count_token_1"])
+    completions = read_metrics(tmp_path / "run" / "completions.jsonl")
+    assert [c["step"] for c in completions] == [2] * 6
+    for c in completions:
+        assert sum(c[f"reward/{p}"] for p in parts) == pytest.approx(c["reward"])
+        assert c["reward/target_length"] == pytest.approx(-0.5 * abs(len(c["completion"]) - 8))
+        assert c["length"] >= 1 and isinstance(c["truncated"], bool) and c["prompt"] in PROMPTS
+    # Sampled rows are the first sequences: whole groups of one prompt, in rollout order.
+    assert len({c["prompt"] for c in completions[:3]}) == 1 and len({c["prompt"] for c in completions[3:]}) == 1
