@@ -71,7 +71,8 @@ class MetricsLogger:
     ``run_config`` once, every row and every completions table; ``tensorboard_dir`` adds TensorBoard there.
     ``resume_step``: rows with ``step > resume_step`` are dropped from an existing file (and from completions.jsonl)
     first, because a run that crashed after its last checkpoint logged steps that the resumed run will log again;
-    the trackers that cannot rewind get only the steps after the last one the crashed run sent them.
+    the trackers that cannot rewind get only the steps after the last one the crashed run sent them, and one that
+    the resumed run adds gets the rows up to the checkpoint first.
     ``progress``: a progress bar on a terminal; where stderr is not a terminal and ``log_every`` > 0, one summary
     line every ``log_every`` steps instead. ``enabled=False`` (non-zero ranks) makes every method a no-op."""
 
@@ -99,7 +100,7 @@ class MetricsLogger:
         self._completions_bytes = 0
         self._trackers = []
         self._bar = None
-        self._sent = -1  # trackers that cannot rewind already hold every step up to this one
+        self._sent: dict[int, int] = {}  # id(tracker) -> the last step it already holds
         if not enabled:
             return
         names = parse_report_to(report_to) if isinstance(report_to, str) else tuple(report_to)
@@ -109,8 +110,9 @@ class MetricsLogger:
             raise ValueError(f"report_to={','.join(names)!r} needs a run directory (the metrics path is None)")
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            logged = -1  # the last step the interrupted run sent its trackers
             if resume_step is not None and self.path.exists():
-                self._sent = max((r.get("step", -1) for r in read_metrics(self.path)), default=-1)
+                logged = max((r.get("step", -1) for r in read_metrics(self.path)), default=-1)
             self._file = _open_truncated(self.path, resume_step)
             self._completions_path = self.path.parent / COMPLETIONS_FILE
             if resume_step is not None or self._completions_path.exists():
@@ -118,11 +120,27 @@ class MetricsLogger:
                 self._completions_bytes = self._completions.tell()
             self._trackers = open_trackers(names, self.path.parent, config=run_config, resume_step=resume_step,
                                            tensorboard_dir=tensorboard_dir)  # fmt: skip
+            for t in self._trackers:
+                self._sent[id(t)] = -1 if t.rewinds else logged
+                if resume_step is not None and t.fresh and not t.rewinds:
+                    self._replay(t, resume_step)
         self._lines = log_every > 0 and not sys.stderr.isatty()
         if progress and not self._lines:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step", dynamic_ncols=True)
+
+    def _replay(self, tracker, resume_step: int) -> None:
+        """A tracker a resumed run adds gets the rows and tables the run already has, up to its checkpoint."""
+        for row in read_metrics(self.path):
+            tracker.log(row["step"], row)
+        tables: dict[int, list] = {}
+        if self._completions_path.exists():
+            for r in read_metrics(self._completions_path):
+                tables.setdefault(r["step"], []).append(r)
+        for step, rows in tables.items():
+            tracker.log_table(step, "completions", rows)
+        self._sent[id(tracker)] = resume_step
 
     def log(self, step: int, metrics: dict) -> dict:
         """Write one row ``{"step": step, **metrics}`` (values as floats) and advance the progress bar."""
@@ -134,7 +152,7 @@ class MetricsLogger:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
         for t in self._trackers:
-            if t.rewinds or step > self._sent:
+            if step > self._sent[id(t)]:
                 t.log(step, row)
         if self._bar is not None:
             self._bar.set_postfix({short: f"{row[k]:.4g}" for k, short in _BAR_KEYS if k in row}, refresh=False)
@@ -165,7 +183,7 @@ class MetricsLogger:
                           "go to the trackers only", RuntimeWarning, stacklevel=2)  # fmt: skip
         self._completions_bytes += len(text)
         for t in self._trackers:
-            if t.rewinds or step > self._sent:
+            if step > self._sent[id(t)]:
                 t.log_table(step, "completions", rows)
 
     def close(self) -> None:

@@ -14,7 +14,8 @@ Resuming: ``<run>/trackers.json`` holds each tracker's run id, so a resumed run 
 sends its config no second time. Steps that the interrupted run logged after its last checkpoint are computed again
 by the resumed run; TensorBoard drops its events from that step on (``purge_step``) and receives them again, the
 others keep what they received first and get only the steps after it (they cannot rewind), so no tracker holds a
-step twice.
+step twice. A tracker that only the resumed run reports to starts its own run and first gets the rows (and tables)
+up to the checkpoint.
 
 This module imports no tracker (nor torch) at import time: the configs validate ``report_to`` with it.
 """
@@ -216,6 +217,7 @@ def open_trackers(names, run_dir: str | os.PathLike, *, config: dict | None, res
                 t = TrackioTracker(name, config=cfg, run_id=rid)
             else:
                 t = MLflowTracker(name, config=cfg, run_id=rid)
+            t.fresh = resume_step is None or rid is None  # a tracker run of its own, not a continued one
             out.append(t)
             if tracker != "tensorboard":
                 ids[tracker] = t.run_id

@@ -142,16 +142,34 @@ def _mlflow_read(tmp_path, run_id):
     return runs, [by_step[s] for s in sorted(by_step)], run.data.params, tables
 
 
+def _tensorboard_read(out):
+    """(scalar rows by step, the config texts, completions tables by step) from the run's event files, as
+    TensorBoard's own loader sees them (events a resumed run purged are gone)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    by_step: dict[int, dict] = {}
+    for tag in acc.Tags()["scalars"]:
+        for ev in acc.Scalars(tag):
+            by_step.setdefault(ev.step, {"step": ev.step})
+            assert tag not in by_step[ev.step], f"tensorboard holds step {ev.step} of {tag} twice"
+            by_step[ev.step][tag] = ev.value
+    text = lambda tag: [(ev.step, ev.tensor_proto.string_val[0].decode()) for ev in acc.Tensors(tag)]  # noqa: E731
+    tables = {step: t for step, t in text("completions/text_summary")}
+    return [by_step[s] for s in sorted(by_step)], text("config/text_summary"), tables
+
+
 def _finite_rows(rows):
     return [{k: v for k, v in r.items() if k == "step" or math.isfinite(v)} for r in rows]
 
 
-def _same_rows(got, want, tracker):
+def _same_rows(got, want, tracker, rel=1e-12):
     assert [r["step"] for r in got] == [r["step"] for r in want], tracker
     for g, w in zip(got, want):
         assert g.keys() == w.keys(), (tracker, w["step"], set(g) ^ set(w))
         for k in w:
-            assert g[k] == pytest.approx(w[k], rel=1e-12, abs=0), (tracker, w["step"], k, g[k], w[k])
+            assert g[k] == pytest.approx(w[k], rel=rel, abs=0), (tracker, w["step"], k, g[k], w[k])
 
 
 def _same_tables(got, completions, tracker):
@@ -175,11 +193,11 @@ def _same_tables(got, completions, tracker):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_trackers_hold_what_metrics_jsonl_holds_and_resume_logs_no_step_twice(tmp_path):
-    for module in ("wandb", "trackio", "mlflow"):
+    for module in ("tensorboard", "wandb", "trackio", "mlflow"):
         _require(module)
     out = tmp_path / "run"
     _train(tmp_path, out, "--total-steps", "4", "--save-every", "2", "--keep-checkpoints", "0", "--report-to",
-           "wandb,trackio,mlflow", "--log-completions", "2")  # fmt: skip
+           "tensorboard,wandb,trackio,mlflow", "--log-completions", "2")  # fmt: skip
     rows = _finite_rows(read_metrics(out / "metrics.jsonl"))
     completions = read_metrics(out / "completions.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and {r["step"] for r in completions} == {2, 4}
@@ -202,11 +220,16 @@ def test_trackers_hold_what_metrics_jsonl_holds_and_resume_logs_no_step_twice(tm
     _same_rows(mmetrics, rows, "mlflow")
     assert params == {k: str(v) for k, v in config.items()}
     _same_tables(mtables, completions, "mlflow")
+    tb_rows, tb_config, tb_tables = _tensorboard_read(out)
+    _same_rows(tb_rows, rows, "tensorboard", rel=1e-6)  # TensorBoard keeps float32 scalars
+    assert [step for step, _ in tb_config] == [0] and json.loads(tb_config[0][1].strip("`\n")) == config
+    assert sorted(tb_tables) == [2, 4] and all(c["completion"].replace("|", "\\|") in tb_tables[c["step"]]
+                                                 for c in completions if "\n" not in c["completion"])  # fmt: skip
 
     # A crash after step 4, whose last checkpoint is step 2: the resumed run computes steps 3 and 4 again. The
     # trackers keep what they got first for those and receive only 5 and 6; the config goes nowhere again.
     shutil.rmtree(out / "ckpt-4")
-    _train(tmp_path, out, "--total-steps", "6", "--save-every", "2", "--report-to", "wandb,trackio,mlflow",
+    _train(tmp_path, out, "--total-steps", "6", "--save-every", "2", "--report-to", "tensorboard,wandb,trackio,mlflow",
            "--log-completions", "2", "--resume")  # fmt: skip
     resumed = _finite_rows(read_metrics(out / "metrics.jsonl"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
@@ -222,6 +245,10 @@ def test_trackers_hold_what_metrics_jsonl_holds_and_resume_logs_no_step_twice(tm
     assert len(mruns) == 1 and params == {k: str(v) for k, v in config.items()}
     _same_rows(mmetrics, expected, "mlflow resumed")
     assert sorted(ttables) == sorted(tables) == [2, 4, 6]
+    # TensorBoard drops what the first run logged after step 2 and holds the resumed run's steps 3-6.
+    tb_rows, tb_config, tb_tables = _tensorboard_read(out)
+    _same_rows(tb_rows, resumed, "tensorboard resumed", rel=1e-6)
+    assert [step for step, _ in tb_config] == [0] and sorted(tb_tables) == [2, 4, 6]
 
 
 def test_report_to_values_and_missing_extras_are_one_line(tmp_path, monkeypatch, capsys):
@@ -286,3 +313,56 @@ def test_each_reward_functions_part_reaches_metrics_and_completions(tmp_path):
         assert c["length"] >= 1 and isinstance(c["truncated"], bool) and c["prompt"] in PROMPTS
     # Sampled rows are the first sequences: whole groups of one prompt, in rollout order.
     assert len({c["prompt"] for c in completions[:3]}) == 1 and len({c["prompt"] for c in completions[3:]}) == 1
+
+
+def test_a_tracker_added_on_resume_gets_the_earlier_rows_first(tmp_path, monkeypatch):
+    """MetricsLogger alone: a run reports to W&B, crashes after step 4 with its checkpoint at 2, and resumes reporting
+    to W&B and MLflow. W&B keeps steps 1-4 as first sent and gets 5-6; MLflow, new, gets 1-2 (and the step-2 table)
+    replayed from the files, then 3-6: exactly what metrics.jsonl holds."""
+    _require("wandb"), _require("mlflow")
+    from fusedrl.engine.metrics import MetricsLogger
+
+    for k, v in _env(tmp_path).items():
+        if k.startswith(("WANDB", "MLFLOW")):
+            monkeypatch.setenv(k, v)
+    path, config = tmp_path / "run" / "metrics.jsonl", {"lr": 0.1, "name": "x"}
+    with MetricsLogger(path, progress=False, report_to="wandb", run_config=config) as log:
+        for s in range(1, 5):
+            log.log(s, {"loss": s / 3, "kl": float("nan") if s == 3 else s / 7})
+            if s % 2 == 0:
+                log.log_completions(s, [{"prompt": "p", "completion": f"c{s}", "reward": float(s)}])
+    first = _finite_rows(read_metrics(path))
+    with MetricsLogger(path, progress=False, report_to="wandb,mlflow", run_config=config, resume_step=2) as log:
+        for s in range(3, 7):
+            log.log(s, {"loss": s / 5, "kl": s / 11})
+            if s % 2 == 0:
+                log.log_completions(s, [{"prompt": "p", "completion": f"d{s}", "reward": float(s)}])
+    rows = _finite_rows(read_metrics(path))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[2]["loss"] == 3 / 5
+    history, configs, _ = _wandb_read(tmp_path / "run")
+    _same_rows(history, first + rows[4:], "wandb")
+    assert configs == [config, {}]
+    ids = json.loads((tmp_path / "run" / "trackers.json").read_text())
+    _, mrows, params, tables = _mlflow_read(tmp_path, ids["mlflow"])
+    _same_rows(mrows, rows, "mlflow")
+    assert params == {"lr": "0.1", "name": "x"}
+    assert {s: [r["completion"] for r in t] for s, t in tables.items()} == {2: ["c2"], 4: ["d4"], 6: ["d6"]}
+
+
+def test_dpo_and_demo_take_report_to(tmp_path, monkeypatch):
+    import importlib.util
+
+    from fusedrl.engine import demo, dpo
+
+    with pytest.raises(ValueError, match="DemoConfig.report_to: unknown tracker 'comet'"):
+        demo.DemoConfig(report_to="comet")
+    assert dpo.DPOConfig(report_to="trackio,mlflow", log_every=5).report_to == "trackio,mlflow"
+    assert demo.parse_args(["--report-to", "wandb", "--log-completions", "3"])[0].log_completions == 3
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"^fusedrl dpo: --report-to wandb needs the wandb package: pip install "
+                                         r"'fusedrl\[wandb\]'$"):  # fmt: skip
+        dpo.main(["--data", str(tmp_path / "pairs.jsonl"), "--report-to", "wandb", "--output-dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"^fusedrl demo: --report-to wandb needs the wandb package"):
+        demo.parse_args(["--report-to", "wandb"])
+    assert not (tmp_path / "o").exists()
