@@ -287,7 +287,8 @@ class PPOTrainer:
 
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         """One PPO step on these prompts (this rank's share): rollout, score, advantages, update.
-        Returns the step's metrics (global over ranks)."""
+        Returns the step's metrics (global over ranks); ``self.completions`` is then a sample of this rank's
+        rollouts (``metrics.completion_rows``) on every ``log_completions``-th step, else None."""
         cfg, dist = self.config, self.dist
         timer = PhaseTimer(self.device)  # restarts the peak-memory counter
 

@@ -4,6 +4,7 @@ headless Chromium (every image decodes, the console stays silent), and one-line 
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import re
@@ -49,35 +50,35 @@ def run_dir(tmp_path_factory):
     return out
 
 
-def _second_run(run_dir, tmp_path):
-    """A copy of the run with other rewards: a second curve on the same axes."""
-    other = tmp_path / "other"
+@pytest.fixture(scope="module")
+def report_dir(run_dir):
+    """``fusedrl report`` of the run and of a copy of it with other rewards (a second curve on the same axes)."""
+    other = run_dir.parent / "other"
     other.mkdir()
     rows = read_metrics(run_dir / "metrics.jsonl")
     for r in rows:
         r["rollout/reward_mean"] += 1.0
     (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return other
+    r = _report(run_dir, other, "--out", run_dir.parent / "cmp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir.parent / "cmp"
 
 
 @pytest.mark.slow
-def test_report_of_two_runs_writes_every_plot_and_a_self_contained_page(run_dir, tmp_path):
-    other = _second_run(run_dir, tmp_path)
-    r = _report(run_dir, other, "--out", tmp_path / "cmp")
-    assert r.returncode == 0, r.stderr[-3000:]
-    pngs = {p.stem for p in (tmp_path / "cmp").glob("*.png")}
+def test_report_of_two_runs_writes_every_plot_and_a_self_contained_page(run_dir, report_dir):
+    pngs = {p.stem for p in report_dir.glob("*.png")}
     assert pngs == EXPECTED_PLOTS, pngs  # only plots whose metrics exist: no rollout mismatch, no "other"
-    page = (tmp_path / "cmp" / "report.html").read_text()
+    page = (report_dir / "report.html").read_text()
     # Every PNG is in the page, as bytes, and the page reaches for nothing outside itself.
     embedded = [base64.b64decode(m) for m in re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
-    assert sorted(embedded) == sorted((tmp_path / "cmp" / f"{n}.png").read_bytes() for n in pngs)
+    assert sorted(embedded) == sorted((report_dir / f"{n}.png").read_bytes() for n in pngs)
     assert not re.search(r"(src|href)=\"(?!data:|#)", page) and "<script" not in page
     assert "</span> grpo</td>" in page and "</span> other</td>" in page
     # The completions table of the last step, its text escaped.
     last = [c for c in read_metrics(run_dir / "completions.jsonl") if c["step"] == 3]
     assert len(last) == 8 and "<h3>grpo: step 3</h3>" in page
     for c in last:
-        assert f'<td class="text">{__import__("html").escape(c["prompt"])}</td>' in page
+        assert f'<td class="text">{html.escape(c["prompt"])}</td>' in page
     assert "&lt;b&gt;&amp;" in page and "<b>&" not in page.split('id="completions"')[1]
     # One run alone: the default output directory is inside it.
     r = _report(run_dir)
@@ -85,15 +86,13 @@ def test_report_of_two_runs_writes_every_plot_and_a_self_contained_page(run_dir,
 
 
 @pytest.mark.slow
-def test_report_page_renders_in_headless_chromium(run_dir, tmp_path):
+def test_report_page_renders_in_headless_chromium(report_dir, tmp_path):
     if CHROMIUM is None:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is not installed (.ci/run installs it)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    r = _report(run_dir, _second_run(run_dir, tmp_path), "--out", tmp_path / "cmp")
-    assert r.returncode == 0, r.stderr[-3000:]
-    page = (tmp_path / "cmp" / "report.html").read_text()
-    n_plots = len(list((tmp_path / "cmp").glob("*.png")))
+    page = (report_dir / "report.html").read_text()
+    n_plots = len(list(report_dir.glob("*.png")))
     result = _open_in_chromium(page, tmp_path / "probe.html", tmp_path)
     assert result["console"] == [] and result["errors"] == [], result
     assert len(result["images"]) == n_plots == len(EXPECTED_PLOTS)
@@ -119,7 +118,6 @@ _PROBE_TAIL = ('<script>window.addEventListener("load",function(){var r=Array.pr
 
 
 def _open_in_chromium(page: str, path, tmp_path) -> dict:
-    import html
 
     path.write_text(page.replace("<head>", "<head>" + _PROBE_HEAD, 1).replace("</body>", _PROBE_TAIL + "</body>", 1))
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
