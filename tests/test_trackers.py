@@ -366,3 +366,26 @@ def test_dpo_and_demo_take_report_to(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"^fusedrl demo: --report-to wandb needs the wandb package"):
         demo.parse_args(["--report-to", "wandb"])
     assert not (tmp_path / "o").exists()
+
+
+def test_completions_are_bounded(tmp_path, monkeypatch):
+    """At most COMPLETIONS_PER_LOG rows per logged step, texts cut at COMPLETION_TEXT_CHARS, and a file that stops
+    growing at COMPLETIONS_MAX_BYTES with one warning."""
+    import warnings
+
+    from fusedrl.engine import metrics
+
+    n = metrics.COMPLETIONS_PER_LOG + 5
+    rows = metrics.completion_rows(["p" * 5000] * n, ["c"] * n, rewards=[1.0] * n, advantages=[0.5] * n,
+                                   lengths=[3] * n, truncated=[False] * n)  # fmt: skip
+    assert len(rows) == metrics.COMPLETIONS_PER_LOG
+    assert rows[0]["prompt"] == "p" * metrics.COMPLETION_TEXT_CHARS + "..." and rows[0]["completion"] == "c"
+    monkeypatch.setattr(metrics, "COMPLETIONS_MAX_BYTES", 3000)
+    with metrics.MetricsLogger(tmp_path / "metrics.jsonl", progress=False) as log:
+        log.log_completions(1, rows[:1])  # ~2100 bytes: fits
+        with pytest.warns(RuntimeWarning, match="reached 0 MiB: later completions go to the trackers only"):
+            log.log_completions(2, rows[:1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            log.log_completions(3, rows[:1])
+    assert [r["step"] for r in read_metrics(tmp_path / "completions.jsonl")] == [1]
