@@ -34,8 +34,9 @@ by moving to big digits; pushed further (a small KL coefficient, a long run) it 
 Output directory: ``metrics.jsonl`` (one row per PPO step: the trainer's metrics plus the gold reward
 of the same rollouts), ``report.png``, ``summary.json``, ``config.json``, ``pairs.jsonl`` (the reward model's
 training pairs in ``fusedrl dpo``'s format), and the checkpoints ``sft/``, ``reward_model/`` and ``ppo/``
-(the trainer's own directory: checkpoints, final ``policy/``, ``critic/``); with ``--compare`` also
-``grpo/``, ``dpo/``, ``compare.json`` and ``compare.png``.
+(the trainer's own directory: checkpoints, final ``policy/``, ``critic/``, ``completions.jsonl`` with
+``--log-completions``); with ``--compare`` also ``grpo/``, ``dpo/``, ``compare.json`` and ``compare.png``.
+``fusedrl report OUT`` plots the run (gold reward included), ``fusedrl report OUT/ppo`` shows its completions too.
 """
 
 from __future__ import annotations
