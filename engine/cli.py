@@ -167,6 +167,12 @@ def _check_extras(args: TrainArgs, cfg) -> None:
         raise _fail("--lora-r needs the peft package: pip install 'fusedrl[lora]'")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise _fail("--tensorboard needs the tensorboard package: pip install 'fusedrl[tensorboard]'")
+    from .trackers import check_installed, parse_report_to
+
+    try:
+        check_installed(parse_report_to(cfg.report_to))
+    except ImportError as e:
+        raise _fail(e) from None
 
 
 def _outputs(out: Path, *, lora: bool, merged: bool) -> list[tuple[str, str]]:
@@ -178,7 +184,9 @@ def _outputs(out: Path, *, lora: bool, merged: bool) -> list[tuple[str, str]]:
     items = [("metrics.jsonl", "one JSON object of metrics per step"),
              ("config.yaml", f"the run's settings: fusedrl train --config {out / 'config.yaml'} repeats it"),
              ("policy", policy), ("critic", "the critic (ValueModel.from_pretrained)"),
-             ("tensorboard", f"tensorboard --logdir {out / 'tensorboard'}")]  # fmt: skip
+             ("tensorboard", f"tensorboard --logdir {out / 'tensorboard'}"),
+             ("completions.jsonl", "sampled rollouts every --log-completions steps"),
+             ("wandb", f"offline W&B runs: wandb sync {out / 'wandb'}/offline-run-*")]  # fmt: skip
     found = [(name + ("/" if (out / name).is_dir() else ""), what) for name, what in items if (out / name).exists()]
     ckpts = sorted(out.glob("ckpt-*"))
     if ckpts:
@@ -304,13 +312,14 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-USAGE = """usage: fusedrl {train,dpo,sft,rm,demo} [options]
+USAGE = """usage: fusedrl {train,dpo,sft,rm,demo,report} [options]
 
   train   PPO / GRPO / RLOO / REINFORCE++ training (fusedrl train --help)
   demo    the built-in demo (fusedrl demo --help)
   dpo     offline DPO / IPO / SimPO / ORPO on {prompt, chosen, rejected} pairs (fusedrl dpo --help)
   sft     supervised fine-tuning on {prompt, completion} or {messages} records (fusedrl sft --help)
   rm      a Bradley-Terry reward model on {prompt, chosen, rejected} pairs (fusedrl rm --help)
+  report  plots of runs (PNGs + one self-contained HTML page), several overlaid (fusedrl report --help)
 
   fusedrl --version prints the installed version
 """
@@ -345,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         from .rm_cli import main as rm_main
 
         return rm_main(rest)
+    if cmd == "report":
+        from .report import main as report_main
+
+        return report_main(rest) or 0
     print(f"fusedrl: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

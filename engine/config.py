@@ -38,6 +38,8 @@ from fusedrl.names import (
     TRAINER_ROLLOUT_CORRECTIONS,
 )
 
+from .trackers import parse_report_to
+
 
 @dataclass
 class PPOConfig:
@@ -161,7 +163,13 @@ class PPOConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (0 keeps all)."""
     tensorboard: bool = False
-    """Also log metrics to TensorBoard under output_dir/tensorboard."""
+    """Also log metrics to TensorBoard under output_dir/tensorboard (the same as tensorboard in report_to)."""
+    report_to: str = "none"
+    """Experiment trackers given the config once, every metrics row and the completions tables: none, or a comma-separated list of tensorboard, wandb, trackio, mlflow (each an extra: pip install 'fusedrl[wandb]'; offline: WANDB_MODE=offline, Trackio's local store, a local MLFLOW_TRACKING_URI)."""
+    log_every: int = 0
+    """Where stderr is not a terminal, print a one-line summary every this many steps instead of the progress bar (0 = off)."""
+    log_completions: int = 0
+    """Every this many steps write a sample of rollouts (prompt, completion, reward, advantage, length, truncated) to output_dir/completions.jsonl and the trackers' tables (0 = off)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -182,7 +190,7 @@ class PPOConfig:
                      "ppo_epochs", "num_minibatches", "max_tokens_per_microbatch", "total_steps"):  # fmt: skip
             need(integer(name) and getattr(self, name) >= (0 if name == "total_steps" else 1), name,
                  "an int >= " + ("0" if name == "total_steps" else "1"))  # fmt: skip
-        for name in ("save_every", "keep_checkpoints", "top_k", "seed"):
+        for name in ("save_every", "keep_checkpoints", "top_k", "seed", "log_every", "log_completions"):
             need(integer(name) and getattr(self, name) >= 0, name, "an int >= 0")
         need(number("temperature") and self.temperature > 0, "temperature", "a number > 0")
         need(number("top_p") and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
@@ -226,6 +234,10 @@ class PPOConfig:
                 f"one of {REWARD_KL_ESTIMATORS} when the KL is in the reward (k3+ is a straight-through loss estimator)",
             )
         need(self.loss_agg in AGG_MODES, "loss_agg", f"one of {AGG_MODES}")
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ValueError(f"PPOConfig.{e}") from None
         need(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
         need(self.rollout_backend in ROLLOUT_BACKENDS, "rollout_backend", f"one of {ROLLOUT_BACKENDS}")
         need(integer("rollout_page_size") and self.rollout_page_size >= 4, "rollout_page_size", "an int >= 4")

@@ -43,6 +43,8 @@ import torch
 
 from fusedrl.kernels import BACKENDS, LOSS_TYPES, PreferenceLossConfig
 
+from .trackers import parse_report_to
+
 # The per-pair-weighted metrics of a step (means over its pairs); the rest are per step.
 _PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                  "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio")  # fmt: skip
@@ -107,6 +109,10 @@ class DPOConfig:
     """Start over in an output_dir that holds a run (its run files are deleted first)."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: str = "none"
+    """Experiment trackers given the config once and every metrics row: none, or a comma-separated list of tensorboard, wandb, trackio, mlflow (as for fusedrl train)."""
+    log_every: int = 0
+    """Where stderr is not a terminal, print a one-line summary every this many steps instead of the progress bar (0 = off)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -121,7 +127,7 @@ class DPOConfig:
 
         for name in ("epochs", "pairs_per_step", "max_tokens_per_microbatch"):
             need(getattr(self, name) >= 1, name, "an int >= 1")
-        for name in ("warmup_steps", "save_every", "keep_checkpoints", "seed", "threads"):
+        for name in ("warmup_steps", "save_every", "keep_checkpoints", "seed", "threads", "log_every"):
             need(getattr(self, name) >= 0, name, "an int >= 0")
         need(self.max_length is None or self.max_length >= 2, "max_length", "None or an int >= 2")
         need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "a number > 0")
@@ -130,6 +136,10 @@ class DPOConfig:
         need(not (self.resume and self.overwrite), "overwrite", "False with resume=True (they exclude each other)")
         need(self.ref_logps in ("precompute", "online"), "ref_logps", "'precompute' or 'online'")
         self.loss_config()  # loss_type, beta, label_smoothing, ... checked where they are defined
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ValueError(f"DPOConfig.{e}") from None
 
     def loss_config(self, temperature: float = 1.0) -> PreferenceLossConfig:
         return PreferenceLossConfig(self.loss_type, self.beta, self.label_smoothing, self.simpo_gamma, self.rpo_alpha,
@@ -432,7 +442,9 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     loss_cfg = cfg.loss_config(temperature=1.0 / scale)
     rows = []
     logger = MetricsLogger(out / "metrics.jsonl", progress=cfg.progress, total_steps=total,
-                           resume_step=step if latest is not None else None, enabled=dist.rank == 0)  # fmt: skip
+                           resume_step=step if latest is not None else None, enabled=dist.rank == 0,
+                           report_to=cfg.report_to, log_every=cfg.log_every,
+                           run_config=run_config if run_config is not None else dataclasses.asdict(cfg))  # fmt: skip
     body.train()
     with logger:
         while step < total:
@@ -531,6 +543,9 @@ def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
     from .distributed import Distributed, default_threads, init_distributed, resolve_device
     from .models import PRESETS, build_causal_lm
 
+    from .trackers import check_installed
+
+    check_installed(parse_report_to(cfg.report_to))  # a missing extra fails before any model is built
     torch.set_num_threads(cfg.threads or default_threads())
     init_distributed()
     device = resolve_device(cfg.device)
@@ -570,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # its traceback, as in fusedrl train.
     try:
         args, kwargs = setup(cfg)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, ImportError) as e:
         raise SystemExit(f"fusedrl dpo: {e}") from None
     rows = train_dpo(*args, **kwargs)
     from .distributed import shutdown_distributed

@@ -53,7 +53,7 @@ from .attention import use_packed_attention
 from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
 from .config import PPOConfig
 from .distributed import Distributed, PolicyBody, available_cpus, fully_shard_policy, no_sync
-from .metrics import MetricsLogger, PhaseTimer, UpdateStats, explained_variance
+from .metrics import MetricsLogger, PhaseTimer, UpdateStats, completion_rows, explained_variance
 from .models import (
     ValueModel,
     adapter_disabled,
@@ -257,12 +257,16 @@ class PPOTrainer:
             tensorboard_dir=(out / "tensorboard") if (out is not None and cfg.tensorboard) else None,
             progress=cfg.progress, total_steps=cfg.total_steps,
             resume_step=self.global_step if resume else None, enabled=self.rank == 0,
+            report_to=cfg.report_to, run_config=run_config if run_config is not None else asdict(cfg),
+            log_every=cfg.log_every,
         )  # fmt: skip
         rows = []
         with logger:
             while self.global_step < cfg.total_steps:
                 metrics = self.step(self.sample_prompts(prompts, self.global_step))
                 rows.append(logger.log(self.global_step, metrics))
+                if self.completions:
+                    logger.log_completions(self.global_step, self.completions)
                 if out is not None and cfg.save_every and self.global_step % cfg.save_every == 0:
                     self.save_checkpoint()
         if out is not None:
@@ -283,7 +287,8 @@ class PPOTrainer:
 
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         """One PPO step on these prompts (this rank's share): rollout, score, advantages, update.
-        Returns the step's metrics (global over ranks)."""
+        Returns the step's metrics (global over ranks); ``self.completions`` is then a sample of this rank's
+        rollouts (``metrics.completion_rows``) on every ``log_completions``-th step, else None."""
         cfg, dist = self.config, self.dist
         timer = PhaseTimer(self.device)  # restarts the peak-memory counter
 
@@ -323,10 +328,12 @@ class PPOTrainer:
         with self._ref_scope():  # the LoRA policy's base model (adapters off), or the separate reference
             ref_logp = score_logprobs(self.ref_policy, micro, layout, temperature=cfg.temperature, backend=cfg.backend)
         values = score_values(self.critic, micro, layout) if self.critic is not None else None
+        reward_parts = None
         if self.reward_model is not None:
             raw_scores = score_reward_model(self.reward_model, micro, len(buf))
         else:
             raw_scores = score_reward_fn(self.reward_fn, prompt_texts, completions)
+            reward_parts = getattr(self.reward_fn, "last_parts", None)  # each function's part (rewards.combine)
         raw_scores = raw_scores.to(self.device)
         timer.lap("score")
 
@@ -368,6 +375,10 @@ class PPOTrainer:
         metrics = {
             "rollout/reward_mean": dist.mean(raw_scores),
             "rollout/reward_std": dist.std(raw_scores),
+            **{
+                f"rollout/reward/{k}": dist.mean(torch.tensor(v, device=self.device))
+                for k, v in (reward_parts or {}).items()
+            },
             "rollout/score_mean": dist.mean(scores),
             "rollout/response_len": dist.mean(layout.cu.diff().float()),
             "rollout/eos_frac": dist.mean(torch.tensor(eos)),
@@ -389,6 +400,14 @@ class PPOTrainer:
             metrics["rollout/ratio_max"] = dist.max(float((old_logp - rollout_logp).max().exp()))
         if self.critic is not None:
             metrics["value/explained_variance"] = explained_variance(dist.gather(values), dist.gather(returns))
+        # Every log_completions steps, a sample of this rank's rollouts for completions.jsonl and the trackers.
+        self.completions = None
+        if cfg.log_completions and self.global_step % cfg.log_completions == 0:
+            lengths = layout.cu.diff()
+            self.completions = completion_rows(
+                prompt_texts, completions, rewards=raw_scores, advantages=layout.sequence_sum(adv) / lengths.clamp(min=1),
+                lengths=lengths, truncated=[not e for e in eos], reward_parts=reward_parts,
+            )  # fmt: skip
         return metrics
 
     # ------------------------------------------------------------------------------------------------
@@ -695,7 +714,8 @@ class PPOTrainer:
 
 
 # Settings a resumed run may legitimately change (run length, logging, where to save).
-_RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorboard", "progress", "output_dir"}
+_RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorboard", "progress", "output_dir",
+                      "report_to", "log_every", "log_completions"}  # fmt: skip
 # ... and the generation engine (same sampling law, same weights).
 _RESUME_MAY_CHANGE |= {"rollout_backend", "rollout_page_size", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb"}
 
