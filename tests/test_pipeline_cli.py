@@ -5,10 +5,10 @@ digits than the SFT policy (the preference the comparisons encode). Then resume,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -27,19 +27,11 @@ SHORTER = {"sft": ["--epochs", "4", "--save-every", "10"], "rm": ["--epochs", "5
 
 
 def readme_pipeline() -> dict[str, list[str]]:
-    """The README's ``fusedrl sft`` / ``rm`` / ``train --reward-model`` commands as argument lists (after
-    ``fusedrl``), the example data named by absolute path so that they run from any directory."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## SFT -> reward model -> PPO on your data") :]
-    block = section[section.index("```bash") + len("```bash") : section.index("```", section.index("```bash") + 7)]
-    commands = {}
-    for line in block.replace("\\\n", " ").splitlines():
-        args = shlex.split(line.split("#")[0])
-        if args[:1] == ["fusedrl"]:
-            commands[args[1]] = [str(ROOT / a) if a.startswith("examples/") else a for a in args[1:]]
-    assert sorted(commands) == ["rm", "sft", "train"], commands
-    assert "--reward-model" in commands["train"]
-    return {cmd: [*args, *SHORTER[cmd], "--no-progress"] for cmd, args in commands.items()}
+    """The README's pipeline commands (bench/readme_numbers.py reads them for the README's numbers), shortened."""
+    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "bench" / "readme_numbers.py")
+    readme_numbers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_numbers)
+    return {cmd: [*argv, *SHORTER[cmd], "--no-progress"] for cmd, argv in readme_numbers.pipeline_commands().items()}
 
 
 PIPELINE = readme_pipeline()
