@@ -32,6 +32,8 @@ import torch
 
 from fusedrl.kernels import BACKENDS
 
+from .trackers import parse_report_to
+
 # Raised while setting a run up, they are the user's mistakes (a missing file or model, a bad record, a run directory
 # in use): one line, no traceback. Once training runs, an error keeps its traceback.
 USER_ERRORS = (OSError, ValueError, TypeError, ImportError)
@@ -89,6 +91,10 @@ class OfflineConfig:
     """Start over in an output_dir that holds a run (its run files are deleted first)."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: str = "none"
+    """Experiment trackers given the config once and every metrics row: none, or a comma-separated list of tensorboard, wandb, trackio, mlflow (as for fusedrl train)."""
+    log_every: int = 0
+    """Where stderr is not a terminal, print a one-line summary every this many steps instead of the progress bar (0 = off)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -103,7 +109,7 @@ class OfflineConfig:
 
         for name in ("epochs", "batch_size", "max_tokens_per_microbatch"):
             need(getattr(self, name) >= 1, name, "an int >= 1")
-        for name in ("warmup_steps", "save_every", "keep_checkpoints", "eval_every", "seed", "threads"):
+        for name in ("warmup_steps", "save_every", "keep_checkpoints", "eval_every", "seed", "threads", "log_every"):
             need(getattr(self, name) >= 0, name, "an int >= 0")
         need(self.max_length is None or self.max_length >= 2, "max_length", "None or an int >= 2")
         need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "a number > 0")
@@ -113,6 +119,10 @@ class OfflineConfig:
         need(not (self.eval_data is not None and self.eval_fraction > 0), "eval_fraction",
              "0 when --eval-data is given (one held-out set)")  # fmt: skip
         need(not (self.resume and self.overwrite), "overwrite", "False with --resume (they exclude each other)")
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ValueError(f"--{str(e).replace('_', '-')}") from None
 
 
 def parse_args(argv: Sequence[str], *, prog: str, description: str, data_help: str) -> OfflineConfig:
@@ -262,7 +272,9 @@ def fit(model, tokenizer, objective: Objective, cfg: OfflineConfig, *, final_nam
 
     rows = []
     logger = MetricsLogger(out / "metrics.jsonl", progress=cfg.progress, total_steps=total,
-                           resume_step=step if latest is not None else None)  # fmt: skip
+                           resume_step=step if latest is not None else None, report_to=cfg.report_to,
+                           log_every=cfg.log_every,
+                           run_config=run_config if run_config is not None else dataclasses.asdict(cfg))  # fmt: skip
     model.train()
     with logger:
         while step < total:
@@ -311,11 +323,14 @@ def fit(model, tokenizer, objective: Objective, cfg: OfflineConfig, *, final_nam
 
 
 def setup_device(cfg: OfflineConfig) -> torch.device:
-    """Threads and device of a run; a torchrun launch is refused (these commands train in one process)."""
+    """Threads and device of a run; a torchrun launch is refused (these commands train in one process), and so is a
+    tracker whose package is missing, before any model is built."""
     from .distributed import default_threads, resolve_device
+    from .trackers import check_installed
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("fusedrl sft / rm train in one process; run them without torchrun")
+    check_installed(parse_report_to(cfg.report_to))
     torch.set_num_threads(cfg.threads or default_threads())
     return resolve_device(cfg.device)
 
@@ -330,6 +345,8 @@ def run_config_of(cfg: OfflineConfig) -> dict:
 def report(prog: str, out: Path, rows: list[dict], summary: str, outputs: list[tuple[str, str]],
            elapsed: float) -> None:  # fmt: skip
     """The last lines of a run: what it reached and every output with how to use it."""
+    outputs = [*outputs, ("tensorboard", f"tensorboard --logdir {out / 'tensorboard'}"),
+               ("wandb", f"offline W&B runs: wandb sync {out / 'wandb'}/offline-run-*")]  # fmt: skip
     found = [(name + ("/" if (out / name).is_dir() else ""), what) for name, what in outputs if (out / name).exists()]
     ckpts = sorted(out.glob("ckpt-*"))
     if ckpts:

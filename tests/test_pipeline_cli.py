@@ -161,10 +161,21 @@ def test_sft_on_chat_messages_from_parquet_with_a_model_directory(tmp_path):
     (tmp_path / "held.jsonl").write_text("".join(json.dumps(chat(i)) + "\n" for i in range(40, 48)))
     proc = fusedrl(["sft", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "chat.parquet"), "--eval-data",
                     str(tmp_path / "held.jsonl"), "--epochs", "2", "--batch-size", "8", "--learning-rate", "3e-3",
-                    "--no-progress", "--output-dir", "out"], tmp_path)  # fmt: skip
+                    "--log-every", "5", "--output-dir", "out"], tmp_path)  # fmt: skip
     assert "40 demonstrations" in proc.stderr and "8 held out" in proc.stderr
+    assert "step 5/10" in proc.stderr and "step 10/10" in proc.stderr  # --log-every: stderr is no terminal here
     rows = metrics(tmp_path / "out/metrics.jsonl")
     assert len(rows) == 10 and math.isfinite(rows[-1]["eval/loss"]) and rows[-1]["loss"] < rows[0]["loss"]
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path / "out/policy").chat_template == tok.chat_template
+
+
+def test_rm_reports_to_tensorboard(tmp_path):
+    """--report-to reaches the trackers as for fusedrl train and fusedrl dpo (each tracker is tested in test_trackers.py)."""
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("tensorboard")
+    proc = fusedrl(["rm", "--data", str(DATA / "pairs.jsonl"), "--epochs", "1", "--batch-size", "100",
+                    "--report-to", "tensorboard", "--no-progress", "--output-dir", "out"], tmp_path)  # fmt: skip
+    assert list((tmp_path / "out/tensorboard").glob("events.out.tfevents.*")), proc.stderr
+    assert "tensorboard --logdir" in proc.stderr
