@@ -32,8 +32,6 @@ The contract:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 
 from ._utils import (
@@ -45,14 +43,13 @@ from ._utils import (
     check_same_device,
     launch,
     next_pow2,
+    per_token,
     resolve_backend,
     tl,
     triton,
     vocab_block,
 )
-
-if TYPE_CHECKING:
-    from .ppo_loss import PPOLossConfig
+from .configs import PPOLossConfig
 
 # Rows per chunk on the PyTorch path: bounds the float32 temporaries at ~1M elements (4 MiB each) whatever N is.
 _TORCH_CHUNK_ELEMS = 1 << 20
@@ -232,6 +229,7 @@ def rows_per_program(n: int, block_v: int, device: torch.device) -> int:
 
 def logprobs_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy):
     x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    labels = per_token(labels)
     V = logits.shape[-1]
     dev = logits.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
@@ -252,10 +250,15 @@ def logprobs_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy):
 def logprobs_bwd_triton(logits, labels, stats, ent, dlogp, dent, inv_temp, ignore_index, out=None):
     """Gradient w.r.t. logits, written into ``out`` (default: a new tensor shaped like the logits; pass
     ``out=logits`` to overwrite them in place). ``stats`` is the forward kernel's (2, n) row max and log
-    sum-exp; a plain (n,) logsumexp is accepted too (slightly less accurate near p = 1)."""
+    sum-exp; a plain (n,) logsumexp is accepted too (slightly less accurate near p = 1). An ``out`` whose rows
+    ``as_rows`` can only copy gets the gradient written back from that copy."""
     x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    labels, dlogp = per_token(labels), per_token(dlogp)
+    ent = None if ent is None else per_token(ent)
+    dent = None if dent is None else per_token(dent)
     if stats.dim() == 1:
         stats = torch.stack([stats.float(), torch.zeros_like(stats, dtype=torch.float32)])
+    stats = stats.contiguous()  # read as one (2, n) block
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     dx, _, d_rows_inner, d_outer, d_inner, d_v = as_rows(out)
@@ -270,21 +273,26 @@ def logprobs_bwd_triton(logits, labels, stats, ent, dlogp, dent, inv_temp, ignor
             V, inner, s_outer, s_inner, s_v, d_rows_inner, d_outer, d_inner, d_v, inv_temp, ignore_index,
             HAS_DENT=has_dent, BLOCK_M=block_m, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
+        if dx.data_ptr() != out.data_ptr():
+            out.copy_(dx.view(out.shape))
     return out
 
 
 # ----------------------------------------------------------------------------------------------------
 # Streaming row softmax: the same math in torch ops, chunked over rows
 # ----------------------------------------------------------------------------------------------------
-def _row_blocks(x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(first_row, 2-D view) pieces covering a (..., V) tensor's rows in order, without copying."""
+def _row_blocks(x: torch.Tensor, first: int = 0) -> list[tuple[int, torch.Tensor]]:
+    """(first_row, 2-D view) pieces covering a (..., V) tensor's rows in order, never a copy (the backward
+    writes through them in place): the whole tensor when its leading dims merge, else one piece per index of
+    the leading dim, recursively."""
     V = x.shape[-1]
+    if x.dim() <= 2:
+        return [(first, x.reshape(-1, V) if x.dim() < 2 else x)]
     try:
-        return [(0, x.view(-1, V))]
-    except RuntimeError:
-        flat = x.flatten(0, -3) if x.dim() > 3 else x  # (B, T, V) with non-mergeable strides
-        T = flat.shape[-2]
-        return [(b * T, flat[b]) for b in range(flat.shape[0])]
+        return [(first, x.view(-1, V))]
+    except RuntimeError:  # leading dims whose strides do not merge
+        rows = x[0].numel() // max(V, 1)
+        return [piece for b in range(x.shape[0]) for piece in _row_blocks(x[b], first + b * rows)]
 
 
 def row_chunks(x: torch.Tensor):
@@ -710,6 +718,9 @@ def ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig,
     """Run the forward kernel. Returns ``stats`` (8, n; may be given as a view into a larger buffer) and
     ``mls`` (2, n), the row max and log sum-exp the logprobs backward kernel reads."""
     x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    labels, old, adv, weight = per_token(labels), per_token(old), per_token(adv), per_token(weight)
+    ref = None if ref is None else per_token(ref)
+    is_weight = None if is_weight is None else per_token(is_weight)
     V = logits.shape[-1]
     dev = logits.device
     if stats is None:

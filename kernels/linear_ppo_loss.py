@@ -31,9 +31,18 @@ from ._rows import (
     row_chunks,
     torch_chunk_bwd,
 )
-from ._utils import IGNORE_INDEX, check_float, check_int, check_labels_in_range, check_same_device, resolve_backend
+from ._utils import (
+    IGNORE_INDEX,
+    check_float,
+    check_int,
+    check_labels_in_range,
+    check_same_device,
+    per_token,
+    resolve_backend,
+)
 from .logprobs import logprobs_ref
-from .ppo_loss import PPOLossConfig, ppo_loss_ref
+from .configs import PPOLossConfig
+from .ppo_loss import ppo_loss_ref
 
 # Tokens per chunk. Each chunk runs three GEMMs against the whole (V, H) weight -- logits = h W^T,
 # dh = dlogits W, dW += dlogits^T h -- i.e. 6 c V H flops for c rows, while W is streamed twice in the input
@@ -351,7 +360,7 @@ def linear_logprobs(
     check_temperature(temperature)
     n = labels.numel()
     chunk = _chunk_rows(n, *weight.shape, hidden.dtype, hidden.device, chunk_size)
-    flat_labels = labels.reshape(-1).to(torch.int64)
+    flat_labels = per_token(labels, torch.int64)
     logp, ent = _LinearLogProbs.apply(hidden, weight, bias, flat_labels, float(temperature), int(ignore_index),
                                       bool(return_entropy), chunk, backend == "triton")  # fmt: skip
     return (logp, ent) if return_entropy else logp
