@@ -14,6 +14,8 @@ holds (by arithmetic intensity, within a memory budget) is explained at ``_chunk
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -112,22 +114,33 @@ def _scored_rows(labels: torch.Tensor, use_triton: bool) -> torch.Tensor | None:
     return None if keep.numel() == labels.numel() else keep
 
 
-_ADDMM_OUT_DTYPE = True  # cleared if this torch / device has no fp32-output addmm for bf16 / fp16
+# Devices whose torch has a float32-output addmm for bf16 / fp16 operands (CPU torch has none: there the chunk is
+# upcast, as documented), and whether it has worked so far: cleared, with one warning, the first time it fails.
+_ADDMM_OUT_DTYPE_DEVICES = ("cuda",)
+_addmm_out_dtype = True
 
 
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with ``acc`` in float32 (or float64) and a, b in the input dtype, without rounding the
     partial product to bf16 / fp16 and, on CUDA, without an upcast copy of the chunk."""
-    global _ADDMM_OUT_DTYPE
+    global _addmm_out_dtype
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if a.is_cuda and _ADDMM_OUT_DTYPE:
+    if a.device.type in _ADDMM_OUT_DTYPE_DEVICES and _addmm_out_dtype:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
-        except (TypeError, RuntimeError):
-            _ADDMM_OUT_DTYPE = False
+        except (TypeError, RuntimeError) as e:
+            _addmm_out_dtype = False
+            warnings.warn(
+                f"torch.addmm(..., out_dtype={acc.dtype}) with {a.dtype} operands is unavailable in torch "
+                f"{torch.__version__} on {a.device.type} ({type(e).__name__}): the fused lm_head losses now accumulate "
+                f"dW through a {acc.dtype} copy of every chunk, a {acc.dtype} GEMM several times slower than the "
+                f"{a.dtype} one (a torch with out_dtype addmm avoids it)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
