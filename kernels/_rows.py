@@ -84,7 +84,6 @@ def _stream_rows(
     """One streaming read of BLOCK_M vocabulary rows of logits / T -> (m, log_s, logp, entropy): the row
     max, log sum exp(x - m), the label's log-probability (NaN for a label outside [0, V)) and the entropy
     (garbage unless WITH_ENTROPY). Shared by the logprobs and PPO forward kernels."""
-    n_read = tl.where(valid, V, 0)
     cols0 = tl.arange(0, BLOCK_V)
     # Running max m, sum-exp s = sum exp(x - m) and, for the entropy, w = sum exp(x - m) * (x - m).
     # Keeping w relative to the running max makes H = log s - w / s a difference of O(1) terms; the
@@ -95,7 +94,11 @@ def _stream_rows(
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
-        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=float("-inf")).to(tl.float32) * inv_temp
+        # The mask is (cols < V) & row: a bound the compiler can see is constant over aligned groups of columns,
+        # so the load is a 16-byte vector per thread; a per-row bound such as where(valid, V, 0) is data it
+        # cannot see through, and every element becomes its own predicated scalar load.
+        mask = (cols[None, :] < V) & valid[:, None]
+        x = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
         m_new = tl.maximum(m, tl.max(x, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
         alpha = tl.exp(m - m_ref)
@@ -193,13 +196,12 @@ def _logprobs_bwd_kernel(
     if HAS_DENT:
         g_h = tl.where(valid, tl.load(DENT + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
         ent = tl.load(ENT + rows, mask=row_ok, other=0.0)
-    n_read = tl.where(valid, V, 0)
-    n_write = tl.where(row_ok, V, 0)  # ignored rows still get their zeros written
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
-        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=0.0).to(tl.float32) * inv_temp
+        in_v = cols[None, :] < V  # vector loads and stores: see _stream_rows
+        x = tl.load(ptrs, mask=in_v & valid[:, None], other=0.0).to(tl.float32) * inv_temp
         lp = (x - m[:, None]) - log_s[:, None]
         p = tl.exp(lp)
         # d logp / dx_j = [j == y] - p_j. At the label, 1 - p is formed as -expm1(lp) in float32: the
@@ -211,7 +213,7 @@ def _logprobs_bwd_kernel(
             g -= g_h[:, None] * tl.where(p > 0.0, p * (lp + ent[:, None]), 0.0)
         g = tl.where(valid[:, None], g * inv_temp, 0.0)
         dptrs = dbase[:, None] + cols[None, :].to(tl.int64) * dx_v
-        tl.store(dptrs, g.to(DX.dtype.element_ty), mask=cols[None, :] < n_write[:, None])
+        tl.store(dptrs, g.to(DX.dtype.element_ty), mask=in_v & row_ok[:, None])  # ignored rows get their zeros
 
 
 # Elements of one (BLOCK_M, BLOCK_V) tile in the interpreter: bounds its NumPy temporaries.

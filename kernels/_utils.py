@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -110,15 +110,12 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
     stream, so a CUDA launch runs under the tensors' device guard: tensors on cuda:1 while cuda:0 is current
     would otherwise be read through pointers of another device's context. Tensors on the CPU need the kernel
     to be an interpreted function."""
-    if device.type == "cpu":
-        if not hasattr(kernel, "rewrite"):
-            raise InterpreterUnavailable(
-                "backend='triton' on CPU tensors runs Triton's interpreter, which needs TRITON_INTERPRET=1 in the "
-                "environment before triton is imported (it was not set, or triton was imported first)"
-            )
-        kernel[grid](*args, **kwargs)
-        return
-    with torch.cuda.device(device):
+    if device.type == "cpu" and not hasattr(kernel, "rewrite"):
+        raise InterpreterUnavailable(
+            "backend='triton' on CPU tensors runs Triton's interpreter, which needs TRITON_INTERPRET=1 in the "
+            "environment before triton is imported (it was not set, or triton was imported first)"
+        )
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         kernel[grid](*args, **kwargs)
 
 
