@@ -288,3 +288,20 @@ def test_every_kernel_launch_goes_through_launch():
         src = path.read_text()
         direct = [m.group(0) for m in re.finditer(r"_kernel\[[^\]]*\]\(", src)]
         assert not direct, f"{path.name} launches {direct} without launch()"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_a_device_that_is_not_current():
+    """Tensors on cuda:1 while cuda:0 is current: every Triton op gives what it gives on CPU's torch path."""
+    logits = torch.randn(N, V) * 2
+    labels = torch.randint(0, V, (N,))
+    old, adv = -torch.rand(N) * 3, torch.randn(N)
+    want_lp = logprobs(logits, labels, backend="torch")
+    want_loss, _ = ppo_loss(logits, labels, old, adv, backend="torch")
+    with torch.cuda.device(0):
+        on1 = [t.to("cuda:1") for t in (logits, labels, old, adv)]
+        lp = logprobs(on1[0], on1[1], backend="triton")
+        loss, _ = ppo_loss(*on1, backend="triton")
+    assert lp.device == torch.device("cuda:1")
+    assert_close(lp.cpu(), want_lp, atol=1e-5, name="logprobs on cuda:1")
+    assert_close(loss.cpu(), want_loss, atol=1e-6, name="ppo_loss on cuda:1")
