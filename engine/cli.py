@@ -117,13 +117,13 @@ _NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re
 
 def parse_train_args(argv: list[str]):
     """Defaults <- YAML file <- flags, validated into ``(TrainArgs, PPOConfig)``."""
-    from .config import PPOConfig, convert_field, dataclass_fields
+    from .config import PPOConfig, convert_field, dataclass_fields, flat_fields
 
     parser = build_train_parser()
     ns = vars(parser.parse_args(_join_negative_numbers(list(argv), parser)))
     yaml_path = ns.pop("config")
     values: dict = {}
-    known = {f.name: tp for cls in (TrainArgs, PPOConfig) for f, tp in dataclass_fields(cls)}
+    known = {f.name: tp for f, tp in dataclass_fields(TrainArgs)} | {x.name: x.type for x in flat_fields(PPOConfig)}
     if yaml_path is not None:
         import yaml
 
@@ -144,9 +144,10 @@ def parse_train_args(argv: list[str]):
             except argparse.ArgumentTypeError as e:
                 parser.error(str(e))
     values.update(ns)
-    split = lambda cls: {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+    args = {f.name: values[f.name] for f in dataclasses.fields(TrainArgs) if f.name in values}
+    ppo = {x.name: values[x.name] for x in flat_fields(PPOConfig) if x.name in values}
     try:
-        return TrainArgs(**split(TrainArgs)), PPOConfig(**split(PPOConfig))
+        return TrainArgs(**args), PPOConfig(**ppo)
     except ValueError as e:
         parser.error(str(e))
 
@@ -230,6 +231,7 @@ def train_main(argv: list[str]) -> int:
     import torch
 
     from .checkpoint import prepare_run_dir
+    from .config import flat_dict
     from .data import bind_columns, load_prompt_data
     from .distributed import default_threads, init_distributed, resolve_device
     from .models import PRESETS, apply_lora, build_causal_lm, build_reward_model, is_peft_model, save_model
@@ -283,7 +285,7 @@ def train_main(argv: list[str]) -> int:
                     f"model with the adapter disabled ({ref_mib:,.1f} MiB not copied)")  # fmt: skip
         print(msg, file=sys.stderr)
     out = Path(cfg.output_dir)
-    run = {**dataclasses.asdict(args), **dataclasses.asdict(cfg)}
+    run = {**dataclasses.asdict(args), **flat_dict(cfg)}
     run.pop("resume"), run.pop("overwrite")  # how this invocation treats the directory, not part of the run
     trainer.train(data.prompts, resume=args.resume, overwrite=args.overwrite, run_config=run)
     if trainer.rank == 0:

@@ -15,7 +15,6 @@ divide factor to 1).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
@@ -212,20 +211,6 @@ class Distributed:
         )
         ddp.register_comm_hook(None, _allreduce_sum_hook)
         return ddp
-
-
-def no_sync(bodies, accumulate: bool) -> contextlib.ExitStack:
-    """Inside: backward passes accumulate local gradients without the DDP all-reduce / FSDP reduce-scatter."""
-    stack = contextlib.ExitStack()
-    if not accumulate:
-        return stack
-    for body in bodies:
-        if isinstance(body, nn.parallel.DistributedDataParallel):
-            stack.enter_context(body.no_sync())
-        elif isinstance(body, FSDPModule):
-            body.set_requires_gradient_sync(False)
-            stack.callback(body.set_requires_gradient_sync, True)
-    return stack
 
 
 class PolicyBody(nn.Module):

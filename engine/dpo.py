@@ -28,7 +28,6 @@ resumes from the same checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -41,16 +40,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fusedrl.kernels import BACKENDS, LOSS_TYPES, PreferenceLossConfig
+from fusedrl.kernels import LOSS_TYPES, PreferenceLossConfig
+
+from .config import OptimConfig, RunConfig, composed, flat_dict, part
 
 # The per-pair-weighted metrics of a step (means over its pairs); the rest are per step.
 _PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                  "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio")  # fmt: skip
 
 
+@composed
 @dataclass
 class DPOConfig:
-    """Everything ``fusedrl dpo`` needs; each field is a ``--kebab-case`` flag."""
+    """Everything ``fusedrl dpo`` needs; each field (and each field of its parts) is a ``--kebab-case`` flag."""
 
     policy: str = "tiny-llama"
     """Policy to train: a preset name (fusedrl.engine.models.PRESETS), a local HF directory or a Hub id."""
@@ -83,30 +85,14 @@ class DPOConfig:
     """Token budget of one packed forward/backward; a pair (both sequences) must fit in it."""
     max_length: int | None = None
     """Longest prompt + response in tokens (responses beyond it are truncated); None: the model's context."""
-    learning_rate: float = 1e-6
-    """AdamW peak learning rate (linear warmup, cosine decay to 10%)."""
-    warmup_steps: int = 0
-    """Linear learning-rate warmup steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm (None = off)."""
-    backend: Literal[BACKENDS] = "auto"
-    """Fused-op backend: auto = Triton on CUDA, the PyTorch reference on CPU."""
-    seed: int = 0
-    """Seed of the pair order (and of a preset's random weights)."""
-    output_dir: str = "runs/dpo"
-    """Where metrics.jsonl, config.yaml, checkpoints and the final policy/ go."""
-    save_every: int = 0
-    """Checkpoint every this many steps (0 = only the final model)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk (0 keeps all)."""
+    optim: OptimConfig = part(lambda: OptimConfig(learning_rate=1e-6, lr_schedule="cosine"))
+    """The optimizer (shared with every objective)."""
+    run: RunConfig = part(lambda: RunConfig(output_dir="runs/dpo"))
+    """Output directory, seed (of the pair order and a preset's random weights), checkpoints, logging."""
     resume: bool = False
     """Continue from the newest intact checkpoint in output_dir."""
     overwrite: bool = False
     """Start over in an output_dir that holds a run (its run files are deleted first)."""
-    progress: bool = True
-    """Show a progress bar."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -121,12 +107,9 @@ class DPOConfig:
 
         for name in ("epochs", "pairs_per_step", "max_tokens_per_microbatch"):
             need(getattr(self, name) >= 1, name, "an int >= 1")
-        for name in ("warmup_steps", "save_every", "keep_checkpoints", "seed", "threads"):
-            need(getattr(self, name) >= 0, name, "an int >= 0")
+        need(self.threads >= 0, "threads", "an int >= 0")
+        need(self.output_dir is not None, "output_dir", "a directory (where the run is written)")
         need(self.max_length is None or self.max_length >= 2, "max_length", "None or an int >= 2")
-        need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "a number > 0")
-        need(self.weight_decay >= 0, "weight_decay", ">= 0")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or > 0")
         need(not (self.resume and self.overwrite), "overwrite", "False with resume=True (they exclude each other)")
         need(self.ref_logps in ("precompute", "online"), "ref_logps", "'precompute' or 'online'")
         self.loss_config()  # loss_type, beta, label_smoothing, ... checked where they are defined
@@ -306,8 +289,8 @@ def reference_logps(model, buf, lengths, max_tokens: int, device, *, backend="au
                                      num_ranks=ranks):  # fmt: skip
             mine.append((ids, sequence_logps(model, mb, backend=backend).cpu()))
     parts = dist.gather_objects(mine) if ranks > 1 else [mine]
-    for part in parts:
-        for ids, lp in part:
+    for shard in parts:
+        for ids, lp in shard:
             out[torch.from_numpy(ids)] = lp
     return out
 
@@ -347,20 +330,18 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     from fusedrl.kernels import linear_preference_loss
 
     from .attention import use_packed_attention
-    from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
-    from .distributed import Distributed, PolicyBody, no_sync
-    from .metrics import MetricsLogger
+    from .distributed import Distributed, PolicyBody
     from .models import disable_dropout, output_head
-    from .sft import warmup_cosine
+    from .update import GuardedStep, RunDir, accumulate, adamw, lr_schedule, metrics_logger, passes, run_loop
+    from .update import save_model, save_state
 
     device = next(policy.parameters()).device
     dist = Distributed(device)
     out = Path(cfg.output_dir)
-    latest = dist.on_rank0(prepare_run_dir, out, resume=cfg.resume, overwrite=cfg.overwrite)
-    if run_config is not None and dist.rank == 0:
-        import yaml
-
-        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    run = RunDir(out, dist, resume=cfg.resume, overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints)
+    latest = run.latest
+    if run_config is not None:
+        run.write_config(run_config)
     use_packed_attention(policy)
     # The implicit reward compares two forwards of the same weights (policy and its own reference at step 0):
     # with dropout it would start as noise instead of 0.
@@ -368,10 +349,10 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     buf, lengths = build_buffer(pairs)
     n_pairs = len(pairs)
     total = cfg.epochs * math.ceil(n_pairs / cfg.pairs_per_step)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))
+    opt = adamw(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = lr_schedule(opt, cfg.optim, total)
     step, ref = 0, ref_logps
-    state = load_checkpoint(latest) if latest is not None else None
+    state = run.load()
     if state is not None:
         if int(state["num_pairs"]) != n_pairs:
             raise ValueError(f"resume: the checkpoint {str(latest)!r} was trained on {int(state['num_pairs'])} pairs, "
@@ -418,78 +399,67 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     # Several ranks: DDP with summed gradients (each rank's loss already carries the global pair count). The body
     # holds the whole policy, so the lm_head that the fused loss applies outside its forward is reduced too.
     body = dist.data_parallel(PolicyBody(policy))
+    guard = GuardedStep(dist)
 
     def save(at: int) -> None:
         state = {"policy": policy.state_dict(), "policy_optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "step": at, "num_pairs": n_pairs}  # fmt: skip
+                 "num_pairs": n_pairs}  # fmt: skip
         if ref is not None:
             state["ref_logps"] = ref
-        if dist.rank == 0:  # every rank holds the same weights
-            save_checkpoint(out, at, state, keep_last=cfg.keep_checkpoints)
-        dist.barrier()
+        save_state(dist, out, at, state, keep_last=cfg.keep_checkpoints)
 
     _, _, scale = output_head(policy)
     loss_cfg = cfg.loss_config(temperature=1.0 / scale)
-    rows = []
-    logger = MetricsLogger(out / "metrics.jsonl", progress=cfg.progress, total_steps=total,
-                           resume_step=step if latest is not None else None, enabled=dist.rank == 0)  # fmt: skip
+
+    def one_step(step: int) -> dict:
+        t0 = time.perf_counter()
+        ids = _step_pairs(n_pairs, cfg, step)  # the same on every rank
+        sums: dict[str, torch.Tensor] = {}
+        n_tok, losses = [0], []
+
+        def objective(item, weight):
+            mb_ids, mb = item
+            h = body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]  # (M, H)
+            weight_h, bias, _ = output_head(policy)
+            pair_index = torch.arange(2 * len(mb_ids), device=device).view(-1, 2)
+            if online:
+                with torch.no_grad():
+                    ref_mb = sequence_logps(ref_model, mb, backend=cfg.backend)  # (p, 2)
+            else:
+                ref_mb = ref[torch.from_numpy(mb_ids)].to(device) if needs_ref else None
+            # Global denominator: each micro-batch loss is its share of the whole step's mean.
+            loss, m = linear_preference_loss(h, weight_h, mb.labels, pair_index, mb.cu_rows, ref_mb, bias=bias,
+                                             config=loss_cfg, num_pairs=len(ids), backend=cfg.backend)  # fmt: skip
+            losses.append(loss.detach())
+            yield loss
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v * (len(mb_ids) * weight)
+            n_tok[0] += int(mb.input_ids.shape[1]) if weight else 0
+
+        # One global plan of the step's pairs; this rank trains its share (possibly none: a zero-weighted pass).
+        mine = micro_batches(buf, lengths, ids, cfg.max_tokens_per_microbatch, device, rank=dist.rank,
+                             num_ranks=dist.world_size)  # fmt: skip
+        idle = mine[0] if mine else micro_batches(buf, lengths, ids[:1], cfg.max_tokens_per_microbatch, device)[0]
+        accumulate((body,), passes(mine, idle), objective)
+        ok = torch.isfinite(torch.stack(losses)).all()
+        norm = guard.step(policy, opt, ok, max_grad_norm=cfg.max_grad_norm, step=step + 1)
+        sched.step()
+        keys = sorted(sums)
+        totals = dist.sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]))
+        tokens = dist.sum(float(n_tok[0]))
+        dt = time.perf_counter() - t0
+        metrics = dict(zip(keys, (totals / len(ids)).tolist()))  # one host sync for the step's metrics
+        metrics.update({"grad_norm": norm.item(), "lr": sched.get_last_lr()[0], "epoch": (step + 1) *
+                        cfg.pairs_per_step / n_pairs, "perf/step_s": dt, "perf/tokens_per_s": tokens / dt,
+                        "train/skipped_steps": float(guard.skipped)})  # fmt: skip
+        return metrics
+
+    logger = metrics_logger(out, dist, cfg, total_steps=total, resume_step=step if latest is not None else None)
     body.train()
-    with logger:
-        while step < total:
-            t0 = time.perf_counter()
-            ids = _step_pairs(n_pairs, cfg, step)  # the same on every rank
-            opt.zero_grad(set_to_none=True)
-            sums: dict[str, torch.Tensor] = {}
-            n_tok = 0
-            # One global plan of the step's pairs; this rank trains its share. A rank left without pairs (fewer
-            # than ranks) still joins the gradient all-reduce, with a zero-weighted pass.
-            mine = micro_batches(buf, lengths, ids, cfg.max_tokens_per_microbatch, device, rank=dist.rank,
-                                 num_ranks=dist.world_size)  # fmt: skip
-            passes = [(i, mb, 1.0) for i, mb in mine] or [
-                (i, mb, 0.0) for i, mb in micro_batches(buf, lengths, ids[:1], cfg.max_tokens_per_microbatch, device)
-            ]
-            for i, (mb_ids, mb, weight_of_pass) in enumerate(passes):
-                # DDP all-reduces in the backward of this rank's last micro-batch only; the others accumulate.
-                with no_sync((body,), i < len(passes) - 1):
-                    h = body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]  # (M, H)
-                    weight, bias, _ = output_head(policy)
-                    pair_index = torch.arange(2 * len(mb_ids), device=device).view(-1, 2)
-                    if online:
-                        with torch.no_grad():
-                            ref_mb = sequence_logps(ref_model, mb, backend=cfg.backend)  # (p, 2)
-                    else:
-                        ref_mb = ref[torch.from_numpy(mb_ids)].to(device) if needs_ref else None
-                    # Global denominator: each micro-batch loss is its share of the whole step's mean.
-                    loss, m = linear_preference_loss(h, weight, mb.labels, pair_index, mb.cu_rows, ref_mb,
-                                                     bias=bias, config=loss_cfg, num_pairs=len(ids),
-                                                     backend=cfg.backend)  # fmt: skip
-                    (loss * weight_of_pass).backward()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v * (len(mb_ids) * weight_of_pass)
-                n_tok += int(mb.input_ids.shape[1]) if weight_of_pass else 0
-            # Gradients are summed over ranks by now: the same norm, and the same decision, on every rank.
-            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or math.inf)
-            if torch.isfinite(norm):  # a non-finite gradient never reaches the weights
-                opt.step()
-            sched.step()
-            step += 1
-            keys = sorted(sums)
-            totals = dist.sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]))
-            n_tok = dist.sum(float(n_tok))
-            dt = time.perf_counter() - t0
-            metrics = dict(zip(keys, (totals / len(ids)).tolist()))  # one host sync for the step's metrics
-            metrics.update({"grad_norm": norm.item(), "lr": sched.get_last_lr()[0], "epoch": step * cfg.pairs_per_step
-                            / n_pairs, "perf/step_s": dt, "perf/tokens_per_s": n_tok / dt})  # fmt: skip
-            rows.append(logger.log(step, metrics))
-            if cfg.save_every and step % cfg.save_every == 0:
-                save(step)
-    if cfg.save_every and step % cfg.save_every:
-        save(step)
+    rows = run_loop(one_step, step, total, logger, save_every=cfg.save_every, save=save)
     body.eval()
     if dist.rank == 0:
-        policy.save_pretrained(out / "policy")
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(out / "policy")
+        save_model(policy, tokenizer, out / "policy")
     dist.barrier()
     return rows
 
@@ -559,7 +529,7 @@ def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
             ref_logps = reference_logps(ref_model, buf, lengths, cfg.max_tokens_per_microbatch, device,
                                         backend=cfg.backend, dist=dist)  # fmt: skip
             ref_model = buf = None  # the reference leaves memory: only its (P, 2) log-probs are kept
-    run_config = dataclasses.asdict(cfg)
+    run_config = flat_dict(cfg)
     run_config.pop("resume"), run_config.pop("overwrite")
     return (policy, tokenizer, pairs, cfg), dict(ref_logps=ref_logps, ref_model=ref_model, run_config=run_config)
 

@@ -30,14 +30,12 @@ import copy
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.distributed.checkpoint import state_dict as dcp_state
-from torch.distributed.tensor import DTensor
 
 from fusedrl.kernels import PPOLossConfig, kl_penalty, linear_ppo_loss, shape_token_rewards, value_loss
 from fusedrl.names import TOKEN_REWARD_ESTIMATORS
@@ -50,10 +48,10 @@ from .advantages import (
     compute_advantages,
 )
 from .attention import use_packed_attention
-from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
-from .config import PPOConfig
-from .distributed import Distributed, PolicyBody, available_cpus, fully_shard_policy, no_sync
-from .metrics import MetricsLogger, PhaseTimer, UpdateStats, explained_variance
+from .checkpoint import rng_state, set_rng_state
+from .config import PPOConfig, flat_dict
+from .distributed import Distributed, PolicyBody, available_cpus, fully_shard_policy
+from .metrics import PhaseTimer, UpdateStats, explained_variance
 from .models import (
     ValueModel,
     adapter_disabled,
@@ -66,6 +64,17 @@ from .models import (
 from .packing import RolloutBuffer, plan_microbatches
 from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer, generate_responses, stop_token_ids
 from .rollout_backends import HFBackend, SamplingSpec, make_rollout_backend, print_choice, resolve_rollout_backend
+from .update import (
+    GuardedStep,
+    RunDir,
+    accumulate,
+    adamw,
+    load_state,
+    metrics_logger,
+    passes,
+    run_loop,
+    save_state,
+)
 from .scoring import (
     MicroBatch,
     ResponseLayout,
@@ -190,11 +199,11 @@ class PPOTrainer:
         else:
             self._policy_body = self.dist.data_parallel(self._policy_root)
         self._critic_body = self.dist.data_parallel(self.critic) if self.critic is not None else None
-        self.policy_optimizer = _adamw(
+        self.policy_optimizer = adamw(
             [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
         self.critic_optimizer = (
-            _adamw(list(self.critic.parameters()), lr=cfg.critic_learning_rate, weight_decay=cfg.weight_decay)
+            adamw(list(self.critic.parameters()), lr=cfg.critic_learning_rate, weight_decay=cfg.weight_decay)
             if self.critic is not None else None
         )  # fmt: skip
         self.kl_controller = (
@@ -206,13 +215,14 @@ class PPOTrainer:
             if dev != self.device:
                 raise ValueError(f"{name} is on {dev} but the policy is on {self.device}: put all models on one device")
         self.reward_stats = RunningMeanStd()
-        self.buffer = RolloutBuffer(fields=BUFFER_FIELDS)
+        self._buffer = RolloutBuffer(fields=BUFFER_FIELDS)
+        self._pending_fields: dict = {}  # this step's per-token tensors, copied into the buffer when it is read
         self.layout: ResponseLayout | None = None  # the current step's response tokens (set by the rollout)
         # Every rank's sequences, rank by rank, for the globally planned update (several ranks only); their
         # per-token values travel as tensors.
-        self._all_rollouts = RolloutBuffer(fields=()) if self.world_size > 1 else self.buffer
+        self._all_rollouts = RolloutBuffer(fields=()) if self.world_size > 1 else self._buffer
         self.global_step = 0
-        self._skipped = 0  # optimizer steps skipped for a non-finite loss or gradient, in the current update
+        self.guard = GuardedStep(self.dist)  # counts the optimizer steps skipped in the current update
         self.context = context_length(policy)
         self._init_rollout_backend()
         # A loss setting the kernels refuse fails here, not at the first update (hf returns no rollout log-probs).
@@ -238,38 +248,39 @@ class PPOTrainer:
         out = Path(cfg.output_dir) if cfg.output_dir is not None else None
         if out is None and (resume or overwrite or run_config is not None):
             raise ValueError("resume=True, overwrite=True and run_config need config.output_dir (where the run is)")
-        latest = (
-            self.dist.on_rank0(prepare_run_dir, out, resume=resume, overwrite=overwrite) if out is not None else None
+        run = (
+            RunDir(out, self.dist, resume=resume, overwrite=overwrite, keep_checkpoints=cfg.keep_checkpoints)
+            if out
+            else None
         )
-        if run_config is not None and self.rank == 0:
-            import yaml
-
+        if run is not None and run_config is not None:
             # The resolved rollout backend as a comment: the file stays a valid --config of the same run.
-            head = f"# rollout backend: {self.rollout_backend} (rollout_backend={cfg.rollout_backend})\n"
-            (out / "config.yaml").write_text(head + yaml.safe_dump(run_config, sort_keys=False))
-        if resume:
-            self.load_checkpoint(latest)
+            run.write_config(
+                run_config, f"# rollout backend: {self.rollout_backend} (rollout_backend={cfg.rollout_backend})\n"
+            )
+        if run is not None and run.latest is not None:
+            self.load_checkpoint(run.latest)
         else:
             # Generation draws from torch's global RNG; ranks get different streams (different responses).
             torch.manual_seed(cfg.seed + 1000003 * self.rank)
-        logger = MetricsLogger(
-            out / "metrics.jsonl" if out is not None else None,
-            tensorboard_dir=(out / "tensorboard") if (out is not None and cfg.tensorboard) else None,
-            progress=cfg.progress, total_steps=cfg.total_steps,
-            resume_step=self.global_step if resume else None, enabled=self.rank == 0,
-        )  # fmt: skip
-        rows = []
-        with logger:
-            while self.global_step < cfg.total_steps:
-                metrics = self.step(self.sample_prompts(prompts, self.global_step))
-                rows.append(logger.log(self.global_step, metrics))
-                if out is not None and cfg.save_every and self.global_step % cfg.save_every == 0:
-                    self.save_checkpoint()
+        logger = metrics_logger(out, self.dist, cfg, total_steps=cfg.total_steps,
+                                resume_step=self.global_step if resume else None)  # fmt: skip
+        rows = run_loop(lambda i: self.step(self.sample_prompts(prompts, i)), self.global_step, cfg.total_steps, logger,
+                        save_every=cfg.save_every, save=(lambda _: self.save_checkpoint()) if out else None)  # fmt: skip
         if out is not None:
-            if cfg.save_every and self.global_step % cfg.save_every:  # a longer run can resume from the end
-                self.save_checkpoint()
             self.save_pretrained(out)
         return rows
+
+    @property
+    def buffer(self) -> RolloutBuffer:
+        """The last step's rollouts (tokens, response mask) with their per-token fields (``BUFFER_FIELDS``: old /
+        ref / rollout log-probs, values, rewards, advantages, returns) at the flat position of the token each is
+        about. The fields are copied from the device on the first read after a step, not by the step itself."""
+        if self._pending_fields:
+            fields, self._pending_fields = self._pending_fields, {}
+            for name, t in fields.items():  # one device -> host copy per field
+                self.layout.to_buffer(self._buffer, name, t)
+        return self._buffer
 
     def sample_prompts(self, prompts: Sequence[str], step: int) -> list[str]:
         """This rank's prompts for ``step``: a seeded draw without replacement (with, when there are fewer
@@ -304,7 +315,8 @@ class PPOTrainer:
         prompt_ids = [p for p in prompt_ids for _ in range(cfg.samples_per_prompt)]  # groups are consecutive
         prompt_texts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        buf = self.buffer
+        buf = self._buffer
+        self._pending_fields = {}
         fill_buffer(buf, prompt_ids, responses)
         self.layout = layout = ResponseLayout(buf, self.device)
         rollout_logp = None
@@ -333,10 +345,10 @@ class PPOTrainer:
         # 3. Advantages, on the device: KL-shaped token rewards, then the estimator.
         scores = self._process_scores(raw_scores)
         beta = self.kl_controller.value
-        in_reward = cfg.kl_in_reward_resolved
+        reward_kl, _ = cfg.kl_coefs(beta)
         token_rewards, _ = shape_token_rewards(
-            scores, old_logp, ref_logp, layout.cu, kl_coef=beta if in_reward else 0.0,
-            estimator=cfg.kl_estimator_resolved if in_reward else "k1",  # unused: the KL is in the loss
+            scores, old_logp, ref_logp, layout.cu, kl_coef=reward_kl,
+            estimator=cfg.kl_estimator_resolved if reward_kl else "k1",  # unused when the KL is in the loss
         )  # fmt: skip
         est = cfg.advantage_estimator
         adv, returns = compute_advantages(
@@ -348,10 +360,8 @@ class PPOTrainer:
         )  # fmt: skip
         per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rewards": token_rewards,
                      "advantages": adv, "returns": returns, "rollout_logp": rollout_logp}  # fmt: skip
-        # The buffer keeps the step for its readers (trainer.buffer.field): one device -> host copy per field.
-        for name, t in per_token.items():
-            if t is not None:
-                layout.to_buffer(buf, name, t)
+        # Kept on the device; copied into the buffer's fields only when someone reads ``trainer.buffer``.
+        self._pending_fields = {name: t for name, t in per_token.items() if t is not None}
         timer.lap("advantages")
 
         # 4. Update: PPO epochs over shuffled mini-batches of token-budget micro-batches.
@@ -436,9 +446,9 @@ class PPOTrainer:
 
     def _micro_batches(self, seq_ids: np.ndarray) -> list[MicroBatch]:
         """Token-budget micro-batches of this step's buffer covering ``seq_ids``, addressing ``self.layout``."""
-        lengths = np.asarray(self.buffer.lengths())[seq_ids]
+        lengths = np.asarray(self._buffer.lengths())[seq_ids]
         plan = plan_microbatches(lengths, self.config.max_tokens_per_microbatch)[0]
-        return [MicroBatch(self.buffer, seq_ids[np.asarray(mb, dtype=np.int64)], self.device, self.layout)
+        return [MicroBatch(self._buffer, seq_ids[np.asarray(mb, dtype=np.int64)], self.device, self.layout)
                 for mb in plan if len(mb)]  # fmt: skip
 
     def _process_scores(self, raw: torch.Tensor) -> torch.Tensor:
@@ -451,142 +461,82 @@ class PPOTrainer:
         return clip_rewards(scores, cfg.reward_clip)
 
     def _update(self, per_token: dict[str, torch.Tensor | None]) -> dict[str, float]:
+        """PPO epochs over shuffled mini-batches; each mini-batch is one optimizer step of the update loop."""
         cfg = self.config
         buf, layout, per_token = self._gather_rollouts(per_token)
         lengths = np.asarray(buf.lengths())
         loss_tokens = _loss_tokens_per_sequence(buf)
-        has_rollout = per_token.get("rollout_logp") is not None
-        loss_cfg = self._loss_config(self.kl_controller.value, rollout_logp=has_rollout)
-        use_ref = loss_cfg.kl_coef > 0
-        use_rollout = loss_cfg.rollout_correction != "none"
+        loss_cfg = self._loss_config(self.kl_controller.value, rollout_logp=per_token.get("rollout_logp") is not None)
+        use_ref, use_rollout = loss_cfg.kl_coef > 0, loss_cfg.rollout_correction != "none"
         # The same seed on every rank: all ranks split the global batch into the same mini-batches.
         rng = np.random.default_rng([cfg.seed, self.global_step, 1])
         stats = UpdateStats(self.dist)
-        self._skipped = 0
+        self.guard.reset()
+        bodies = (self._policy_body, self._critic_body)
         for _ in range(cfg.ppo_epochs):
             for mini in np.array_split(rng.permutation(len(buf)), cfg.num_minibatches):
                 mini = np.sort(mini)
                 # One plan for the whole mini-batch, identical on every rank; this rank trains plan[rank].
                 plan = plan_microbatches(lengths[mini], cfg.max_tokens_per_microbatch, num_ranks=self.world_size)
-                mine = [mini[mb] for mb in plan[self.rank] if len(mb)]
                 # Global denominators: each micro-batch loss is its share of the full mini-batch loss.
                 n_tok, n_seq = int(loss_tokens[mini].sum()), len(mini)
-                # A rank left without sequences still joins the gradient all-reduce, with a zero-weighted pass.
-                passes = [(ids, 1.0) for ids in mine] or [(mini[:1], 0.0)]
-                mini_losses = {"policy": [], "value": []}
-                for i, (ids, scale) in enumerate(passes):
+                losses = {"policy": [], "value": []}
+
+                def objective(ids, weight):
                     mb = MicroBatch(buf, ids, self.device, layout)
                     take = lambda name: layout.gather(per_token[name], mb)  # noqa: E731
-                    # DDP all-reduces in the backward of the step's last micro-batch only; the others accumulate.
-                    with no_sync((self._policy_body, self._critic_body), i < len(passes) - 1):
-                        hidden = self._policy_body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]
-                        # After the forward: FSDP swaps the gathered head weight in for the shard until backward.
-                        weight, bias, _ = output_head(self.policy)
-                        loss, m = linear_ppo_loss(
-                            hidden, weight, mb.labels, take("old_logp"), take("advantages"), bias=bias,
-                            ref_logp=take("ref_logp") if use_ref else None,
-                            rollout_logp=take("rollout_logp") if use_rollout else None, config=loss_cfg,
-                            cu_seqlens=mb.cu_rows, num_tokens=n_tok, num_sequences=n_seq, backend=cfg.backend,
-                        )  # fmt: skip
-                        (loss * scale).backward()
-                        mini_losses["policy"].append(loss.detach())
-                        if self.critic is not None:
-                            v = self._critic_body(mb.input_ids, position_ids=mb.position_ids, **mb.attn_kwargs)
-                            vloss, vm = value_loss(
-                                v[0][mb.rows], take("values"), take("returns"), clip=cfg.value_clip,
-                                agg="token-mean", num_tokens=n_tok, backend=cfg.backend,
-                            )  # fmt: skip
-                            (vloss * scale).backward()
-                            mini_losses["value"].append(vloss.detach())
-                    if scale == 0.0:
-                        continue
-                    w = mb.num_loss_tokens
-                    stats.add("loss/policy", loss.detach())
-                    for k in (
-                        "clipfrac",
-                        "clipfrac_low",
-                        "clipfrac_high",
-                        "dualclip_frac",
-                        "approx_kl",
-                        "entropy",
-                        "kl",
-                    ):
-                        stats.add_weighted(f"policy/{k}", m[k], w)
-                    stats.max("policy/ratio_max", m["ratio_max"])
-                    if use_rollout:  # tokens whose rollout weight was truncated (tis) or masked (mis)
-                        stats.add_weighted("rollout/corrected_frac", m["rollout_corrected_frac"], w)
+                    hidden = self._policy_body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]
+                    # After the forward: FSDP swaps the gathered head weight in for the shard until backward.
+                    head, bias, _ = output_head(self.policy)
+                    loss, m = linear_ppo_loss(
+                        hidden, head, mb.labels, take("old_logp"), take("advantages"), bias=bias,
+                        ref_logp=take("ref_logp") if use_ref else None,
+                        rollout_logp=take("rollout_logp") if use_rollout else None, config=loss_cfg,
+                        cu_seqlens=mb.cu_rows, num_tokens=n_tok, num_sequences=n_seq, backend=cfg.backend,
+                    )  # fmt: skip
+                    losses["policy"].append(loss.detach())
+                    yield loss
+                    vloss = vm = None
                     if self.critic is not None:
-                        stats.add("loss/value", vloss.detach())
-                        stats.add_weighted("value/clipfrac", vm["clipfrac"], w)
-                        stats.add_weighted("value/vpred_mean", vm["vpred_mean"], w)
-                policy_ok = torch.isfinite(torch.stack(mini_losses["policy"])).all()
+                        v = self._critic_body(mb.input_ids, position_ids=mb.position_ids, **mb.attn_kwargs)
+                        vloss, vm = value_loss(v[0][mb.rows], take("values"), take("returns"), clip=cfg.value_clip,
+                                               agg="token-mean", num_tokens=n_tok, backend=cfg.backend)  # fmt: skip
+                        losses["value"].append(vloss.detach())
+                        yield vloss
+                    if weight:
+                        _record(stats, mb.num_loss_tokens, loss, m, vloss, vm, use_rollout)
+
+                mine = [mini[mb] for mb in plan[self.rank] if len(mb)]
+                accumulate(bodies, passes(mine, mini[:1]), objective)
+                policy_ok = torch.isfinite(torch.stack(losses["policy"])).all()
                 stats.add("policy/grad_norm", self._optimizer_step(self.policy, self.policy_optimizer, policy_ok))
                 if self.critic is not None:
-                    value_ok = torch.isfinite(torch.stack(mini_losses["value"])).all()
+                    value_ok = torch.isfinite(torch.stack(losses["value"])).all()
                     stats.add("value/grad_norm", self._optimizer_step(self.critic, self.critic_optimizer, value_ok))
                 stats.count_optimizer_step()
-        return {**stats.result(), "train/skipped_steps": float(self._skipped)}
+        return {**stats.result(), "train/skipped_steps": float(self.guard.skipped)}
 
     def _loss_config(self, kl_coef: float, rollout_logp: bool = False) -> PPOLossConfig:
-        """The policy loss of this run at KL coefficient ``kl_coef`` (0 when the KL is in the reward); ``rollout_logp``:
-        whether this step's rollout engine returned its own log-probs (``rollout_correction='auto'`` corrects with TIS
-        then, an explicit tis / mis needs them)."""
-        cfg = self.config
-        correction = cfg.rollout_correction
-        if correction == "auto":
-            correction = "tis" if rollout_logp else "none"
-        elif correction != "none" and not rollout_logp:
-            raise ValueError(
-                f"PPOConfig.rollout_correction={correction!r} needs a rollout backend that returns its sampled tokens' "
-                f"log-probs (hf-paged or vllm), got rollout backend {getattr(self, 'rollout_backend', cfg.rollout_backend)!r}"
-            )
-        return PPOLossConfig(
-            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, clip_delta=cfg.clip_delta,
-            policy_loss=cfg.policy_loss, importance_sampling_level=cfg.importance_sampling_level,
-            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
-            kl_coef=0.0 if cfg.kl_in_reward_resolved else kl_coef, kl_estimator=cfg.kl_estimator_resolved,
-            kl_clamp=cfg.kl_clamp, kl_importance_weighted=cfg.kl_importance_weighted, entropy_coef=cfg.entropy_coef,
-            temperature=cfg.temperature / self.logit_scale, agg=cfg.loss_agg,
-            agg_norm_length=cfg.max_new_tokens if cfg.loss_agg == "seq-mean-token-sum-norm" else None,
-            rollout_correction=correction, rollout_correction_level=cfg.rollout_correction_level,
-            rollout_is_max=cfg.rollout_is_max, rollout_is_min=cfg.rollout_is_min,
-        )  # fmt: skip
+        """The policy loss of this step at KL coefficient ``kl_coef`` (``PPOConfig.loss_config``)."""
+        return self.config.loss_config(kl_coef, logit_scale=self.logit_scale, rollout_logp=rollout_logp,
+                                       backend_name=getattr(self, "rollout_backend", None))  # fmt: skip
 
     def _optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_ok=True) -> torch.Tensor:
-        """Clip, step, zero (gradients are already summed over ranks by DDP / FSDP). Returns the (pre-clip)
-        global gradient norm.
-
-        A non-finite loss on any rank (``loss_ok`` False: a 0-dim bool tensor or a bool) or a non-finite gradient
-        norm skips the step (the weights and the optimizer state stay as they were), with a warning and
-        ``train/skipped_steps``: one bad batch must not write NaN into the weights and every later checkpoint."""
-        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if self.config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        if isinstance(norm, DTensor):  # FSDP shards: the norm is already reduced over ranks
-            norm = norm.full_tensor()
-        # Host sync, once per optimizer step: every rank must take the same decision.
-        bad = self.dist.max(float(not bool(loss_ok) or not bool(torch.isfinite(norm))))
-        if bad:
-            self._skipped += 1
-            which = "policy" if model is self.policy else "critic"
-            warnings.warn(f"step {self.global_step}: non-finite {which} loss or gradient norm ({float(norm)}); "
-                          "that optimizer step was skipped", RuntimeWarning, stacklevel=2)  # fmt: skip
-        else:
-            optimizer.step()
-            if model is self.policy:
-                self.rollout.sync_weights(self.policy)  # the engine serves the new weights from the next rollout
-        optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
+        """The update loop's guarded step (``update.GuardedStep``); a policy step taken is pushed to the engine."""
+        name = "policy" if model is self.policy else "critic"
+        norm = self.guard.step(model, optimizer, loss_ok, max_grad_norm=self.config.max_grad_norm,
+                               step=self.global_step, name=name)  # fmt: skip
+        if self.guard.last_ok and model is self.policy:
+            self.rollout.sync_weights(self.policy)  # the engine serves the new weights from the next rollout
+        return norm
 
     def _gather_rollouts(self, per_token: dict) -> tuple[RolloutBuffer, ResponseLayout, dict]:
         """Every rank's sequences (tokens, response mask) concatenated in rank order, their layout, and their
         per-token tensors: the global batch, which a single process with all the prompts would hold in the same
         order."""
         if self.world_size == 1:
-            return self.buffer, self.layout, per_token
-        buf = self.buffer
+            return self._buffer, self.layout, per_token
+        buf = self._buffer
         mine = {"lengths": np.asarray(buf.lengths()), "tokens": np.array(buf.tokens()),
                 "response_mask": np.array(buf.response_mask())}  # fmt: skip
         out = self._all_rollouts
@@ -605,7 +555,7 @@ class PPOTrainer:
         KL controller, reward statistics, step counter and config."""
         state = {
             "step": self.global_step,
-            "config": asdict(self.config),
+            "config": flat_dict(self.config),
             **self._policy_state(),
             "kl_controller": self.kl_controller.state_dict(),
             "reward_stats": self.reward_stats.state_dict(),
@@ -618,7 +568,7 @@ class PPOTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("config", {})
-        diff = {k: (saved[k], v) for k, v in asdict(self.config).items()
+        diff = {k: (saved[k], v) for k, v in flat_dict(self.config).items()
                 if k in saved and saved[k] != v and k not in _RESUME_MAY_CHANGE}  # fmt: skip
         if diff:
             warnings.warn(f"resuming with a config that differs from the checkpoint's (saved, now): {diff}",
@@ -647,27 +597,11 @@ class PPOTrainer:
         """``<output_dir>/ckpt-<step>``, written atomically by rank 0 (every rank holds the same weights)."""
         if self.config.output_dir is None:
             raise ValueError("save_checkpoint needs config.output_dir")
-        # Each rank samples with its own RNG stream: rank 0 stores them all.
-        states = self.dist.gather_objects(rng_state())
-        state = self.state_dict()
-        if self.world_size > 1:
-            state["rng_per_rank"] = states
-        path = None
-        if self.rank == 0:
-            path = save_checkpoint(self.config.output_dir, self.global_step, state,
-                                   keep_last=self.config.keep_checkpoints)  # fmt: skip
-        self.dist.barrier()
-        return path
+        return save_state(self.dist, self.config.output_dir, self.global_step, self.state_dict(),
+                          keep_last=self.config.keep_checkpoints)  # fmt: skip
 
     def load_checkpoint(self, path: str | Path) -> None:
-        state = load_checkpoint(path, map_location="cpu")
-        if "rng_per_rank" in state:
-            if len(state["rng_per_rank"]) != self.world_size:
-                raise ValueError(
-                    f"checkpoint was written by {len(state['rng_per_rank'])} ranks, this run has {self.world_size}"
-                )
-            state["rng"] = state["rng_per_rank"][self.rank]
-        self.load_state_dict(state)
+        self.load_state_dict(load_state(self.dist, path))
 
     def _policy_state(self) -> dict:
         """Policy weights and optimizer state; with FSDP gathered from every rank's shards (a collective: every
@@ -708,17 +642,6 @@ def _generate_responses(*args, **kwargs):
     return generate_responses(*args, **kwargs)
 
 
-def _adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW through torch's fused kernel where it has one for these parameters (CUDA and CPU): one pass per
-    parameter, no temporaries. The default per-tensor loop allocates ~3 copies of each parameter inside every
-    optimizer step (111 MiB at a 151936 x 64 lm_head and embedding, the step's peak) and is ~8x slower on CPU.
-    The same update; only the rounding of its few float ops differs."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
 def _loss_tokens_per_sequence(buf: RolloutBuffer) -> np.ndarray:
     """(n,) int64 tokens carrying a loss per sequence: response tokens after the first position (a packed row
     predicts the next token, so a sequence's first token is never a target; ``MicroBatch.num_loss_tokens``)."""
@@ -726,3 +649,17 @@ def _loss_tokens_per_sequence(buf: RolloutBuffer) -> np.ndarray:
     mask = np.asarray(buf.response_mask()).astype(np.int64)
     mask[offsets[:-1]] = 0
     return np.add.reduceat(mask, offsets[:-1]) if len(offsets) > 1 else np.zeros(0, dtype=np.int64)
+
+
+def _record(stats: UpdateStats, w: int, loss, m: dict, vloss, vm: dict | None, use_rollout: bool) -> None:
+    """One micro-batch's losses and loss metrics, token-weighted by its ``w`` loss tokens."""
+    stats.add("loss/policy", loss.detach())
+    for k in ("clipfrac", "clipfrac_low", "clipfrac_high", "dualclip_frac", "approx_kl", "entropy", "kl"):
+        stats.add_weighted(f"policy/{k}", m[k], w)
+    stats.max("policy/ratio_max", m["ratio_max"])
+    if use_rollout:  # tokens whose rollout weight was truncated (tis) or masked (mis)
+        stats.add_weighted("rollout/corrected_frac", m["rollout_corrected_frac"], w)
+    if vloss is not None:
+        stats.add("loss/value", vloss.detach())
+        stats.add_weighted("value/clipfrac", vm["clipfrac"], w)
+        stats.add_weighted("value/vpred_mean", vm["vpred_mean"], w)

@@ -14,6 +14,7 @@ from fusedrl.engine.models import build_causal_lm, build_reward_model
 from fusedrl.engine.rewards import count_token
 from fusedrl.engine.tokenizer import build_char_tokenizer
 from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+from fusedrl.engine.update import adamw
 from fusedrl.kernels import linear_logprobs
 from helpers import assert_close
 
@@ -516,7 +517,7 @@ def test_optimizer_is_fused_adamw_with_the_plain_update(tok):
     ps = [torch.randn(37, 5), torch.randn(11)]
     a = [torch.nn.Parameter(p.clone()) for p in ps]
     b = [torch.nn.Parameter(p.clone()) for p in ps]
-    fused = trainer_mod._adamw(a, lr=1e-2, weight_decay=0.1)
+    fused = adamw(a, lr=1e-2, weight_decay=0.1)
     plain = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
     for _ in range(3):
         grads = [torch.randn_like(p) for p in ps]
