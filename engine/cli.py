@@ -66,7 +66,7 @@ class TrainArgs:
     save_hf_checkpoints: bool = False
     """Also write every checkpoint's policy (and critic) as Hugging Face directories inside it: ckpt-<step>/policy loads with from_pretrained (rotated with the checkpoint)."""
     resume: bool = False
-    """Continue from the newest intact checkpoint in output_dir (its metrics rows after that step are dropped)."""
+    """Continue from the newest intact checkpoint in output_dir (its metrics rows after that step are dropped), or start from step 0 with a warning when there is none (the same command restarts a preempted run)."""
     overwrite: bool = False
     """Start over in an output_dir that holds a run: delete its checkpoints, latest, metrics.jsonl, config.yaml, tensorboard/, policy/ and critic/ first (without it such a directory is refused)."""
     device: str = "auto"
@@ -255,8 +255,8 @@ def train_main(argv: list[str]) -> int:
                                 split=args.dataset_split, config=args.dataset_config)  # fmt: skip
         reward_fn = bind_columns(load_reward_fn(args.reward_fn, **reward_kwargs), data) if args.reward_fn else None
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if rank0:  # a refused run fails in a second, not after building the models (train() checks again)
-            prepare_run_dir(cfg.output_dir, resume=args.resume, overwrite=args.overwrite)
+        if rank0 and not args.resume:  # a refused run fails in a second, not after building the models
+            prepare_run_dir(cfg.output_dir, resume=False, overwrite=args.overwrite)
         vocab = len(tokenizer) if args.policy in PRESETS else None
         policy = build_causal_lm(args.policy, vocab_size=vocab, seed=cfg.seed, dtype=dtype)
         if args.lora_r:

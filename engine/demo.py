@@ -268,7 +268,8 @@ def label_pairs(
 def sample(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 256):
     """One completion per prompt at temperature 1 (the distribution PPO trains): ``(texts, prompt_ids,
     response_ids)``; a response keeps its eos, a truncated one has none."""
-    from .rollout import context_length, encode_prompts, generate_responses
+    from .data import context_length, encode_prompts
+    from .sampling import generate_responses
 
     prompt_ids = encode_prompts(tokenizer, prompts, max_new_tokens=max_new_tokens, context=context_length(policy))
     responses = generate_responses(
@@ -420,12 +421,13 @@ def stage_ppo(cfg: DemoConfig, task: DigitTask, tokenizer, policy, ref_policy, r
     """Stage 3: the engine's PPO (critic, GAE, per-token KL penalty in the reward; or ``estimator="grpo"``:
     group-normalised advantages, the KL in the loss) against the learned reward, in ``out/<name>``. Returns
     the trained policy; the gold scores of its rollouts are in ``out/<name>/gold.jsonl``."""
+    from .checkpoint import find_latest
     from .trainer import PPOConfig, PPOTrainer
 
     ppo_dir = out / name
     ppo_dir.mkdir(parents=True, exist_ok=True)
     gold_log = ppo_dir / GOLD_LOG
-    if not cfg.resume:
+    if not cfg.resume or find_latest(ppo_dir) is None:  # a PPO stage without a checkpoint starts over
         gold_log.write_text("")
     ppo_cfg = PPOConfig(
         prompts_per_step=cfg.prompts_per_step, samples_per_prompt=cfg.samples_per_prompt,
@@ -478,7 +480,6 @@ def run(cfg: DemoConfig, *, quick: bool = False) -> dict:
             raise FileNotFoundError(
                 f"--resume: {out / 'stages.json'} does not exist (run the demo once without --resume)"
             )
-        prepare_run_dir(out / "ppo", resume=True)  # nothing to resume fails now, not after loading the models
     else:
         prepare_run_dir(out, resume=False, overwrite=cfg.overwrite, extra_files=RUN_FILES)
     out.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ class DPOConfig:
     run: RunConfig = part(lambda: RunConfig(output_dir="runs/dpo"))
     """Output directory, seed (of the pair order and a preset's random weights), checkpoints, logging."""
     resume: bool = False
-    """Continue from the newest intact checkpoint in output_dir."""
+    """Continue from the newest intact checkpoint in output_dir, or start from step 0 (a warning) when there is none."""
     overwrite: bool = False
     """Start over in an output_dir that holds a run (its run files are deleted first)."""
     device: str = "auto"
@@ -278,7 +278,7 @@ def reference_logps(model, buf, lengths, max_tokens: int, device, *, backend="au
     one packed pass over the data. With ``dist`` (a ``Distributed`` of several ranks) each rank scores its
     share of one global plan and every rank gets the whole table (a collective: every rank calls it)."""
     from .attention import use_packed_attention
-    from .rollout import eval_mode
+    from .sampling import eval_mode
 
     rank, ranks = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     use_packed_attention(model)
@@ -497,7 +497,7 @@ def run(cfg: DPOConfig) -> list[dict]:
 def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
     """Everything ``run`` does before training: ``train_dpo``'s positional and keyword arguments. The user's mistakes (a missing file,
     a bad model id, an existing run directory, a bad setting) surface here, before any step."""
-    from .checkpoint import prepare_run_dir
+    from .checkpoint import find_latest, prepare_run_dir
     from .distributed import Distributed, default_threads, init_distributed, resolve_device
     from .models import PRESETS, build_causal_lm
 
@@ -506,7 +506,9 @@ def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
     device = resolve_device(cfg.device)
     dist = Distributed(device)
     # A refused run fails first, before any model is built.
-    dist.on_rank0(prepare_run_dir, Path(cfg.output_dir), resume=cfg.resume, overwrite=cfg.overwrite)
+    if not cfg.resume:
+        dist.on_rank0(prepare_run_dir, Path(cfg.output_dir), resume=False, overwrite=cfg.overwrite)
+    resuming = cfg.resume and find_latest(cfg.output_dir) is not None
     dtype = getattr(torch, cfg.dtype)
     tokenizer = _load_tokenizer(cfg)
     preset = cfg.policy in PRESETS
@@ -514,14 +516,14 @@ def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
     policy.to(device)
     max_length = cfg.max_length
     if max_length is None:
-        from .rollout import context_length
+        from .data import context_length
 
         max_length = context_length(policy)
     pairs = load_pairs(cfg.data, tokenizer, max_length=max_length, max_pair_tokens=cfg.max_tokens_per_microbatch)
     ref_logps = ref_model = None
     online = cfg.ref_logps == "online"
     # A resumed precompute run takes the table from its checkpoint; an online one needs the model again.
-    if cfg.ref_policy is not None and cfg.loss_config().needs_reference and (online or not cfg.resume):
+    if cfg.ref_policy is not None and cfg.loss_config().needs_reference and (online or not resuming):
         ref_model = build_causal_lm(cfg.ref_policy, vocab_size=len(tokenizer) if cfg.ref_policy in PRESETS else None,
                                     seed=cfg.seed, dtype=dtype).to(device)  # fmt: skip
         if not online:

@@ -62,8 +62,10 @@ from .models import (
     output_head,
 )
 from .packing import RolloutBuffer, plan_microbatches
-from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer, generate_responses, stop_token_ids
-from .rollout_backends import HFBackend, SamplingSpec, make_rollout_backend, print_choice, resolve_rollout_backend
+from .data import context_length, encode_prompts
+from .rollout_backends import RolloutBackend, SamplingSpec, build_rollout_backend, print_choice
+from .sampling import stop_token_ids
+from .trajectories import BUFFER_FIELDS, fill_buffer
 from .update import (
     GuardedStep,
     RunDir,
@@ -99,6 +101,7 @@ class PPOTrainer:
         *,
         ref_policy: nn.Module | None = None,
         critic: nn.Module | None = None,
+        rollout: RolloutBackend | None = None,
     ):
         self.config = cfg = config if config is not None else PPOConfig()
         if not isinstance(cfg, PPOConfig):
@@ -224,9 +227,14 @@ class PPOTrainer:
         self.global_step = 0
         self.guard = GuardedStep(self.dist)  # counts the optimizer steps skipped in the current update
         self.context = context_length(policy)
-        self._init_rollout_backend()
-        # A loss setting the kernels refuse fails here, not at the first update (hf returns no rollout log-probs).
-        self._loss_config(cfg.kl_coef, rollout_logp=self.rollout_backend != "hf")
+        # The producer: the object given, or the one PPOConfig.rollout_backend names.
+        if rollout is None:
+            rollout, why = build_rollout_backend(cfg, policy, rank=self.rank, fsdp=self.fsdp)
+            if self.rank == 0:
+                print_choice(getattr(rollout, "name", type(rollout).__name__), why)
+        self.rollout = rollout
+        # A loss setting the kernels refuse fails here, not at the first update.
+        self._loss_config(cfg.kl_coef, rollout_logp=getattr(rollout, "returns_logprobs", True))
 
     # ------------------------------------------------------------------------------------------------
     # The loop
@@ -264,7 +272,7 @@ class PPOTrainer:
             # Generation draws from torch's global RNG; ranks get different streams (different responses).
             torch.manual_seed(cfg.seed + 1000003 * self.rank)
         logger = metrics_logger(out, self.dist, cfg, total_steps=cfg.total_steps,
-                                resume_step=self.global_step if resume else None)  # fmt: skip
+                                resume_step=self.global_step if run is not None and run.latest else None)  # fmt: skip
         rows = run_loop(lambda i: self.step(self.sample_prompts(prompts, i)), self.global_step, cfg.total_steps, logger,
                         save_every=cfg.save_every, save=(lambda _: self.save_checkpoint()) if out else None)  # fmt: skip
         if out is not None:
@@ -317,15 +325,12 @@ class PPOTrainer:
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         buf = self._buffer
         self._pending_fields = {}
-        fill_buffer(buf, prompt_ids, responses)
+        fill_buffer(
+            buf, prompt_ids, responses, loss_mask=out.loss_mask, logprobs=out.logprobs, version=self.global_step
+        )
         self.layout = layout = ResponseLayout(buf, self.device)
-        rollout_logp = None
-        if out.logprobs is not None:  # the engine's own log-probs, in the layout's order (responses in sequence)
-            rollout_logp = torch.tensor([x for lp in out.logprobs for x in lp], dtype=torch.float32)
-            if len(rollout_logp) != layout.num_tokens:
-                raise RuntimeError(f"rollout backend {self.rollout_backend} returned {len(rollout_logp)} log-probs "
-                                   f"for {layout.num_tokens} response tokens")  # fmt: skip
-            rollout_logp = rollout_logp.to(self.device)
+        # The engine's own log-probs of the sampled tokens (the behaviour policy's), in the layout's order.
+        rollout_logp = layout.from_buffer(buf, "rollout_logp") if out.logprobs is not None else None
         timer.lap("rollout")
 
         # 2. Score: old / reference log-probs and values, (R,) tensors on the device; sequence scores (B,).
@@ -359,13 +364,13 @@ class PPOTrainer:
             dist=dist, backend=cfg.backend,
         )  # fmt: skip
         per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rewards": token_rewards,
-                     "advantages": adv, "returns": returns, "rollout_logp": rollout_logp}  # fmt: skip
+                     "advantages": adv, "returns": returns}  # fmt: skip
         # Kept on the device; copied into the buffer's fields only when someone reads ``trainer.buffer``.
         self._pending_fields = {name: t for name, t in per_token.items() if t is not None}
         timer.lap("advantages")
 
         # 4. Update: PPO epochs over shuffled mini-batches of token-budget micro-batches.
-        update = self._update(per_token)
+        update = self._update({**per_token, "rollout_logp": rollout_logp})
         timer.lap("update")
 
         # KL per sequence (k1: sum of log-ratios), the quantity the adaptive controller steers.
@@ -404,45 +409,20 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------------
     # Stages
     # ------------------------------------------------------------------------------------------------
-    def _init_rollout_backend(self) -> None:
-        """Resolve and build ``config.rollout_backend`` (printed by rank 0; ``self.rollout_backend`` names it)."""
-        cfg = self.config
-        name, why = resolve_rollout_backend(cfg.rollout_backend, self.policy)
-        if name == "vllm" and self.fsdp:
-            raise ValueError("rollout_backend='vllm' with fsdp=True is not supported yet (the weight push would need "
-                             "the gathered full weights on every rank); use hf-paged or hf")  # fmt: skip
-        self._auto_rollout = cfg.rollout_backend == "auto"
-        if name == "hf":
-            self.rollout = HFBackend(batch_size=cfg.generation_batch_size, generate_fn=_generate_responses)
-        else:
-            cache = str(Path(cfg.output_dir) / "vllm_cache") if cfg.output_dir is not None else None
-            self.rollout = make_rollout_backend(
-                name, self.policy, page_size=cfg.rollout_page_size, max_batch_tokens=cfg.max_tokens_per_microbatch,
-                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gb=cfg.vllm_kv_cache_gb,
-                cache_dir=cache, seed=cfg.seed + 1000003 * self.rank,
-            )  # fmt: skip
-        self.rollout_backend = name
-        if self.rank == 0:
-            print_choice(name, why)
+    @property
+    def rollout_backend(self) -> str:
+        """The producer's name (``rollout.name``, else its class name)."""
+        return getattr(self.rollout, "name", type(self.rollout).__name__)
 
     def _generate(self, prompt_ids: list[list[int]]):
-        """``samples_per_prompt`` responses per prompt from the rollout backend (a ``RolloutOutput``). Under
-        ``auto``, a continuous-batching backend that fails on its first call (a model it cannot run) falls back to
-        hf for the rest of the run, with a warning."""
+        """``samples_per_prompt`` samples per prompt from the producer, checked (a ``RolloutOutput``)."""
         cfg = self.config
         spec = SamplingSpec(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k)  # fmt: skip
-        kw = dict(n=cfg.samples_per_prompt, spec=spec, stop_ids=self.stop_ids, pad_token_id=self.pad_token_id)
-        try:
-            return self.rollout.generate(self.policy, prompt_ids, **kw)
-        except Exception as e:  # noqa: BLE001 - re-raised unless auto may fall back
-            if not (self._auto_rollout and self.rollout_backend == "hf-paged" and self.global_step == 0):
-                raise
-            warnings.warn(f"rollout backend hf-paged failed on this model ({type(e).__name__}: {e}); falling back "
-                          "to hf", RuntimeWarning, stacklevel=2)  # fmt: skip
-            self.rollout = HFBackend(batch_size=cfg.generation_batch_size, generate_fn=_generate_responses)
-            self.rollout_backend = "hf"
-            return self.rollout.generate(self.policy, prompt_ids, **kw)
+        out = self.rollout.generate(self.policy, prompt_ids, n=cfg.samples_per_prompt, spec=spec,
+                                    stop_ids=self.stop_ids, pad_token_id=self.pad_token_id)  # fmt: skip
+        out.check(len(prompt_ids) * cfg.samples_per_prompt, self.rollout_backend)
+        return out
 
     def _micro_batches(self, seq_ids: np.ndarray) -> list[MicroBatch]:
         """Token-budget micro-batches of this step's buffer covering ``seq_ids``, addressing ``self.layout``."""
@@ -519,7 +499,7 @@ class PPOTrainer:
     def _loss_config(self, kl_coef: float, rollout_logp: bool = False) -> PPOLossConfig:
         """The policy loss of this step at KL coefficient ``kl_coef`` (``PPOConfig.loss_config``)."""
         return self.config.loss_config(kl_coef, logit_scale=self.logit_scale, rollout_logp=rollout_logp,
-                                       backend_name=getattr(self, "rollout_backend", None))  # fmt: skip
+                                       backend_name=self.rollout_backend)  # fmt: skip
 
     def _optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_ok=True) -> torch.Tensor:
         """The update loop's guarded step (``update.GuardedStep``); a policy step taken is pushed to the engine."""
@@ -637,11 +617,6 @@ _RESUME_MAY_CHANGE |= {"rollout_backend", "rollout_page_size", "vllm_gpu_memory_
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------
-def _generate_responses(*args, **kwargs):
-    """This module's ``generate_responses``, looked up at each call (tests replace it with a fake generator)."""
-    return generate_responses(*args, **kwargs)
-
-
 def _loss_tokens_per_sequence(buf: RolloutBuffer) -> np.ndarray:
     """(n,) int64 tokens carrying a loss per sequence: response tokens after the first position (a packed row
     predicts the next token, so a sequence's first token is never a target; ``MicroBatch.num_loss_tokens``)."""

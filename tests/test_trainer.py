@@ -413,9 +413,9 @@ def test_fresh_run_into_an_existing_run_is_refused(tok, tmp_path):
     with pytest.raises(FileExistsError, match="already holds a run.*--resume.*--overwrite"):
         make(tok, advantage_estimator="grpo", total_steps=1, output_dir=str(out)).train(PROMPTS[:2])
     assert sorted(p.name for p in out.iterdir()) == files
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        make(tok, total_steps=1, output_dir=str(tmp_path / "empty")).train(PROMPTS[:2], resume=True)
-    assert not (tmp_path / "empty").exists()
+    with pytest.warns(RuntimeWarning, match="nothing to resume.*starting from step 0"):
+        rows = make(tok, total_steps=1, output_dir=str(tmp_path / "empty")).train(PROMPTS[:2], resume=True)
+    assert [r["step"] for r in rows] == [1] and (tmp_path / "empty" / "policy").is_dir()
     rows = make(tok, advantage_estimator="grpo", total_steps=1, output_dir=str(out)).train(PROMPTS[:2], overwrite=True)
     assert len(rows) == 1 and not (out / "ckpt-1").exists()
 
@@ -435,30 +435,30 @@ def _frequencies_match(tokens, probs, n):
 
 
 def test_sampler_draws_from_softmax_of_logits_over_temperature(monkeypatch):
-    from fusedrl.engine import rollout
+    from fusedrl.engine import sampling
 
     # Blocks of 8 over V=37: four full blocks, a short last one, a -inf token and a whole block of -inf.
-    monkeypatch.setattr(rollout, "_SAMPLE_BLOCK", 8)
+    monkeypatch.setattr(sampling, "_SAMPLE_BLOCK", 8)
     torch.manual_seed(0)
     V, n, T = 37, 40000, 0.7
     logits = torch.randn(V) * 1.5
     logits[5] = logits[16:24] = -math.inf
-    _frequencies_match(rollout.sample_next_tokens(logits.expand(n, V).clone(), T), torch.softmax(logits / T, -1), n)
+    _frequencies_match(sampling.sample_next_tokens(logits.expand(n, V).clone(), T), torch.softmax(logits / T, -1), n)
     # A row with NaN, or no finite logit, raises instead of drawing anything.
     for bad in (torch.tensor([0.0, math.nan, 1.0]), torch.full((3,), -math.inf)):
         with pytest.raises(RuntimeError, match="probability tensor"):
-            rollout.sample_next_tokens(bad[None].clone(), 1.0)
+            sampling.sample_next_tokens(bad[None].clone(), 1.0)
 
 
 def test_sampler_with_top_k_top_p_matches_transformers_warpers(monkeypatch):
-    from fusedrl.engine import rollout
+    from fusedrl.engine import sampling
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    monkeypatch.setattr(rollout, "_SAMPLE_BLOCK", 8)
+    monkeypatch.setattr(sampling, "_SAMPLE_BLOCK", 8)
     torch.manual_seed(1)
     V, n, T = 41, 40000, 0.9
     logits = torch.randn(V) * 0.6
-    out = rollout.NextTokenSampler(T, top_p=0.8, top_k=12)(None, logits.expand(n, V).clone())
+    out = sampling.NextTokenSampler(T, top_p=0.8, top_k=12)(None, logits.expand(n, V).clone())
     # What generate's argmax sees: 0 at the drawn token, -inf elsewhere.
     assert bool((out.max(-1).values == 0).all()) and int(torch.isfinite(out).sum()) == n
     warped = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(12)(None, (logits / T)[None]))[0]
@@ -467,7 +467,7 @@ def test_sampler_with_top_k_top_p_matches_transformers_warpers(monkeypatch):
 
 def test_generate_with_top_k_1_is_greedy_decoding(tok):
     """The sampler's draw is the token generate emits (EOS and padding handled by generate as before)."""
-    from fusedrl.engine.rollout import generate_responses
+    from fusedrl.engine.sampling import generate_responses
 
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3)
     prompts = [tok("hello")["input_ids"], tok("ab")["input_ids"]]
@@ -483,7 +483,7 @@ def test_generation_holds_few_vocabulary_sized_tensors(tok):
     """No (B, V) buffers beyond the three generate's loop holds (the model's last logits, its float32 copy, the
     previous token's scores): no processor clones the scores (min_new_tokens=0 used to add one), the sampler
     works in place. The torch allocator's peak during a rollout at V=32000 stays under 4 (B, V) float32."""
-    from fusedrl.engine.rollout import generate_responses
+    from fusedrl.engine.sampling import generate_responses
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action, MemoryProfileTimeline  # as bench/common.py
 
@@ -562,7 +562,7 @@ def test_step_peak_is_bound_by_the_head_weights(tok):
 def test_every_stop_id_ends_a_response(tok):
     """A chat model ends its turn with a template token its generation config lists beside the eos: the rollout
     stops at the first of any of them and keeps it (it carries the loss that teaches the policy to stop)."""
-    from fusedrl.engine.rollout import generate_responses, stop_token_ids
+    from fusedrl.engine.sampling import generate_responses, stop_token_ids
 
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
     turn_end = tok.convert_tokens_to_ids("z")
