@@ -231,7 +231,7 @@ def train_main(argv: list[str]) -> int:
     import torch
 
     from .checkpoint import prepare_run_dir
-    from .config import flat_dict
+    from .compose import flat_dict
     from .data import bind_columns, load_prompt_data
     from .distributed import default_threads, init_distributed, resolve_device
     from .models import PRESETS, apply_lora, build_causal_lm, build_reward_model, is_peft_model, save_model

@@ -10,18 +10,10 @@ The rollout runs through ``PPOConfig.rollout_backend`` (``rollout_backends``: pl
 continuous batching or a colocated vLLM that gets the weights after every optimizer step); an engine's own
 sampled-token log-probs are kept as ``rollout_logp`` beside the trainer's ``old_logp``.
 
-Multi-process (``torchrun``): rank and world size come from ``torch.distributed`` when it is initialised.
-Each rank draws its own slice of the step's prompts, rolls out and scores them. For the update every rank
-gathers all ranks' rollouts and plans each mini-batch once, globally, with
-``plan_microbatches(num_ranks=world_size)``: the same plan on every rank, each training on its own share
-(token loads balanced, the same number of micro-batches everywhere), possibly sequences another rank rolled
-out. Losses are divided by the mini-batch's global token (or sequence) count, and the policy and critic run
-under DistributedDataParallel with gradients summed, not averaged, over ranks: the sum of the per-rank losses
-is the full mini-batch loss, so N processes make the update one process would make on the same batch.
-With ``PPOConfig.fsdp`` the policy is sharded with FSDP2 ``fully_shard`` instead (same sums; sharded weights,
-gradients and optimizer state; the critic stays under DDP). Generation and scoring then gather the full
-weights once per call, checkpoints and saved models hold the gathered full weights, and ``trainer.policy``
-holds DTensor shards (use ``state_dict()`` or the saved model outside the trainer).
+Multi-process (``torchrun``): each rank draws its own slice of the step's prompts, rolls out and scores them; the
+update is planned over every rank's trajectories (``ppo.py``) with gradients summed over ranks (DDP, or FSDP2
+``fully_shard`` with ``PPOConfig.fsdp``: generation and scoring then gather the full weights once per call,
+checkpoints and saved models hold full weights, and ``trainer.policy`` holds DTensor shards).
 """
 
 from __future__ import annotations
@@ -35,56 +27,33 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.checkpoint import state_dict as dcp_state
 
-from fusedrl.kernels import PPOLossConfig, kl_penalty, linear_ppo_loss, shape_token_rewards, value_loss
+from fusedrl.kernels import PPOLossConfig, kl_penalty, shape_token_rewards
 from fusedrl.names import TOKEN_REWARD_ESTIMATORS
 
-from .advantages import (
-    AdaptiveKLController,
-    FixedKLController,
-    RunningMeanStd,
-    clip_rewards,
-    compute_advantages,
-)
-from .attention import use_packed_attention
+from .advantages import AdaptiveKLController, FixedKLController, RunningMeanStd, clip_rewards, compute_advantages
 from .checkpoint import rng_state, set_rng_state
-from .config import PPOConfig, flat_dict
-from .distributed import Distributed, PolicyBody, available_cpus, fully_shard_policy
-from .metrics import PhaseTimer, UpdateStats, explained_variance
-from .models import (
-    ValueModel,
-    adapter_disabled,
-    disable_dropout,
-    enable_checkpointing,
-    is_peft_model,
-    logit_scale_of,
-    output_head,
-)
-from .packing import RolloutBuffer, plan_microbatches
+from .compose import flat_dict
+from .config import RESUME_MAY_CHANGE, PPOConfig
 from .data import context_length, encode_prompts
+from .distributed import (
+    Distributed,
+    PolicyBody,
+    full_state,
+    fully_shard_policy,
+    load_full_state,
+    warn_if_oversubscribed,
+)
+from .metrics import PhaseTimer, explained_variance
+from .heads import ValueModel
+from .models import adapter_disabled, is_peft_model, logit_scale_of
+from .packing import RolloutBuffer, plan_microbatches
+from .ppo import ppo_update, prepare_model
 from .rollout_backends import RolloutBackend, SamplingSpec, build_rollout_backend, print_choice
 from .sampling import stop_token_ids
+from .scoring import MicroBatch, ResponseLayout, score_logprobs, score_reward_fn, score_reward_model, score_values
 from .trajectories import BUFFER_FIELDS, fill_buffer
-from .update import (
-    GuardedStep,
-    RunDir,
-    accumulate,
-    adamw,
-    load_state,
-    metrics_logger,
-    passes,
-    run_loop,
-    save_state,
-)
-from .scoring import (
-    MicroBatch,
-    ResponseLayout,
-    score_logprobs,
-    score_reward_fn,
-    score_reward_model,
-    score_values,
-)
+from .update import GuardedStep, RunDir, adamw, load_state, metrics_logger, run_loop, save_model, save_state
 
 __all__ = ["PPOConfig", "PPOTrainer"]
 
@@ -127,30 +96,16 @@ class PPOTrainer:
             )
         self.tokenizer = tokenizer
         self.device = next(policy.parameters()).device
-        cpus = available_cpus() if self.device.type == "cpu" else None
-        if cpus is not None and torch.get_num_threads() > cpus:
-            # Not changed here (a process-wide setting belongs to the caller); fusedrl train picks it itself.
-            warnings.warn(
-                f"torch uses {torch.get_num_threads()} CPU threads but this process may run on {cpus} "
-                "CPUs (affinity mask, cgroup quota): OpenMP threads then spin against each other and a step can be "
-                "many times slower; call torch.set_num_threads(fusedrl.engine.distributed.default_threads())",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        warn_if_oversubscribed(self.device)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("tokenizer needs a pad_token_id or an eos_token_id to pad generation batches")
         self.stop_ids = stop_token_ids(tokenizer, policy)  # eos and a chat model's end-of-turn tokens
 
-        self.policy = policy
         # Fails now for a head the fused ops cannot express (soft-capped logits); the scale is folded into the
         # temperature of every log-prob, so scoring and the loss see the distribution generate() samples from.
         self.logit_scale = logit_scale_of(policy)
-        disable_dropout(policy)
-        use_packed_attention(policy)
-        if cfg.gradient_checkpointing:
-            enable_checkpointing(policy)
-        policy.train()
+        self.policy = prepare_model(policy, trainable=True, checkpointing=cfg.gradient_checkpointing)
 
         # The reference is a copy of the policy as given (before any update): KL is measured from there.
         # A LoRA (peft) policy with no reference given is its own reference with the adapters disabled (the base
@@ -159,18 +114,11 @@ class PPOTrainer:
         self._ref_scope = lambda: adapter_disabled(policy, shared)  # noqa: E731
         self.ref_policy = policy if shared else ref_policy if ref_policy is not None else copy.deepcopy(policy)
         if not shared:
-            self.ref_policy.requires_grad_(False).eval()
-            disable_dropout(self.ref_policy)
-            use_packed_attention(self.ref_policy)
+            prepare_model(self.ref_policy, trainable=False)
 
         if cfg.advantage_estimator == "gae":
-            self.critic = critic if critic is not None else ValueModel.from_causal_lm(policy)
-            self.critic.to(self.device)
-            disable_dropout(self.critic)
-            use_packed_attention(self.critic)
-            if cfg.gradient_checkpointing:
-                enable_checkpointing(self.critic)
-            self.critic.train()
+            critic = (critic if critic is not None else ValueModel.from_causal_lm(policy)).to(self.device)
+            self.critic = prepare_model(critic, trainable=True, checkpointing=cfg.gradient_checkpointing)
         elif critic is not None:
             raise ValueError(
                 "critic is only used with advantage_estimator='gae', got "
@@ -180,9 +128,7 @@ class PPOTrainer:
             self.critic = None
 
         if isinstance(reward, nn.Module):
-            self.reward_model, self.reward_fn = reward, None
-            reward.requires_grad_(False).eval()
-            use_packed_attention(reward)
+            self.reward_model, self.reward_fn = prepare_model(reward, trainable=False), None
         elif callable(reward):
             self.reward_model, self.reward_fn = None, reward
         else:
@@ -256,16 +202,9 @@ class PPOTrainer:
         out = Path(cfg.output_dir) if cfg.output_dir is not None else None
         if out is None and (resume or overwrite or run_config is not None):
             raise ValueError("resume=True, overwrite=True and run_config need config.output_dir (where the run is)")
-        run = (
-            RunDir(out, self.dist, resume=resume, overwrite=overwrite, keep_checkpoints=cfg.keep_checkpoints)
-            if out
-            else None
-        )
-        if run is not None and run_config is not None:
-            # The resolved rollout backend as a comment: the file stays a valid --config of the same run.
-            run.write_config(
-                run_config, f"# rollout backend: {self.rollout_backend} (rollout_backend={cfg.rollout_backend})\n"
-            )
+        run = out and RunDir(out, self.dist, resume=resume, overwrite=overwrite, keep_checkpoints=cfg.keep_checkpoints)
+        if run and run_config is not None:  # the producer as a comment: the file stays a valid --config of the run
+            run.write_config(run_config, f"# rollout backend: {self.rollout_backend} (asked: {cfg.rollout_backend})\n")
         if run is not None and run.latest is not None:
             self.load_checkpoint(run.latest)
         else:
@@ -308,12 +247,9 @@ class PPOTrainer:
 
         # 1. Rollout: sample responses, put prompt + response sequences in the buffer.
         prompt_ids = encode_prompts(self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, context=self.context)
-        longest = max(len(p) for p in prompt_ids) + cfg.max_new_tokens
-        if longest > cfg.max_tokens_per_microbatch:
-            raise ValueError(
-                f"PPOConfig.max_tokens_per_microbatch={cfg.max_tokens_per_microbatch} is smaller than the longest "
-                f"possible sequence ({longest} tokens: prompt + max_new_tokens)"
-            )
+        if (longest := max(len(p) for p in prompt_ids) + cfg.max_new_tokens) > cfg.max_tokens_per_microbatch:
+            raise ValueError(f"PPOConfig.max_tokens_per_microbatch={cfg.max_tokens_per_microbatch} is smaller than the "
+                             f"longest possible sequence ({longest} tokens: prompt + max_new_tokens)")  # fmt: skip
         # Each prompt goes to the engine once with n samples (one prefill, shared KV); the group comes back
         # consecutive, as the group estimators expect.
         rollout_t0 = time.perf_counter()
@@ -348,7 +284,8 @@ class PPOTrainer:
         timer.lap("score")
 
         # 3. Advantages, on the device: KL-shaped token rewards, then the estimator.
-        scores = self._process_scores(raw_scores)
+        scores = clip_rewards(self.reward_stats.normalize_stream(raw_scores, dist) if cfg.normalize_rewards
+                              else raw_scores, cfg.reward_clip)  # fmt: skip
         beta = self.kl_controller.value
         reward_kl, _ = cfg.kl_coefs(beta)
         token_rewards, _ = shape_token_rewards(
@@ -431,73 +368,10 @@ class PPOTrainer:
         return [MicroBatch(self._buffer, seq_ids[np.asarray(mb, dtype=np.int64)], self.device, self.layout)
                 for mb in plan if len(mb)]  # fmt: skip
 
-    def _process_scores(self, raw: torch.Tensor) -> torch.Tensor:
-        """Optional running-std normalisation, then optional clipping, of the sequence scores."""
-        cfg = self.config
-        scores = raw
-        if cfg.normalize_rewards:
-            self.reward_stats.update(self.dist.gather(raw))
-            scores = self.reward_stats.normalize(scores, center=False)
-        return clip_rewards(scores, cfg.reward_clip)
-
     def _update(self, per_token: dict[str, torch.Tensor | None]) -> dict[str, float]:
-        """PPO epochs over shuffled mini-batches; each mini-batch is one optimizer step of the update loop."""
-        cfg = self.config
-        buf, layout, per_token = self._gather_rollouts(per_token)
-        lengths = np.asarray(buf.lengths())
-        loss_tokens = _loss_tokens_per_sequence(buf)
-        loss_cfg = self._loss_config(self.kl_controller.value, rollout_logp=per_token.get("rollout_logp") is not None)
-        use_ref, use_rollout = loss_cfg.kl_coef > 0, loss_cfg.rollout_correction != "none"
-        # The same seed on every rank: all ranks split the global batch into the same mini-batches.
-        rng = np.random.default_rng([cfg.seed, self.global_step, 1])
-        stats = UpdateStats(self.dist)
-        self.guard.reset()
-        bodies = (self._policy_body, self._critic_body)
-        for _ in range(cfg.ppo_epochs):
-            for mini in np.array_split(rng.permutation(len(buf)), cfg.num_minibatches):
-                mini = np.sort(mini)
-                # One plan for the whole mini-batch, identical on every rank; this rank trains plan[rank].
-                plan = plan_microbatches(lengths[mini], cfg.max_tokens_per_microbatch, num_ranks=self.world_size)
-                # Global denominators: each micro-batch loss is its share of the full mini-batch loss.
-                n_tok, n_seq = int(loss_tokens[mini].sum()), len(mini)
-                losses = {"policy": [], "value": []}
+        return ppo_update(self, per_token)  # the objective's module: engine/ppo.py
 
-                def objective(ids, weight):
-                    mb = MicroBatch(buf, ids, self.device, layout)
-                    take = lambda name: layout.gather(per_token[name], mb)  # noqa: E731
-                    hidden = self._policy_body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]
-                    # After the forward: FSDP swaps the gathered head weight in for the shard until backward.
-                    head, bias, _ = output_head(self.policy)
-                    loss, m = linear_ppo_loss(
-                        hidden, head, mb.labels, take("old_logp"), take("advantages"), bias=bias,
-                        ref_logp=take("ref_logp") if use_ref else None,
-                        rollout_logp=take("rollout_logp") if use_rollout else None, config=loss_cfg,
-                        cu_seqlens=mb.cu_rows, num_tokens=n_tok, num_sequences=n_seq, backend=cfg.backend,
-                    )  # fmt: skip
-                    losses["policy"].append(loss.detach())
-                    yield loss
-                    vloss = vm = None
-                    if self.critic is not None:
-                        v = self._critic_body(mb.input_ids, position_ids=mb.position_ids, **mb.attn_kwargs)
-                        vloss, vm = value_loss(v[0][mb.rows], take("values"), take("returns"), clip=cfg.value_clip,
-                                               agg="token-mean", num_tokens=n_tok, backend=cfg.backend)  # fmt: skip
-                        losses["value"].append(vloss.detach())
-                        yield vloss
-                    if weight:
-                        _record(stats, mb.num_loss_tokens, loss, m, vloss, vm, use_rollout)
-
-                mine = [mini[mb] for mb in plan[self.rank] if len(mb)]
-                accumulate(bodies, passes(mine, mini[:1]), objective)
-                policy_ok = torch.isfinite(torch.stack(losses["policy"])).all()
-                stats.add("policy/grad_norm", self._optimizer_step(self.policy, self.policy_optimizer, policy_ok))
-                if self.critic is not None:
-                    value_ok = torch.isfinite(torch.stack(losses["value"])).all()
-                    stats.add("value/grad_norm", self._optimizer_step(self.critic, self.critic_optimizer, value_ok))
-                stats.count_optimizer_step()
-        return {**stats.result(), "train/skipped_steps": float(self.guard.skipped)}
-
-    def _loss_config(self, kl_coef: float, rollout_logp: bool = False) -> PPOLossConfig:
-        """The policy loss of this step at KL coefficient ``kl_coef`` (``PPOConfig.loss_config``)."""
+    def _loss_config(self, kl_coef: float, rollout_logp: bool = False) -> PPOLossConfig:  # see PPOConfig.loss_config
         return self.config.loss_config(kl_coef, logit_scale=self.logit_scale, rollout_logp=rollout_logp,
                                        backend_name=self.rollout_backend)  # fmt: skip
 
@@ -509,23 +383,6 @@ class PPOTrainer:
         if self.guard.last_ok and model is self.policy:
             self.rollout.sync_weights(self.policy)  # the engine serves the new weights from the next rollout
         return norm
-
-    def _gather_rollouts(self, per_token: dict) -> tuple[RolloutBuffer, ResponseLayout, dict]:
-        """Every rank's sequences (tokens, response mask) concatenated in rank order, their layout, and their
-        per-token tensors: the global batch, which a single process with all the prompts would hold in the same
-        order."""
-        if self.world_size == 1:
-            return self._buffer, self.layout, per_token
-        buf = self._buffer
-        mine = {"lengths": np.asarray(buf.lengths()), "tokens": np.array(buf.tokens()),
-                "response_mask": np.array(buf.response_mask())}  # fmt: skip
-        out = self._all_rollouts
-        out.clear()
-        for part in self.dist.gather_objects(mine):  # small CPU arrays: pickled through the process group
-            cuts = np.cumsum(part["lengths"])[:-1]
-            out.append_many(np.split(part["tokens"], cuts), np.split(part["response_mask"], cuts))
-        layout = ResponseLayout(out, self.device)
-        return out, layout, {k: None if v is None else self.dist.gather(v) for k, v in per_token.items()}
 
     # ------------------------------------------------------------------------------------------------
     # Saving and resuming
@@ -549,21 +406,13 @@ class PPOTrainer:
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("config", {})
         diff = {k: (saved[k], v) for k, v in flat_dict(self.config).items()
-                if k in saved and saved[k] != v and k not in _RESUME_MAY_CHANGE}  # fmt: skip
+                if k in saved and saved[k] != v and k not in RESUME_MAY_CHANGE}  # fmt: skip
         if diff:
             warnings.warn(f"resuming with a config that differs from the checkpoint's (saved, now): {diff}",
                           stacklevel=2)  # fmt: skip
         if (self.critic is None) != ("critic" not in state):
             raise ValueError("checkpoint and trainer disagree on having a critic (advantage_estimator changed?)")
-        if self.fsdp:
-            # Every rank holds the full checkpoint: each keeps its own shards of it.
-            full = dcp_state.StateDictOptions(full_state_dict=True)
-            dcp_state.set_model_state_dict(self.policy, state["policy"], options=full)
-            dcp_state.set_optimizer_state_dict(self.policy, self.policy_optimizer, state["policy_optimizer"],
-                                               options=full)  # fmt: skip
-        else:
-            self.policy.load_state_dict(state["policy"])
-            self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+        load_full_state(self.policy, self.policy_optimizer, state["policy"], state["policy_optimizer"], self.fsdp)
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -584,15 +433,8 @@ class PPOTrainer:
         self.load_state_dict(load_state(self.dist, path))
 
     def _policy_state(self) -> dict:
-        """Policy weights and optimizer state; with FSDP gathered from every rank's shards (a collective: every
-        rank calls it) onto rank 0's CPU, the other ranks getting empty dicts."""
-        if not self.fsdp:
-            return {"policy": self.policy.state_dict(), "policy_optimizer": self.policy_optimizer.state_dict()}
-        full = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {
-            "policy": dcp_state.get_model_state_dict(self.policy, options=full),
-            "policy_optimizer": dcp_state.get_optimizer_state_dict(self.policy, self.policy_optimizer, options=full),
-        }
+        model, optimizer = full_state(self.policy, self.policy_optimizer, self.fsdp)  # FSDP: a collective
+        return {"policy": model, "policy_optimizer": optimizer}
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         """The trained policy (+ tokenizer) as an HF directory ``out_dir/policy``, the critic in ``out_dir/critic``
@@ -601,40 +443,6 @@ class PPOTrainer:
         if self.rank != 0:
             return
         out = Path(out_dir)
-        self.policy.save_pretrained(out / "policy", state_dict=full)
-        if hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(out / "policy")
+        save_model(self.policy, self.tokenizer, out / "policy", state_dict=full)
         if self.critic is not None and hasattr(self.critic, "save_pretrained"):
             self.critic.save_pretrained(out / "critic")
-
-
-# Settings a resumed run may legitimately change (run length, logging, where to save).
-_RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorboard", "progress", "output_dir"}
-# ... and the generation engine (same sampling law, same weights).
-_RESUME_MAY_CHANGE |= {"rollout_backend", "rollout_page_size", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb"}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Small helpers
-# ----------------------------------------------------------------------------------------------------
-def _loss_tokens_per_sequence(buf: RolloutBuffer) -> np.ndarray:
-    """(n,) int64 tokens carrying a loss per sequence: response tokens after the first position (a packed row
-    predicts the next token, so a sequence's first token is never a target; ``MicroBatch.num_loss_tokens``)."""
-    offsets = np.asarray(buf.offsets())
-    mask = np.asarray(buf.response_mask()).astype(np.int64)
-    mask[offsets[:-1]] = 0
-    return np.add.reduceat(mask, offsets[:-1]) if len(offsets) > 1 else np.zeros(0, dtype=np.int64)
-
-
-def _record(stats: UpdateStats, w: int, loss, m: dict, vloss, vm: dict | None, use_rollout: bool) -> None:
-    """One micro-batch's losses and loss metrics, token-weighted by its ``w`` loss tokens."""
-    stats.add("loss/policy", loss.detach())
-    for k in ("clipfrac", "clipfrac_low", "clipfrac_high", "dualclip_frac", "approx_kl", "entropy", "kl"):
-        stats.add_weighted(f"policy/{k}", m[k], w)
-    stats.max("policy/ratio_max", m["ratio_max"])
-    if use_rollout:  # tokens whose rollout weight was truncated (tis) or masked (mis)
-        stats.add_weighted("rollout/corrected_frac", m["rollout_corrected_frac"], w)
-    if vloss is not None:
-        stats.add("loss/value", vloss.detach())
-        stats.add_weighted("value/clipfrac", vm["clipfrac"], w)
-        stats.add_weighted("value/vpred_mean", vm["vpred_mean"], w)

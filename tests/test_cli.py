@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from fusedrl.engine import cli, distributed
-from fusedrl.engine.config import field_docs, flat_fields
+from fusedrl.engine.compose import field_docs, flat_fields
 from fusedrl.engine.metrics import read_metrics
 from fusedrl.engine.rewards import check_rewards, count_token, load_reward_fn
 from fusedrl.engine.trainer import PPOConfig
@@ -332,7 +332,7 @@ def test_cli_lora_chat_prompts_from_parquet_with_a_math_reward(tmp_path):
 def test_ppo_config_composes_the_kernels_loss_config(tmp_path, capsys):
     """One source of truth per setting: the policy-loss settings live in a PPOLossConfig that the kernels validate
     (at construction, with their message), reachable by flat names, flags and a flat config.yaml."""
-    from fusedrl.engine.config import flat_dict
+    from fusedrl.engine.compose import flat_dict
     from fusedrl.kernels import PPOLossConfig
 
     with pytest.raises(ValueError, match=r"^PPOLossConfig.clip_low must be <= 1.0, got 1.5$"):

@@ -38,6 +38,7 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 
+from fusedrl.engine import ppo as P
 from fusedrl.engine import trainer as T
 from fusedrl.engine.checkpoint import find_latest
 from fusedrl.engine.models import build_causal_lm
@@ -67,7 +68,7 @@ def run(case):
     clip = torch.nn.utils.clip_grad_norm_
     # What the update trained: per policy optimizer step, the (buffer sequence ids, tokens) of each micro-batch.
     steps, current, updating = [], [], [False]
-    micro_batch, update, optimizer_step = T.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step
+    micro_batch, update, optimizer_step = P.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step
 
     class RecordingMicroBatch(micro_batch):
         def __init__(self, buffer, seq_ids, device, *layout):
@@ -97,7 +98,7 @@ def run(case):
         return clip(params, max_norm, *a, **k)
 
     torch.nn.utils.clip_grad_norm_ = recording_clip
-    T.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step = (
+    P.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step = (
         RecordingMicroBatch, recording_update, recording_step)
     tok = build_char_tokenizer()
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
@@ -109,7 +110,7 @@ def run(case):
         metrics = tr.step(tr.sample_prompts(PROMPTS, 0))
     finally:
         torch.nn.utils.clip_grad_norm_ = clip
-        T.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step = micro_batch, update, optimizer_step
+        P.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step = micro_batch, update, optimizer_step
     state = tr.state_dict()  # with FSDP: gathered onto rank 0
     out = {"policy": state["policy"], "critic": tr.critic.state_dict() if tr.critic is not None else None,
            "grads": grads, "metrics": metrics, "world_size": tr.world_size, "steps": steps,

@@ -140,16 +140,16 @@ def test_rollout_logp_reaches_the_loss_as_its_correction(correction, monkeypatch
     """With an engine that returns log-probs, rollout_correction='auto' trains with TIS on them, an explicit mode
     with that mode, 'none' without them; an explicit mode with the hf backend (no engine log-probs) is refused at
     construction."""
-    from fusedrl.engine import trainer as trainer_mod
+    from fusedrl.engine import ppo as ppo_mod
 
     seen = []
-    real = trainer_mod.linear_ppo_loss
+    real = ppo_mod.linear_ppo_loss
 
     def spy(*a, **kw):
         seen.append((kw["config"].rollout_correction, kw.get("rollout_logp"), a[2].numel()))
         return real(*a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    monkeypatch.setattr(ppo_mod, "linear_ppo_loss", spy)
     tok = build_char_tokenizer()
     cfg = PPOConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4, advantage_estimator="grpo",
                     progress=False, rollout_backend="hf-paged", rollout_page_size=4, rollout_correction=correction)  # fmt: skip

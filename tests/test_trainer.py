@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from fusedrl.engine import ppo as ppo_mod
+from fusedrl.engine import distributed
 from fusedrl.engine import trainer as trainer_mod
 from fusedrl.engine.models import build_causal_lm, build_reward_model
 from fusedrl.engine.rewards import count_token
@@ -65,7 +67,7 @@ def params(model):
 def test_one_step_ratio_starts_at_one_and_updates(tok, monkeypatch):
     tr = make(tok, temperature=0.7, ppo_epochs=1, num_minibatches=1, max_tokens_per_microbatch=4096)
     seen = []
-    real = trainer_mod.linear_ppo_loss
+    real = ppo_mod.linear_ppo_loss
 
     def spy(hidden, weight, labels, old_logp, advantages, *a, **kw):
         # The new log-probs the loss is about to use: same weights as the rollout, so exp(new - old) == 1.
@@ -73,7 +75,7 @@ def test_one_step_ratio_starts_at_one_and_updates(tok, monkeypatch):
         seen.append(((new - old_logp).abs().max().item(), labels.numel()))
         return real(hidden, weight, labels, old_logp, advantages, *a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    monkeypatch.setattr(ppo_mod, "linear_ppo_loss", spy)
     before_pi, before_v = params(tr.policy), params(tr.critic)
     torch.manual_seed(0)
     m = tr.step(PROMPTS[:2])
@@ -138,7 +140,7 @@ def test_values_match_plain_critic_forward(tok):
     critic_before = {k: v.clone() for k, v in tr.critic.state_dict().items()}
     torch.manual_seed(2)
     tr.step(PROMPTS[:2])
-    from fusedrl.engine.models import ValueModel
+    from fusedrl.engine.heads import ValueModel
 
     plain = ValueModel.from_causal_lm(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0))
     plain.load_state_dict(critic_before)
@@ -209,13 +211,13 @@ def test_policy_loss_settings_reach_the_loss(tok, monkeypatch, overrides):
     """PPOConfig's loss settings arrive in the fused loss's PPOLossConfig (Dr. GRPO's constant length is
     max_new_tokens), and two GRPO steps train with finite metrics, the per-direction clip fractions included."""
     seen = []
-    real = trainer_mod.linear_ppo_loss
+    real = ppo_mod.linear_ppo_loss
 
     def spy(*a, **kw):
         seen.append(kw["config"])
         return real(*a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    monkeypatch.setattr(ppo_mod, "linear_ppo_loss", spy)
     tr = make(tok, advantage_estimator="grpo", ppo_epochs=2, kl_coef=0.05, **overrides)
     torch.manual_seed(6)
     ms = [tr.step(PROMPTS[:2]), tr.step(PROMPTS[2:4])]
@@ -352,14 +354,14 @@ def test_logit_scale_reaches_scoring_and_the_loss(tok, monkeypatch):
     policy = _granite(tok, 4.0)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     seen = []
-    real = trainer_mod.linear_ppo_loss
+    real = ppo_mod.linear_ppo_loss
 
     def spy(hidden, weight, labels, old_logp, advantages, *a, **kw):
         new = linear_logprobs(hidden.detach(), weight.detach(), labels, temperature=kw["config"].temperature)
         seen.append((new - old_logp).abs().max().item())
         return real(hidden, weight, labels, old_logp, advantages, *a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    monkeypatch.setattr(ppo_mod, "linear_ppo_loss", spy)
     tr = PPOTrainer(policy, tok, distinct_chars, PPOConfig(**{**SMALL, "temperature": T}))
     assert tr.logit_scale == 0.25
     torch.manual_seed(8)
@@ -383,7 +385,7 @@ def test_logit_scale_reaches_scoring_and_the_loss(tok, monkeypatch):
 def test_non_finite_loss_skips_the_optimizer_step(tok, monkeypatch, tmp_path):
     """A NaN loss on one mini-batch skips that optimizer step (weights and Adam state untouched, a warning, a
     metric); the next mini-batch trains and the checkpoint holds finite weights."""
-    real = trainer_mod.linear_ppo_loss
+    real = ppo_mod.linear_ppo_loss
     calls = []
 
     def nan_first(*a, **kw):
@@ -391,7 +393,7 @@ def test_non_finite_loss_skips_the_optimizer_step(tok, monkeypatch, tmp_path):
         calls.append(1)
         return (loss * float("nan") if len(calls) == 1 else loss), m
 
-    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", nan_first)
+    monkeypatch.setattr(ppo_mod, "linear_ppo_loss", nan_first)
     tr = make(tok, advantage_estimator="grpo", num_minibatches=2, output_dir=str(tmp_path / "run"))
     before = params(tr.policy)
     torch.manual_seed(9)
@@ -588,10 +590,10 @@ def test_more_torch_threads_than_cpus_warns(tok, monkeypatch):
     import warnings
 
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
-    monkeypatch.setattr(trainer_mod, "available_cpus", lambda: torch.get_num_threads())
+    monkeypatch.setattr(distributed, "available_cpus", lambda: torch.get_num_threads())
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         PPOTrainer(policy, tok, distinct_chars, PPOConfig(**SMALL))  # threads == CPUs: silent
-    monkeypatch.setattr(trainer_mod, "available_cpus", lambda: torch.get_num_threads() - 1)
+    monkeypatch.setattr(distributed, "available_cpus", lambda: torch.get_num_threads() - 1)
     with pytest.warns(RuntimeWarning, match="CPU threads but this process may run on"):
         PPOTrainer(policy, tok, distinct_chars, PPOConfig(**SMALL))
