@@ -220,7 +220,6 @@ def test_user_mistakes_are_one_line(tmp_path, monkeypatch):
             "--output-dir", str(tmp_path / "o")]  # fmt: skip
     cases = [
         (["--prompts", str(tmp_path / "missing.jsonl")], "prompts file '.*missing.jsonl' does not exist"),
-        (["--resume"], "nothing to resume"),
         (["--reward-fn", "no_such_reward"], "reward function spec must be a built-in name"),
         (["--policy", str(tmp_path / "no_model")], "policy '.*no_model' does not exist"),
         (["--prompt-field", "question"], "holds plain strings; --prompt-field 'question' applies to rows"),
