@@ -392,3 +392,12 @@ def test_engine_exports_its_public_names_lazily():
     assert (e.PPOTrainer, e.PPOConfig, e.train_dpo) == (PPOTrainer, PPOConfig, train_dpo)
     assert (e.RolloutBackend, e.RolloutOutput, e.SamplingSpec) == (RolloutBackend, RolloutOutput, SamplingSpec)
     assert {"train_sft", "train_reward_model", "DPOConfig", "SFTConfig", "RewardModelConfig"} <= set(e.__all__)
+
+
+def test_loss_flags_read_from_source_match_the_kernels_class():
+    """--help reads PPOLossConfig from its source (no torch): the same fields and defaults as the class itself."""
+    from fusedrl.engine.compose import _source_fields
+    from fusedrl.kernels import PPOLossConfig
+
+    read = [(name, default) for name, _, default, _ in _source_fields("fusedrl.kernels", "PPOLossConfig")]
+    assert read == [(f.name, f.default) for f in dataclasses.fields(PPOLossConfig)]
