@@ -343,6 +343,12 @@ class RunningMeanStd:
     def std(self) -> float:
         return (self.var + self.eps) ** 0.5
 
+    def normalize_stream(self, raw: torch.Tensor, dist) -> torch.Tensor:
+        """Fold this step's scores of every rank (``dist``, a ``Distributed``) into the statistics, then divide
+        ``raw`` by the running std (the mean is kept: a reward's offset carries no advantage)."""
+        self.update(dist.gather(raw))
+        return self.normalize(raw, center=False)
+
     def update(self, x: torch.Tensor) -> None:
         """Fold every element of ``x`` into the running statistics."""
         check_float("x", x)

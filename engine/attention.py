@@ -130,9 +130,8 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     elif position_ids.dim() == 1:
         pos = position_ids
     else:
-        raise ValueError(
-            f"position_ids must have shape (N,) or (1, N) (one packed row), got {tuple(position_ids.shape)}"
-        )
+        raise ValueError(f"position_ids must have shape (N,) or (1, N) (one packed row), got "
+                         f"{tuple(position_ids.shape)}")  # fmt: skip
     n = pos.numel()
     if n == 0:
         return torch.zeros(1, dtype=torch.int32, device=pos.device), 0
@@ -214,10 +213,8 @@ def _layout_from_cu(cu: torch.Tensor, max_len, n_tokens: int, device: torch.devi
         bounds = cu.tolist()  # host sync: documented; skipped on GPU with max_length given and checks off
         lengths = [b - a for a, b in pairwise(bounds)]
         if bounds[0] != 0 or bounds[-1] != n_tokens or min(lengths) < 0:
-            raise ValueError(
-                f"cu_seq_lens_q must start at 0, never decrease and end at the number of packed tokens "
-                f"{n_tokens}; got {bounds if len(bounds) <= 12 else bounds[:6] + ['...'] + bounds[-3:]}"
-            )
+            raise ValueError(f"cu_seq_lens_q must start at 0, never decrease and end at the number of packed tokens "
+                             f"{n_tokens}; got {bounds if len(bounds) <= 12 else bounds[:6] + ['...'] + bounds[-3:]}")  # fmt: skip
         actual = max(lengths)
         if max_len is not None and max_len < actual:
             raise ValueError(f"max_length_q must be at least the longest packed sequence {actual}, got {max_len}")
@@ -356,9 +353,8 @@ def packed_attention_forward(
     ``cu_seq_lens_q`` / ``cu_seq_lens_k``, or restarting ``position_ids`` on a single row without a mask),
     transformers' SDPA otherwise. Returns ``(out (B, Tq, Hq, D), None)`` like every attention function."""
     if sliding_window is not None:
-        raise ValueError(
-            f"packed attention supports full causal attention only; this layer asks for sliding_window={sliding_window}"
-        )
+        raise ValueError(f"packed attention supports full causal attention only; this layer asks for "
+                         f"sliding_window={sliding_window}")  # fmt: skip
     if softcap is not None:
         raise ValueError(f"packed attention does not support attention logit softcapping (softcap={softcap})")
     is_causal = kwargs.pop("is_causal", None)
@@ -379,10 +375,8 @@ def packed_attention_forward(
         if B != 1:
             raise ValueError(f"packed inputs (cu_seq_lens_q given) need batch size 1, got query batch {B}")
         if attention_mask is not None:
-            raise ValueError(
-                "packed inputs take no attention_mask (padding-free: every token is real); got a mask of shape "
-                f"{tuple(attention_mask.shape)} together with cu_seq_lens_q"
-            )
+            raise ValueError("packed inputs take no attention_mask (padding-free: every token is real); got a mask of "
+                             f"shape {tuple(attention_mask.shape)} together with cu_seq_lens_q")  # fmt: skip
         if Tq != Tk:
             raise ValueError(f"packed inputs cannot be used with a KV cache: {Tq} query tokens, {Tk} key tokens")
         layout = _layout_from_cu(cu, kwargs.get("max_length_q"), Tq, query.device, backend == "sdpa_blockdiag")
@@ -462,10 +456,8 @@ def _hf_models(model: nn.Module) -> list[nn.Module]:
 def _check_full_causal(config) -> None:
     name = type(config).__name__
     if getattr(config, "sliding_window", None) is not None:
-        raise ValueError(
-            f"use_packed_attention supports full causal attention only; {name} has sliding_window="
-            f"{config.sliding_window}"
-        )
+        raise ValueError(f"use_packed_attention supports full causal attention only; {name} has sliding_window="
+                         f"{config.sliding_window}")  # fmt: skip
     other = sorted({t for t in (getattr(config, "layer_types", None) or []) if t != "full_attention"})
     if other:
         raise ValueError(f"use_packed_attention supports full causal attention only; {name} has layer types {other}")
@@ -494,10 +486,8 @@ def use_packed_attention(model: nn.Module) -> nn.Module:
             m.config._attn_implementation = ATTN_IMPLEMENTATION
     not_switched = [type(m).__name__ for m in hf if m.config._attn_implementation != ATTN_IMPLEMENTATION]
     if not_switched:
-        raise TypeError(
-            f"could not switch {not_switched} to packed attention: they do not dispatch attention through "
-            "transformers' AttentionInterface"
-        )
+        raise TypeError(f"could not switch {not_switched} to packed attention: they do not dispatch attention "
+                        "through transformers' AttentionInterface")  # fmt: skip
     return model
 
 

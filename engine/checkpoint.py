@@ -318,10 +318,12 @@ def prepare_run_dir(
     out_dir: str | os.PathLike, *, resume: bool, overwrite: bool = False, extra_files: tuple[str, ...] = ()
 ) -> Path | None:
     """Make ``out_dir`` ready for a run, before the run writes anything into it. Returns the checkpoint to
-    resume from (``resume=True``) or None.
+    resume from, or None when the run starts at step 0.
 
-    - ``resume=True``: the newest intact checkpoint (``find_latest``); ``FileNotFoundError`` when there is none,
-      and the directory is left exactly as it was (not even created).
+    - ``resume=True`` (idempotent, as a scheduler restarting a preempted job with the same command needs): the
+      newest intact checkpoint (``find_latest``); leftovers of a crashed save (``.tmp-ckpt-*``) are removed. With no
+      intact checkpoint (the run was killed before its first one, or never started) the run starts from step 0:
+      a warning, the killed run's files (``run_files``) removed, the directory created.
     - ``resume=False`` into a directory that holds a run (``run_files(out_dir, extra_files)``):
       ``FileExistsError`` unless ``overwrite=True``, which deletes those files (and only those) first: two runs
       in one directory would rotate each other's checkpoints, and a later resume could continue either. Then
@@ -337,13 +339,19 @@ def prepare_run_dir(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output directory {str(out)!r} exists and is not a directory")
     if resume:
+        for stale in out.glob(f"{_TMP_PREFIX}*"):  # a crashed save's leftovers: never referenced by anything
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
         latest = find_latest(out)
-        if latest is None:
-            what = ("does not exist" if not out.exists() else
-                    "holds checkpoints but none is intact (see the warnings)" if list_checkpoints(out) else
-                    "holds no complete checkpoint")  # fmt: skip
-            raise FileNotFoundError(f"resume: nothing to resume, output directory {str(out)!r} {what}")
-        return latest
+        if latest is not None:
+            return latest
+        found = run_files(out, extra_files)
+        what = ("does not exist" if not out.exists() else
+                "holds checkpoints but none is intact (see the warnings)" if list_checkpoints(out) else
+                "holds no complete checkpoint")  # fmt: skip
+        removed = f"; removing the earlier attempt's {', '.join(p.name for p in found)}" if found else ""
+        warnings.warn(f"resume: nothing to resume, output directory {str(out)!r} {what}: starting from step 0"
+                      f"{removed}", RuntimeWarning, stacklevel=2)  # fmt: skip
+        overwrite = True
     found = run_files(out, extra_files)
     if found and not overwrite:
         names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")

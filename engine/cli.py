@@ -66,7 +66,7 @@ class TrainArgs:
     save_hf_checkpoints: bool = False
     """Also write every checkpoint's policy (and critic) as Hugging Face directories inside it: ckpt-<step>/policy loads with from_pretrained (rotated with the checkpoint)."""
     resume: bool = False
-    """Continue from the newest intact checkpoint in output_dir (its metrics rows after that step are dropped)."""
+    """Continue from the newest intact checkpoint in output_dir (its metrics rows after that step are dropped), or start from step 0 with a warning when there is none (the same command restarts a preempted run)."""
     overwrite: bool = False
     """Start over in an output_dir that holds a run: delete its checkpoints, latest, metrics.jsonl, config.yaml, tensorboard/, policy/ and critic/ first (without it such a directory is refused)."""
     device: str = "auto"
@@ -117,13 +117,13 @@ _NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re
 
 def parse_train_args(argv: list[str]):
     """Defaults <- YAML file <- flags, validated into ``(TrainArgs, PPOConfig)``."""
-    from .config import PPOConfig, convert_field, dataclass_fields
+    from .config import PPOConfig, convert_field, dataclass_fields, flat_fields
 
     parser = build_train_parser()
     ns = vars(parser.parse_args(_join_negative_numbers(list(argv), parser)))
     yaml_path = ns.pop("config")
     values: dict = {}
-    known = {f.name: tp for cls in (TrainArgs, PPOConfig) for f, tp in dataclass_fields(cls)}
+    known = {f.name: tp for f, tp in dataclass_fields(TrainArgs)} | {x.name: x.type for x in flat_fields(PPOConfig)}
     if yaml_path is not None:
         import yaml
 
@@ -144,9 +144,10 @@ def parse_train_args(argv: list[str]):
             except argparse.ArgumentTypeError as e:
                 parser.error(str(e))
     values.update(ns)
-    split = lambda cls: {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+    args = {f.name: values[f.name] for f in dataclasses.fields(TrainArgs) if f.name in values}
+    ppo = {x.name: values[x.name] for x in flat_fields(PPOConfig) if x.name in values}
     try:
-        return TrainArgs(**split(TrainArgs)), PPOConfig(**split(PPOConfig))
+        return TrainArgs(**args), PPOConfig(**ppo)
     except ValueError as e:
         parser.error(str(e))
 
@@ -238,6 +239,7 @@ def train_main(argv: list[str]) -> int:
     import torch
 
     from .checkpoint import prepare_run_dir
+    from .compose import flat_dict
     from .data import bind_columns, load_prompt_data
     from .distributed import default_threads, init_distributed, resolve_device, shutdown_distributed
     from .models import PRESETS, apply_lora, build_causal_lm, build_reward_model, is_peft_model, save_model
@@ -261,8 +263,8 @@ def train_main(argv: list[str]) -> int:
                                 split=args.dataset_split, config=args.dataset_config)  # fmt: skip
         reward_fn = bind_columns(load_reward_fn(args.reward_fn, **reward_kwargs), data) if args.reward_fn else None
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if rank0:  # a refused run fails in a second, not after building the models (train() checks again)
-            prepare_run_dir(cfg.output_dir, resume=args.resume, overwrite=args.overwrite)
+        if rank0 and not args.resume:  # a refused run fails in a second, not after building the models
+            prepare_run_dir(cfg.output_dir, resume=False, overwrite=args.overwrite)
         vocab = len(tokenizer) if args.policy in PRESETS else None
         policy = build_causal_lm(args.policy, vocab_size=vocab, seed=cfg.seed, dtype=dtype)
         if args.lora_r:
@@ -291,7 +293,7 @@ def train_main(argv: list[str]) -> int:
                     f"model with the adapter disabled ({ref_mib:,.1f} MiB not copied)")  # fmt: skip
         print(msg, file=sys.stderr)
     out = Path(cfg.output_dir)
-    run = {**dataclasses.asdict(args), **dataclasses.asdict(cfg)}
+    run = {**dataclasses.asdict(args), **flat_dict(cfg)}
     run.pop("resume"), run.pop("overwrite")  # how this invocation treats the directory, not part of the run
     trainer.train(data.prompts, resume=args.resume, overwrite=args.overwrite, run_config=run)
     if trainer.rank == 0:

@@ -1,25 +1,23 @@
-"""Run configuration: ``PPOConfig`` (everything a PPO / GRPO / RLOO / REINFORCE++ run needs besides the models and
-the prompts) and the generator that turns any config dataclass into command-line flags.
+"""Run configuration: the parts every objective shares (``RolloutConfig``: how experience is sampled; ``OptimConfig``:
+the optimizer and its schedule; ``RunConfig``: output, seed, checkpoints, logging), ``PPOConfig`` (a PPO / GRPO /
+RLOO / REINFORCE++ run: its own settings plus those parts and the kernels' ``PPOLossConfig``, composed by
+``compose.py``), and the generator that turns any config dataclass into command-line flags.
 
-Each dataclass field becomes ``--kebab-case-name`` with the field's type, default and the one-line docstring
-after it as help; ``fusedrl train`` (cli.py) and ``fusedrl demo`` (demo.py) build their parsers from here, and
-the trainer takes the dataclass itself.
+Each setting becomes ``--kebab-case-name`` with its type, default and the one-line docstring after it as help
+(a part's settings keep their flat names); ``fusedrl train`` (cli.py), ``fusedrl dpo`` and ``fusedrl demo`` build
+their parsers from here, and the trainers take the dataclasses themselves.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import itertools
 import json
 import math
-import textwrap
 import types
 import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 # Torch-free on purpose: `fusedrl train --help` builds its parser from this module without importing torch.
 from fusedrl.names import (
@@ -38,14 +36,33 @@ from fusedrl.names import (
     TRAINER_ROLLOUT_CORRECTIONS,
 )
 
+from .compose import _hints, composed, flat_fields, part
 from .trackers import parse_report_to
 
+if TYPE_CHECKING:
+    from fusedrl.kernels import PPOLossConfig
 
+
+def _need(cls_name: str, obj, ok: bool, name: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{cls_name}.{name} must be {what}, got {getattr(obj, name)!r}")
+
+
+def _number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The configs
+# ----------------------------------------------------------------------------------------------------
 @dataclass
-class PPOConfig:
-    """Everything one PPO / GRPO / RLOO / REINFORCE++ run needs besides the models and the prompts."""
+class RolloutConfig:
+    """How a step's experience is sampled: how many prompts and samples, the sampling law, the engine."""
 
-    # --- rollout
     prompts_per_step: int = 8
     """Prompts drawn per step, summed over ranks; each is sampled samples_per_prompt times."""
     samples_per_prompt: int = 4
@@ -61,13 +78,119 @@ class PPOConfig:
     generation_batch_size: int = 64
     """Sequences per generate() call of the hf rollout backend (bounds its KV cache)."""
     rollout_backend: Literal[ROLLOUT_BACKENDS] = "auto"
-    """Generation engine: hf (plain generate), hf-paged (transformers continuous batching, paged KV cache), vllm (colocated vLLM: pip install 'fusedrl[vllm]'); auto: vllm when importable, else hf-paged on CUDA when this transformers has it, else hf (on CPU continuous batching measured 0.3-1.3x plain generate)."""
+    """Generation engine: hf (plain generate), hf-paged (transformers continuous batching, paged KV cache), vllm (colocated vLLM: pip install 'fusedrl[vllm]'); auto: vllm when importable, else hf-paged on CUDA when this transformers has it, else hf (on CPU continuous batching measured 0.3-1.3x plain generate). A RolloutBackend object passed to PPOTrainer(rollout=...) replaces it."""
     rollout_page_size: int = 32
     """Tokens per KV-cache page of the hf-paged backend (its cache is sized from each step's token budget)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of GPU memory the vllm backend may take for weights + KV cache (CUDA only; the trainer needs the rest)."""
     vllm_kv_cache_gb: float | None = None
     """KV cache of the vllm backend on CPU, in GiB (rounded up to whole GiB); None sizes it from the first step's token budget."""
+
+    def __post_init__(self):
+        need = lambda ok, name, what: _need("RolloutConfig", self, ok, name, what)  # noqa: E731
+        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "generation_batch_size"):
+            need(_integer(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
+        need(_integer(self.top_k) and self.top_k >= 0, "top_k", "an int >= 0")
+        need(_number(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
+        need(_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        need(self.rollout_backend in ROLLOUT_BACKENDS, "rollout_backend", f"one of {ROLLOUT_BACKENDS}")
+        need(_integer(self.rollout_page_size) and self.rollout_page_size >= 4, "rollout_page_size", "an int >= 4")
+        ok = _number(self.vllm_gpu_memory_utilization) and 0 < self.vllm_gpu_memory_utilization <= 1
+        need(ok, "vllm_gpu_memory_utilization", "a number in (0, 1]")
+        ok = self.vllm_kv_cache_gb is None or (_number(self.vllm_kv_cache_gb) and self.vllm_kv_cache_gb > 0)
+        need(ok, "vllm_kv_cache_gb", "None or a number > 0")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer of every objective (PPO / GRPO, DPO, SFT, reward model): AdamW, its schedule, clipping."""
+
+    learning_rate: float = 1e-5
+    """AdamW peak learning rate (the policy's, for PPO)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """constant, or cosine: linear warmup over warmup_steps, then cosine decay to 10% at the last step."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup steps (both schedules)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm (None = off)."""
+    backend: Literal[BACKENDS] = "auto"
+    """Fused-op backend: auto = Triton on CUDA, PyTorch reference on CPU."""
+
+    def __post_init__(self):
+        need = lambda ok, name, what: _need("OptimConfig", self, ok, name, what)  # noqa: E731
+        need(_number(self.learning_rate) and self.learning_rate > 0, "learning_rate", "a number > 0")
+        need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "'constant' or 'cosine'")
+        need(_integer(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an int >= 0")
+        need(_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        ok = self.max_grad_norm is None or (_number(self.max_grad_norm) and self.max_grad_norm > 0)
+        need(ok, "max_grad_norm", "None or a number > 0")
+        need(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it is seeded, checkpointed and shown: shared by every objective."""
+
+    seed: int = 0
+    """Seed of data sampling, generation and mini-batch shuffling."""
+    output_dir: str | None = None
+    """Where metrics.jsonl, checkpoints and the final model go (None: write nothing)."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0 = only the final model)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (0 keeps all)."""
+    tensorboard: bool = False
+    """Also log metrics to TensorBoard under output_dir/tensorboard (the same as tensorboard in report_to)."""
+    report_to: str = "none"
+    """Experiment trackers given the config once, every metrics row and the completions tables: none, or a comma-separated list of tensorboard, wandb, trackio, mlflow (each an extra: pip install 'fusedrl[wandb]'; offline: WANDB_MODE=offline, Trackio's local store, a local MLFLOW_TRACKING_URI)."""
+    log_every: int = 0
+    """Where stderr is not a terminal, print a one-line summary every this many steps instead of the progress bar (0 = off)."""
+    log_completions: int = 0
+    """Every this many steps write a sample of rollouts (prompt, completion, reward, advantage, length, truncated) to output_dir/completions.jsonl and the trackers' tables (0 = off; objectives that sample)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        for name in ("save_every", "keep_checkpoints", "seed", "log_every", "log_completions"):
+            _need("RunConfig", self, _integer(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ValueError(f"RunConfig.{e}") from None
+
+
+# The policy-loss settings PPOConfig decides itself (from where the KL goes, the sampling temperature, the engine).
+_PPO_OWNED_LOSS_FIELDS = ("kl_coef", "kl_estimator", "temperature", "agg_norm_length", "rollout_correction")
+
+
+def _default_loss():
+    from fusedrl.kernels import PPOLossConfig
+
+    return PPOLossConfig()
+
+
+@composed
+@dataclass
+class PPOConfig:
+    """Everything one PPO / GRPO / RLOO / REINFORCE++ run needs besides the models and the prompts: its own
+    settings (advantages, KL, update) and four parts, each readable and settable by its fields' flat names
+    (``PPOConfig(clip_low=0.3).clip_low``, ``--clip-low``)."""
+
+    rollout: RolloutConfig = part(RolloutConfig)
+    """How experience is sampled."""
+    loss: PPOLossConfig = part(
+        _default_loss, rename={"agg": "loss_agg"}, owned=_PPO_OWNED_LOSS_FIELDS, source="fusedrl.kernels:PPOLossConfig",
+        choices={"policy_loss": POLICY_LOSSES, "importance_sampling_level": IS_LEVELS, "agg": AGG_MODES,
+                 "rollout_correction_level": ROLLOUT_CORRECTION_LEVELS},
+    )  # fmt: skip
+    """The policy loss (fusedrl.kernels.PPOLossConfig, validated there); kl_coef, kl_estimator, temperature,
+    agg_norm_length and rollout_correction are set from this config's own fields (``loss_config``)."""
+    optim: OptimConfig = part(OptimConfig, owned=("lr_schedule", "warmup_steps"))
+    """The policy's optimizer (a constant learning rate: PPO steps run no schedule)."""
+    run: RunConfig = part(RunConfig)
+    """Output, seeding, checkpoints, logging."""
     # --- advantages, KL, reward processing
     advantage_estimator: Literal[ADVANTAGE_ESTIMATORS] = "gae"
     """gae: critic + per-token KL reward; grpo: group-normalised; rloo: leave-one-out; reinforce++: batch-normalised."""
@@ -83,10 +206,6 @@ class PPOConfig:
     """KL coefficient beta (initial value when adaptive_kl)."""
     kl_estimator: Literal[KL_ESTIMATORS] | None = None
     """KL estimator; None picks k1 for the KL in the reward and k3 for the KL in the loss (k3+: loss only)."""
-    kl_clamp: float | None = None
-    """Clamp the per-token KL in the loss to [-c, c] (verl clamps at 10; None = off)."""
-    kl_importance_weighted: bool = False
-    """Weight the KL in the loss by the importance ratio (DeepSeek-V3.2; TRL's use_bias_correction_kl)."""
     kl_in_reward: bool | None = None
     """KL penalty in the reward (True) or in the loss (False); None: reward for gae/reinforce++, loss for grpo/rloo."""
     adaptive_kl: bool = False
@@ -99,6 +218,9 @@ class PPOConfig:
     """Divide scores by a running std of all scores seen so far."""
     reward_clip: float | None = None
     """Clamp (normalised) scores to [-reward_clip, reward_clip]."""
+    rollout_correction: Literal[TRAINER_ROLLOUT_CORRECTIONS] = "auto"
+    """Correct the rollout engine's log-prob mismatch: none, tis (truncated IS), mis (masked IS); auto = tis when the
+    rollout backend returns its own log-probs, else none."""
     # --- update
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
@@ -106,124 +228,32 @@ class PPOConfig:
     """Optimizer steps per PPO epoch (the batch is split into this many shuffled mini-batches)."""
     max_tokens_per_microbatch: int = 4096
     """Token budget of one packed forward/backward (gradient accumulation covers the rest)."""
-    clip_low: float = 0.2
-    """PPO ratio clip below 1 (ratio >= 1 - clip_low)."""
-    clip_high: float = 0.2
-    """PPO ratio clip above 1 (ratio <= 1 + clip_high; 0.28 is DAPO's clip-higher)."""
-    dual_clip: float | None = None
-    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens (None = off)."""
-    clip_delta: float | None = None
-    """Two-sided clip (INTELLECT-2, TRL's delta): clamp the unclipped ratio at delta > 1 (None = off)."""
-    policy_loss: Literal[POLICY_LOSSES] = "clip"
-    """Per-token objective: clip (PPO's clipped surrogate), cispo (clipped detached IS weight) or sapo (soft gate)."""
-    importance_sampling_level: Literal[IS_LEVELS] = "token"
-    """Ratio per token, per sequence (GSPO: exp of the mean log-ratio) or sequence-token (GSPO-token)."""
-    sapo_temperature_pos: float = 1.0
-    """SAPO gate temperature for positive advantages."""
-    sapo_temperature_neg: float = 1.05
-    """SAPO gate temperature for zero / negative advantages."""
-    rollout_correction: Literal[TRAINER_ROLLOUT_CORRECTIONS] = "auto"
-    """Correct the rollout engine's log-prob mismatch: none, tis (truncated IS), mis (masked IS); auto = tis when the
-    rollout backend returns its own log-probs, else none."""
-    rollout_correction_level: Literal[ROLLOUT_CORRECTION_LEVELS] = "token"
-    """Rollout weight per token, per sequence (product of token ratios) or sequence-mean (their geometric mean)."""
-    rollout_is_max: float = 2.0
-    """Upper bound C of the rollout weight (tis truncates at it, mis drops tokens above it)."""
-    rollout_is_min: float | None = None
-    """Lower bound of the rollout weight (None: 1/C for mis, no bound for tis)."""
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient."""
-    loss_agg: Literal[AGG_MODES] = "token-mean"
-    """How per-token policy losses are aggregated."""
     value_clip: float | None = 0.2
     """Clip of the value prediction around its old value (None = unclipped)."""
-    learning_rate: float = 1e-5
-    """Policy AdamW learning rate."""
     critic_learning_rate: float = 1e-5
-    """Critic AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (policy and critic)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm (None = off)."""
+    """Critic AdamW learning rate (the critic shares the policy's other optimizer settings)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (HF gradient checkpointing) to save memory."""
-    backend: Literal[BACKENDS] = "auto"
-    """Fused-op backend: auto = Triton on CUDA, PyTorch reference on CPU."""
     fsdp: bool = False
     """With several ranks, shard the policy with FSDP2 fully_shard (each decoder layer, then the rest) instead of DDP."""
-    # --- run
     total_steps: int = 100
     """PPO steps that train() runs."""
-    seed: int = 0
-    """Seed of prompt sampling, generation and mini-batch shuffling."""
-    output_dir: str | None = None
-    """Where train() writes metrics.jsonl, checkpoints and the final model (None: write nothing)."""
-    save_every: int = 0
-    """Checkpoint every this many steps (0 = only the final model)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk (0 keeps all)."""
-    tensorboard: bool = False
-    """Also log metrics to TensorBoard under output_dir/tensorboard (the same as tensorboard in report_to)."""
-    report_to: str = "none"
-    """Experiment trackers given the config once, every metrics row and the completions tables: none, or a comma-separated list of tensorboard, wandb, trackio, mlflow (each an extra: pip install 'fusedrl[wandb]'; offline: WANDB_MODE=offline, Trackio's local store, a local MLFLOW_TRACKING_URI)."""
-    log_every: int = 0
-    """Where stderr is not a terminal, print a one-line summary every this many steps instead of the progress bar (0 = off)."""
-    log_completions: int = 0
-    """Every this many steps write a sample of rollouts (prompt, completion, reward, advantage, length, truncated) to output_dir/completions.jsonl and the trackers' tables (0 = off)."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def __post_init__(self):
-        def need(ok: bool, name: str, what: str):
-            if not ok:
-                raise ValueError(f"PPOConfig.{name} must be {what}, got {getattr(self, name)!r}")
-
-        def number(name):
-            v = getattr(self, name)
-            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-        def integer(name):
-            v = getattr(self, name)
-            return not isinstance(v, bool) and isinstance(v, int)
-
-        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "generation_batch_size",
-                     "ppo_epochs", "num_minibatches", "max_tokens_per_microbatch", "total_steps"):  # fmt: skip
-            need(integer(name) and getattr(self, name) >= (0 if name == "total_steps" else 1), name,
-                 "an int >= " + ("0" if name == "total_steps" else "1"))  # fmt: skip
-        for name in ("save_every", "keep_checkpoints", "top_k", "seed", "log_every", "log_completions"):
-            need(integer(name) and getattr(self, name) >= 0, name, "an int >= 0")
-        need(number("temperature") and self.temperature > 0, "temperature", "a number > 0")
-        need(number("top_p") and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        need = lambda ok, name, what: _need("PPOConfig", self, ok, name, what)  # noqa: E731
+        for name in ("ppo_epochs", "num_minibatches", "max_tokens_per_microbatch"):
+            need(_integer(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
+        need(_integer(self.total_steps) and self.total_steps >= 0, "total_steps", "an int >= 0")
         for name in ("gamma", "lam"):
-            need(number(name) and 0 <= getattr(self, name) <= 1, name, "a number in [0, 1]")
-        for name in ("kl_coef", "entropy_coef", "weight_decay", "clip_low", "clip_high"):
-            need(number(name) and getattr(self, name) >= 0, name, "a number >= 0")
-        for name in ("learning_rate", "critic_learning_rate", "kl_target", "kl_horizon"):
-            need(number(name) and getattr(self, name) > 0, name, "a number > 0")
-        for name in ("reward_clip", "max_grad_norm", "value_clip"):
-            ok = getattr(self, name) is None or (number(name) and getattr(self, name) > 0)
+            need(_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "a number in [0, 1]")
+        need(_number(self.kl_coef) and self.kl_coef >= 0, "kl_coef", "a number >= 0")
+        for name in ("critic_learning_rate", "kl_target", "kl_horizon"):
+            need(_number(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0")
+        for name in ("reward_clip", "value_clip"):
+            ok = getattr(self, name) is None or (_number(getattr(self, name)) and getattr(self, name) > 0)
             need(ok, name, "None or a number > 0")
-        for name in ("dual_clip", "clip_delta"):
-            ok = getattr(self, name) is None or (number(name) and getattr(self, name) > 1)
-            need(ok, name, "None or a number > 1")
-        need(self.dual_clip is None or self.clip_delta is None, "clip_delta", "None when dual_clip is set (one bound)")
-        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "rollout_is_max"):
-            need(number(name) and getattr(self, name) > 0, name, "a number > 0")
-        ok = self.kl_clamp is None or (number("kl_clamp") and self.kl_clamp > 0)
-        need(ok, "kl_clamp", "None or a number > 0")
-        ok = self.rollout_is_min is None or (
-            number("rollout_is_min") and 0 <= self.rollout_is_min <= self.rollout_is_max
-        )
-        need(ok, "rollout_is_min", f"None or a number in [0, rollout_is_max = {self.rollout_is_max}]")
-        need(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {POLICY_LOSSES}")
-        if self.policy_loss != "clip":
-            need(self.dual_clip is None and self.clip_delta is None, "policy_loss",
-                 "'clip' when dual_clip or clip_delta is set")  # fmt: skip
-        need(self.importance_sampling_level in IS_LEVELS, "importance_sampling_level", f"one of {IS_LEVELS}")
         need(self.rollout_correction in TRAINER_ROLLOUT_CORRECTIONS, "rollout_correction",
              f"one of {TRAINER_ROLLOUT_CORRECTIONS}")  # fmt: skip
-        need(self.rollout_correction_level in ROLLOUT_CORRECTION_LEVELS, "rollout_correction_level",
-             f"one of {ROLLOUT_CORRECTION_LEVELS}")  # fmt: skip
         need(self.group_std in GROUP_STDS, "group_std", f"one of {GROUP_STDS}")
         need(self.advantage_estimator in ADVANTAGE_ESTIMATORS, "advantage_estimator", f"one of {ADVANTAGE_ESTIMATORS}")
         need(self.kl_estimator in (None, *KL_ESTIMATORS), "kl_estimator", f"None or one of {KL_ESTIMATORS}")
@@ -233,24 +263,22 @@ class PPOConfig:
                 "kl_estimator",
                 f"one of {REWARD_KL_ESTIMATORS} when the KL is in the reward (k3+ is a straight-through loss estimator)",
             )
-        need(self.loss_agg in AGG_MODES, "loss_agg", f"one of {AGG_MODES}")
-        try:
-            parse_report_to(self.report_to)
-        except ValueError as e:
-            raise ValueError(f"PPOConfig.{e}") from None
-        need(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
-        need(self.rollout_backend in ROLLOUT_BACKENDS, "rollout_backend", f"one of {ROLLOUT_BACKENDS}")
-        need(integer("rollout_page_size") and self.rollout_page_size >= 4, "rollout_page_size", "an int >= 4")
-        ok = number("vllm_gpu_memory_utilization") and 0 < self.vllm_gpu_memory_utilization <= 1
-        need(ok, "vllm_gpu_memory_utilization", "a number in (0, 1]")
-        ok = self.vllm_kv_cache_gb is None or (number("vllm_kv_cache_gb") and self.vllm_kv_cache_gb > 0)
-        need(ok, "vllm_kv_cache_gb", "None or a number > 0")
         if self.advantage_estimator in GROUP_ESTIMATORS:
             need(
                 self.samples_per_prompt >= 2,
                 "samples_per_prompt",
                 f">= 2 for advantage_estimator={self.advantage_estimator!r} (a group of one has no baseline)",
             )
+        ok = self.optim.lr_schedule == "constant" and self.optim.warmup_steps == 0
+        need(ok, "optim", "an OptimConfig with lr_schedule='constant' and warmup_steps=0 (PPO runs no schedule)")
+        default = _default_loss()
+        set_here = [n for n in _PPO_OWNED_LOSS_FIELDS if getattr(self.loss, n) != getattr(default, n)]
+        if set_here:
+            raise ValueError(f"PPOConfig.loss sets {set_here}, which PPOConfig decides itself: set kl_coef, "
+                             "kl_estimator, temperature and rollout_correction on PPOConfig (agg_norm_length follows "
+                             "max_new_tokens)")  # fmt: skip
+        # The loss as the trainer will build it, checked now by the kernels' own validator.
+        self.loss_config(rollout_logp=self.rollout_correction != "none")
 
     @property
     def kl_in_reward_resolved(self) -> bool:
@@ -265,22 +293,43 @@ class PPOConfig:
             return self.kl_estimator
         return "k1" if self.kl_in_reward_resolved else "k3"
 
+    def kl_coefs(self, beta: float) -> tuple[float, float]:
+        """(reward, loss) KL coefficients at the current beta: the one place that decides where the KL goes."""
+        return (beta, 0.0) if self.kl_in_reward_resolved else (0.0, beta)
+
+    def loss_config(self, kl_coef: float | None = None, *, logit_scale: float = 1.0, rollout_logp: bool = False,
+                    backend_name: str | None = None):  # fmt: skip
+        """The kernels' ``PPOLossConfig`` of a step: ``self.loss`` with the KL coefficient ``kl_coef`` (default
+        ``self.kl_coef``; 0 when the KL is in the reward), the sampling temperature over the model's logit scale and
+        the rollout correction resolved: ``auto`` is tis when the engine returned its own log-probs
+        (``rollout_logp``), else none; an explicit tis / mis needs them (``backend_name`` names the engine in the
+        error)."""
+        correction = self.rollout_correction
+        if correction == "auto":
+            correction = "tis" if rollout_logp else "none"
+        elif correction != "none" and not rollout_logp:
+            raise ValueError(
+                f"PPOConfig.rollout_correction={correction!r} needs a rollout backend that returns its sampled tokens' "
+                f"log-probs (hf-paged or vllm), got rollout backend {backend_name or self.rollout_backend!r}"
+            )
+        _, in_loss = self.kl_coefs(self.kl_coef if kl_coef is None else kl_coef)
+        return dataclasses.replace(
+            self.loss, kl_coef=in_loss, kl_estimator=self.kl_estimator_resolved,
+            temperature=self.temperature / logit_scale, rollout_correction=correction,
+            agg_norm_length=self.max_new_tokens if self.loss.agg == "seq-mean-token-sum-norm" else None,
+        )  # fmt: skip
+
+
+# Settings a resumed PPO run may change (run length, logging, where to save, the generation engine: same sampling
+# law, same weights); any other difference from the checkpoint's config is warned about.
+RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorboard", "progress", "output_dir",
+                     "report_to", "log_every", "log_completions",
+                     "rollout_backend", "rollout_page_size", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb"}  # fmt: skip
+
 
 # ----------------------------------------------------------------------------------------------------
 # Parser generation from dataclasses
 # ----------------------------------------------------------------------------------------------------
-def field_docs(cls) -> dict[str, str]:
-    """The attribute docstrings of a dataclass: the string literal right after each field."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in itertools.pairwise(body):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):  # fmt: skip
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
 def _unwrap_optional(tp):
     """(inner type, allows None)."""
     origin = typing.get_origin(tp)
@@ -342,21 +391,26 @@ def convert_field(name: str, tp, value):
 
 
 def dataclass_fields(cls):
-    """``[(field, resolved type)]`` of a dataclass, in declaration order."""
+    """``[(field, resolved type)]`` of a plain dataclass, in declaration order (``flat_fields`` for composed ones)."""
     hints = typing.get_type_hints(cls)
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str) -> None:
-    """One ``--kebab-name`` flag per field of ``cls`` (default: SUPPRESS, so only given flags appear)."""
-    group = parser.add_argument_group(title)
-    docs = field_docs(cls)
-    for f, tp in dataclass_fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        conv, base, choices, optional = _converter(flag, tp)
-        help_text = f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
+    """One ``--kebab-name`` flag per flat setting of ``cls`` (``flat_fields``: a part's fields get flat flags in a
+    group of their own; default: SUPPRESS, so only given flags appear)."""
+    groups: dict[str | None, argparse._ArgumentGroup] = {}
+    for x in flat_fields(cls):
+        if x.part not in groups:
+            ann = _hints(cls).get(x.part, "") if x.part else ""
+            name = ann if isinstance(ann, str) else getattr(ann, "__name__", "")
+            groups[x.part] = parser.add_argument_group(f"{title}: {x.part} ({name})" if x.part else title)
+        group = groups[x.part]
+        flag = "--" + x.name.replace("_", "-")
+        conv, base, choices, optional = _converter(flag, x.type)
+        help_text = f"{x.doc} (default: {x.default!r})".replace("%", "%%")
         if base is bool and not optional:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             continue
         meta = "{" + ",".join(map(str, choices)) + "}" if choices else base.__name__.upper()
-        group.add_argument(flag, type=conv, default=argparse.SUPPRESS, metavar=meta, dest=f.name, help=help_text)
+        group.add_argument(flag, type=conv, default=argparse.SUPPRESS, metavar=meta, dest=x.name, help=help_text)

@@ -288,3 +288,40 @@ def bind_columns(fn: Callable, data: PromptData) -> Callable:
     reward.__name__ = getattr(fn, "__name__", "reward")
     reward.columns = names
     return reward
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts -> token ids
+# ----------------------------------------------------------------------------------------------------
+def context_length(model) -> int | None:
+    """The longest sequence the model's positions support, from its config (None when it has no limit)."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], *, max_new_tokens: int, context: int | None) -> list[list[int]]:
+    """Token ids of each prompt; a clear error for an empty list, an empty prompt or one that leaves no
+    room for ``max_new_tokens`` in the model's context."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, got a single str (wrap it in a list)")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: need at least one prompt")
+    ids = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
+        toks = tokenizer(p, add_special_tokens=True)["input_ids"]
+        if len(toks) == 0:
+            raise ValueError(f"prompts[{i}] = {p!r} encodes to zero tokens: generation needs at least one")
+        if context is not None and len(toks) + max_new_tokens > context:
+            raise ValueError(
+                f"prompts[{i}] is {len(toks)} tokens long; with max_new_tokens={max_new_tokens} that needs "
+                f"{len(toks) + max_new_tokens} positions but the model's context is {context}"
+            )
+        ids.append(list(toks))
+    return ids

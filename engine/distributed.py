@@ -15,7 +15,6 @@ divide factor to 1).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
@@ -103,6 +102,45 @@ def default_threads() -> int:
         busy = 0.0
     free = math.floor(n * max(0.0, 1.0 - busy) + 0.5)
     return max(1, min(n, free) // local)
+
+
+def warn_if_oversubscribed(device: torch.device) -> None:
+    """Warn when torch runs more CPU threads than this process may use: OpenMP threads then spin against each
+    other and a step can be many times slower. Not changed here: a process-wide setting belongs to the caller
+    (``fusedrl train`` picks it itself)."""
+    cpus = available_cpus() if torch.device(device).type == "cpu" else None
+    if cpus is not None and torch.get_num_threads() > cpus:
+        import warnings
+
+        warnings.warn(f"torch uses {torch.get_num_threads()} CPU threads but this process may run on {cpus} CPUs "
+                      "(affinity mask, cgroup quota): OpenMP threads then spin against each other and a step can be "
+                      "many times slower; call torch.set_num_threads(fusedrl.engine.distributed.default_threads())",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
+
+
+def full_state(model: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts; ``sharded`` (FSDP): gathered from every rank's shards onto rank 0's CPU (a
+    collective: every rank calls it), the other ranks getting empty dicts."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint import state_dict as dcp_state
+
+    full = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (dcp_state.get_model_state_dict(model, options=full),
+            dcp_state.get_optimizer_state_dict(model, optimizer, options=full))  # fmt: skip
+
+
+def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict, sharded: bool) -> None:
+    """Load full state dicts; ``sharded`` (FSDP): every rank holds the full state and keeps its own shards of it."""
+    if not sharded:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint import state_dict as dcp_state
+
+    full = dcp_state.StateDictOptions(full_state_dict=True)
+    dcp_state.set_model_state_dict(model, model_state, options=full)
+    dcp_state.set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
 
 
 class Distributed:
@@ -223,20 +261,6 @@ class Distributed:
         )
         ddp.register_comm_hook(None, _allreduce_sum_hook)
         return ddp
-
-
-def no_sync(bodies, accumulate: bool) -> contextlib.ExitStack:
-    """Inside: backward passes accumulate local gradients without the DDP all-reduce / FSDP reduce-scatter."""
-    stack = contextlib.ExitStack()
-    if not accumulate:
-        return stack
-    for body in bodies:
-        if isinstance(body, nn.parallel.DistributedDataParallel):
-            stack.enter_context(body.no_sync())
-        elif isinstance(body, FSDPModule):
-            body.set_requires_gradient_sync(False)
-            stack.callback(body.set_requires_gradient_sync, True)
-    return stack
 
 
 class PolicyBody(nn.Module):

@@ -28,8 +28,6 @@ resumes from the same checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import sys
 import time
@@ -41,7 +39,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fusedrl.kernels import BACKENDS, LOSS_TYPES, PreferenceLossConfig
+from fusedrl.kernels import LOSS_TYPES, PreferenceLossConfig
+
+from .compose import composed, flat_dict, part
+from .preference_data import EncodedPair, build_buffer, encode_record, load_pairs  # noqa: F401 - dpo's data API
+from .config import OptimConfig, RunConfig
 
 from .trackers import parse_report_to
 
@@ -50,9 +52,10 @@ _PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"
                  "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio")  # fmt: skip
 
 
+@composed
 @dataclass
 class DPOConfig:
-    """Everything ``fusedrl dpo`` needs; each field is a ``--kebab-case`` flag."""
+    """Everything ``fusedrl dpo`` needs; each field (and each field of its parts) is a ``--kebab-case`` flag."""
 
     policy: str = "tiny-llama"
     """Policy to train: a preset name (fusedrl.engine.models.PRESETS), a local HF directory or a Hub id."""
@@ -85,34 +88,14 @@ class DPOConfig:
     """Token budget of one packed forward/backward; a pair (both sequences) must fit in it."""
     max_length: int | None = None
     """Longest prompt + response in tokens (responses beyond it are truncated); None: the model's context."""
-    learning_rate: float = 1e-6
-    """AdamW peak learning rate (linear warmup, cosine decay to 10%)."""
-    warmup_steps: int = 0
-    """Linear learning-rate warmup steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm (None = off)."""
-    backend: Literal[BACKENDS] = "auto"
-    """Fused-op backend: auto = Triton on CUDA, the PyTorch reference on CPU."""
-    seed: int = 0
-    """Seed of the pair order (and of a preset's random weights)."""
-    output_dir: str = "runs/dpo"
-    """Where metrics.jsonl, config.yaml, checkpoints and the final policy/ go."""
-    save_every: int = 0
-    """Checkpoint every this many steps (0 = only the final model)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk (0 keeps all)."""
+    optim: OptimConfig = part(lambda: OptimConfig(learning_rate=1e-6, lr_schedule="cosine"))
+    """The optimizer (shared with every objective)."""
+    run: RunConfig = part(lambda: RunConfig(output_dir="runs/dpo"), owned=("log_completions",))  # nothing sampled
+    """Output directory, seed (of the pair order and a preset's random weights), checkpoints, logging."""
     resume: bool = False
-    """Continue from the newest intact checkpoint in output_dir."""
+    """Continue from the newest intact checkpoint in output_dir, or start from step 0 (a warning) when there is none."""
     overwrite: bool = False
     """Start over in an output_dir that holds a run (its run files are deleted first)."""
-    progress: bool = True
-    """Show a progress bar."""
-    report_to: str = "none"
-    """Experiment trackers given the config once and every metrics row: none, or a comma-separated list of tensorboard, wandb, trackio, mlflow (as for fusedrl train)."""
-    log_every: int = 0
-    """Where stderr is not a terminal, print a one-line summary every this many steps instead of the progress bar (0 = off)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -127,143 +110,16 @@ class DPOConfig:
 
         for name in ("epochs", "pairs_per_step", "max_tokens_per_microbatch"):
             need(getattr(self, name) >= 1, name, "an int >= 1")
-        for name in ("warmup_steps", "save_every", "keep_checkpoints", "seed", "threads", "log_every"):
-            need(getattr(self, name) >= 0, name, "an int >= 0")
+        need(self.threads >= 0, "threads", "an int >= 0")
+        need(self.output_dir is not None, "output_dir", "a directory (where the run is written)")
         need(self.max_length is None or self.max_length >= 2, "max_length", "None or an int >= 2")
-        need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "a number > 0")
-        need(self.weight_decay >= 0, "weight_decay", ">= 0")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or > 0")
         need(not (self.resume and self.overwrite), "overwrite", "False with resume=True (they exclude each other)")
         need(self.ref_logps in ("precompute", "online"), "ref_logps", "'precompute' or 'online'")
         self.loss_config()  # loss_type, beta, label_smoothing, ... checked where they are defined
-        try:
-            parse_report_to(self.report_to)
-        except ValueError as e:
-            raise ValueError(f"DPOConfig.{e}") from None
 
     def loss_config(self, temperature: float = 1.0) -> PreferenceLossConfig:
         return PreferenceLossConfig(self.loss_type, self.beta, self.label_smoothing, self.simpo_gamma, self.rpo_alpha,
                                     temperature)  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data: {prompt, chosen, rejected} JSONL -> token ids, every record checked
-# ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EncodedPair:
-    """One preference pair as token ids, and where it came from."""
-
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
-    where: str
-    """``file:line`` of the record."""
-
-
-def _is_messages(x) -> bool:
-    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
-
-
-def _render_chat(tokenizer, prompt, response, where: str, field: str) -> tuple[str, str]:
-    """(prompt text with the generation prompt, response text): the template applied to prompt + response,
-    cut where the prompt's own rendering ends."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{where}: the record holds chat messages but the tokenizer has no chat template "
-                         "(give plain strings, or a tokenizer with a chat_template)")  # fmt: skip
-    if isinstance(response, str):
-        response = [{"role": "assistant", "content": response}]
-    if not _is_messages(response):
-        raise ValueError(f"{where}: {field!r} must be a string or a list of {{'role', 'content'}} messages")
-    if not any(str(m["content"]).strip() for m in response):
-        raise ValueError(f"{where}: {field!r} is empty (an empty response carries no preference)")
-    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
-    if not full.startswith(head):
-        raise ValueError(f"{where}: the chat template renders prompt + {field} with a different prefix than the "
-                         "prompt alone, so the response tokens cannot be told apart")  # fmt: skip
-    return head, full[len(head) :]
-
-
-def encode_record(tokenizer, row, where: str, *, max_length: int | None) -> EncodedPair:
-    """Token ids of one record (see the module docstring for the formats); ValueError naming ``where``."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object with 'prompt', 'chosen' and 'rejected', got "
-                         f"{type(row).__name__}")  # fmt: skip
-    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {missing} (each record needs 'prompt', 'chosen', 'rejected')")
-    prompt = row["prompt"]
-    ids = {}
-    if _is_messages(prompt):
-        for field in ("chosen", "rejected"):
-            head, text = _render_chat(tokenizer, prompt, row[field], where, field)
-            ids[field] = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids["prompt"] = tokenizer(head, add_special_tokens=False)["input_ids"]
-    elif isinstance(prompt, str):
-        for field in ("chosen", "rejected"):
-            if not isinstance(row[field], str):
-                raise ValueError(f"{where}: {field!r} must be a string when 'prompt' is one, got "
-                                 f"{type(row[field]).__name__}")  # fmt: skip
-            if not row[field]:
-                raise ValueError(f"{where}: {field!r} is empty (an empty response carries no preference)")
-            ids[field] = tokenizer(row[field], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids["prompt"] = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    else:
-        raise ValueError(f"{where}: 'prompt' must be a string or a list of chat messages, got {type(prompt).__name__}")
-    if not ids["prompt"]:
-        raise ValueError(f"{where}: 'prompt' encodes to zero tokens (the first response token needs a context)")
-    for field in ("chosen", "rejected"):
-        if not ids[field]:
-            raise ValueError(f"{where}: {field!r} encodes to zero tokens")
-    if max_length is not None:
-        if len(ids["prompt"]) >= max_length:
-            raise ValueError(f"{where}: the prompt is {len(ids['prompt'])} tokens, which leaves no room for a response "
-                             f"within max_length={max_length}")  # fmt: skip
-        room = max_length - len(ids["prompt"])
-        ids["chosen"], ids["rejected"] = ids["chosen"][:room], ids["rejected"][:room]
-    return EncodedPair(list(ids["prompt"]), list(ids["chosen"]), list(ids["rejected"]), where)
-
-
-def load_pairs(path: str | Path, tokenizer, *, max_length: int | None = None,
-               max_pair_tokens: int | None = None) -> list[EncodedPair]:  # fmt: skip
-    """Every record of a JSONL file as an ``EncodedPair``; a bad record raises ValueError naming ``file:line``."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"preference data file {str(p)!r} does not exist")
-    pairs = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from None
-        pair = encode_record(tokenizer, row, where, max_length=max_length)
-        total = 2 * len(pair.prompt) + len(pair.chosen) + len(pair.rejected)
-        if max_pair_tokens is not None and total > max_pair_tokens:
-            raise ValueError(f"{where}: the pair is {total} tokens (prompt twice, chosen and rejected), more than "
-                             f"max_tokens_per_microbatch={max_pair_tokens}: a pair is never split, raise the budget")  # fmt: skip
-        pairs.append(pair)
-    if not pairs:
-        raise ValueError(f"preference data file {str(p)!r} holds no records")
-    return pairs
-
-
-def build_buffer(pairs: Sequence[EncodedPair]):
-    """A ``RolloutBuffer`` holding pair i as sequences 2i (prompt + chosen) and 2i + 1 (prompt + rejected),
-    response tokens masked in; and the (P,) token count of each pair."""
-    from .packing import RolloutBuffer
-
-    buf = RolloutBuffer(fields=())
-    tokens, masks = [], []
-    for pr in pairs:
-        for resp in (pr.chosen, pr.rejected):
-            tokens.append(np.asarray(pr.prompt + resp, dtype=np.int64))
-            masks.append(np.asarray([0] * len(pr.prompt) + [1] * len(resp), dtype=np.uint8))
-    buf.append_many(tokens, masks)
-    lengths = np.asarray([2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs], dtype=np.int64)
-    return buf, lengths
 
 
 def micro_batches(buf, lengths: np.ndarray, pair_ids: np.ndarray, max_tokens: int, device, *, rank: int = 0,
@@ -305,7 +161,7 @@ def reference_logps(model, buf, lengths, max_tokens: int, device, *, backend="au
     one packed pass over the data. With ``dist`` (a ``Distributed`` of several ranks) each rank scores its
     share of one global plan and every rank gets the whole table (a collective: every rank calls it)."""
     from .attention import use_packed_attention
-    from .rollout import eval_mode
+    from .sampling import eval_mode
 
     rank, ranks = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     use_packed_attention(model)
@@ -316,8 +172,8 @@ def reference_logps(model, buf, lengths, max_tokens: int, device, *, backend="au
                                      num_ranks=ranks):  # fmt: skip
             mine.append((ids, sequence_logps(model, mb, backend=backend).cpu()))
     parts = dist.gather_objects(mine) if ranks > 1 else [mine]
-    for part in parts:
-        for ids, lp in part:
+    for shard in parts:
+        for ids, lp in shard:
             out[torch.from_numpy(ids)] = lp
     return out
 
@@ -357,20 +213,18 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     from fusedrl.kernels import linear_preference_loss
 
     from .attention import use_packed_attention
-    from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
-    from .distributed import Distributed, PolicyBody, no_sync
-    from .metrics import MetricsLogger
+    from .distributed import Distributed, PolicyBody
     from .models import disable_dropout, output_head
-    from .sft import warmup_cosine
+    from .update import GuardedStep, RunDir, accumulate, adamw, lr_schedule, metrics_logger, passes, run_loop
+    from .update import save_model
 
     device = next(policy.parameters()).device
     dist = Distributed(device)
     out = Path(cfg.output_dir)
-    latest = dist.on_rank0(prepare_run_dir, out, resume=cfg.resume, overwrite=cfg.overwrite)
-    if run_config is not None and dist.rank == 0:
-        import yaml
-
-        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    run = RunDir(out, dist, resume=cfg.resume, overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints)
+    latest = run.latest
+    if run_config is not None:
+        run.write_config(run_config)
     use_packed_attention(policy)
     # The implicit reward compares two forwards of the same weights (policy and its own reference at step 0):
     # with dropout it would start as noise instead of 0.
@@ -378,10 +232,10 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     buf, lengths = build_buffer(pairs)
     n_pairs = len(pairs)
     total = cfg.epochs * math.ceil(n_pairs / cfg.pairs_per_step)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))
+    opt = adamw(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = lr_schedule(opt, cfg.optim, total)
     step, ref = 0, ref_logps
-    state = load_checkpoint(latest) if latest is not None else None
+    state = run.load()
     if state is not None:
         if int(state["num_pairs"]) != n_pairs:
             raise ValueError(f"resume: the checkpoint {str(latest)!r} was trained on {int(state['num_pairs'])} pairs, "
@@ -428,80 +282,68 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
     # Several ranks: DDP with summed gradients (each rank's loss already carries the global pair count). The body
     # holds the whole policy, so the lm_head that the fused loss applies outside its forward is reduced too.
     body = dist.data_parallel(PolicyBody(policy))
+    guard = GuardedStep(dist)
 
     def save(at: int) -> None:
         state = {"policy": policy.state_dict(), "policy_optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "step": at, "num_pairs": n_pairs}  # fmt: skip
+                 "num_pairs": n_pairs}  # fmt: skip
         if ref is not None:
             state["ref_logps"] = ref
-        if dist.rank == 0:  # every rank holds the same weights
-            save_checkpoint(out, at, state, keep_last=cfg.keep_checkpoints)
-        dist.barrier()
+        run.save(at, state)
 
     _, _, scale = output_head(policy)
     loss_cfg = cfg.loss_config(temperature=1.0 / scale)
-    rows = []
-    logger = MetricsLogger(out / "metrics.jsonl", progress=cfg.progress, total_steps=total,
-                           resume_step=step if latest is not None else None, enabled=dist.rank == 0,
-                           report_to=cfg.report_to, log_every=cfg.log_every,
-                           run_config=run_config if run_config is not None else dataclasses.asdict(cfg))  # fmt: skip
+
+    def one_step(step: int) -> dict:
+        t0 = time.perf_counter()
+        ids = _step_pairs(n_pairs, cfg, step)  # the same on every rank
+        sums: dict[str, torch.Tensor] = {}
+        n_tok, losses = [0], []
+
+        def objective(item, weight):
+            mb_ids, mb = item
+            h = body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]  # (M, H)
+            weight_h, bias, _ = output_head(policy)
+            pair_index = torch.arange(2 * len(mb_ids), device=device).view(-1, 2)
+            if online:
+                with torch.no_grad():
+                    ref_mb = sequence_logps(ref_model, mb, backend=cfg.backend)  # (p, 2)
+            else:
+                ref_mb = ref[torch.from_numpy(mb_ids)].to(device) if needs_ref else None
+            # Global denominator: each micro-batch loss is its share of the whole step's mean.
+            loss, m = linear_preference_loss(h, weight_h, mb.labels, pair_index, mb.cu_rows, ref_mb, bias=bias,
+                                             config=loss_cfg, num_pairs=len(ids), backend=cfg.backend)  # fmt: skip
+            losses.append(loss.detach())
+            yield loss
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v * (len(mb_ids) * weight)
+            n_tok[0] += int(mb.input_ids.shape[1]) if weight else 0
+
+        # One global plan of the step's pairs; this rank trains its share (possibly none: a zero-weighted pass).
+        mine = micro_batches(buf, lengths, ids, cfg.max_tokens_per_microbatch, device, rank=dist.rank,
+                             num_ranks=dist.world_size)  # fmt: skip
+        idle = mine[0] if mine else micro_batches(buf, lengths, ids[:1], cfg.max_tokens_per_microbatch, device)[0]
+        accumulate((body,), passes(mine, idle), objective)
+        ok = torch.isfinite(torch.stack(losses)).all()
+        norm = guard.step(policy, opt, ok, max_grad_norm=cfg.max_grad_norm, step=step + 1)
+        sched.step()
+        keys = sorted(sums)
+        totals = dist.sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]))
+        tokens = dist.sum(float(n_tok[0]))
+        dt = time.perf_counter() - t0
+        metrics = dict(zip(keys, (totals / len(ids)).tolist()))  # one host sync for the step's metrics
+        metrics.update({"grad_norm": norm.item(), "lr": sched.get_last_lr()[0], "epoch": (step + 1) *
+                        cfg.pairs_per_step / n_pairs, "perf/step_s": dt, "perf/tokens_per_s": tokens / dt,
+                        "train/skipped_steps": float(guard.skipped)})  # fmt: skip
+        return metrics
+
+    logger = metrics_logger(out, dist, cfg, total_steps=total, resume_step=step if latest is not None else None,
+                            run_config=run_config if run_config is not None else flat_dict(cfg))  # fmt: skip
     body.train()
-    with logger:
-        while step < total:
-            t0 = time.perf_counter()
-            ids = _step_pairs(n_pairs, cfg, step)  # the same on every rank
-            opt.zero_grad(set_to_none=True)
-            sums: dict[str, torch.Tensor] = {}
-            n_tok = 0
-            # One global plan of the step's pairs; this rank trains its share. A rank left without pairs (fewer
-            # than ranks) still joins the gradient all-reduce, with a zero-weighted pass.
-            mine = micro_batches(buf, lengths, ids, cfg.max_tokens_per_microbatch, device, rank=dist.rank,
-                                 num_ranks=dist.world_size)  # fmt: skip
-            passes = [(i, mb, 1.0) for i, mb in mine] or [
-                (i, mb, 0.0) for i, mb in micro_batches(buf, lengths, ids[:1], cfg.max_tokens_per_microbatch, device)
-            ]
-            for i, (mb_ids, mb, weight_of_pass) in enumerate(passes):
-                # DDP all-reduces in the backward of this rank's last micro-batch only; the others accumulate.
-                with no_sync((body,), i < len(passes) - 1):
-                    h = body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]  # (M, H)
-                    weight, bias, _ = output_head(policy)
-                    pair_index = torch.arange(2 * len(mb_ids), device=device).view(-1, 2)
-                    if online:
-                        with torch.no_grad():
-                            ref_mb = sequence_logps(ref_model, mb, backend=cfg.backend)  # (p, 2)
-                    else:
-                        ref_mb = ref[torch.from_numpy(mb_ids)].to(device) if needs_ref else None
-                    # Global denominator: each micro-batch loss is its share of the whole step's mean.
-                    loss, m = linear_preference_loss(h, weight, mb.labels, pair_index, mb.cu_rows, ref_mb,
-                                                     bias=bias, config=loss_cfg, num_pairs=len(ids),
-                                                     backend=cfg.backend)  # fmt: skip
-                    (loss * weight_of_pass).backward()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v * (len(mb_ids) * weight_of_pass)
-                n_tok += int(mb.input_ids.shape[1]) if weight_of_pass else 0
-            # Gradients are summed over ranks by now: the same norm, and the same decision, on every rank.
-            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or math.inf)
-            if torch.isfinite(norm):  # a non-finite gradient never reaches the weights
-                opt.step()
-            sched.step()
-            step += 1
-            keys = sorted(sums)
-            totals = dist.sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]))
-            n_tok = dist.sum(float(n_tok))
-            dt = time.perf_counter() - t0
-            metrics = dict(zip(keys, (totals / len(ids)).tolist()))  # one host sync for the step's metrics
-            metrics.update({"grad_norm": norm.item(), "lr": sched.get_last_lr()[0], "epoch": step * cfg.pairs_per_step
-                            / n_pairs, "perf/step_s": dt, "perf/tokens_per_s": n_tok / dt})  # fmt: skip
-            rows.append(logger.log(step, metrics))
-            if cfg.save_every and step % cfg.save_every == 0:
-                save(step)
-    if cfg.save_every and step % cfg.save_every:
-        save(step)
+    rows = run_loop(one_step, step, total, logger, save_every=cfg.save_every, save=save)
     body.eval()
     if dist.rank == 0:
-        policy.save_pretrained(out / "policy")
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(out / "policy")
+        save_model(policy, tokenizer, out / "policy")
     dist.barrier()
     return rows
 
@@ -539,7 +381,7 @@ def run(cfg: DPOConfig) -> list[dict]:
 def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
     """Everything ``run`` does before training: ``train_dpo``'s positional and keyword arguments. The user's mistakes (a missing file,
     a bad model id, an existing run directory, a bad setting) surface here, before any step."""
-    from .checkpoint import prepare_run_dir
+    from .checkpoint import find_latest, prepare_run_dir
     from .distributed import Distributed, default_threads, init_distributed, resolve_device
     from .models import PRESETS, build_causal_lm
 
@@ -551,7 +393,9 @@ def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
     device = resolve_device(cfg.device)
     dist = Distributed(device)
     # A refused run fails first, before any model is built.
-    dist.on_rank0(prepare_run_dir, Path(cfg.output_dir), resume=cfg.resume, overwrite=cfg.overwrite)
+    if not cfg.resume:
+        dist.on_rank0(prepare_run_dir, Path(cfg.output_dir), resume=False, overwrite=cfg.overwrite)
+    resuming = cfg.resume and find_latest(cfg.output_dir) is not None
     dtype = getattr(torch, cfg.dtype)
     tokenizer = _load_tokenizer(cfg)
     preset = cfg.policy in PRESETS
@@ -559,14 +403,14 @@ def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
     policy.to(device)
     max_length = cfg.max_length
     if max_length is None:
-        from .rollout import context_length
+        from .data import context_length
 
         max_length = context_length(policy)
     pairs = load_pairs(cfg.data, tokenizer, max_length=max_length, max_pair_tokens=cfg.max_tokens_per_microbatch)
     ref_logps = ref_model = None
     online = cfg.ref_logps == "online"
     # A resumed precompute run takes the table from its checkpoint; an online one needs the model again.
-    if cfg.ref_policy is not None and cfg.loss_config().needs_reference and (online or not cfg.resume):
+    if cfg.ref_policy is not None and cfg.loss_config().needs_reference and (online or not resuming):
         ref_model = build_causal_lm(cfg.ref_policy, vocab_size=len(tokenizer) if cfg.ref_policy in PRESETS else None,
                                     seed=cfg.seed, dtype=dtype).to(device)  # fmt: skip
         if not online:
@@ -574,7 +418,7 @@ def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
             ref_logps = reference_logps(ref_model, buf, lengths, cfg.max_tokens_per_microbatch, device,
                                         backend=cfg.backend, dist=dist)  # fmt: skip
             ref_model = buf = None  # the reference leaves memory: only its (P, 2) log-probs are kept
-    run_config = dataclasses.asdict(cfg)
+    run_config = flat_dict(cfg)
     run_config.pop("resume"), run_config.pop("overwrite")
     return (policy, tokenizer, pairs, cfg), dict(ref_logps=ref_logps, ref_model=ref_model, run_config=run_config)
 

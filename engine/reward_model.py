@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .sft import encode_demonstrations, warmup_cosine
+from .distributed import Distributed
+from .sft import encode_demonstrations
+from .update import GuardedStep, accumulate, adamw, lr_factor
 
 
 @dataclass(frozen=True)
@@ -163,29 +165,33 @@ def train_reward_model(
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total = steps_per_epoch * config.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, total // 10), total))
+    # The update loop's pieces: fused AdamW, the schedule, the guarded step.
+    opt = adamw(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor("cosine", max(1, total // 10), total))
+    guard = GuardedStep(Distributed(device, single=True))
     gen = torch.Generator().manual_seed(config.seed)
     model.train()
     losses: list[float] = []
     bar = tqdm(total=total, desc="stage 2/3 reward model", disable=not progress, leave=True)
+
+    def objective(batch, weight):
+        n = len(batch)
+        # Chosen and rejected in one forward: half the launches, and r[:n] - r[n:] pairs them row by row.
+        ids, mask = encode_sequences(
+            tokenizer, [p.prompt for p in batch] * 2, [p.chosen for p in batch] + [p.rejected for p in batch]
+        )
+        r = _rewards(model, ids.to(device), mask.to(device))
+        losses.append(bradley_terry_loss(r[:n], r[n:]))  # the mean over the step's pairs: its own denominator
+        yield losses[-1]
+
     for _ in range(config.epochs):
         order = torch.randperm(len(pairs), generator=gen).tolist()
         for s in range(0, len(pairs), config.batch_size):
-            batch = [pairs[j] for j in order[s : s + config.batch_size]]
-            n = len(batch)
-            # Chosen and rejected in one forward: half the launches, and r[:n] - r[n:] pairs them row by row.
-            ids, mask = encode_sequences(
-                tokenizer, [p.prompt for p in batch] * 2, [p.chosen for p in batch] + [p.rejected for p in batch]
-            )
-            r = _rewards(model, ids.to(device), mask.to(device))
-            loss = bradley_terry_loss(r[:n], r[n:])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
+            accumulate((), [([pairs[j] for j in order[s : s + config.batch_size]], 1.0)], objective)
+            losses[-1] = losses[-1].item()  # host sync once per step, for the progress bar
+            guard.step(model, opt, math.isfinite(losses[-1]), max_grad_norm=config.grad_clip, step=len(losses),
+                       name="reward model")  # fmt: skip
             sched.step()
-            losses.append(loss.item())  # host sync once per step, for the progress bar
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()

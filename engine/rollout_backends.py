@@ -1,14 +1,22 @@
-"""Rollout backends: the generation stage of a step behind one small interface.
+"""Rollout backends: the producers of a step's trajectories, behind one small protocol.
 
-    backend = make_rollout_backend("auto", policy)            # prints nothing; backend.name says what it is
+    backend = make_rollout_backend("auto", policy)            # or any object with the three methods below
     out = backend.generate(policy, prompt_ids, n=4, spec=SamplingSpec(max_new_tokens=32, temperature=0.7),
                            stop_ids=[2], pad_token_id=0)
     out.responses   # len(prompt_ids) * n token-id lists, the n samples of a prompt consecutive, each up to and
                     # including its first stop token (truncated at max_new_tokens otherwise)
     out.logprobs    # the engine's own log-probs of those tokens (same shapes), or None where it gives none
+    out.loss_mask   # per response token 1 = sampled by the policy (trained on), 0 = text it did not sample
+                    # (a tool's output, an observation); None = every response token was sampled
     backend.sync_weights(policy)                               # after an optimizer step: serve the new weights
+    backend.close()                                            # release memory and temporary files
 
-- ``hf``: plain left-padded ``generate`` with fusedrl's sampler (``rollout.generate_responses``); the reference.
+The protocol (``RolloutBackend``) is these three methods, plus two optional attributes: ``name`` (shown in logs and
+config.yaml) and ``returns_logprobs`` (False when ``generate`` never returns log-probs: an explicit
+``rollout_correction`` is then refused at construction rather than at the first step). ``PPOTrainer(...,
+rollout=backend)`` takes any such object; the names below are only the command line's shortcuts.
+
+- ``hf``: plain left-padded ``generate`` with fusedrl's sampler (``sampling.generate_responses``); the reference.
 - ``hf-paged``: transformers' continuous batching (``generate_batch``): a paged KV cache sized from the call's
   token budget, per-request stop, each prompt prefilled once and forked into its n samples, the sampled
   tokens' log-probs. A fresh manager per call: a persistent one keeps its first generation config and, after an
@@ -29,9 +37,7 @@ import contextlib
 import importlib.util
 import math
 import os
-import shutil
 import sys
-import tempfile
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,16 +46,18 @@ import torch
 
 from fusedrl.names import ROLLOUT_BACKENDS
 
-from .rollout import context_length, eval_mode, generate_responses
+from .sampling import eval_mode, generate_responses
 
 __all__ = [
     "ROLLOUT_BACKENDS",
+    "FallbackBackend",
     "HFBackend",
     "HFPagedBackend",
     "RolloutBackend",
     "RolloutOutput",
     "SamplingSpec",
-    "VLLMBackend",
+    "VLLMBackend",  # noqa: F822 - module __getattr__
+    "build_rollout_backend",
     "hf_paged_available",
     "make_rollout_backend",
     "resolve_rollout_backend",
@@ -81,10 +89,22 @@ class SamplingSpec:
 @dataclass
 class RolloutOutput:
     """``responses``: token ids per sample (prompt-major, n consecutive samples per prompt); ``logprobs``: the
-    engine's log-prob of each of those tokens, or None."""
+    engine's log-prob of each of those tokens, or None; ``loss_mask``: 1 for each token the policy sampled, 0 for
+    text it did not (tool output, observations), or None when it sampled them all."""
 
     responses: list[list[int]]
     logprobs: list[list[float]] | None = None
+    loss_mask: list[list[int]] | None = None
+
+    def check(self, expected: int, who: str) -> None:
+        """Raise naming ``who`` (the backend) when the output does not hold ``expected`` responses with per-token
+        log-probs and loss masks of their lengths."""
+        if len(self.responses) != expected:
+            raise RuntimeError(f"rollout backend {who} returned {len(self.responses)} responses, expected {expected}")
+        for name in ("logprobs", "loss_mask"):
+            per_token = getattr(self, name)
+            if per_token is not None and [len(x) for x in per_token] != [len(r) for r in self.responses]:
+                raise RuntimeError(f"rollout backend {who} returned {name} whose lengths differ from its responses'")
 
 
 def _check_request(prompt_ids, n: int) -> None:
@@ -105,9 +125,10 @@ def _cut_at_stop(tokens: Sequence[int], logprobs: Sequence[float] | None, stops:
 
 
 class RolloutBackend:
-    """The rollout stage's interface (see the module docstring)."""
+    """The producer protocol (see the module docstring): subclass it or write any class with these methods."""
 
-    name = "?"
+    name = "custom"
+    returns_logprobs = True
 
     def generate(self, policy, prompt_ids: list[list[int]], *, n: int, spec: SamplingSpec,
                  stop_ids: Sequence[int], pad_token_id: int) -> RolloutOutput:  # fmt: skip
@@ -121,9 +142,11 @@ class RolloutBackend:
 
 
 class HFBackend(RolloutBackend):
-    """Plain ``generate`` on left-padded batches of ``batch_size`` (prompts repeated n times); no log-probs."""
+    """Plain ``generate`` on left-padded batches of ``batch_size`` (prompts repeated n times); no log-probs.
+    ``generate_fn``: the generation function (default ``sampling.generate_responses``)."""
 
     name = "hf"
+    returns_logprobs = False
 
     def __init__(self, batch_size: int = 64, generate_fn=None):
         self.batch_size = batch_size
@@ -257,125 +280,6 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-class VLLMBackend(RolloutBackend):
-    """vLLM in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), built on first use from the policy saved to a
-    temporary directory. ``kv_cache_gb``: KV cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``; None sizes it from
-    the first call's token budget); ``gpu_memory_utilization``: the share of GPU memory vLLM may take on CUDA.
-    ``cache_dir``: where the sampler's inductor compile is cached (the run directory; None: a temporary one)."""
-
-    name = "vllm"
-
-    def __init__(self, *, gpu_memory_utilization: float = 0.3, kv_cache_gb: float | None = None,
-                 cache_dir: str | None = None, seed: int = 0):  # fmt: skip
-        self.gpu_memory_utilization, self.kv_cache_gb = gpu_memory_utilization, kv_cache_gb
-        self.cache_dir, self.seed = cache_dir, seed
-        self.llm = None
-        self._dir = None
-        self._stale = False
-
-    # -- engine life cycle
-    def _build(self, policy, prompt_ids, n, spec) -> None:
-        model = _unwrap(policy)
-        device = next(model.parameters()).device
-        self._dir = tempfile.mkdtemp(prefix="fusedrl-vllm-")
-        model.save_pretrained(self._dir, safe_serialization=True)
-        cfg = model.config
-        ctx = context_length(model) or 2048
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        if device.type == "cpu":
-            gb = self.kv_cache_gb
-            if gb is None:  # twice the worst case of this call (every sequence resident at full length), >= 1 GiB
-                heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-                head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-                per_token = 2 * cfg.num_hidden_layers * heads * head_dim * model.dtype.itemsize
-                tokens = sum(len(p) + spec.max_new_tokens for p in prompt_ids) * n + ctx
-                gb = 2 * per_token * tokens / 2**30
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(gb)))
-        # The sampler vLLM compiles with inductor on the first call that asks for log-probs (seconds): cached where
-        # the run lives, so a second run in the same directory skips it. Kept set: later compiles find it too.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(self.cache_dir or self._dir, "inductor"))
-        saved = {k: os.environ.get(k) for k in (*env, "LD_PRELOAD", "VLLM_DIST_IDENT")}
-        os.environ.update(env)
-        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
-        try:
-            # vLLM's CPU worker re-seeds torch's global RNG and replaces torch.set_num_threads with a no-op; it
-            # also sets LD_PRELOAD for child processes: all three are put back once the engine stands.
-            with torch.random.fork_rng(devices=[]):
-                from vllm import LLM
-
-                kwargs = dict(
-                    model=self._dir, dtype=str(model.dtype).removeprefix("torch."), max_model_len=ctx,
-                    enforce_eager=True, seed=self.seed, skip_tokenizer_init=True, enable_prefix_caching=True,
-                    logprobs_mode="processed_logprobs", generation_config="vllm",  # no defaults from the model dir
-                )  # fmt: skip
-                if device.type == "cuda":
-                    kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
-                else:  # CPU's default block is 128 tokens: RL prompts rarely fill one, and a group shares full blocks
-                    kwargs["block_size"] = 32
-                self.llm = LLM(**kwargs)
-        finally:
-            torch.set_num_threads = set_threads
-            set_threads(threads)
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        self._stale = False
-
-    def sync_weights(self, policy) -> None:
-        """Push the policy's weights into the engine (in place) and drop its prefix cache. Lazy: the push happens
-        before the next generation, once however many optimizer steps came in between."""
-        self._stale = True
-
-    def _push(self, policy) -> None:
-        model = _unwrap(policy)
-        weights = [(k, v.detach()) for k, v in model.state_dict().items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
-        self.llm.reset_prefix_cache()
-        self._stale = False
-
-    def close(self) -> None:
-        self.llm = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-    def generate(self, policy, prompt_ids, *, n, spec, stop_ids, pad_token_id):
-        from vllm import SamplingParams
-
-        _check_request(prompt_ids, n)
-        if self.llm is None:
-            self._build(policy, prompt_ids, n, spec)
-        elif self._stale:
-            self._push(policy)
-        # Greedy takes n = 1 only: its n copies go in as separate requests (the prefix cache shares their prefill).
-        inputs, forks = ([p for p in prompt_ids for _ in range(n)], 1) if spec.greedy else (prompt_ids, n)
-        params = SamplingParams(
-            n=forks, temperature=0.0 if spec.greedy else spec.temperature,
-            top_p=1.0 if spec.greedy else spec.top_p, top_k=0 if spec.greedy else spec.top_k,  # 0: vLLM's "off"
-            max_tokens=spec.max_new_tokens, stop_token_ids=list(stop_ids), logprobs=0, detokenize=False,
-            ignore_eos=True,  # stop_ids are the only stops (they hold the eos when the caller wants it), as in hf
-        )  # fmt: skip
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in inputs], params, use_tqdm=False)
-        stops = set(stop_ids)
-        responses, logprobs = [], []
-        for o in outs:
-            for c in sorted(o.outputs, key=lambda c: c.index):
-                lps = None if c.logprobs is None else [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
-                toks, lps = _cut_at_stop(c.token_ids, lps, stops, spec.max_new_tokens)
-                responses.append(toks)
-                logprobs.append(lps)
-        if any(lp is None or len(lp) != len(t) for lp, t in zip(logprobs, responses)):
-            logprobs = None
-        return RolloutOutput(responses, logprobs)
-
-
-def _unwrap(policy):
-    """The plain transformers model whose weights vLLM loads (LoRA is refused where the backend is chosen)."""
-    return getattr(policy, "module", policy)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Choosing one
 # ----------------------------------------------------------------------------------------------------
@@ -426,9 +330,77 @@ def make_rollout_backend(name: str, policy=None, *, batch_size: int = 64, page_s
         return HFBackend(batch_size=batch_size)
     if resolved == "hf-paged":
         return HFPagedBackend(page_size=page_size, max_batch_tokens=max_batch_tokens)
+    from .vllm_backend import VLLMBackend
+
     return VLLMBackend(gpu_memory_utilization=gpu_memory_utilization, kv_cache_gb=kv_cache_gb,
                        cache_dir=cache_dir, seed=seed)  # fmt: skip
 
 
+class FallbackBackend(RolloutBackend):
+    """``primary`` until its first call fails (a model it cannot run), then ``fallback`` for good, with a warning:
+    what ``auto`` does with hf-paged."""
+
+    def __init__(self, primary: RolloutBackend, fallback: RolloutBackend):
+        self.current, self.fallback, self._tried = primary, fallback, False
+
+    @property
+    def name(self) -> str:
+        return getattr(self.current, "name", type(self.current).__name__)
+
+    @property
+    def returns_logprobs(self) -> bool:
+        return getattr(self.current, "returns_logprobs", True)
+
+    def generate(self, policy, prompt_ids, **kw) -> RolloutOutput:
+        if self._tried or self.fallback is None:
+            return self.current.generate(policy, prompt_ids, **kw)
+        self._tried = True
+        try:
+            return self.current.generate(policy, prompt_ids, **kw)
+        except Exception as e:  # noqa: BLE001 - the fallback's own failure is raised
+            import warnings
+
+            warnings.warn(f"rollout backend {self.name} failed on this model ({type(e).__name__}: {e}); falling back "
+                          f"to {self.fallback.name}", RuntimeWarning, stacklevel=2)  # fmt: skip
+            self.current.close()
+            self.current, self.fallback = self.fallback, None
+            return self.current.generate(policy, prompt_ids, **kw)
+
+    def sync_weights(self, policy) -> None:
+        self.current.sync_weights(policy)
+
+    def close(self) -> None:
+        self.current.close()
+
+
+def build_rollout_backend(cfg, policy, *, rank: int = 0, fsdp: bool = False) -> tuple[RolloutBackend, str]:
+    """The backend a ``PPOConfig`` names (``rollout_backend`` and its knobs), and why it was chosen. Under ``auto``,
+    hf-paged falls back to hf when its first call fails."""
+    name, why = resolve_rollout_backend(cfg.rollout_backend, policy)
+    if name == "vllm" and fsdp:
+        raise ValueError("rollout_backend='vllm' with fsdp=True is not supported yet (the weight push would need "
+                         "the gathered full weights on every rank); use hf-paged or hf")  # fmt: skip
+    hf = HFBackend(batch_size=cfg.generation_batch_size)
+    if name == "hf":
+        return hf, why
+    if name == "hf-paged":
+        paged = HFPagedBackend(page_size=cfg.rollout_page_size, max_batch_tokens=cfg.max_tokens_per_microbatch)
+        return (FallbackBackend(paged, hf) if cfg.rollout_backend == "auto" else paged), why
+    cache = os.path.join(cfg.output_dir, "vllm_cache") if cfg.output_dir is not None else None
+    from .vllm_backend import VLLMBackend
+
+    return VLLMBackend(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gb=cfg.vllm_kv_cache_gb,
+                       cache_dir=cache, seed=cfg.seed + 1000003 * rank), why  # fmt: skip
+
+
 def print_choice(name: str, why: str, file=None) -> None:
     print(f"fusedrl: rollout backend {name} ({why})", file=file or sys.stderr)
+
+
+def __getattr__(name):
+    # VLLMBackend lives in its own module, imported when first asked for.
+    if name == "VLLMBackend":
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

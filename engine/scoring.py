@@ -21,10 +21,11 @@ import torch
 
 from fusedrl.kernels import linear_logprobs
 
-from .models import hidden_states, output_head, score_packed
+from .heads import score_packed
+from .models import hidden_states, output_head
 from .packing import PackedBatch, RolloutBuffer, pack
 from .rewards import check_rewards
-from .rollout import eval_mode
+from .sampling import eval_mode
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:

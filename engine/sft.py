@@ -15,6 +15,9 @@ import torch
 
 from fusedrl.kernels import IGNORE_INDEX, logprobs
 
+from .distributed import Distributed
+from .update import GuardedStep, accumulate, adamw, lr_factor
+
 
 @dataclass(frozen=True)
 class SFTConfig:
@@ -114,35 +117,28 @@ def train_sft(
     device = next(model.parameters()).device
     input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(config.warmup_steps, config.steps))
+    # The update loop's pieces: fused AdamW, the schedule, the guarded step (a non-finite loss or gradient skips
+    # the step with a warning instead of writing NaN into the weights).
+    opt = adamw(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor("cosine", config.warmup_steps, config.steps))
+    guard = GuardedStep(Distributed(device, single=True))
     gen = torch.Generator().manual_seed(config.seed)
     model.train()
     losses: list[float] = []
     bar = tqdm(range(config.steps), desc="stage 1/3 SFT", disable=not progress, leave=True)
-    for _ in bar:
+    for step in bar:
         idx = torch.randint(0, input_ids.shape[0], (config.batch_size,), generator=gen).to(device)
         # Trim the batch to its longest row: random batches are often shorter than the global max.
         T = int(attention_mask[idx].sum(1).max())
-        loss = sft_loss(model, input_ids[idx, :T], attention_mask[idx, :T], labels[idx, :T])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
+
+        def objective(rows, weight):
+            losses.append(sft_loss(model, input_ids[rows, :T], attention_mask[rows, :T], labels[rows, :T]))
+            yield losses[-1]
+
+        accumulate((), [(idx, 1.0)], objective)
+        losses[-1] = losses[-1].item()  # host sync once per step: the progress bar shows it anyway
+        guard.step(model, opt, math.isfinite(losses[-1]), max_grad_norm=config.grad_clip, step=step + 1, name="sft")
         sched.step()
-        losses.append(loss.item())  # host sync once per step: the progress bar shows it anyway
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
-
-
-def warmup_cosine(warmup: int, total: int):
-    """Learning-rate factor per step: linear warmup over ``warmup`` steps, then cosine decay to 0.1 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        frac = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
-
-    return factor

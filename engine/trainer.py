@@ -10,18 +10,10 @@ The rollout runs through ``PPOConfig.rollout_backend`` (``rollout_backends``: pl
 continuous batching or a colocated vLLM that gets the weights after every optimizer step); an engine's own
 sampled-token log-probs are kept as ``rollout_logp`` beside the trainer's ``old_logp``.
 
-Multi-process (``torchrun``): rank and world size come from ``torch.distributed`` when it is initialised.
-Each rank draws its own slice of the step's prompts, rolls out and scores them. For the update every rank
-gathers all ranks' rollouts and plans each mini-batch once, globally, with
-``plan_microbatches(num_ranks=world_size)``: the same plan on every rank, each training on its own share
-(token loads balanced, the same number of micro-batches everywhere), possibly sequences another rank rolled
-out. Losses are divided by the mini-batch's global token (or sequence) count, and the policy and critic run
-under DistributedDataParallel with gradients summed, not averaged, over ranks: the sum of the per-rank losses
-is the full mini-batch loss, so N processes make the update one process would make on the same batch.
-With ``PPOConfig.fsdp`` the policy is sharded with FSDP2 ``fully_shard`` instead (same sums; sharded weights,
-gradients and optimizer state; the critic stays under DDP). Generation and scoring then gather the full
-weights once per call, checkpoints and saved models hold the gathered full weights, and ``trainer.policy``
-holds DTensor shards (use ``state_dict()`` or the saved model outside the trainer).
+Multi-process (``torchrun``): each rank draws its own slice of the step's prompts, rolls out and scores them; the
+update is planned over every rank's trajectories (``ppo.py``) with gradients summed over ranks (DDP, or FSDP2
+``fully_shard`` with ``PPOConfig.fsdp``: generation and scoring then gather the full weights once per call,
+checkpoints and saved models hold full weights, and ``trainer.policy`` holds DTensor shards).
 """
 
 from __future__ import annotations
@@ -30,50 +22,38 @@ import copy
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.checkpoint import state_dict as dcp_state
-from torch.distributed.tensor import DTensor
 
-from fusedrl.kernels import PPOLossConfig, kl_penalty, linear_ppo_loss, shape_token_rewards, value_loss
+from fusedrl.kernels import PPOLossConfig, shape_token_rewards
 from fusedrl.names import TOKEN_REWARD_ESTIMATORS
 
-from .advantages import (
-    AdaptiveKLController,
-    FixedKLController,
-    RunningMeanStd,
-    clip_rewards,
-    compute_advantages,
+from .advantages import AdaptiveKLController, FixedKLController, RunningMeanStd, clip_rewards, compute_advantages
+from .checkpoint import rng_state, set_rng_state
+from .compose import flat_dict
+from .config import RESUME_MAY_CHANGE, PPOConfig
+from .data import context_length, encode_prompts
+from .distributed import (
+    Distributed,
+    PolicyBody,
+    full_state,
+    fully_shard_policy,
+    load_full_state,
+    warn_if_oversubscribed,
 )
-from .attention import use_packed_attention
-from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
-from .config import PPOConfig
-from .distributed import Distributed, PolicyBody, available_cpus, fully_shard_policy, no_sync
-from .metrics import MetricsLogger, PhaseTimer, UpdateStats, completion_rows, explained_variance
-from .models import (
-    ValueModel,
-    adapter_disabled,
-    disable_dropout,
-    enable_checkpointing,
-    is_peft_model,
-    logit_scale_of,
-    output_head,
-)
+from .metrics import PhaseTimer, completion_rows, explained_variance
+from .heads import ValueModel
+from .models import adapter_disabled, is_peft_model, logit_scale_of
 from .packing import RolloutBuffer, plan_microbatches
-from .rollout import BUFFER_FIELDS, context_length, encode_prompts, fill_buffer, generate_responses, stop_token_ids
-from .rollout_backends import HFBackend, SamplingSpec, make_rollout_backend, print_choice, resolve_rollout_backend
-from .scoring import (
-    MicroBatch,
-    ResponseLayout,
-    score_logprobs,
-    score_reward_fn,
-    score_reward_model,
-    score_values,
-)
+from .ppo import ppo_update, prepare_model, rollout_metrics
+from .rollout_backends import RolloutBackend, SamplingSpec, build_rollout_backend, print_choice
+from .sampling import stop_token_ids
+from .scoring import MicroBatch, ResponseLayout, score_logprobs, score_reward_fn, score_reward_model, score_values
+from .trajectories import BUFFER_FIELDS, fill_buffer
+from .update import GuardedStep, RunDir, adamw, load_state, metrics_logger, run_loop, save_model, save_state
 
 __all__ = ["PPOConfig", "PPOTrainer"]
 
@@ -90,6 +70,7 @@ class PPOTrainer:
         *,
         ref_policy: nn.Module | None = None,
         critic: nn.Module | None = None,
+        rollout: RolloutBackend | None = None,
     ):
         self.config = cfg = config if config is not None else PPOConfig()
         if not isinstance(cfg, PPOConfig):
@@ -115,30 +96,16 @@ class PPOTrainer:
             )
         self.tokenizer = tokenizer
         self.device = next(policy.parameters()).device
-        cpus = available_cpus() if self.device.type == "cpu" else None
-        if cpus is not None and torch.get_num_threads() > cpus:
-            # Not changed here (a process-wide setting belongs to the caller); fusedrl train picks it itself.
-            warnings.warn(
-                f"torch uses {torch.get_num_threads()} CPU threads but this process may run on {cpus} "
-                "CPUs (affinity mask, cgroup quota): OpenMP threads then spin against each other and a step can be "
-                "many times slower; call torch.set_num_threads(fusedrl.engine.distributed.default_threads())",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        warn_if_oversubscribed(self.device)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("tokenizer needs a pad_token_id or an eos_token_id to pad generation batches")
         self.stop_ids = stop_token_ids(tokenizer, policy)  # eos and a chat model's end-of-turn tokens
 
-        self.policy = policy
         # Fails now for a head the fused ops cannot express (soft-capped logits); the scale is folded into the
         # temperature of every log-prob, so scoring and the loss see the distribution generate() samples from.
         self.logit_scale = logit_scale_of(policy)
-        disable_dropout(policy)
-        use_packed_attention(policy)
-        if cfg.gradient_checkpointing:
-            enable_checkpointing(policy)
-        policy.train()
+        self.policy = prepare_model(policy, trainable=True, checkpointing=cfg.gradient_checkpointing)
 
         # The reference is a copy of the policy as given (before any update): KL is measured from there.
         # A LoRA (peft) policy with no reference given is its own reference with the adapters disabled (the base
@@ -147,18 +114,11 @@ class PPOTrainer:
         self._ref_scope = lambda: adapter_disabled(policy, shared)  # noqa: E731
         self.ref_policy = policy if shared else ref_policy if ref_policy is not None else copy.deepcopy(policy)
         if not shared:
-            self.ref_policy.requires_grad_(False).eval()
-            disable_dropout(self.ref_policy)
-            use_packed_attention(self.ref_policy)
+            prepare_model(self.ref_policy, trainable=False)
 
         if cfg.advantage_estimator == "gae":
-            self.critic = critic if critic is not None else ValueModel.from_causal_lm(policy)
-            self.critic.to(self.device)
-            disable_dropout(self.critic)
-            use_packed_attention(self.critic)
-            if cfg.gradient_checkpointing:
-                enable_checkpointing(self.critic)
-            self.critic.train()
+            critic = (critic if critic is not None else ValueModel.from_causal_lm(policy)).to(self.device)
+            self.critic = prepare_model(critic, trainable=True, checkpointing=cfg.gradient_checkpointing)
         elif critic is not None:
             raise ValueError(
                 "critic is only used with advantage_estimator='gae', got "
@@ -168,9 +128,7 @@ class PPOTrainer:
             self.critic = None
 
         if isinstance(reward, nn.Module):
-            self.reward_model, self.reward_fn = reward, None
-            reward.requires_grad_(False).eval()
-            use_packed_attention(reward)
+            self.reward_model, self.reward_fn = prepare_model(reward, trainable=False), None
         elif callable(reward):
             self.reward_model, self.reward_fn = None, reward
         else:
@@ -190,11 +148,11 @@ class PPOTrainer:
         else:
             self._policy_body = self.dist.data_parallel(self._policy_root)
         self._critic_body = self.dist.data_parallel(self.critic) if self.critic is not None else None
-        self.policy_optimizer = _adamw(
+        self.policy_optimizer = adamw(
             [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
         self.critic_optimizer = (
-            _adamw(list(self.critic.parameters()), lr=cfg.critic_learning_rate, weight_decay=cfg.weight_decay)
+            adamw(list(self.critic.parameters()), lr=cfg.critic_learning_rate, weight_decay=cfg.weight_decay)
             if self.critic is not None else None
         )  # fmt: skip
         self.kl_controller = (
@@ -206,17 +164,24 @@ class PPOTrainer:
             if dev != self.device:
                 raise ValueError(f"{name} is on {dev} but the policy is on {self.device}: put all models on one device")
         self.reward_stats = RunningMeanStd()
-        self.buffer = RolloutBuffer(fields=BUFFER_FIELDS)
+        self._buffer = RolloutBuffer(fields=BUFFER_FIELDS)
+        self._pending_fields: dict = {}  # this step's per-token tensors, copied into the buffer when it is read
         self.layout: ResponseLayout | None = None  # the current step's response tokens (set by the rollout)
         # Every rank's sequences, rank by rank, for the globally planned update (several ranks only); their
         # per-token values travel as tensors.
-        self._all_rollouts = RolloutBuffer(fields=()) if self.world_size > 1 else self.buffer
+        self._all_rollouts = RolloutBuffer(fields=()) if self.world_size > 1 else self._buffer
         self.global_step = 0
-        self._skipped = 0  # optimizer steps skipped for a non-finite loss or gradient, in the current update
+        self.completions = None  # the last step's sample of rollouts, every log_completions steps
+        self.guard = GuardedStep(self.dist)  # counts the optimizer steps skipped in the current update
         self.context = context_length(policy)
-        self._init_rollout_backend()
-        # A loss setting the kernels refuse fails here, not at the first update (hf returns no rollout log-probs).
-        self._loss_config(cfg.kl_coef, rollout_logp=self.rollout_backend != "hf")
+        # The producer: the object given, or the one PPOConfig.rollout_backend names.
+        if rollout is None:
+            rollout, why = build_rollout_backend(cfg, policy, rank=self.rank, fsdp=self.fsdp)
+            if self.rank == 0:
+                print_choice(getattr(rollout, "name", type(rollout).__name__), why)
+        self.rollout = rollout
+        # A loss setting the kernels refuse fails here, not at the first update.
+        self._loss_config(cfg.kl_coef, rollout_logp=getattr(rollout, "returns_logprobs", True))
 
     # ------------------------------------------------------------------------------------------------
     # The loop
@@ -238,42 +203,34 @@ class PPOTrainer:
         out = Path(cfg.output_dir) if cfg.output_dir is not None else None
         if out is None and (resume or overwrite or run_config is not None):
             raise ValueError("resume=True, overwrite=True and run_config need config.output_dir (where the run is)")
-        latest = (
-            self.dist.on_rank0(prepare_run_dir, out, resume=resume, overwrite=overwrite) if out is not None else None
-        )
-        if run_config is not None and self.rank == 0:
-            import yaml
-
-            # The resolved rollout backend as a comment: the file stays a valid --config of the same run.
-            head = f"# rollout backend: {self.rollout_backend} (rollout_backend={cfg.rollout_backend})\n"
-            (out / "config.yaml").write_text(head + yaml.safe_dump(run_config, sort_keys=False))
-        if resume:
-            self.load_checkpoint(latest)
+        run = out and RunDir(out, self.dist, resume=resume, overwrite=overwrite, keep_checkpoints=cfg.keep_checkpoints)
+        if run and run_config is not None:  # the producer as a comment: the file stays a valid --config of the run
+            run.write_config(run_config, f"# rollout backend: {self.rollout_backend} (asked: {cfg.rollout_backend})\n")
+        if run is not None and run.latest is not None:
+            self.load_checkpoint(run.latest)
         else:
             # Generation draws from torch's global RNG; ranks get different streams (different responses).
             torch.manual_seed(cfg.seed + 1000003 * self.rank)
-        logger = MetricsLogger(
-            out / "metrics.jsonl" if out is not None else None,
-            tensorboard_dir=(out / "tensorboard") if (out is not None and cfg.tensorboard) else None,
-            progress=cfg.progress, total_steps=cfg.total_steps,
-            resume_step=self.global_step if resume else None, enabled=self.rank == 0,
-            report_to=cfg.report_to, run_config=run_config if run_config is not None else asdict(cfg),
-            log_every=cfg.log_every,
-        )  # fmt: skip
-        rows = []
-        with logger:
-            while self.global_step < cfg.total_steps:
-                metrics = self.step(self.sample_prompts(prompts, self.global_step))
-                rows.append(logger.log(self.global_step, metrics))
-                if self.completions:
-                    logger.log_completions(self.global_step, self.completions)
-                if out is not None and cfg.save_every and self.global_step % cfg.save_every == 0:
-                    self.save_checkpoint()
+        logger = metrics_logger(out, self.dist, cfg, total_steps=cfg.total_steps,
+                                resume_step=self.global_step if run is not None and run.latest else None,
+                                run_config=run_config if run_config is not None else flat_dict(cfg))  # fmt: skip
+        rows = run_loop(lambda i: self.step(self.sample_prompts(prompts, i)), self.global_step, cfg.total_steps, logger,
+                        save_every=cfg.save_every, save=(lambda _: self.save_checkpoint()) if out else None,
+                        completions=lambda: self.completions)  # fmt: skip
         if out is not None:
-            if cfg.save_every and self.global_step % cfg.save_every:  # a longer run can resume from the end
-                self.save_checkpoint()
             self.save_pretrained(out)
         return rows
+
+    @property
+    def buffer(self) -> RolloutBuffer:
+        """The last step's rollouts (tokens, response mask) with their per-token fields (``BUFFER_FIELDS``: old /
+        ref / rollout log-probs, values, rewards, advantages, returns) at the flat position of the token each is
+        about. The fields are copied from the device on the first read after a step, not by the step itself."""
+        if self._pending_fields:
+            fields, self._pending_fields = self._pending_fields, {}
+            for name, t in fields.items():  # one device -> host copy per field
+                self.layout.to_buffer(self._buffer, name, t)
+        return self._buffer
 
     def sample_prompts(self, prompts: Sequence[str], step: int) -> list[str]:
         """This rank's prompts for ``step``: a seeded draw without replacement (with, when there are fewer
@@ -294,12 +251,9 @@ class PPOTrainer:
 
         # 1. Rollout: sample responses, put prompt + response sequences in the buffer.
         prompt_ids = encode_prompts(self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, context=self.context)
-        longest = max(len(p) for p in prompt_ids) + cfg.max_new_tokens
-        if longest > cfg.max_tokens_per_microbatch:
-            raise ValueError(
-                f"PPOConfig.max_tokens_per_microbatch={cfg.max_tokens_per_microbatch} is smaller than the longest "
-                f"possible sequence ({longest} tokens: prompt + max_new_tokens)"
-            )
+        if (longest := max(len(p) for p in prompt_ids) + cfg.max_new_tokens) > cfg.max_tokens_per_microbatch:
+            raise ValueError(f"PPOConfig.max_tokens_per_microbatch={cfg.max_tokens_per_microbatch} is smaller than the "
+                             f"longest possible sequence ({longest} tokens: prompt + max_new_tokens)")  # fmt: skip
         # Each prompt goes to the engine once with n samples (one prefill, shared KV); the group comes back
         # consecutive, as the group estimators expect.
         rollout_t0 = time.perf_counter()
@@ -309,16 +263,14 @@ class PPOTrainer:
         prompt_ids = [p for p in prompt_ids for _ in range(cfg.samples_per_prompt)]  # groups are consecutive
         prompt_texts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        buf = self.buffer
-        fill_buffer(buf, prompt_ids, responses)
+        buf = self._buffer
+        self._pending_fields = {}
+        fill_buffer(
+            buf, prompt_ids, responses, loss_mask=out.loss_mask, logprobs=out.logprobs, version=self.global_step
+        )
         self.layout = layout = ResponseLayout(buf, self.device)
-        rollout_logp = None
-        if out.logprobs is not None:  # the engine's own log-probs, in the layout's order (responses in sequence)
-            rollout_logp = torch.tensor([x for lp in out.logprobs for x in lp], dtype=torch.float32)
-            if len(rollout_logp) != layout.num_tokens:
-                raise RuntimeError(f"rollout backend {self.rollout_backend} returned {len(rollout_logp)} log-probs "
-                                   f"for {layout.num_tokens} response tokens")  # fmt: skip
-            rollout_logp = rollout_logp.to(self.device)
+        # The engine's own log-probs of the sampled tokens (the behaviour policy's), in the layout's order.
+        rollout_logp = layout.from_buffer(buf, "rollout_logp") if out.logprobs is not None else None
         timer.lap("rollout")
 
         # 2. Score: old / reference log-probs and values, (R,) tensors on the device; sequence scores (B,).
@@ -338,12 +290,13 @@ class PPOTrainer:
         timer.lap("score")
 
         # 3. Advantages, on the device: KL-shaped token rewards, then the estimator.
-        scores = self._process_scores(raw_scores)
+        scores = clip_rewards(self.reward_stats.normalize_stream(raw_scores, dist) if cfg.normalize_rewards
+                              else raw_scores, cfg.reward_clip)  # fmt: skip
         beta = self.kl_controller.value
-        in_reward = cfg.kl_in_reward_resolved
+        reward_kl, _ = cfg.kl_coefs(beta)
         token_rewards, _ = shape_token_rewards(
-            scores, old_logp, ref_logp, layout.cu, kl_coef=beta if in_reward else 0.0,
-            estimator=cfg.kl_estimator_resolved if in_reward else "k1",  # unused: the KL is in the loss
+            scores, old_logp, ref_logp, layout.cu, kl_coef=reward_kl,
+            estimator=cfg.kl_estimator_resolved if reward_kl else "k1",  # unused when the KL is in the loss
         )  # fmt: skip
         est = cfg.advantage_estimator
         adv, returns = compute_advantages(
@@ -354,15 +307,13 @@ class PPOTrainer:
             dist=dist, backend=cfg.backend,
         )  # fmt: skip
         per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rewards": token_rewards,
-                     "advantages": adv, "returns": returns, "rollout_logp": rollout_logp}  # fmt: skip
-        # The buffer keeps the step for its readers (trainer.buffer.field): one device -> host copy per field.
-        for name, t in per_token.items():
-            if t is not None:
-                layout.to_buffer(buf, name, t)
+                     "advantages": adv, "returns": returns}  # fmt: skip
+        # Kept on the device; copied into the buffer's fields only when someone reads ``trainer.buffer``.
+        self._pending_fields = {name: t for name, t in per_token.items() if t is not None}
         timer.lap("advantages")
 
         # 4. Update: PPO epochs over shuffled mini-batches of token-budget micro-batches.
-        update = self._update(per_token)
+        update = self._update({**per_token, "rollout_logp": rollout_logp})
         timer.lap("update")
 
         # KL per sequence (k1: sum of log-ratios), the quantity the adaptive controller steers.
@@ -370,251 +321,67 @@ class PPOTrainer:
         self.kl_controller.update(kl_mean, len(buf) * self.world_size)
         self.global_step += 1
 
-        n_tokens = dist.sum(float(buf.num_tokens))
         eos = [float(len(r) > 0 and r[-1] in self.stop_ids) for r in responses]
         metrics = {
-            "rollout/reward_mean": dist.mean(raw_scores),
-            "rollout/reward_std": dist.std(raw_scores),
-            **{
-                f"rollout/reward/{k}": dist.mean(torch.tensor(v, device=self.device))
-                for k, v in (reward_parts or {}).items()
-            },
-            "rollout/score_mean": dist.mean(scores),
-            "rollout/response_len": dist.mean(layout.cu.diff().float()),
-            "rollout/eos_frac": dist.mean(torch.tensor(eos)),
-            "objective/kl": kl_mean,
-            "objective/kl_coef": beta,
-            "objective/advantage_mean": dist.mean(adv),
-            **update,
-            "perf/tokens_per_s": n_tokens / max(timer.total, 1e-9),
-            "perf/step_s": timer.total,
+            **rollout_metrics(dist, layout, raw_scores, scores, reward_parts, eos, rollout_logp, old_logp),
+            "objective/kl": kl_mean, "objective/kl_coef": beta, "objective/advantage_mean": dist.mean(adv), **update,
+            "perf/tokens_per_s": dist.sum(float(buf.num_tokens)) / max(timer.total, 1e-9), "perf/step_s": timer.total,
             **{f"perf/{k}_s": v for k, v in timer.laps.items()},
             # CUDA: bytes allocated through torch; CPU: the process's resident set (see metrics.peak_memory_gb).
-            "perf/peak_mem_gb": timer.peak_gb,
-            **{f"perf/peak_mem_{k}_gb": v for k, v in timer.peaks_gb.items()},
-        }
+            "perf/peak_mem_gb": timer.peak_gb, **{f"perf/peak_mem_{k}_gb": v for k, v in timer.peaks_gb.items()},
+        }  # fmt: skip
         metrics["perf/rollout_tokens_per_s"] = dist.sum(float(layout.num_tokens)) / max(dist.max(rollout_s), 1e-9)
-        if rollout_logp is not None:
-            # Engine vs trainer log-probs of the sampled tokens: k3 estimate of KL(engine || trainer), largest ratio.
-            metrics["rollout/logp_mismatch_k3"] = dist.mean(kl_penalty(rollout_logp, old_logp, "k3"))
-            metrics["rollout/ratio_max"] = dist.max(float((old_logp - rollout_logp).max().exp()))
         if self.critic is not None:
             metrics["value/explained_variance"] = explained_variance(dist.gather(values), dist.gather(returns))
         # Every log_completions steps, a sample of this rank's rollouts for completions.jsonl and the trackers.
         self.completions = None
         if cfg.log_completions and self.global_step % cfg.log_completions == 0:
             lengths = layout.cu.diff()
-            self.completions = completion_rows(
-                prompt_texts, completions, rewards=raw_scores, advantages=layout.sequence_sum(adv) / lengths.clamp(min=1),
-                lengths=lengths, truncated=[not e for e in eos], reward_parts=reward_parts,
-            )  # fmt: skip
+            self.completions = completion_rows(prompt_texts, completions, rewards=raw_scores, lengths=lengths,
+                                               advantages=layout.sequence_sum(adv) / lengths.clamp(min=1),
+                                               truncated=[not e for e in eos], reward_parts=reward_parts)  # fmt: skip
         return metrics
 
     # ------------------------------------------------------------------------------------------------
     # Stages
     # ------------------------------------------------------------------------------------------------
-    def _init_rollout_backend(self) -> None:
-        """Resolve and build ``config.rollout_backend`` (printed by rank 0; ``self.rollout_backend`` names it)."""
-        cfg = self.config
-        name, why = resolve_rollout_backend(cfg.rollout_backend, self.policy)
-        if name == "vllm" and self.fsdp:
-            raise ValueError("rollout_backend='vllm' with fsdp=True is not supported yet (the weight push would need "
-                             "the gathered full weights on every rank); use hf-paged or hf")  # fmt: skip
-        self._auto_rollout = cfg.rollout_backend == "auto"
-        if name == "hf":
-            self.rollout = HFBackend(batch_size=cfg.generation_batch_size, generate_fn=_generate_responses)
-        else:
-            cache = str(Path(cfg.output_dir) / "vllm_cache") if cfg.output_dir is not None else None
-            self.rollout = make_rollout_backend(
-                name, self.policy, page_size=cfg.rollout_page_size, max_batch_tokens=cfg.max_tokens_per_microbatch,
-                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gb=cfg.vllm_kv_cache_gb,
-                cache_dir=cache, seed=cfg.seed + 1000003 * self.rank,
-            )  # fmt: skip
-        self.rollout_backend = name
-        if self.rank == 0:
-            print_choice(name, why)
+    @property
+    def rollout_backend(self) -> str:
+        """The producer's name (``rollout.name``, else its class name)."""
+        return getattr(self.rollout, "name", type(self.rollout).__name__)
 
     def _generate(self, prompt_ids: list[list[int]]):
-        """``samples_per_prompt`` responses per prompt from the rollout backend (a ``RolloutOutput``). Under
-        ``auto``, a continuous-batching backend that fails on its first call (a model it cannot run) falls back to
-        hf for the rest of the run, with a warning."""
+        """``samples_per_prompt`` samples per prompt from the producer, checked (a ``RolloutOutput``)."""
         cfg = self.config
         spec = SamplingSpec(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k)  # fmt: skip
-        kw = dict(n=cfg.samples_per_prompt, spec=spec, stop_ids=self.stop_ids, pad_token_id=self.pad_token_id)
-        try:
-            return self.rollout.generate(self.policy, prompt_ids, **kw)
-        except Exception as e:  # noqa: BLE001 - re-raised unless auto may fall back
-            if not (self._auto_rollout and self.rollout_backend == "hf-paged" and self.global_step == 0):
-                raise
-            warnings.warn(f"rollout backend hf-paged failed on this model ({type(e).__name__}: {e}); falling back "
-                          "to hf", RuntimeWarning, stacklevel=2)  # fmt: skip
-            self.rollout = HFBackend(batch_size=cfg.generation_batch_size, generate_fn=_generate_responses)
-            self.rollout_backend = "hf"
-            return self.rollout.generate(self.policy, prompt_ids, **kw)
+        out = self.rollout.generate(self.policy, prompt_ids, n=cfg.samples_per_prompt, spec=spec,
+                                    stop_ids=self.stop_ids, pad_token_id=self.pad_token_id)  # fmt: skip
+        out.check(len(prompt_ids) * cfg.samples_per_prompt, self.rollout_backend)
+        return out
 
     def _micro_batches(self, seq_ids: np.ndarray) -> list[MicroBatch]:
         """Token-budget micro-batches of this step's buffer covering ``seq_ids``, addressing ``self.layout``."""
-        lengths = np.asarray(self.buffer.lengths())[seq_ids]
+        lengths = np.asarray(self._buffer.lengths())[seq_ids]
         plan = plan_microbatches(lengths, self.config.max_tokens_per_microbatch)[0]
-        return [MicroBatch(self.buffer, seq_ids[np.asarray(mb, dtype=np.int64)], self.device, self.layout)
+        return [MicroBatch(self._buffer, seq_ids[np.asarray(mb, dtype=np.int64)], self.device, self.layout)
                 for mb in plan if len(mb)]  # fmt: skip
 
-    def _process_scores(self, raw: torch.Tensor) -> torch.Tensor:
-        """Optional running-std normalisation, then optional clipping, of the sequence scores."""
-        cfg = self.config
-        scores = raw
-        if cfg.normalize_rewards:
-            self.reward_stats.update(self.dist.gather(raw))
-            scores = self.reward_stats.normalize(scores, center=False)
-        return clip_rewards(scores, cfg.reward_clip)
-
     def _update(self, per_token: dict[str, torch.Tensor | None]) -> dict[str, float]:
-        cfg = self.config
-        buf, layout, per_token = self._gather_rollouts(per_token)
-        lengths = np.asarray(buf.lengths())
-        loss_tokens = _loss_tokens_per_sequence(buf)
-        has_rollout = per_token.get("rollout_logp") is not None
-        loss_cfg = self._loss_config(self.kl_controller.value, rollout_logp=has_rollout)
-        use_ref = loss_cfg.kl_coef > 0
-        use_rollout = loss_cfg.rollout_correction != "none"
-        # The same seed on every rank: all ranks split the global batch into the same mini-batches.
-        rng = np.random.default_rng([cfg.seed, self.global_step, 1])
-        stats = UpdateStats(self.dist)
-        self._skipped = 0
-        for _ in range(cfg.ppo_epochs):
-            for mini in np.array_split(rng.permutation(len(buf)), cfg.num_minibatches):
-                mini = np.sort(mini)
-                # One plan for the whole mini-batch, identical on every rank; this rank trains plan[rank].
-                plan = plan_microbatches(lengths[mini], cfg.max_tokens_per_microbatch, num_ranks=self.world_size)
-                mine = [mini[mb] for mb in plan[self.rank] if len(mb)]
-                # Global denominators: each micro-batch loss is its share of the full mini-batch loss.
-                n_tok, n_seq = int(loss_tokens[mini].sum()), len(mini)
-                # A rank left without sequences still joins the gradient all-reduce, with a zero-weighted pass.
-                passes = [(ids, 1.0) for ids in mine] or [(mini[:1], 0.0)]
-                mini_losses = {"policy": [], "value": []}
-                for i, (ids, scale) in enumerate(passes):
-                    mb = MicroBatch(buf, ids, self.device, layout)
-                    take = lambda name: layout.gather(per_token[name], mb)  # noqa: E731
-                    # DDP all-reduces in the backward of the step's last micro-batch only; the others accumulate.
-                    with no_sync((self._policy_body, self._critic_body), i < len(passes) - 1):
-                        hidden = self._policy_body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]
-                        # After the forward: FSDP swaps the gathered head weight in for the shard until backward.
-                        weight, bias, _ = output_head(self.policy)
-                        loss, m = linear_ppo_loss(
-                            hidden, weight, mb.labels, take("old_logp"), take("advantages"), bias=bias,
-                            ref_logp=take("ref_logp") if use_ref else None,
-                            rollout_logp=take("rollout_logp") if use_rollout else None, config=loss_cfg,
-                            cu_seqlens=mb.cu_rows, num_tokens=n_tok, num_sequences=n_seq, backend=cfg.backend,
-                        )  # fmt: skip
-                        (loss * scale).backward()
-                        mini_losses["policy"].append(loss.detach())
-                        if self.critic is not None:
-                            v = self._critic_body(mb.input_ids, position_ids=mb.position_ids, **mb.attn_kwargs)
-                            vloss, vm = value_loss(
-                                v[0][mb.rows], take("values"), take("returns"), clip=cfg.value_clip,
-                                agg="token-mean", num_tokens=n_tok, backend=cfg.backend,
-                            )  # fmt: skip
-                            (vloss * scale).backward()
-                            mini_losses["value"].append(vloss.detach())
-                    if scale == 0.0:
-                        continue
-                    w = mb.num_loss_tokens
-                    stats.add("loss/policy", loss.detach())
-                    for k in (
-                        "clipfrac",
-                        "clipfrac_low",
-                        "clipfrac_high",
-                        "dualclip_frac",
-                        "approx_kl",
-                        "entropy",
-                        "kl",
-                    ):
-                        stats.add_weighted(f"policy/{k}", m[k], w)
-                    stats.max("policy/ratio_max", m["ratio_max"])
-                    if use_rollout:  # tokens whose rollout weight was truncated (tis) or masked (mis)
-                        stats.add_weighted("rollout/corrected_frac", m["rollout_corrected_frac"], w)
-                    if self.critic is not None:
-                        stats.add("loss/value", vloss.detach())
-                        stats.add_weighted("value/clipfrac", vm["clipfrac"], w)
-                        stats.add_weighted("value/vpred_mean", vm["vpred_mean"], w)
-                policy_ok = torch.isfinite(torch.stack(mini_losses["policy"])).all()
-                stats.add("policy/grad_norm", self._optimizer_step(self.policy, self.policy_optimizer, policy_ok))
-                if self.critic is not None:
-                    value_ok = torch.isfinite(torch.stack(mini_losses["value"])).all()
-                    stats.add("value/grad_norm", self._optimizer_step(self.critic, self.critic_optimizer, value_ok))
-                stats.count_optimizer_step()
-        return {**stats.result(), "train/skipped_steps": float(self._skipped)}
+        return ppo_update(self, per_token)  # the objective's module: engine/ppo.py
 
-    def _loss_config(self, kl_coef: float, rollout_logp: bool = False) -> PPOLossConfig:
-        """The policy loss of this run at KL coefficient ``kl_coef`` (0 when the KL is in the reward); ``rollout_logp``:
-        whether this step's rollout engine returned its own log-probs (``rollout_correction='auto'`` corrects with TIS
-        then, an explicit tis / mis needs them)."""
-        cfg = self.config
-        correction = cfg.rollout_correction
-        if correction == "auto":
-            correction = "tis" if rollout_logp else "none"
-        elif correction != "none" and not rollout_logp:
-            raise ValueError(
-                f"PPOConfig.rollout_correction={correction!r} needs a rollout backend that returns its sampled tokens' "
-                f"log-probs (hf-paged or vllm), got rollout backend {getattr(self, 'rollout_backend', cfg.rollout_backend)!r}"
-            )
-        return PPOLossConfig(
-            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, clip_delta=cfg.clip_delta,
-            policy_loss=cfg.policy_loss, importance_sampling_level=cfg.importance_sampling_level,
-            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
-            kl_coef=0.0 if cfg.kl_in_reward_resolved else kl_coef, kl_estimator=cfg.kl_estimator_resolved,
-            kl_clamp=cfg.kl_clamp, kl_importance_weighted=cfg.kl_importance_weighted, entropy_coef=cfg.entropy_coef,
-            temperature=cfg.temperature / self.logit_scale, agg=cfg.loss_agg,
-            agg_norm_length=cfg.max_new_tokens if cfg.loss_agg == "seq-mean-token-sum-norm" else None,
-            rollout_correction=correction, rollout_correction_level=cfg.rollout_correction_level,
-            rollout_is_max=cfg.rollout_is_max, rollout_is_min=cfg.rollout_is_min,
-        )  # fmt: skip
+    def _loss_config(self, kl_coef: float, rollout_logp: bool = False) -> PPOLossConfig:  # see PPOConfig.loss_config
+        return self.config.loss_config(kl_coef, logit_scale=self.logit_scale, rollout_logp=rollout_logp,
+                                       backend_name=self.rollout_backend)  # fmt: skip
 
     def _optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_ok=True) -> torch.Tensor:
-        """Clip, step, zero (gradients are already summed over ranks by DDP / FSDP). Returns the (pre-clip)
-        global gradient norm.
-
-        A non-finite loss on any rank (``loss_ok`` False: a 0-dim bool tensor or a bool) or a non-finite gradient
-        norm skips the step (the weights and the optimizer state stay as they were), with a warning and
-        ``train/skipped_steps``: one bad batch must not write NaN into the weights and every later checkpoint."""
-        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if self.config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        if isinstance(norm, DTensor):  # FSDP shards: the norm is already reduced over ranks
-            norm = norm.full_tensor()
-        # Host sync, once per optimizer step: every rank must take the same decision.
-        bad = self.dist.max(float(not bool(loss_ok) or not bool(torch.isfinite(norm))))
-        if bad:
-            self._skipped += 1
-            which = "policy" if model is self.policy else "critic"
-            warnings.warn(f"step {self.global_step}: non-finite {which} loss or gradient norm ({float(norm)}); "
-                          "that optimizer step was skipped", RuntimeWarning, stacklevel=2)  # fmt: skip
-        else:
-            optimizer.step()
-            if model is self.policy:
-                self.rollout.sync_weights(self.policy)  # the engine serves the new weights from the next rollout
-        optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
-    def _gather_rollouts(self, per_token: dict) -> tuple[RolloutBuffer, ResponseLayout, dict]:
-        """Every rank's sequences (tokens, response mask) concatenated in rank order, their layout, and their
-        per-token tensors: the global batch, which a single process with all the prompts would hold in the same
-        order."""
-        if self.world_size == 1:
-            return self.buffer, self.layout, per_token
-        buf = self.buffer
-        mine = {"lengths": np.asarray(buf.lengths()), "tokens": np.array(buf.tokens()),
-                "response_mask": np.array(buf.response_mask())}  # fmt: skip
-        out = self._all_rollouts
-        out.clear()
-        for part in self.dist.gather_objects(mine):  # small CPU arrays: pickled through the process group
-            cuts = np.cumsum(part["lengths"])[:-1]
-            out.append_many(np.split(part["tokens"], cuts), np.split(part["response_mask"], cuts))
-        layout = ResponseLayout(out, self.device)
-        return out, layout, {k: None if v is None else self.dist.gather(v) for k, v in per_token.items()}
+        """The update loop's guarded step (``update.GuardedStep``); a policy step taken is pushed to the engine."""
+        name = "policy" if model is self.policy else "critic"
+        norm = self.guard.step(model, optimizer, loss_ok, max_grad_norm=self.config.max_grad_norm,
+                               step=self.global_step, name=name)  # fmt: skip
+        if self.guard.last_ok and model is self.policy:
+            self.rollout.sync_weights(self.policy)  # the engine serves the new weights from the next rollout
+        return norm
 
     # ------------------------------------------------------------------------------------------------
     # Saving and resuming
@@ -624,7 +391,7 @@ class PPOTrainer:
         KL controller, reward statistics, step counter and config."""
         state = {
             "step": self.global_step,
-            "config": asdict(self.config),
+            "config": flat_dict(self.config),
             **self._policy_state(),
             "kl_controller": self.kl_controller.state_dict(),
             "reward_stats": self.reward_stats.state_dict(),
@@ -637,22 +404,14 @@ class PPOTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("config", {})
-        diff = {k: (saved[k], v) for k, v in asdict(self.config).items()
-                if k in saved and saved[k] != v and k not in _RESUME_MAY_CHANGE}  # fmt: skip
+        diff = {k: (saved[k], v) for k, v in flat_dict(self.config).items()
+                if k in saved and saved[k] != v and k not in RESUME_MAY_CHANGE}  # fmt: skip
         if diff:
             warnings.warn(f"resuming with a config that differs from the checkpoint's (saved, now): {diff}",
                           stacklevel=2)  # fmt: skip
         if (self.critic is None) != ("critic" not in state):
             raise ValueError("checkpoint and trainer disagree on having a critic (advantage_estimator changed?)")
-        if self.fsdp:
-            # Every rank holds the full checkpoint: each keeps its own shards of it.
-            full = dcp_state.StateDictOptions(full_state_dict=True)
-            dcp_state.set_model_state_dict(self.policy, state["policy"], options=full)
-            dcp_state.set_optimizer_state_dict(self.policy, self.policy_optimizer, state["policy_optimizer"],
-                                               options=full)  # fmt: skip
-        else:
-            self.policy.load_state_dict(state["policy"])
-            self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+        load_full_state(self.policy, self.policy_optimizer, state["policy"], state["policy_optimizer"], self.fsdp)
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -666,38 +425,15 @@ class PPOTrainer:
         """``<output_dir>/ckpt-<step>``, written atomically by rank 0 (every rank holds the same weights)."""
         if self.config.output_dir is None:
             raise ValueError("save_checkpoint needs config.output_dir")
-        # Each rank samples with its own RNG stream: rank 0 stores them all.
-        states = self.dist.gather_objects(rng_state())
-        state = self.state_dict()
-        if self.world_size > 1:
-            state["rng_per_rank"] = states
-        path = None
-        if self.rank == 0:
-            path = save_checkpoint(self.config.output_dir, self.global_step, state,
-                                   keep_last=self.config.keep_checkpoints)  # fmt: skip
-        self.dist.barrier()
-        return path
+        return save_state(self.dist, self.config.output_dir, self.global_step, self.state_dict(),
+                          keep_last=self.config.keep_checkpoints)  # fmt: skip
 
     def load_checkpoint(self, path: str | Path) -> None:
-        state = load_checkpoint(path, map_location="cpu")
-        if "rng_per_rank" in state:
-            if len(state["rng_per_rank"]) != self.world_size:
-                raise ValueError(
-                    f"checkpoint was written by {len(state['rng_per_rank'])} ranks, this run has {self.world_size}"
-                )
-            state["rng"] = state["rng_per_rank"][self.rank]
-        self.load_state_dict(state)
+        self.load_state_dict(load_state(self.dist, path))
 
     def _policy_state(self) -> dict:
-        """Policy weights and optimizer state; with FSDP gathered from every rank's shards (a collective: every
-        rank calls it) onto rank 0's CPU, the other ranks getting empty dicts."""
-        if not self.fsdp:
-            return {"policy": self.policy.state_dict(), "policy_optimizer": self.policy_optimizer.state_dict()}
-        full = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {
-            "policy": dcp_state.get_model_state_dict(self.policy, options=full),
-            "policy_optimizer": dcp_state.get_optimizer_state_dict(self.policy, self.policy_optimizer, options=full),
-        }
+        model, optimizer = full_state(self.policy, self.policy_optimizer, self.fsdp)  # FSDP: a collective
+        return {"policy": model, "policy_optimizer": optimizer}
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         """The trained policy (+ tokenizer) as an HF directory ``out_dir/policy``, the critic in ``out_dir/critic``
@@ -706,43 +442,6 @@ class PPOTrainer:
         if self.rank != 0:
             return
         out = Path(out_dir)
-        self.policy.save_pretrained(out / "policy", state_dict=full)
-        if hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(out / "policy")
+        save_model(self.policy, self.tokenizer, out / "policy", state_dict=full)
         if self.critic is not None and hasattr(self.critic, "save_pretrained"):
             self.critic.save_pretrained(out / "critic")
-
-
-# Settings a resumed run may legitimately change (run length, logging, where to save).
-_RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorboard", "progress", "output_dir",
-                      "report_to", "log_every", "log_completions"}  # fmt: skip
-# ... and the generation engine (same sampling law, same weights).
-_RESUME_MAY_CHANGE |= {"rollout_backend", "rollout_page_size", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb"}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Small helpers
-# ----------------------------------------------------------------------------------------------------
-def _generate_responses(*args, **kwargs):
-    """This module's ``generate_responses``, looked up at each call (tests replace it with a fake generator)."""
-    return generate_responses(*args, **kwargs)
-
-
-def _adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW through torch's fused kernel where it has one for these parameters (CUDA and CPU): one pass per
-    parameter, no temporaries. The default per-tensor loop allocates ~3 copies of each parameter inside every
-    optimizer step (111 MiB at a 151936 x 64 lm_head and embedding, the step's peak) and is ~8x slower on CPU.
-    The same update; only the rounding of its few float ops differs."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def _loss_tokens_per_sequence(buf: RolloutBuffer) -> np.ndarray:
-    """(n,) int64 tokens carrying a loss per sequence: response tokens after the first position (a packed row
-    predicts the next token, so a sequence's first token is never a target; ``MicroBatch.num_loss_tokens``)."""
-    offsets = np.asarray(buf.offsets())
-    mask = np.asarray(buf.response_mask()).astype(np.int64)
-    mask[offsets[:-1]] = 0
-    return np.add.reduceat(mask, offsets[:-1]) if len(offsets) > 1 else np.zeros(0, dtype=np.int64)

@@ -334,31 +334,23 @@ def _compare_rows(a: list[dict], b: list[dict]) -> None:
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-6, nan_ok=True), (ra["step"], k, ra[k], rb[k])
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    ref = subprocess.run(_cli(tmp_path, full), env=_env(), cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300, check=False)  # fmt: skip
-    assert ref.returncode == 0, ref.stderr[-3000:]
-
-    proc = subprocess.Popen(_cli(tmp_path, killed), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
+def _kill_when(cmd: list[str], cwd: Path, ready) -> str:
+    """Start ``cmd``, SIGKILL it once ``ready()`` holds; its stderr. Fails if it ended by itself first."""
+    proc = subprocess.Popen(cmd, env=_env(), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    pointer = killed / "latest"
-    while proc.poll() is None and time.time() < deadline:
-        if pointer.exists() and pointer.read_text() == "ckpt-4":
-            break
+    while proc.poll() is None and time.time() < deadline and not ready():
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"run ended by itself before the kill: {err.decode()[-2000:]}"
-    steps_logged = [r["step"] for r in read_metrics(killed / "metrics.jsonl")]
-    assert max(steps_logged) < 7, "the killed run must not have finished"
-    assert ckpt.find_latest(killed) in (killed / "ckpt-4", killed / "ckpt-6")
+    return err.decode()
 
-    resumed = subprocess.run(_cli(tmp_path, killed, "--resume"), env=_env(), cwd=tmp_path, capture_output=True,
-                             text=True, timeout=300, check=False)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+def _pointer_is(out: Path, name: str):
+    return lambda: (out / "latest").exists() and (out / "latest").read_text() == name
+
+
+def _compare_runs(full: Path, killed: Path) -> None:
     a, b = read_metrics(full / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
     assert len(a) == 7
     _compare_rows(a, b)
@@ -373,3 +365,48 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     # The uninterrupted run actually trained: the weights moved away from the initial ones.
     first = ckpt.load_checkpoint(full / "ckpt-2")["policy"]
     assert any(not torch.equal(first[k], wa[k]) for k in wa if k in first)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted run every killed one is compared with."""
+    tmp = tmp_path_factory.mktemp("full")
+    ref = subprocess.run(_cli(tmp, tmp / "full"), env=_env(), cwd=tmp, capture_output=True, text=True,
+                         timeout=300, check=False)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return tmp / "full"
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, full_run):
+    killed = tmp_path / "killed"
+    _kill_when(_cli(tmp_path, killed), tmp_path, _pointer_is(killed, "ckpt-4"))
+    steps_logged = [r["step"] for r in read_metrics(killed / "metrics.jsonl")]
+    assert max(steps_logged) < 7, "the killed run must not have finished"
+    assert ckpt.find_latest(killed) in (killed / "ckpt-4", killed / "ckpt-6")
+
+    resumed = subprocess.run(_cli(tmp_path, killed, "--resume"), env=_env(), cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300, check=False)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _compare_runs(full_run, killed)
+
+
+@pytest.mark.slow
+def test_the_same_resume_command_survives_repeated_kills(tmp_path, full_run):
+    """What a scheduler does with a preempted job: the same ``--resume`` command every time. Killed before its
+    first checkpoint (it starts over: the partial files replaced), killed again after one (it continues), with a
+    crashed save's temporary directory left behind (removed), it ends where the uninterrupted run ends."""
+    killed = tmp_path / "killed"
+    cmd = _cli(tmp_path, killed, "--resume")
+    err = _kill_when(cmd, tmp_path, lambda: (killed / "metrics.jsonl").is_file()
+                     and len(read_metrics(killed / "metrics.jsonl")) >= 1)  # fmt: skip
+    assert "nothing to resume" in err and not (killed / "latest").exists()
+    err = _kill_when(cmd, tmp_path, _pointer_is(killed, "ckpt-4"))
+    assert "nothing to resume" in err, "killed before its first checkpoint: the second attempt starts over"
+    assert ckpt.find_latest(killed) in (killed / "ckpt-4", killed / "ckpt-6")
+    (killed / ".tmp-ckpt-6-crashed").mkdir()  # a save the kill cut short
+    resumed = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             check=False)  # fmt: skip
+    assert resumed.returncode == 0 and "nothing to resume" not in resumed.stderr, resumed.stderr[-3000:]
+    assert not list(killed.glob(".tmp-ckpt-*"))
+    _compare_runs(full_run, killed)

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from fusedrl.engine import cli, distributed
-from fusedrl.engine.config import field_docs
+from fusedrl.engine.compose import field_docs, flat_fields
 from fusedrl.engine.metrics import read_metrics
 from fusedrl.engine.rewards import check_rewards, count_token, load_reward_fn
 from fusedrl.engine.trainer import PPOConfig
@@ -22,11 +22,11 @@ from fusedrl.engine.trainer import PPOConfig
 def test_every_config_field_is_a_documented_flag():
     parser = cli.build_train_parser()
     help_text = parser.format_help()
-    docs = field_docs(PPOConfig)
-    for f in dataclasses.fields(PPOConfig):
+    for f in flat_fields(PPOConfig):  # its own fields and its parts' (the loss, rollout, optimizer, run)
         flag = "--" + f.name.replace("_", "-")
         assert flag in help_text, flag
-        assert docs.get(f.name), f"PPOConfig.{f.name} has no docstring"
+        assert f.doc, f"PPOConfig.{f.name} has no docstring"
+    assert "--log-ratio-clip" in help_text and "--loss-agg" in help_text and "--agg " not in help_text
     assert "{gae,grpo,rloo,reinforce++}" in help_text
     assert set(field_docs(cli.TrainArgs)) == {f.name for f in dataclasses.fields(cli.TrainArgs)}
 
@@ -220,7 +220,6 @@ def test_user_mistakes_are_one_line(tmp_path, monkeypatch):
             "--output-dir", str(tmp_path / "o")]  # fmt: skip
     cases = [
         (["--prompts", str(tmp_path / "missing.jsonl")], "prompts file '.*missing.jsonl' does not exist"),
-        (["--resume"], "nothing to resume"),
         (["--reward-fn", "no_such_reward"], "reward function spec must be a built-in name"),
         (["--policy", str(tmp_path / "no_model")], "policy '.*no_model' does not exist"),
         (["--prompt-field", "question"], "holds plain strings; --prompt-field 'question' applies to rows"),
@@ -327,3 +326,85 @@ def test_cli_lora_chat_prompts_from_parquet_with_a_math_reward(tmp_path):
     assert AutoTokenizer.from_pretrained(policy).chat_template == CHAT_TEMPLATE
     assert GenerationConfig.from_pretrained(policy).eos_token_id == tok.eos_token_id
     assert len(read_metrics(out / "metrics.jsonl")) == 2
+
+
+def test_ppo_config_composes_the_kernels_loss_config(tmp_path, capsys):
+    """One source of truth per setting: the policy-loss settings live in a PPOLossConfig that the kernels validate
+    (at construction, with their message), reachable by flat names, flags and a flat config.yaml."""
+    from fusedrl.engine.compose import flat_dict
+    from fusedrl.kernels import PPOLossConfig
+
+    with pytest.raises(ValueError, match=r"^PPOLossConfig.clip_low must be <= 1.0, got 1.5$"):
+        PPOConfig(clip_low=1.5)
+    with pytest.raises(ValueError, match="PPOLossConfig.clip_delta applies to policy_loss='clip' only"):
+        PPOConfig(policy_loss="cispo", clip_delta=2.0)
+    cfg = PPOConfig(log_ratio_clip=20.0, loss_agg="seq-mean-token-sum-norm", max_new_tokens=7, temperature=0.5,
+                    kl_coef=0.1, advantage_estimator="grpo")  # fmt: skip
+    assert isinstance(cfg.loss, PPOLossConfig) and cfg.loss.log_ratio_clip == 20.0 == cfg.log_ratio_clip
+    loss = cfg.loss_config(logit_scale=2.0)  # what the trainer hands the fused loss
+    assert (loss.log_ratio_clip, loss.agg, loss.agg_norm_length, loss.temperature) == (20.0, cfg.loss_agg, 7, 0.25)
+    assert (loss.kl_coef, loss.kl_estimator) == (0.1, "k3")
+    # Where the KL goes, decided once: the loss for grpo, the reward for gae.
+    assert cfg.kl_coefs(0.3) == (0.0, 0.3) and PPOConfig().kl_coefs(0.3) == (0.3, 0.0)
+    assert PPOConfig(kl_coef=0.1).loss_config().kl_coef == 0.0
+    cfg.clip_low = 0.3  # set by its flat name: the frozen loss config is replaced and validated again
+    assert cfg.loss.clip_low == 0.3
+    with pytest.raises(ValueError, match="PPOLossConfig.clip_low must be <= 1.0"):
+        cfg.clip_low = 2.0
+    with pytest.raises(ValueError, match="PPOConfig decides itself"):
+        PPOConfig(loss=PPOLossConfig(kl_coef=0.2))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'clip_lo'"):
+        PPOConfig(clip_lo=0.1)
+    # The optimizer part is shared with DPO; PPO runs a constant learning rate, so its schedule is no PPO setting.
+    from fusedrl.engine.config import OptimConfig
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'warmup_steps'"):
+        PPOConfig(warmup_steps=10)
+    with pytest.raises(ValueError, match="PPOConfig.optim must be an OptimConfig with lr_schedule='constant'"):
+        PPOConfig(optim=OptimConfig(lr_schedule="cosine"))
+    # Flags keep their flat names; a bad loss setting is one parser error with the kernels' message.
+    _, c = cli.parse_train_args(["--log-ratio-clip", "10", "--clip-low", "0.1", "--loss-agg", "token-sum"])
+    assert (c.loss.log_ratio_clip, c.loss.clip_low, c.loss.agg) == (10.0, 0.1, "token-sum")
+    with pytest.raises(SystemExit):
+        cli.parse_train_args(["--clip-low", "1.5"])
+    assert "PPOLossConfig.clip_low must be <= 1.0, got 1.5" in capsys.readouterr().err
+    # A config.yaml as the previous (flat) layout wrote it loads into the parts; the new one round-trips.
+    old = tmp_path / "old.yaml"
+    old.write_text("clip_low: 0.1\nloss_agg: token-sum\nlearning_rate: 0.001\nrollout_backend: hf\nseed: 3\n"
+                   "prompts_per_step: 4\nkl_coef: 0.02\n")  # fmt: skip
+    _, c = cli.parse_train_args(["--config", str(old)])
+    assert (c.loss.clip_low, c.loss.agg, c.optim.learning_rate, c.rollout.rollout_backend, c.run.seed) == (
+        0.1, "token-sum", 1e-3, "hf", 3)  # fmt: skip
+    import yaml
+
+    new = tmp_path / "new.yaml"
+    new.write_text(yaml.safe_dump(flat_dict(c)))
+    assert cli.parse_train_args(["--config", str(new)])[1] == c
+
+
+def test_engine_exports_its_public_names_lazily():
+    """``fusedrl.engine`` names its public API; importing the package imports no torch (fusedrl --help stays
+    instant), each name resolves to its defining module's object."""
+    code = ("import sys, fusedrl.engine as e\n"
+            "print('torch' in sys.modules)\n"
+            "print(all(getattr(e, n).__module__.startswith('fusedrl.engine.') for n in e.__all__))\n")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.stdout.split() == ["False", "True"], r.stderr[-2000:]
+    import fusedrl.engine as e
+    from fusedrl.engine.dpo import train_dpo
+    from fusedrl.engine.rollout_backends import RolloutBackend, RolloutOutput, SamplingSpec
+
+    from fusedrl.engine.trainer import PPOTrainer
+
+    assert (e.PPOTrainer, e.PPOConfig, e.train_dpo) == (PPOTrainer, PPOConfig, train_dpo)
+    assert (e.RolloutBackend, e.RolloutOutput, e.SamplingSpec) == (RolloutBackend, RolloutOutput, SamplingSpec)
+    assert {"train_sft", "train_reward_model", "DPOConfig", "SFTConfig", "RewardModelConfig"} <= set(e.__all__)
+
+
+def test_loss_flags_read_from_source_match_the_kernels_class():
+    """--help reads PPOLossConfig from its source (no torch): the same fields and defaults as the class itself."""
+    from fusedrl.engine.compose import _source_fields
+    from fusedrl.kernels import PPOLossConfig
+
+    read = [(name, default) for name, _, default, _ in _source_fields("fusedrl.kernels", "PPOLossConfig")]
+    assert read == [(f.name, f.default) for f in dataclasses.fields(PPOLossConfig)]

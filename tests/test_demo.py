@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from fusedrl.engine import demo
+from fusedrl.engine import demo, demo_task
 from fusedrl.engine.demo import DemoConfig, DigitTask, label_pairs
 from fusedrl.engine.models import build_causal_lm
 from fusedrl.engine.sft import IGNORE_INDEX, encode_demonstrations, sft_loss, train_sft, SFTConfig
@@ -139,7 +139,7 @@ def test_response_logprob_matches_unpadded_float64(tok):
     responses[0][-1] = tok.eos_token_id
     model = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=8)
     model64 = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=8, dtype=torch.float64)
-    got = demo.response_logprob(model, prompt_ids, responses, pad_token_id=tok.pad_token_id)
+    got = demo_task.response_logprob(model, prompt_ids, responses, pad_token_id=tok.pad_token_id)
     truth = []
     with torch.no_grad():
         for p, r in zip(prompt_ids, responses):

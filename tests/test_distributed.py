@@ -38,9 +38,11 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 
+from fusedrl.engine import ppo as P
 from fusedrl.engine import trainer as T
 from fusedrl.engine.checkpoint import find_latest
 from fusedrl.engine.models import build_causal_lm
+from fusedrl.engine.rollout_backends import HFBackend
 from fusedrl.engine.tokenizer import build_char_tokenizer
 
 PROMPTS = ["ab", "hello", "x", "1+1=", "zzz", "q?"]
@@ -62,12 +64,11 @@ def distinct_chars(prompts, completions):
 
 def run(case):
     # Restored below: the test also runs this in its own process, which later tests share.
-    generate, T.generate_responses = T.generate_responses, fake_generate
     grads = []
     clip = torch.nn.utils.clip_grad_norm_
     # What the update trained: per policy optimizer step, the (buffer sequence ids, tokens) of each micro-batch.
     steps, current, updating = [], [], [False]
-    micro_batch, update, optimizer_step = T.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step
+    micro_batch, update, optimizer_step = P.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step
 
     class RecordingMicroBatch(micro_batch):
         def __init__(self, buffer, seq_ids, device, *layout):
@@ -97,20 +98,19 @@ def run(case):
         return clip(params, max_norm, *a, **k)
 
     torch.nn.utils.clip_grad_norm_ = recording_clip
-    T.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step = (
+    P.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step = (
         RecordingMicroBatch, recording_update, recording_step)
     tok = build_char_tokenizer()
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
     cfg = T.PPOConfig(prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, learning_rate=1e-3,
                       critic_learning_rate=1e-3, max_tokens_per_microbatch=__MAX_TOKENS__, normalize_rewards=True,
-                      progress=False, seed=0, rollout_backend="hf", **CASES[case])  # hf: the fake generator
-    tr = T.PPOTrainer(policy, tok, distinct_chars, cfg)
+                      progress=False, seed=0, **CASES[case])
+    tr = T.PPOTrainer(policy, tok, distinct_chars, cfg, rollout=HFBackend(generate_fn=fake_generate))
     try:
         metrics = tr.step(tr.sample_prompts(PROMPTS, 0))
     finally:
         torch.nn.utils.clip_grad_norm_ = clip
-        T.generate_responses = generate
-        T.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step = micro_batch, update, optimizer_step
+        P.MicroBatch, T.PPOTrainer._update, T.PPOTrainer._optimizer_step = micro_batch, update, optimizer_step
     state = tr.state_dict()  # with FSDP: gathered onto rank 0
     out = {"policy": state["policy"], "critic": tr.critic.state_dict() if tr.critic is not None else None,
            "grads": grads, "metrics": metrics, "world_size": tr.world_size, "steps": steps,
@@ -120,7 +120,8 @@ def run(case):
         cfg.output_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{case}-{tr.world_size}")
         tr.save_checkpoint()
         tr.save_pretrained(cfg.output_dir)
-        fresh = T.PPOTrainer(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=1), tok, distinct_chars, cfg)
+        fresh = T.PPOTrainer(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=1), tok, distinct_chars, cfg,
+                             rollout=HFBackend(generate_fn=fake_generate))
         fresh.load_checkpoint(find_latest(cfg.output_dir))
         resumed = fresh.state_dict()
         out["optimizer"], out["resumed"] = state["policy_optimizer"], resumed

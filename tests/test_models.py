@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 import torch
 from fusedrl.engine.attention import cu_seqlens_from_position_ids, use_packed_attention
-from fusedrl.engine.models import (
-    PRESETS,
-    ValueModel,
-    backbone_of,
-    build_causal_lm,
-    build_reward_model,
-    lm_head_of,
-    score_packed,
-)
+from fusedrl.engine.heads import ValueModel, score_packed
+from fusedrl.engine.models import PRESETS, backbone_of, build_causal_lm, build_reward_model, lm_head_of
 from helpers import EPS, assert_close, assert_kernel_close
 
 # Shapes, declared once: an odd vocabulary, mixed lengths with length-1 sequences first and inside.

@@ -10,7 +10,8 @@ import torch
 from helpers import EPS, assert_close
 
 from fusedrl.engine.attention import use_packed_attention
-from fusedrl.engine.models import build_reward_model, score_packed
+from fusedrl.engine.heads import score_packed
+from fusedrl.engine.models import build_reward_model
 from fusedrl.engine.reward_model import (
     PreferencePair,
     RewardModelConfig,

@@ -5,6 +5,7 @@ and `fusedrl train --rollout-backend hf-paged` end to end. vLLM's own tests are 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,9 +31,9 @@ needs_paged = pytest.mark.skipif(not rb.hf_paged_available(), reason="this trans
 def test_resolve_and_bad_input(monkeypatch):
     with pytest.raises(ValueError, match="rollout_backend must be one of"):
         resolve_rollout_backend("sglang")
-    with pytest.raises(ValueError, match="PPOConfig.rollout_backend must be one of"):
+    with pytest.raises(ValueError, match="RolloutConfig.rollout_backend must be one of"):
         PPOConfig(rollout_backend="sglang")
-    with pytest.raises(ValueError, match="PPOConfig.rollout_page_size must be an int >= 4"):
+    with pytest.raises(ValueError, match="RolloutConfig.rollout_page_size must be an int >= 4"):
         PPOConfig(rollout_page_size=2)
     with pytest.raises(ValueError, match="vllm_gpu_memory_utilization must be a number in"):
         PPOConfig(vllm_gpu_memory_utilization=1.5)
@@ -139,16 +140,16 @@ def test_rollout_logp_reaches_the_loss_as_its_correction(correction, monkeypatch
     """With an engine that returns log-probs, rollout_correction='auto' trains with TIS on them, an explicit mode
     with that mode, 'none' without them; an explicit mode with the hf backend (no engine log-probs) is refused at
     construction."""
-    from fusedrl.engine import trainer as trainer_mod
+    from fusedrl.engine import ppo as ppo_mod
 
     seen = []
-    real = trainer_mod.linear_ppo_loss
+    real = ppo_mod.linear_ppo_loss
 
     def spy(*a, **kw):
         seen.append((kw["config"].rollout_correction, kw.get("rollout_logp"), a[2].numel()))
         return real(*a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    monkeypatch.setattr(ppo_mod, "linear_ppo_loss", spy)
     tok = build_char_tokenizer()
     cfg = PPOConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4, advantage_estimator="grpo",
                     progress=False, rollout_backend="hf-paged", rollout_page_size=4, rollout_correction=correction)  # fmt: skip
@@ -184,3 +185,55 @@ def test_cli_trains_with_hf_paged(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(row["rollout/logp_mismatch_k3"] < 1e-6 for row in rows)
     assert (out / "config.yaml").read_text().startswith("# rollout backend: hf-paged")
+
+
+class ToolCallingBackend:
+    """A producer of the user's own, not derived from RolloutBackend: each sample is two sampled tokens, three tokens
+    of "tool output" it did not sample (loss mask 0), then two more sampled tokens; log-probs of its own."""
+
+    name = "tool-calling"
+
+    def __init__(self):
+        self.synced = 0
+
+    def generate(self, policy, prompt_ids, *, n, spec, stop_ids, pad_token_id):
+        responses, masks, logprobs = [], [], []
+        for i in range(len(prompt_ids) * n):
+            responses.append([5 + i % 7, 6, 9, 9, 9, 7, 8])
+            masks.append([1, 1, 0, 0, 0, 1, 1])
+            logprobs.append([-1.5, -2.0, 0.0, 0.0, 0.0, -1.0, -3.0])
+        return rb.RolloutOutput(responses, logprobs, masks)
+
+    def sync_weights(self, policy):
+        self.synced += 1
+
+    def close(self):
+        pass
+
+
+def test_a_producer_object_with_tool_output_trains_on_its_sampled_tokens_only():
+    """PPOTrainer(..., rollout=obj) with nothing else changed: the loss mask reaches the buffer, only the sampled
+    tokens are scored, trained on and carry the behaviour log-prob and the policy version; every optimizer step
+    pushes the weights to the producer."""
+    tok = build_char_tokenizer()
+    cfg = PPOConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, advantage_estimator="grpo",
+                    progress=False, rollout_correction="tis", num_minibatches=2)  # fmt: skip
+    backend = ToolCallingBackend()
+    tr = PPOTrainer(tiny_policy(vocab=len(tok)), tok, lambda p, c: [float(len(set(x))) for x in c], cfg,
+                    rollout=backend)  # fmt: skip
+    assert tr.rollout is backend and tr.rollout_backend == "tool-calling"
+    for step in range(2):
+        m = tr.step(["hello", "ab"])
+        buf, layout = tr.buffer, tr.layout
+        assert layout.num_tokens == 4 * 4 and int(buf.response_mask().sum()) == 16  # 4 sampled tokens per sample
+        mask = buf.response_mask().astype(bool)
+        assert len(buf) == 4
+        for seq in (buf.get(i) for i in range(len(buf))):  # the tool tokens carry no loss and no per-token values
+            resp = seq["response_mask"][-7:]
+            assert resp.tolist() == [1, 1, 0, 0, 0, 1, 1]
+            assert seq["rollout_logp"][-7:].tolist() == [-1.5, -2.0, 0.0, 0.0, 0.0, -1.0, -3.0]
+            assert seq["version"][-7:].tolist() == [step] * 2 + [0] * 3 + [step] * 2
+            assert not seq["old_logp"][-5:-2].any() and seq["old_logp"][-7:-5].all()
+        assert not buf.field("advantages")[~mask].any()
+        assert math.isfinite(m["loss/policy"]) and "rollout/logp_mismatch_k3" in m
+    assert backend.synced == 2 * cfg.num_minibatches

@@ -1,5 +1,5 @@
 """prepare_run_dir: a fresh run never mixes into an old one, --overwrite removes only the old run's files,
-and a --resume with nothing to resume leaves the directory exactly as it was."""
+and a --resume with nothing to resume starts the run over (idempotent: the same command after every preemption)."""
 
 from __future__ import annotations
 
@@ -106,20 +106,29 @@ def test_overwrite_never_follows_a_symlink(tmp_path):
     assert not (out / "policy").exists() and (outside / "keep.bin").read_bytes() == b"elsewhere"
 
 
-def test_resume_with_nothing_to_resume_leaves_the_directory_as_it_was(tmp_path):
+def test_resume_with_nothing_to_resume_starts_over(tmp_path):
+    """The same --resume command that a scheduler repeats after a preemption: with no intact checkpoint the run
+    starts from step 0 (a warning), the earlier attempt's files removed, the user's files kept; idempotent."""
     missing = tmp_path / "missing"
-    with pytest.raises(FileNotFoundError, match=r"nothing to resume, output directory '.*missing' does not exist"):
-        ckpt.prepare_run_dir(missing, resume=True)
-    assert not missing.exists()  # not created
+    with pytest.warns(RuntimeWarning, match=r"nothing to resume, output directory '.*missing' does not exist: "
+                                            r"starting from step 0"):  # fmt: skip
+        assert ckpt.prepare_run_dir(missing, resume=True) is None
+    assert missing.is_dir() and not any(missing.iterdir())
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # a run killed before its first checkpoint
     (out / "config.yaml").write_text("seed: 0\n")
     (out / "ckpt-6").mkdir()  # incomplete: not a checkpoint
-    before = _tree(out)
-    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
-        ckpt.prepare_run_dir(out, resume=True, overwrite=False)
-    assert _tree(out) == before
+    (out / ".tmp-ckpt-2-abc").mkdir()  # the save the kill cut short
+    _not_a_run(out, tmp_path / "outside")
+    user_files = {k: v for k, v in _tree(out).items() if k.split("/")[0] in ("notes.txt", "data", "ckpt-old-backup")}
+    with pytest.warns(RuntimeWarning, match="holds no complete checkpoint: starting from step 0; removing the "
+                                            "earlier attempt's ckpt-6, config.yaml, metrics.jsonl"):  # fmt: skip
+        assert ckpt.prepare_run_dir(out, resume=True, overwrite=False) is None
+    assert _tree(out) == user_files
+    with pytest.warns(RuntimeWarning, match="starting from step 0$"):
+        assert ckpt.prepare_run_dir(out, resume=True) is None
+    assert _tree(out) == user_files
 
 
 def test_resume_returns_the_newest_intact_checkpoint(tmp_path):
@@ -128,13 +137,18 @@ def test_resume_returns_the_newest_intact_checkpoint(tmp_path):
     _not_a_run(out, tmp_path / "outside")
     before = _tree(out)
     assert ckpt.prepare_run_dir(out, resume=True) == out / "ckpt-4"
-    assert _tree(out) == before
+    # Only the crashed save's leftovers are gone.
+    assert _tree(out) == {k: v for k, v in before.items() if not k.startswith(".tmp-ckpt-")}
     (out / "ckpt-4" / "state.pt").write_bytes(b"")
     with pytest.warns(UserWarning, match="ckpt-4/state.pt' is 0 bytes"):
         assert ckpt.prepare_run_dir(out, resume=True) == out / "ckpt-2"
     (out / "ckpt-2" / "state.pt").write_bytes(b"")
-    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="none is intact"):
-        ckpt.prepare_run_dir(out, resume=True)
+    with (
+        pytest.warns(UserWarning, match="skipping a damaged checkpoint"),
+        pytest.warns(RuntimeWarning, match="none is intact .*: starting from step 0"),
+    ):
+        assert ckpt.prepare_run_dir(out, resume=True) is None
+    assert ckpt.run_files(out) == []
 
 
 def test_bad_arguments(tmp_path):

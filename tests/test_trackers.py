@@ -259,7 +259,7 @@ def test_report_to_values_and_missing_extras_are_one_line(tmp_path, monkeypatch,
         parse_report_to("wandb,comet")
     with pytest.raises(SystemExit) as e:
         cli.parse_train_args(["--report-to", "comet"])
-    assert e.value.code == 2 and "PPOConfig.report_to: unknown tracker 'comet'" in capsys.readouterr().err
+    assert e.value.code == 2 and "RunConfig.report_to: unknown tracker 'comet'" in capsys.readouterr().err
     (tmp_path / "p.txt").write_text("ab\ncd\n")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))

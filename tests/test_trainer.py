@@ -9,11 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from fusedrl.engine import ppo as ppo_mod
+from fusedrl.engine import distributed
 from fusedrl.engine import trainer as trainer_mod
 from fusedrl.engine.models import build_causal_lm, build_reward_model
 from fusedrl.engine.rewards import count_token
 from fusedrl.engine.tokenizer import build_char_tokenizer
 from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+from fusedrl.engine.update import adamw
 from fusedrl.kernels import linear_logprobs
 from helpers import assert_close
 
@@ -64,7 +67,7 @@ def params(model):
 def test_one_step_ratio_starts_at_one_and_updates(tok, monkeypatch):
     tr = make(tok, temperature=0.7, ppo_epochs=1, num_minibatches=1, max_tokens_per_microbatch=4096)
     seen = []
-    real = trainer_mod.linear_ppo_loss
+    real = ppo_mod.linear_ppo_loss
 
     def spy(hidden, weight, labels, old_logp, advantages, *a, **kw):
         # The new log-probs the loss is about to use: same weights as the rollout, so exp(new - old) == 1.
@@ -72,7 +75,7 @@ def test_one_step_ratio_starts_at_one_and_updates(tok, monkeypatch):
         seen.append(((new - old_logp).abs().max().item(), labels.numel()))
         return real(hidden, weight, labels, old_logp, advantages, *a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    monkeypatch.setattr(ppo_mod, "linear_ppo_loss", spy)
     before_pi, before_v = params(tr.policy), params(tr.critic)
     torch.manual_seed(0)
     m = tr.step(PROMPTS[:2])
@@ -137,7 +140,7 @@ def test_values_match_plain_critic_forward(tok):
     critic_before = {k: v.clone() for k, v in tr.critic.state_dict().items()}
     torch.manual_seed(2)
     tr.step(PROMPTS[:2])
-    from fusedrl.engine.models import ValueModel
+    from fusedrl.engine.heads import ValueModel
 
     plain = ValueModel.from_causal_lm(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0))
     plain.load_state_dict(critic_before)
@@ -208,13 +211,13 @@ def test_policy_loss_settings_reach_the_loss(tok, monkeypatch, overrides):
     """PPOConfig's loss settings arrive in the fused loss's PPOLossConfig (Dr. GRPO's constant length is
     max_new_tokens), and two GRPO steps train with finite metrics, the per-direction clip fractions included."""
     seen = []
-    real = trainer_mod.linear_ppo_loss
+    real = ppo_mod.linear_ppo_loss
 
     def spy(*a, **kw):
         seen.append(kw["config"])
         return real(*a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    monkeypatch.setattr(ppo_mod, "linear_ppo_loss", spy)
     tr = make(tok, advantage_estimator="grpo", ppo_epochs=2, kl_coef=0.05, **overrides)
     torch.manual_seed(6)
     ms = [tr.step(PROMPTS[:2]), tr.step(PROMPTS[2:4])]
@@ -351,14 +354,14 @@ def test_logit_scale_reaches_scoring_and_the_loss(tok, monkeypatch):
     policy = _granite(tok, 4.0)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     seen = []
-    real = trainer_mod.linear_ppo_loss
+    real = ppo_mod.linear_ppo_loss
 
     def spy(hidden, weight, labels, old_logp, advantages, *a, **kw):
         new = linear_logprobs(hidden.detach(), weight.detach(), labels, temperature=kw["config"].temperature)
         seen.append((new - old_logp).abs().max().item())
         return real(hidden, weight, labels, old_logp, advantages, *a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", spy)
+    monkeypatch.setattr(ppo_mod, "linear_ppo_loss", spy)
     tr = PPOTrainer(policy, tok, distinct_chars, PPOConfig(**{**SMALL, "temperature": T}))
     assert tr.logit_scale == 0.25
     torch.manual_seed(8)
@@ -382,7 +385,7 @@ def test_logit_scale_reaches_scoring_and_the_loss(tok, monkeypatch):
 def test_non_finite_loss_skips_the_optimizer_step(tok, monkeypatch, tmp_path):
     """A NaN loss on one mini-batch skips that optimizer step (weights and Adam state untouched, a warning, a
     metric); the next mini-batch trains and the checkpoint holds finite weights."""
-    real = trainer_mod.linear_ppo_loss
+    real = ppo_mod.linear_ppo_loss
     calls = []
 
     def nan_first(*a, **kw):
@@ -390,7 +393,7 @@ def test_non_finite_loss_skips_the_optimizer_step(tok, monkeypatch, tmp_path):
         calls.append(1)
         return (loss * float("nan") if len(calls) == 1 else loss), m
 
-    monkeypatch.setattr(trainer_mod, "linear_ppo_loss", nan_first)
+    monkeypatch.setattr(ppo_mod, "linear_ppo_loss", nan_first)
     tr = make(tok, advantage_estimator="grpo", num_minibatches=2, output_dir=str(tmp_path / "run"))
     before = params(tr.policy)
     torch.manual_seed(9)
@@ -412,9 +415,9 @@ def test_fresh_run_into_an_existing_run_is_refused(tok, tmp_path):
     with pytest.raises(FileExistsError, match="already holds a run.*--resume.*--overwrite"):
         make(tok, advantage_estimator="grpo", total_steps=1, output_dir=str(out)).train(PROMPTS[:2])
     assert sorted(p.name for p in out.iterdir()) == files
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        make(tok, total_steps=1, output_dir=str(tmp_path / "empty")).train(PROMPTS[:2], resume=True)
-    assert not (tmp_path / "empty").exists()
+    with pytest.warns(RuntimeWarning, match="nothing to resume.*starting from step 0"):
+        rows = make(tok, total_steps=1, output_dir=str(tmp_path / "empty")).train(PROMPTS[:2], resume=True)
+    assert [r["step"] for r in rows] == [1] and (tmp_path / "empty" / "policy").is_dir()
     rows = make(tok, advantage_estimator="grpo", total_steps=1, output_dir=str(out)).train(PROMPTS[:2], overwrite=True)
     assert len(rows) == 1 and not (out / "ckpt-1").exists()
 
@@ -434,30 +437,30 @@ def _frequencies_match(tokens, probs, n):
 
 
 def test_sampler_draws_from_softmax_of_logits_over_temperature(monkeypatch):
-    from fusedrl.engine import rollout
+    from fusedrl.engine import sampling
 
     # Blocks of 8 over V=37: four full blocks, a short last one, a -inf token and a whole block of -inf.
-    monkeypatch.setattr(rollout, "_SAMPLE_BLOCK", 8)
+    monkeypatch.setattr(sampling, "_SAMPLE_BLOCK", 8)
     torch.manual_seed(0)
     V, n, T = 37, 40000, 0.7
     logits = torch.randn(V) * 1.5
     logits[5] = logits[16:24] = -math.inf
-    _frequencies_match(rollout.sample_next_tokens(logits.expand(n, V).clone(), T), torch.softmax(logits / T, -1), n)
+    _frequencies_match(sampling.sample_next_tokens(logits.expand(n, V).clone(), T), torch.softmax(logits / T, -1), n)
     # A row with NaN, or no finite logit, raises instead of drawing anything.
     for bad in (torch.tensor([0.0, math.nan, 1.0]), torch.full((3,), -math.inf)):
         with pytest.raises(RuntimeError, match="probability tensor"):
-            rollout.sample_next_tokens(bad[None].clone(), 1.0)
+            sampling.sample_next_tokens(bad[None].clone(), 1.0)
 
 
 def test_sampler_with_top_k_top_p_matches_transformers_warpers(monkeypatch):
-    from fusedrl.engine import rollout
+    from fusedrl.engine import sampling
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    monkeypatch.setattr(rollout, "_SAMPLE_BLOCK", 8)
+    monkeypatch.setattr(sampling, "_SAMPLE_BLOCK", 8)
     torch.manual_seed(1)
     V, n, T = 41, 40000, 0.9
     logits = torch.randn(V) * 0.6
-    out = rollout.NextTokenSampler(T, top_p=0.8, top_k=12)(None, logits.expand(n, V).clone())
+    out = sampling.NextTokenSampler(T, top_p=0.8, top_k=12)(None, logits.expand(n, V).clone())
     # What generate's argmax sees: 0 at the drawn token, -inf elsewhere.
     assert bool((out.max(-1).values == 0).all()) and int(torch.isfinite(out).sum()) == n
     warped = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(12)(None, (logits / T)[None]))[0]
@@ -466,7 +469,7 @@ def test_sampler_with_top_k_top_p_matches_transformers_warpers(monkeypatch):
 
 def test_generate_with_top_k_1_is_greedy_decoding(tok):
     """The sampler's draw is the token generate emits (EOS and padding handled by generate as before)."""
-    from fusedrl.engine.rollout import generate_responses
+    from fusedrl.engine.sampling import generate_responses
 
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=3)
     prompts = [tok("hello")["input_ids"], tok("ab")["input_ids"]]
@@ -482,7 +485,7 @@ def test_generation_holds_few_vocabulary_sized_tensors(tok):
     """No (B, V) buffers beyond the three generate's loop holds (the model's last logits, its float32 copy, the
     previous token's scores): no processor clones the scores (min_new_tokens=0 used to add one), the sampler
     works in place. The torch allocator's peak during a rollout at V=32000 stays under 4 (B, V) float32."""
-    from fusedrl.engine.rollout import generate_responses
+    from fusedrl.engine.sampling import generate_responses
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action, MemoryProfileTimeline  # as bench/common.py
 
@@ -516,7 +519,7 @@ def test_optimizer_is_fused_adamw_with_the_plain_update(tok):
     ps = [torch.randn(37, 5), torch.randn(11)]
     a = [torch.nn.Parameter(p.clone()) for p in ps]
     b = [torch.nn.Parameter(p.clone()) for p in ps]
-    fused = trainer_mod._adamw(a, lr=1e-2, weight_decay=0.1)
+    fused = adamw(a, lr=1e-2, weight_decay=0.1)
     plain = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
     for _ in range(3):
         grads = [torch.randn_like(p) for p in ps]
@@ -561,7 +564,7 @@ def test_step_peak_is_bound_by_the_head_weights(tok):
 def test_every_stop_id_ends_a_response(tok):
     """A chat model ends its turn with a template token its generation config lists beside the eos: the rollout
     stops at the first of any of them and keeps it (it carries the loss that teaches the policy to stop)."""
-    from fusedrl.engine.rollout import generate_responses, stop_token_ids
+    from fusedrl.engine.sampling import generate_responses, stop_token_ids
 
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
     turn_end = tok.convert_tokens_to_ids("z")
@@ -587,10 +590,30 @@ def test_more_torch_threads_than_cpus_warns(tok, monkeypatch):
     import warnings
 
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
-    monkeypatch.setattr(trainer_mod, "available_cpus", lambda: torch.get_num_threads())
+    monkeypatch.setattr(distributed, "available_cpus", lambda: torch.get_num_threads())
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         PPOTrainer(policy, tok, distinct_chars, PPOConfig(**SMALL))  # threads == CPUs: silent
-    monkeypatch.setattr(trainer_mod, "available_cpus", lambda: torch.get_num_threads() - 1)
+    monkeypatch.setattr(distributed, "available_cpus", lambda: torch.get_num_threads() - 1)
     with pytest.warns(RuntimeWarning, match="CPU threads but this process may run on"):
         PPOTrainer(policy, tok, distinct_chars, PPOConfig(**SMALL))
+
+
+def test_the_step_copies_per_token_fields_to_the_host_only_when_the_buffer_is_read(tok, monkeypatch):
+    """Nothing test-only on the hot path: a step leaves its per-token tensors on the device; reading
+    ``trainer.buffer`` copies them into its fields once."""
+    from fusedrl.engine.scoring import ResponseLayout
+
+    copies = []
+    real = ResponseLayout.to_buffer
+    monkeypatch.setattr(ResponseLayout, "to_buffer", lambda self, buf, name, t: copies.append(name) or real(
+        self, buf, name, t))  # fmt: skip
+    tr = make(tok)  # gae: old / ref log-probs, values, rewards, advantages, returns
+    torch.manual_seed(0)
+    tr.step(PROMPTS[:2])
+    assert copies == []
+    adv = tr.buffer.field("advantages")
+    assert sorted(copies) == ["advantages", "old_logp", "ref_logp", "returns", "rewards", "values"]
+    assert np.asarray(adv)[np.asarray(tr.buffer.response_mask()).astype(bool)].any()
+    tr.buffer.field("old_logp")
+    assert len(copies) == 6  # once per step

@@ -1,6 +1,6 @@
-"""Rollout: encode the prompts, sample responses with HF ``generate`` and put prompt + response sequences in
-the packed rollout buffer (the store of record of a step: packing, the exchange between ranks, checkpoints).
-Scoring the buffer is ``fusedrl.engine.scoring``."""
+"""Sampling with Hugging Face ``generate``: fusedrl's exact sampler (``NextTokenSampler``) as the last logits processor
+of a greedy decoding loop, so that the tokens come from exactly the distribution the losses assume. The ``hf``
+rollout backend (``rollout_backends.HFBackend``) and the demo's evaluation generate through it."""
 
 from __future__ import annotations
 
@@ -8,58 +8,11 @@ import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from .packing import RolloutBuffer
 
-# Per-token float fields of the rollout buffer, each at the flat position of the token it is about.
-# rollout_logp: the rollout engine's own log-prob of each sampled token (0 where the backend gives none).
-BUFFER_FIELDS = ("old_logp", "ref_logp", "values", "rewards", "advantages", "returns", "rollout_logp")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Prompts
-# ----------------------------------------------------------------------------------------------------
-def context_length(model) -> int | None:
-    """The longest sequence the model's positions support, from its config (None when it has no limit)."""
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], *, max_new_tokens: int, context: int | None) -> list[list[int]]:
-    """Token ids of each prompt; a clear error for an empty list, an empty prompt or one that leaves no
-    room for ``max_new_tokens`` in the model's context."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, got a single str (wrap it in a list)")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty: need at least one prompt")
-    ids = []
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
-        toks = tokenizer(p, add_special_tokens=True)["input_ids"]
-        if len(toks) == 0:
-            raise ValueError(f"prompts[{i}] = {p!r} encodes to zero tokens: generation needs at least one")
-        if context is not None and len(toks) + max_new_tokens > context:
-            raise ValueError(
-                f"prompts[{i}] is {len(toks)} tokens long; with max_new_tokens={max_new_tokens} that needs "
-                f"{len(toks) + max_new_tokens} positions but the model's context is {context}"
-            )
-        ids.append(list(toks))
-    return ids
-
-
-# ----------------------------------------------------------------------------------------------------
-# Generation
-# ----------------------------------------------------------------------------------------------------
 @contextmanager
 def eval_mode(*models):
     """Put models in eval mode for the duration (generation and scoring), restoring their modes after."""
@@ -203,15 +156,3 @@ def generate_responses(
                 end = next((i for i, t in enumerate(row) if t in stops), None)
                 responses.append(row if end is None else row[: end + 1])
     return responses
-
-
-def fill_buffer(buffer: RolloutBuffer, prompt_ids: list[list[int]], responses: list[list[int]]) -> None:
-    """Append prompt + response sequences; the response mask marks the response tokens."""
-    buffer.clear()
-    for p, r in zip(prompt_ids, responses):
-        if len(r) == 0:
-            raise ValueError("generate returned an empty response (max_new_tokens must be >= 1)")
-        tokens = np.asarray(p + r, dtype=np.int64)
-        mask = np.zeros(len(tokens), dtype=np.uint8)
-        mask[len(p) :] = 1
-        buffer.append(tokens, mask)

@@ -1,0 +1,56 @@
+"""Trajectories: the one experience type every producer makes and every objective trains on.
+
+A batch of trajectories lives in the packed C++ rollout buffer (``packing.RolloutBuffer``): per sequence its token
+ids; per token a **loss mask** (the buffer's response mask: 1 = a token the policy sampled and the loss trains on,
+0 = prompt, environment or tool output, padding) and float fields, among them the behaviour policy's log-prob of
+each sampled token (``rollout_logp``, 0 where the engine gave none) and the **policy version** that sampled it
+(``version``: the trainer step whose weights were served). Group ids and per-sequence scores travel beside the
+buffer as (B,) tensors: the samples of one prompt are consecutive, ``samples_per_prompt`` to a group.
+
+A trajectory is not limited to prompt + one response: a producer may return responses that interleave sampled
+tokens with text it did not sample (a tool's output, an environment's observation) by giving their loss mask
+(``RolloutOutput.loss_mask``); only the sampled tokens are scored, carry advantages and a loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .packing import RolloutBuffer
+
+# Per-token float fields of the buffer, each at the flat position of the token it is about: the scoring stages'
+# old / reference log-probs and values, the shaped rewards, advantages and returns, the behaviour log-prob the
+# rollout engine reported and the policy version that sampled the token.
+TOKEN_FIELDS = ("old_logp", "ref_logp", "values", "rewards", "advantages", "returns", "rollout_logp", "version")
+BUFFER_FIELDS = TOKEN_FIELDS
+
+
+def fill_buffer(buffer: RolloutBuffer, prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+                loss_mask: Sequence[Sequence[int]] | None = None, logprobs: Sequence[Sequence[float]] | None = None,
+                version: int = 0) -> None:  # fmt: skip
+    """Replace the buffer's content with prompt + response sequences. ``loss_mask``: per response token, 1 where the
+    policy sampled it (default: every response token); prompt tokens get 0. ``logprobs``: the behaviour log-prob of
+    each response token (``rollout_logp``; where the mask is 0 it is not read); ``version``: the policy version of
+    every sampled token."""
+    if len(prompt_ids) != len(responses):
+        raise ValueError(f"fill_buffer: {len(prompt_ids)} prompts but {len(responses)} responses")
+    buffer.clear()
+    fields = set(buffer.fields)
+    for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+        if len(r) == 0:
+            raise ValueError("generate returned an empty response (max_new_tokens must be >= 1)")
+        tokens = np.asarray(list(p) + list(r), dtype=np.int64)
+        mask = np.zeros(len(tokens), dtype=np.uint8)
+        mask[len(p) :] = 1 if loss_mask is None else np.asarray(loss_mask[i], dtype=np.uint8)
+        if loss_mask is not None and not mask.any():
+            raise ValueError(f"fill_buffer: response {i} has no token with loss mask 1 (nothing the policy sampled)")
+        extra = {}
+        if "version" in fields:
+            extra["version"] = mask.astype(np.float32) * float(version)
+        if logprobs is not None and "rollout_logp" in fields:
+            lp = np.zeros(len(tokens), dtype=np.float32)
+            lp[len(p) :] = np.asarray(logprobs[i], dtype=np.float32)
+            extra["rollout_logp"] = lp * mask
+        buffer.append(tokens, mask, **extra)
