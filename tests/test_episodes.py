@@ -14,7 +14,7 @@ import torch
 from fusedrl.engine.episodes import EnvironmentFailure
 from fusedrl.engine.models import build_causal_lm
 from fusedrl.engine.ppo import loss_tokens_per_sequence
-from fusedrl.engine.rollout_backends import HFBackend, RolloutBackend, RolloutOutput
+from fusedrl.engine.rollout_backends import HFBackend, RolloutBackend, RolloutOutput, hf_paged_available
 from fusedrl.engine.scoring import MicroBatch
 from fusedrl.engine.tokenizer import build_char_tokenizer
 from fusedrl.engine.trainer import PPOConfig, PPOTrainer
@@ -368,3 +368,74 @@ def test_budget_cut_turn_still_reaches_environment():
     first_env = mask.index(0, mask.index(1))
     assert tokens[first_env] == end  # the template's end of turn closes the cut turn, outside the loss
     assert math.isfinite(m["loss/policy"])
+
+
+@pytest.mark.skipif(not hf_paged_available(), reason="this transformers has no continuous batching")
+def test_hf_paged_episodes_keep_engine_logprobs_of_sampled_tokens(tok):
+    """hf-paged returns its own log-probs: they cover exactly the sampled tokens of every turn and match the
+    trainer's (fp32), observations carry none."""
+    tr = make(tok, advantage_estimator="grpo", rollout_backend="hf-paged")
+    torch.manual_seed(5)
+    m = tr.step(PROMPTS[:2])
+    buf = tr.buffer
+    mask = np.asarray(buf.response_mask()).astype(bool)
+    engine, trainer = np.asarray(buf.field("rollout_logp")), np.asarray(buf.field("old_logp"))
+    assert m["episode/turns"] == 3.0
+    assert not engine[~mask].any()
+    assert_close(engine[mask], trainer[mask], atol=1e-4, name="engine vs trainer log-probs")
+    assert m["rollout/logp_mismatch_k3"] < 1e-10
+
+
+ENV_FILE = """
+class Guess:
+    def reset(self, **row):
+        self.target, self.turns = row["target"], 0
+        return " guess:"
+
+    def step(self, completion):
+        self.turns += 1
+        if row_fails(self.target):
+            raise ValueError("cannot score " + self.target)
+        return None if self.turns >= 2 else " again:"
+
+    def get_reward(self):
+        return float(self.turns)
+
+
+def row_fails(target):
+    return target == "boom"
+"""
+
+
+def test_cli_environment_run(tmp_path):
+    """fusedrl train --environment file.py:Class, as a user runs it: episodes in the metrics, the row's columns in
+    reset(), no reward function needed; an environment that raises stops the run naming the class and the row."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "env.py").write_text(ENV_FILE)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": q, "target": t}) + "\n" for q, t in [("ab", "x"), ("cd", "y")]))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fusedrl.engine.cli", "train", "--prompts", str(rows), "--environment",
+           f"{tmp_path / 'env.py'}:Guess", "--advantage-estimator", "grpo", "--prompts-per-step", "2",
+           "--samples-per-prompt", "2", "--max-new-tokens", "4", "--total-steps", "2", "--max-turns", "3",
+           "--threads", "1", "--no-progress", "--rollout-backend", "hf", "--output-dir", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from fusedrl.engine.metrics import read_metrics
+
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["episode/turns"] for m in metrics] == [2.0, 2.0]
+    assert [m["rollout/reward_mean"] for m in metrics] == [2.0, 2.0]
+    rows.write_text(json.dumps({"prompt": "ab", "target": "boom"}) + "\n")
+    r = subprocess.run([*cmd[:-1], str(tmp_path / "run2")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=240, check=False)  # fmt: skip
+    assert r.returncode != 0
+    assert "Guess.step raised ValueError: cannot score boom (row 0: {'target': 'boom', 'prompt': 'ab'})" in r.stderr
+    r = subprocess.run([*cmd[:7], "env.py:Nope", *cmd[8:]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+                       check=False)  # fmt: skip
+    assert r.returncode == 1 and "has no attribute 'Nope'" in r.stderr and "Traceback" not in r.stderr
