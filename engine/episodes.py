@@ -369,13 +369,21 @@ def _last_turn_length(mask: list[int]) -> int:
     return n
 
 
+class _Stateless:
+    """The environment of ``tools=[...]`` given alone: nothing to reset, the tools are plain functions."""
+
+    def reset(self, **row) -> None:
+        return None
+
+
 def make_episode_runner(environment_factory, tools, tokenizer, config, *, stop_ids, context,
                         has_reward_fn: bool) -> EpisodeRunner | None:  # fmt: skip
-    """The trainer's episode runner, or None without an environment (``tools`` alone: not supported yet)."""
+    """The trainer's episode runner: for an environment, or for stateless ``tools`` alone (as TRL's ``tools=``);
+    None for neither."""
     if environment_factory is None:
-        if tools:
-            raise ValueError("tools= needs an environment_factory for now (a class whose reset() starts each rollout)")
-        return None
+        if not tools:
+            return None
+        environment_factory = _Stateless
     return EpisodeRunner(environment_factory, tokenizer, config, stop_ids=stop_ids, context=context, tools=tools or (),
                          has_reward_fn=has_reward_fn)  # fmt: skip
 

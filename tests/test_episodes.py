@@ -330,6 +330,28 @@ def test_tool_calls_answered_as_tool_messages_token_in_token_out():
     assert tokens == list(rendered)[:-1]  # the template's newline after the last turn is not sampled
 
 
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first term.
+        b: The second term.
+    """
+    return a + b
+
+
+def test_stateless_tools_without_an_environment():
+    tok = chat_tokenizer()
+    call = '<tool_call>{"name": "add", "arguments": {"a": 30, "b": 4}}</tool_call><|im_end|>'
+    policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
+    cfg = PPOConfig(**{**SMALL, "max_new_tokens": 96, "advantage_estimator": "grpo"})
+    tr = PPOTrainer(policy, tok, distinct_chars, cfg, tools=[add], rollout=ScriptedBackend(tok, [call, "34<|im_end|>"]))
+    m = tr.step(["30+4?"])
+    assert m["tools/calls"] == 1.0 and m["tools/failures"] == 0.0 and m["episode/turns"] == 2.0
+    tokens, mask = sequences(tr.buffer)[0]
+    assert "tools: add" in tok.decode(tokens) and "<|im_start|>tool\n34<|im_end|>" in tok.decode(tokens)
+
+
 def test_bad_tool_calls_are_answered_with_errors_and_counted():
     tok = chat_tokenizer()
     calls = ('<tool_call>{"name": "divide", "arguments": {"a": 1}}</tool_call>'
