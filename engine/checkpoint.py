@@ -44,7 +44,8 @@ FORMAT = 2  # 1: meta.json holds the step only; 2: also {"files": {name: {"size"
 # Model weights in a trainer's state: a checkpoint is never written when one of their tensors is not finite.
 WEIGHT_KEYS = ("policy", "critic")
 # What a training run writes into its output directory besides the ckpt-<step> directories.
-RUN_FILES = (LATEST, "metrics.jsonl", "metrics.jsonl.tmp", "config.yaml", "tensorboard", "policy", "critic")
+RUN_FILES = (LATEST, "metrics.jsonl", "metrics.jsonl.tmp", "config.yaml", "tensorboard", "policy", "critic",
+             "completions.jsonl", "completions.jsonl.tmp", "trackers.json", "wandb", "report")  # fmt: skip
 _TMP_PREFIX = ".tmp-ckpt-"
 _CKPT_RE = re.compile(rf"^{PREFIX}(\d+)$")
 _HASH_CHUNK = 1 << 20

@@ -170,6 +170,12 @@ def _check_extras(args: TrainArgs, cfg) -> None:
         raise _fail("--lora-r needs the peft package: pip install 'fusedrl[lora]'")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise _fail("--tensorboard needs the tensorboard package: pip install 'fusedrl[tensorboard]'")
+    from .trackers import check_installed, parse_report_to
+
+    try:
+        check_installed(parse_report_to(cfg.report_to))
+    except ImportError as e:
+        raise _fail(e) from None
 
 
 def _outputs(out: Path, *, lora: bool, merged: bool) -> list[tuple[str, str]]:
@@ -181,7 +187,9 @@ def _outputs(out: Path, *, lora: bool, merged: bool) -> list[tuple[str, str]]:
     items = [("metrics.jsonl", "one JSON object of metrics per step"),
              ("config.yaml", f"the run's settings: fusedrl train --config {out / 'config.yaml'} repeats it"),
              ("policy", policy), ("critic", "the critic (ValueModel.from_pretrained)"),
-             ("tensorboard", f"tensorboard --logdir {out / 'tensorboard'}")]  # fmt: skip
+             ("tensorboard", f"tensorboard --logdir {out / 'tensorboard'}"),
+             ("completions.jsonl", "sampled rollouts every --log-completions steps"),
+             ("wandb", f"offline W&B runs: wandb sync {out / 'wandb'}/offline-run-*")]  # fmt: skip
     found = [(name + ("/" if (out / name).is_dir() else ""), what) for name, what in items if (out / name).exists()]
     ckpts = sorted(out.glob("ckpt-*"))
     if ckpts:
@@ -322,11 +330,12 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-USAGE = """usage: fusedrl {train,demo} [options]
+USAGE = """usage: fusedrl {train,demo,dpo,report} [options]
 
   train   PPO / GRPO / RLOO / REINFORCE++ training (fusedrl train --help)
   demo    the built-in demo (fusedrl demo --help)
   dpo     offline DPO / IPO / SimPO / ORPO on {prompt, chosen, rejected} pairs (fusedrl dpo --help)
+  report  plots of runs (PNGs + one self-contained HTML page), several overlaid (fusedrl report --help)
 
   fusedrl --version prints the installed version
 """
@@ -353,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         from .dpo import main as dpo_main
 
         return dpo_main(rest) or 0
+    if cmd == "report":
+        from .report import main as report_main
+
+        return report_main(rest) or 0
     print(f"fusedrl: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

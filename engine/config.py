@@ -37,6 +37,7 @@ from fusedrl.names import (
 )
 
 from .compose import _hints, composed, flat_fields, part
+from .trackers import parse_report_to
 
 if TYPE_CHECKING:
     from fusedrl.kernels import PPOLossConfig
@@ -141,13 +142,23 @@ class RunConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (0 keeps all)."""
     tensorboard: bool = False
-    """Also log metrics to TensorBoard under output_dir/tensorboard."""
+    """Also log metrics to TensorBoard under output_dir/tensorboard (the same as tensorboard in report_to)."""
+    report_to: str = "none"
+    """Experiment trackers given the config once, every metrics row and the completions tables: none, or a comma-separated list of tensorboard, wandb, trackio, mlflow (each an extra: pip install 'fusedrl[wandb]'; offline: WANDB_MODE=offline, Trackio's local store, a local MLFLOW_TRACKING_URI)."""
+    log_every: int = 0
+    """Where stderr is not a terminal, print a one-line summary every this many steps instead of the progress bar (0 = off)."""
+    log_completions: int = 0
+    """Every this many steps write a sample of rollouts (prompt, completion, reward, advantage, length, truncated) to output_dir/completions.jsonl and the trackers' tables (0 = off; objectives that sample)."""
     progress: bool = True
     """Show a progress bar."""
 
     def __post_init__(self):
-        for name in ("save_every", "keep_checkpoints", "seed"):
+        for name in ("save_every", "keep_checkpoints", "seed", "log_every", "log_completions"):
             _need("RunConfig", self, _integer(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ValueError(f"RunConfig.{e}") from None
 
 
 @dataclass
@@ -330,6 +341,7 @@ class PPOConfig:
 # Settings a resumed PPO run may change (run length, logging, where to save, the generation engine: same sampling
 # law, same weights); any other difference from the checkpoint's config is warned about.
 RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorboard", "progress", "output_dir",
+                     "report_to", "log_every", "log_completions",
                      "rollout_backend", "rollout_page_size", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb"}  # fmt: skip
 
 

@@ -305,7 +305,9 @@ def bind_columns(fn: Callable, data: PromptData) -> Callable:
             if p not in index:
                 raise ValueError(f"reward columns {names}: prompt {p[:80]!r} is not in {data.source!r}")
             rows.append(index[p])
-        return fn(prompts, completions, **{n: [data.columns[n][i] for i in rows] for n in names})
+        out = fn(prompts, completions, **{n: [data.columns[n][i] for i in rows] for n in names})
+        reward.last_parts = getattr(fn, "last_parts", None)  # a combined reward's parts (rewards.combine)
+        return out
 
     reward.__name__ = getattr(fn, "__name__", "reward")
     reward.columns = names

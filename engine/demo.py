@@ -34,8 +34,9 @@ by moving to big digits; pushed further (a small KL coefficient, a long run) it 
 Output directory: ``metrics.jsonl`` (one row per PPO step: the trainer's metrics plus the gold reward
 of the same rollouts), ``report.png``, ``summary.json``, ``config.json``, ``pairs.jsonl`` (the reward model's
 training pairs in ``fusedrl dpo``'s format), and the checkpoints ``sft/``, ``reward_model/`` and ``ppo/``
-(the trainer's own directory: checkpoints, final ``policy/``, ``critic/``); with ``--compare`` also
-``grpo/``, ``dpo/``, ``compare.json`` and ``compare.png``.
+(the trainer's own directory: checkpoints, final ``policy/``, ``critic/``, ``completions.jsonl`` with
+``--log-completions``); with ``--compare`` also ``grpo/``, ``dpo/``, ``compare.json`` and ``compare.png``.
+``fusedrl report OUT`` plots the run (gold reward included), ``fusedrl report OUT/ppo`` shows its completions too.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from .demo_report import (
 )
 from .demo_task import DIGITS, SEPARATOR, DigitTask, ProxyReward, evaluate, label_pairs, sample
 from .distributed import resolve_device
+from .trackers import parse_report_to
 
 # What a demo run writes into OUT besides a training run's own files: removed by --overwrite, never anything else.
 RUN_FILES = ("config.json", "stages.json", "sft", "reward_model", "ppo", "summary.json", "report.png", "pairs.jsonl",
@@ -93,6 +95,12 @@ class DemoConfig:
     """Model preset of the policy and the reward model (fusedrl.engine.models.PRESETS)."""
     progress: bool = True
     """Show a progress bar per stage."""
+    report_to: str = "none"
+    """Experiment trackers of the PPO stage (its config once, every metrics row, the completions tables): none, or a comma-separated list of tensorboard, wandb, trackio, mlflow."""
+    log_every: int = 0
+    """Where stderr is not a terminal, print a one-line PPO step summary every this many steps instead of the progress bar (0 = off)."""
+    log_completions: int = 0
+    """Every this many PPO steps write a sample of rollouts to OUT/ppo/completions.jsonl and the trackers' tables (0 = off)."""
     # --- the task
     prompt_len_min: int = 3
     """Fewest digits in a prompt."""
@@ -163,7 +171,7 @@ class DemoConfig:
                      "rm_eval_pairs", "rm_epochs", "ppo_steps", "prompts_per_step", "samples_per_prompt",
                      "ppo_epochs", "eval_prompts"):  # fmt: skip
             need(getattr(self, name) >= 1, name, "an int >= 1")
-        for name in ("threads", "save_every", "seed"):
+        for name in ("threads", "save_every", "seed", "log_every", "log_completions"):
             need(getattr(self, name) >= 0, name, "an int >= 0")
         need(self.prompt_len_max >= self.prompt_len_min, "prompt_len_max", f">= prompt_len_min={self.prompt_len_min}")
         need(self.completion_len_max >= self.completion_len_min, "completion_len_max",
@@ -173,6 +181,10 @@ class DemoConfig:
         need(not (self.resume and self.overwrite), "overwrite", "False with resume=True (they exclude each other)")
         need(not (self.resume and self.compare), "compare", "False with resume=True (--compare runs every stage fresh)")
         need(self.dpo_epochs >= 1, "dpo_epochs", "an int >= 1")
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ValueError(f"DemoConfig.{e}") from None
         for name in ("sft_lr", "rm_lr", "ppo_lr", "dpo_beta", "dpo_lr"):
             need(getattr(self, name) > 0, name, "> 0")
 
@@ -278,7 +290,7 @@ def stage_ppo(cfg: DemoConfig, task: DigitTask, tokenizer, policy, ref_policy, r
         max_new_tokens=cfg.max_new_tokens, advantage_estimator=estimator, kl_coef=cfg.kl_coef,
         learning_rate=cfg.ppo_lr, critic_learning_rate=2 * cfg.ppo_lr, ppo_epochs=cfg.ppo_epochs,
         total_steps=cfg.ppo_steps, seed=cfg.seed, output_dir=str(ppo_dir), save_every=cfg.save_every,
-        progress=cfg.progress,
+        progress=cfg.progress, report_to=cfg.report_to, log_every=cfg.log_every, log_completions=cfg.log_completions,
     )  # fmt: skip
     proxy = ProxyReward(reward_model, tokenizer, task, gold_log)
     trainer = PPOTrainer(policy, tokenizer, proxy, ppo_cfg, ref_policy=ref_policy)
@@ -418,6 +430,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DemoConfig, bool]:
         cfg = DemoConfig(**{**(QUICK if quick else {}), **ns})
     except ValueError as e:
         parser.error(str(e))
+    from .trackers import check_installed
+
+    try:
+        check_installed(parse_report_to(cfg.report_to))
+    except ImportError as e:
+        raise SystemExit(f"fusedrl demo: {e}") from None
     return cfg, quick
 
 

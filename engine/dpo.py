@@ -45,6 +45,8 @@ from .compose import composed, flat_dict, part
 from .preference_data import EncodedPair, build_buffer, encode_record, load_pairs  # noqa: F401 - dpo's data API
 from .config import OptimConfig, RunConfig
 
+from .trackers import parse_report_to
+
 # The per-pair-weighted metrics of a step (means over its pairs); the rest are per step.
 _PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                  "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio")  # fmt: skip
@@ -88,7 +90,7 @@ class DPOConfig:
     """Longest prompt + response in tokens (responses beyond it are truncated); None: the model's context."""
     optim: OptimConfig = part(lambda: OptimConfig(learning_rate=1e-6, lr_schedule="cosine"))
     """The optimizer (shared with every objective)."""
-    run: RunConfig = part(lambda: RunConfig(output_dir="runs/dpo"))
+    run: RunConfig = part(lambda: RunConfig(output_dir="runs/dpo"), owned=("log_completions",))  # nothing sampled
     """Output directory, seed (of the pair order and a preset's random weights), checkpoints, logging."""
     resume: bool = False
     """Continue from the newest intact checkpoint in output_dir, or start from step 0 (a warning) when there is none."""
@@ -335,7 +337,8 @@ def train_dpo(policy, tokenizer, pairs: Sequence[EncodedPair], cfg: DPOConfig, *
                         "train/skipped_steps": float(guard.skipped)})  # fmt: skip
         return metrics
 
-    logger = metrics_logger(out, dist, cfg, total_steps=total, resume_step=step if latest is not None else None)
+    logger = metrics_logger(out, dist, cfg, total_steps=total, resume_step=step if latest is not None else None,
+                            run_config=run_config if run_config is not None else flat_dict(cfg))  # fmt: skip
     body.train()
     rows = run_loop(one_step, step, total, logger, save_every=cfg.save_every, save=save)
     body.eval()
@@ -382,6 +385,9 @@ def setup(cfg: DPOConfig) -> tuple[tuple, dict]:
     from .distributed import Distributed, default_threads, init_distributed, resolve_device
     from .models import PRESETS, build_causal_lm
 
+    from .trackers import check_installed
+
+    check_installed(parse_report_to(cfg.report_to))  # a missing extra fails before any model is built
     torch.set_num_threads(cfg.threads or default_threads())
     init_distributed()
     device = resolve_device(cfg.device)
@@ -423,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # its traceback, as in fusedrl train.
     try:
         args, kwargs = setup(cfg)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, ImportError) as e:
         raise SystemExit(f"fusedrl dpo: {e}") from None
     rows = train_dpo(*args, **kwargs)
     from .distributed import shutdown_distributed

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fusedrl.kernels import linear_ppo_loss, value_loss
+from fusedrl.kernels import kl_penalty, linear_ppo_loss, value_loss
 
 from .attention import use_packed_attention
 from .metrics import UpdateStats
@@ -133,3 +133,23 @@ def _record(stats: UpdateStats, w: int, loss, m: dict, vloss, vm: dict | None, u
         stats.add("loss/value", vloss.detach())
         stats.add_weighted("value/clipfrac", vm["clipfrac"], w)
         stats.add_weighted("value/vpred_mean", vm["vpred_mean"], w)
+
+
+def rollout_metrics(dist, layout: ResponseLayout, raw_scores, scores, reward_parts: dict | None, eos: list[float],
+                    rollout_logp, old_logp) -> dict[str, float]:  # fmt: skip
+    """A step's ``rollout/*`` metrics over every rank: rewards (and each reward function's part), processed scores,
+    response lengths, the share that ended with a stop token and, when the engine returned its own log-probs, its
+    mismatch with the trainer's (k3 estimate of KL(engine || trainer), largest ratio)."""
+    device = raw_scores.device
+    metrics = {
+        "rollout/reward_mean": dist.mean(raw_scores),
+        "rollout/reward_std": dist.std(raw_scores),
+        **{f"rollout/reward/{k}": dist.mean(torch.tensor(v, device=device)) for k, v in (reward_parts or {}).items()},
+        "rollout/score_mean": dist.mean(scores),
+        "rollout/response_len": dist.mean(layout.cu.diff().float()),
+        "rollout/eos_frac": dist.mean(torch.tensor(eos)),
+    }
+    if rollout_logp is not None:
+        metrics["rollout/logp_mismatch_k3"] = dist.mean(kl_penalty(rollout_logp, old_logp, "k3"))
+        metrics["rollout/ratio_max"] = dist.max(float((old_logp - rollout_logp).max().exp()))
+    return metrics

@@ -198,24 +198,32 @@ def length_penalty(prompts: Sequence[str], completions: Sequence[str], *, max_le
 def combine(*terms: tuple[float, RewardFn] | RewardFn) -> RewardFn:
     """The weighted sum of several rewards: ``combine(math_answer, (0.2, format_reward_bound), ...)``. Each term
     is a reward callable (weight 1) or ``(weight, callable)``; data set columns reach every term that takes
-    them (the combined function accepts ``**columns``)."""
+    them (the combined function accepts ``**columns``).
+
+    The combined function's ``last_parts`` holds each term's weighted values from its last call, by the term's
+    function name (``{"math_answer": [...], "format_reward": [...]}``, a repeated name numbered from _1): the trainer logs
+    them as ``rollout/reward/<name>`` and in the completions tables."""
     if not terms:
         raise ValueError("combine needs at least one reward")
     weighted = [t if isinstance(t, tuple) else (1.0, t) for t in terms]
     for w, fn in weighted:
         if not callable(fn) or not isinstance(w, (int, float)):
             raise TypeError(f"combine: each term must be a callable or (weight, callable), got {(w, fn)!r}")
+    bases = [_name(fn).removeprefix("reward ") for _, fn in weighted]
+    names = [b if bases.count(b) == 1 else f"{b}_{bases[:i].count(b) + 1}" for i, b in enumerate(bases)]
 
     def reward(prompts, completions, **columns):
         from .data import reward_columns
 
-        total = [0.0] * len(completions)
-        for w, fn in weighted:
+        parts = {}
+        for name, (w, fn) in zip(names, weighted):
             kw = {k: columns[k] for k in reward_columns(fn, list(columns))}
             values = check_rewards(fn(prompts, completions, **kw), len(completions), source=_name(fn))
-            total = [t + w * float(v) for t, v in zip(total, values)]
-        return total
+            parts[name] = [w * float(v) for v in values]
+        reward.last_parts = parts
+        return [sum(p) for p in zip(*parts.values())]
 
+    reward.last_parts = None
     return reward
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusedrl.kernels import PPOLossConfig, kl_penalty, shape_token_rewards
+from fusedrl.kernels import PPOLossConfig, shape_token_rewards
 from fusedrl.names import TOKEN_REWARD_ESTIMATORS
 
 from .advantages import AdaptiveKLController, FixedKLController, RunningMeanStd, clip_rewards, compute_advantages
@@ -48,11 +48,11 @@ from .distributed import (
     load_full_state,
     warn_if_oversubscribed,
 )
-from .metrics import PhaseTimer, explained_variance
+from .metrics import PhaseTimer, completion_rows, explained_variance
 from .heads import ValueModel
 from .models import adapter_disabled, is_peft_model, logit_scale_of
 from .packing import RolloutBuffer, plan_microbatches
-from .ppo import ppo_update, prepare_model
+from .ppo import ppo_update, prepare_model, rollout_metrics
 from .rollout_backends import RolloutBackend, build_rollout_backend, print_choice
 from .sampling import stop_token_ids
 from .scoring import MicroBatch, ResponseLayout, score_logprobs, score_reward_fn, score_reward_model, score_values
@@ -177,6 +177,7 @@ class PPOTrainer:
         # per-token values travel as tensors.
         self._all_rollouts = RolloutBuffer(fields=()) if self.world_size > 1 else self._buffer
         self.global_step = 0
+        self.completions = None  # the last step's sample of rollouts, every log_completions steps
         self.guard = GuardedStep(self.dist)  # counts the optimizer steps skipped in the current update
         self.context = context_length(policy)
         # The producer: the object given, or the one PPOConfig.rollout_backend names.
@@ -221,9 +222,11 @@ class PPOTrainer:
             # Generation draws from torch's global RNG; ranks get different streams (different responses).
             torch.manual_seed(cfg.seed + 1000003 * self.rank)
         logger = metrics_logger(out, self.dist, cfg, total_steps=cfg.total_steps,
-                                resume_step=self.global_step if run is not None and run.latest else None)  # fmt: skip
+                                resume_step=self.global_step if run is not None and run.latest else None,
+                                run_config=run_config if run_config is not None else flat_dict(cfg))  # fmt: skip
         rows = run_loop(lambda i: self.step(self.sample_prompts(prompts, i)), self.global_step, cfg.total_steps, logger,
-                        save_every=cfg.save_every, save=(lambda _: self.save_checkpoint()) if out else None)  # fmt: skip
+                        save_every=cfg.save_every, save=(lambda _: self.save_checkpoint()) if out else None,
+                        completions=lambda: self.completions)  # fmt: skip
         if out is not None:
             self.save_pretrained(out)
         return rows
@@ -251,7 +254,8 @@ class PPOTrainer:
 
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         """One PPO step on these prompts (this rank's share): rollout, score, advantages, update.
-        Returns the step's metrics (global over ranks)."""
+        Returns the step's metrics (global over ranks); ``self.completions`` is then a sample of this rank's
+        rollouts (``metrics.completion_rows``) on every ``log_completions``-th step, else None."""
         cfg, dist = self.config, self.dist
         timer = PhaseTimer(self.device)  # restarts the peak-memory counter
 
@@ -280,12 +284,15 @@ class PPOTrainer:
         with self._ref_scope():  # the LoRA policy's base model (adapters off), or the separate reference
             ref_logp = score_logprobs(self.ref_policy, micro, layout, temperature=cfg.temperature, backend=cfg.backend)
         values = score_values(self.critic, micro, layout) if self.critic is not None else None
+        reward_parts = None
         if self.reward_model is not None:
             raw_scores = score_reward_model(self.reward_model, micro, len(buf))
         elif self.reward_fn is not None:
             raw_scores = score_reward_fn(self.reward_fn, prompt_texts, completions)
+            reward_parts = getattr(self.reward_fn, "last_parts", None)  # each function's part (rewards.combine)
         if ro.env_scores is not None:  # the environment's own reward adds to the reward's, as in TRL
-            raw_scores = ro.env_scores if self.reward_fn is None else raw_scores + ro.env_scores
+            own = self.reward_fn is None and self.reward_model is None
+            raw_scores = ro.env_scores if own else raw_scores + ro.env_scores
         raw_scores = raw_scores.to(self.device)
         timer.lap("score")
 
@@ -323,33 +330,26 @@ class PPOTrainer:
         self.kl_controller.update(kl_mean, len(buf) * self.world_size)
         self.global_step += 1
 
-        n_tokens = dist.sum(float(buf.num_tokens))
         eos = [float(len(r) > 0 and r[-1] in self.stop_ids) for r in responses]
         metrics = {
-            "rollout/reward_mean": dist.mean(raw_scores),
-            "rollout/reward_std": dist.std(raw_scores),
-            "rollout/score_mean": dist.mean(scores),
-            "rollout/response_len": dist.mean(layout.cu.diff().float()),
-            "rollout/eos_frac": dist.mean(torch.tensor(eos)),
-            "objective/kl": kl_mean,
-            "objective/kl_coef": beta,
-            "objective/advantage_mean": dist.mean(adv),
-            **update,
-            "perf/tokens_per_s": n_tokens / max(timer.total, 1e-9),
-            "perf/step_s": timer.total,
+            **rollout_metrics(dist, layout, raw_scores, scores, reward_parts, eos, rollout_logp, old_logp),
+            "objective/kl": kl_mean, "objective/kl_coef": beta, "objective/advantage_mean": dist.mean(adv), **update,
+            "perf/tokens_per_s": dist.sum(float(buf.num_tokens)) / max(timer.total, 1e-9), "perf/step_s": timer.total,
             **{f"perf/{k}_s": v for k, v in timer.laps.items()},
             # CUDA: bytes allocated through torch; CPU: the process's resident set (see metrics.peak_memory_gb).
-            "perf/peak_mem_gb": timer.peak_gb,
-            **{f"perf/peak_mem_{k}_gb": v for k, v in timer.peaks_gb.items()},
-            **{k: dist.mean(torch.tensor(v)) for k, v in ro.stats.items()},
-        }
+            "perf/peak_mem_gb": timer.peak_gb, **{f"perf/peak_mem_{k}_gb": v for k, v in timer.peaks_gb.items()},
+            **{k: dist.mean(torch.tensor(v)) for k, v in ro.stats.items()},  # episodes: turns, tool calls
+        }  # fmt: skip
         metrics["perf/rollout_tokens_per_s"] = dist.sum(float(layout.num_tokens)) / max(dist.max(rollout_s), 1e-9)
-        if rollout_logp is not None:
-            # Engine vs trainer log-probs of the sampled tokens: k3 estimate of KL(engine || trainer), largest ratio.
-            metrics["rollout/logp_mismatch_k3"] = dist.mean(kl_penalty(rollout_logp, old_logp, "k3"))
-            metrics["rollout/ratio_max"] = dist.max(float((old_logp - rollout_logp).max().exp()))
         if self.critic is not None:
             metrics["value/explained_variance"] = explained_variance(dist.gather(values), dist.gather(returns))
+        # Every log_completions steps, a sample of this rank's rollouts for completions.jsonl and the trackers.
+        self.completions = None
+        if cfg.log_completions and self.global_step % cfg.log_completions == 0:
+            lengths = layout.cu.diff()
+            self.completions = completion_rows(prompt_texts, completions, rewards=raw_scores, lengths=lengths,
+                                               advantages=layout.sequence_sum(adv) / lengths.clamp(min=1),
+                                               truncated=[not e for e in eos], reward_parts=reward_parts)  # fmt: skip
         return metrics
 
     # ------------------------------------------------------------------------------------------------

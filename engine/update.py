@@ -170,25 +170,31 @@ class GuardedStep:
 # ----------------------------------------------------------------------------------------------------
 # The loop over optimizer steps and its metrics
 # ----------------------------------------------------------------------------------------------------
-def metrics_logger(out: Path | None, dist, run, *, total_steps: int, resume_step: int | None) -> MetricsLogger:
-    """The metrics of a run (``RunConfig`` settings ``run``: progress bar, TensorBoard): ``out/metrics.jsonl``
-    written by rank 0; rows after ``resume_step`` (a crashed run's last steps, logged again) are dropped."""
+def metrics_logger(out: Path | None, dist, run, *, total_steps: int, resume_step: int | None,
+                   run_config: dict | None = None) -> MetricsLogger:  # fmt: skip
+    """The metrics of a run (``RunConfig`` settings ``run``: progress bar or ``log_every`` lines, TensorBoard, the
+    ``report_to`` trackers, which get ``run_config`` once): ``out/metrics.jsonl`` written by rank 0; rows after
+    ``resume_step`` (a crashed run's last steps, logged again) are dropped."""
     return MetricsLogger(
         out / "metrics.jsonl" if out is not None else None,
         tensorboard_dir=(out / "tensorboard") if (out is not None and run.tensorboard) else None,
         progress=run.progress, total_steps=total_steps, resume_step=resume_step, enabled=dist.rank == 0,
+        report_to=run.report_to, log_every=run.log_every, run_config=run_config,
     )  # fmt: skip
 
 
 def run_loop(step_fn: Callable[[int], dict], start: int, total: int, logger: MetricsLogger, *, save_every: int,
-             save: Callable[[int], object] | None) -> list[dict]:  # fmt: skip
+             save: Callable[[int], object] | None, completions: Callable[[], list | None] | None = None) -> list[dict]:  # fmt: skip
     """Steps ``start`` .. ``total - 1`` (0-based): ``step_fn(i)`` runs step i and returns its metrics, logged as step
-    i + 1; with ``save`` a checkpoint every ``save_every`` steps and one at the end (a longer run can resume from
-    there). Returns the logged rows."""
+    i + 1 (with ``completions()``'s rows, when it returns some, as that step's completions table); with ``save`` a
+    checkpoint every ``save_every`` steps and one at the end (a longer run can resume from there). Returns the
+    logged rows."""
     rows = []
     with logger:
         for i in range(start, total):
             rows.append(logger.log(i + 1, step_fn(i)))
+            if completions is not None and (table := completions()):
+                logger.log_completions(i + 1, table)
             if save is not None and save_every and (i + 1) % save_every == 0:
                 save(i + 1)
     if save is not None and save_every and total % save_every:

@@ -134,3 +134,17 @@ def test_examples_sft_script_writes_a_loadable_policy(tmp_path):
     from fusedrl.engine.tokenizer import load_tokenizer
 
     assert build_causal_lm(tmp_path / "m").config.vocab_size == len(load_tokenizer(tmp_path / "m"))
+
+
+def test_readme_numbers_are_rendered_from_their_script():
+    """The demo tables and the letters example's figures in the README are exactly what bench/readme_numbers.py
+    renders from its committed JSON (`make readme-numbers` regenerates both): no hand-edited number."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "bench" / "readme_numbers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = json.loads(mod.RESULTS.read_text())
+    assert res["machine"]["cpu"] and len(res["seeds"]) == 3
+    text = README.read_text()
+    assert mod.rewrite_readme(mod.render(res), text) == text, "README numbers differ: run make readme-numbers"

@@ -597,3 +597,23 @@ def test_more_torch_threads_than_cpus_warns(tok, monkeypatch):
     monkeypatch.setattr(distributed, "available_cpus", lambda: torch.get_num_threads() - 1)
     with pytest.warns(RuntimeWarning, match="CPU threads but this process may run on"):
         PPOTrainer(policy, tok, distinct_chars, PPOConfig(**SMALL))
+
+
+def test_the_step_copies_per_token_fields_to_the_host_only_when_the_buffer_is_read(tok, monkeypatch):
+    """Nothing test-only on the hot path: a step leaves its per-token tensors on the device; reading
+    ``trainer.buffer`` copies them into its fields once."""
+    from fusedrl.engine.scoring import ResponseLayout
+
+    copies = []
+    real = ResponseLayout.to_buffer
+    monkeypatch.setattr(ResponseLayout, "to_buffer", lambda self, buf, name, t: copies.append(name) or real(
+        self, buf, name, t))  # fmt: skip
+    tr = make(tok)  # gae: old / ref log-probs, values, rewards, advantages, returns
+    torch.manual_seed(0)
+    tr.step(PROMPTS[:2])
+    assert copies == []
+    adv = tr.buffer.field("advantages")
+    assert sorted(copies) == ["advantages", "old_logp", "ref_logp", "returns", "rewards", "values"]
+    assert np.asarray(adv)[np.asarray(tr.buffer.response_mask()).astype(bool)].any()
+    tr.buffer.field("old_logp")
+    assert len(copies) == 6  # once per step
