@@ -245,12 +245,12 @@ class EpisodeRunner:
                                 "expected a string or None")  # fmt: skip
             new = [{"role": "user", "content": obs}]
         else:
-            calls = _TOOL_CALL.findall(text)
+            calls, content = self._tool_calls(e, turn, text)
             if not calls:
                 e.done = True
                 return
             new = []
-            assistant = {"role": "assistant", "content": _TOOL_CALL.sub("", text).strip(), "tool_calls": []}
+            assistant = {"role": "assistant", "content": content, "tool_calls": []}
             for raw in calls:
                 name, content, ok, call = self._run_tool(e, raw)
                 e.tool_calls += 1
@@ -324,13 +324,31 @@ class EpisodeRunner:
             )
         return after[cut if ended else cut - 1 :]
 
-    def _run_tool(self, e: _Episode, raw: str):
-        """(tool name, message content, succeeded, the call as a chat-template tool_call or None). A bad call is
-        answered with an error message, as TRL does."""
-        try:
-            call = json.loads(raw)
-        except json.JSONDecodeError as err:
-            return "unknown", f"error: the tool call is not valid JSON ({err.msg})", False, None
+    def _tool_calls(self, e: _Episode, turn: list[int], text: str) -> tuple[list, str]:
+        """The turn's tool calls, each a dict {"name", "arguments"} or an error message for one written malformed,
+        and the turn's other text: through the tokenizer's own response parser when it has one
+        (``response_template``), else in the Hermes / Qwen format ``<tool_call>{json}</tool_call>``."""
+        if getattr(self.tokenizer, "response_template", None) is not None:
+            context = e.prompt + e.tokens[: len(e.tokens) - len(turn)]
+            try:
+                parsed = self.tokenizer.parse_response(turn, prefix=context, tools=self.schemas or None)
+            except ValueError as err:  # the parser's message: which region, what it could not read
+                return [f"the tool call could not be parsed ({str(err).splitlines()[0]})"], text
+            calls = [c.get("function", c) if isinstance(c, dict) else c for c in parsed.get("tool_calls") or []]
+            return calls, parsed.get("content") or ""
+        calls = []
+        for raw in _TOOL_CALL.findall(text):
+            try:
+                calls.append(json.loads(raw))
+            except json.JSONDecodeError as err:
+                calls.append(f"the tool call is not valid JSON ({err.msg})")
+        return calls, _TOOL_CALL.sub("", text).strip()
+
+    def _run_tool(self, e: _Episode, call):
+        """(tool name, message content, succeeded, the call as a chat-template tool_call or None) for a parsed call
+        or a parse error. A bad call is answered with an error message, as TRL does."""
+        if isinstance(call, str):
+            return "unknown", f"error: {call}", False, None
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return "unknown", 'error: a tool call must be a JSON object {"name": ..., "arguments": {...}}', False, None
         name, args = call["name"], call.get("arguments") or {}

@@ -263,13 +263,22 @@ CHAT_TEMPLATE = (
 UNSTABLE = CHAT_TEMPLATE.replace("{{ m.content }}", "{% if loop.last %}{{ m.content }}{% else %}.{% endif %}")
 
 
-def chat_tokenizer(template=CHAT_TEMPLATE):
+def chat_tokenizer(template=CHAT_TEMPLATE, response_template=None):
     chars = "0123456789abcdefghijklmnopqrstuvwxyz +-=*/.,:;?!()\n{}[]\"'_<>|"
     tok = build_char_tokenizer(chars)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.eos_token = "<|im_end|>"
     tok.chat_template = template
+    if response_template is not None:  # transformers' response parser: tool calls read by the tokenizer itself
+        tok.response_template = response_template
     return tok
+
+
+def qwen_response_template():
+    return pytest.importorskip("trl.chat_template_utils").qwen3_template
+
+
+PARSERS = ["hermes", "response_template"]
 
 
 class Calculator:
@@ -313,8 +322,9 @@ def tool_trainer(tok, script, **overrides):
     return PPOTrainer(policy, tok, None, cfg, environment_factory=Calculator, rollout=ScriptedBackend(tok, script))
 
 
-def test_tool_calls_answered_as_tool_messages_token_in_token_out():
-    tok = chat_tokenizer()
+@pytest.mark.parametrize("parser", PARSERS)
+def test_tool_calls_answered_as_tool_messages_token_in_token_out(parser):
+    tok = chat_tokenizer(response_template=qwen_response_template() if parser == "response_template" else None)
     call = '<tool_call>{"name": "multiply", "arguments": {"a": 3, "b": 4}}</tool_call><|im_end|>'
     tr = tool_trainer(tok, [call, "12<|im_end|>"])
     m = tr.step([{"prompt": "3*4?", "answer": 12}])
@@ -363,6 +373,15 @@ def test_bad_tool_calls_are_answered_with_errors_and_counted():
     env = tok.decode([t for t, k in zip(tokens, mask) if not k])
     assert "error: unknown tool 'divide'" in env and "error: bad arguments for multiply" in env
     assert "error: the tool call is not valid" in env
+
+
+def test_malformed_call_through_the_response_parser_is_answered_with_its_error():
+    tok = chat_tokenizer(response_template=qwen_response_template())
+    tr = tool_trainer(tok, ["<tool_call>{oops</tool_call><|im_end|>", "done<|im_end|>"])
+    m = tr.step([{"prompt": "hi", "answer": 0}])
+    assert m["tools/calls"] == 1.0 and m["tools/failures"] == 1.0 and m["episode/turns"] == 2.0
+    tokens, mask = sequences(tr.buffer)[0]
+    assert "error: the tool call could not be parsed" in tok.decode([t for t, k in zip(tokens, mask) if not k])
 
 
 def test_prefix_unstable_template_is_refused():
