@@ -477,6 +477,48 @@ def test_cli_environment_run(tmp_path):
                        timeout=240, check=False)  # fmt: skip
     assert r.returncode != 0
     assert "Guess.step raised ValueError: cannot score boom (row 0: {'target': 'boom', 'prompt': 'ab'})" in r.stderr
-    r = subprocess.run([*cmd[:7], "env.py:Nope", *cmd[8:]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
-                       check=False)  # fmt: skip
-    assert r.returncode == 1 and "has no attribute 'Nope'" in r.stderr and "Traceback" not in r.stderr
+    from fusedrl.engine import cli
+
+    with pytest.raises(SystemExit, match=r"^fusedrl train: environment spec .*has no attribute 'Nope'$"):
+        cli.main([*cmd[3:7], f"{tmp_path / 'env.py'}:Nope", *cmd[8:-1], str(tmp_path / "run3")])
+
+
+def test_the_same_environment_class_runs_in_trl_grpo_trainer(tmp_path):
+    """The contract is TRL's: the class given to PPOTrainer trains one step in TRL's GRPOTrainer unchanged (reset
+    gets the row's columns, get_reward is the reward)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    import os
+    import warnings
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    tok = chat_tokenizer(CHAT_TEMPLATE.replace("{{ c.function.name }}", "{{ c.function | tojson }}"),
+                         response_template=qwen_response_template())  # fmt: skip
+    rows = []
+
+    class Recording(Calculator):
+        def reset(self, **row):
+            rows.append(row)
+            return super().reset(**row)
+
+    prompt = [{"role": "user", "content": "3*4?"}]
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False,
+                          per_device_train_batch_size=2, num_generations=2, max_completion_length=8, max_steps=1,
+                          save_strategy="no", beta=0.0, logging_steps=1, seed=0)  # fmt: skip
+    trainer = trl.GRPOTrainer(model=build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0), args=args,
+                              train_dataset=datasets.Dataset.from_dict({"prompt": [prompt] * 2, "answer": [12, 12]}),
+                              processing_class=tok, environment_factory=Recording)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert rows and all(r["answer"] == 12 and r["prompt"] == prompt for r in rows)
+    logged = [h for h in trainer.state.log_history if "reward" in h]
+    assert logged and logged[0]["reward"] == 1.0  # Calculator.get_reward, the only reward
+    # And the same class in fusedrl, on the same rows.
+    rows.clear()
+    policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
+    tr = PPOTrainer(
+        policy, tok, None, PPOConfig(**{**SMALL, "advantage_estimator": "grpo"}), environment_factory=Recording
+    )
+    m = tr.step([{"prompt": prompt, "answer": 12}])
+    assert len(rows) == 2 and all(r["answer"] == 12 for r in rows) and m["rollout/reward_mean"] == 1.0
