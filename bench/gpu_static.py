@@ -17,6 +17,9 @@ escape the table.
 
 Resources: registers, stack and shared memory from ``cuobjdump --dump-resource-usage`` of the cubin; spill
 bytes from the ptxas ``-v`` log Triton writes when TRITON_DUMP_PTXAS_LOG=1 (a fresh cache dir makes ptxas run).
+Loads: the widest ``ld.global`` inside the kernel's loops (its main loop: the vocabulary stream of the logits
+kernels, the time blocks of GAE), or of the whole kernel when it has no loop, read from the PTX: a streaming
+kernel whose logits load is a scalar per element instead of a 16-byte vector moves a fraction of the bytes.
 On a CUDA machine ``CompiledKernel.n_regs`` / ``n_spills`` only exist after the binary is loaded on a device, so
 this path is the one that works on both Triton 3.6 and 3.9 and with or without a GPU.
 
@@ -63,6 +66,10 @@ SM_COUNT = {90: 132, 80: 108}  # H100 SXM / H200 and A100: how many blocks one w
 # Occupancy floor per kernel, justified where the test holds the table to it (tests/test_gpu_static.py).
 FLOORS = {"_logprobs_fwd_kernel": 0.5, "_logprobs_bwd_kernel": 0.5, "_ppo_fwd_kernel": 0.5,
           "_value_loss_fwd_kernel": 0.25, "_gae_fwd_kernel": 0.125}  # fmt: skip
+
+# Kernels that stream the logits: their main loop must load 16-byte vectors (tests/test_gpu_static.py).
+STREAMING = ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_ppo_fwd_kernel")
+VECTOR_LOAD_BITS = 128
 
 # Peak HBM bandwidth from the data sheets (bytes/s): the floor of a memory-bound pass is bytes / peak.
 PEAK_BW = {"h100": 3.35e12, "h200": 4.8e12}
@@ -380,6 +387,41 @@ def _resource_usage(cubin: bytes, cuobjdump: str, tmp: Path) -> dict:
     return {"regs": regs, "stack_bytes": stack, "static_shared_bytes": shared, "local_bytes": local}
 
 
+_PTX_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+)\s*;")
+_PTX_LOAD = re.compile(r"\bld\.global((?:\.[\w:]+)*)")
+
+
+def _load_bits(qualifiers: str) -> int:
+    """Bits one ``ld.global<qualifiers>`` moves: vector width x element bits (.v4.b32 -> 128, .b16 -> 16)."""
+    vec, bits = 1, 0
+    for q in qualifiers.split(".")[1:]:
+        if m := re.fullmatch(r"v(\d+)", q):
+            vec = int(m.group(1))
+        elif m := re.fullmatch(r"[bsuf](\d+)", q):
+            bits = int(m.group(1))
+    return vec * bits
+
+
+def widest_load(ptx: str) -> dict:
+    """``{"loop_load", "loop_load_bits", "in_loop"}``: the widest global load inside the PTX's loops (a label with a
+    branch back to it from below), or of the whole kernel when it has no loop."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _PTX_LABEL.match(line))}
+    bodies = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+              if (m := _PTX_BRANCH.search(line)) and labels.get(m.group(1), len(lines)) < i]  # fmt: skip
+    in_loop = bool(bodies)
+    spans = bodies or [(0, len(lines))]
+    best = ("", 0)
+    for lo, hi in spans:
+        for line in lines[lo:hi]:
+            for m in _PTX_LOAD.finditer(line):
+                bits = _load_bits(m.group(1))
+                if bits > best[1]:
+                    best = ("ld.global" + m.group(1), bits)
+    return {"loop_load": best[0] or None, "loop_load_bits": best[1], "in_loop": in_loop}
+
+
 def compile_launch(launch: dict, arch: int, tmp: Path) -> dict:
     import triton
     from triton import knobs
@@ -405,16 +447,19 @@ def compile_launch(launch: dict, arch: int, tmp: Path) -> dict:
         "shared_bytes": shared + res["static_shared_bytes"],
         "num_warps": int(md.num_warps),
         **occupancy(res["regs"], shared + res["static_shared_bytes"], int(md.num_warps), arch),
+        **widest_load(compiled.asm["ptx"]),
     }
 
 
 def meets_floor(r: dict) -> bool | None:
-    """Whether a record is free of spills and stack and at or above its kernel's floor; None: no floor stated."""
+    """Whether a record is free of spills and stack, at or above its kernel's floor and (a streaming kernel) loads
+    16-byte vectors in its main loop; None: no floor stated."""
     floor = FLOORS.get(r["kernel"])
     if floor is None:
         return None
     clean = r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0 and r["stack_bytes"] == 0
-    return clean and r["occupancy"] >= floor
+    vector = r["kernel"] not in STREAMING or r["loop_load_bits"] >= VECTOR_LOAD_BITS
+    return clean and vector and r["occupancy"] >= floor
 
 
 def _constexprs(launch: dict) -> dict:
@@ -485,6 +530,10 @@ def _floor_text(kernel: str) -> str:
     return "none stated" if f is None else f"{f:.1%}".replace(".0%", "%")
 
 
+def _load_text(r: dict) -> str:
+    return f"{r['loop_load']} ({r['loop_load_bits']} bit)" if r["loop_load"] else "none"
+
+
 def markdown(payload: dict) -> str:
     recs = payload["records"]
     by = {}
@@ -502,7 +551,8 @@ def markdown(payload: dict) -> str:
              "bench/gpu_static.py. Floor: the kernel's stated occupancy floor (tests/test_gpu_static.py says "
              "why), no spill, no stack.", "",
              "| kernel | constexprs | dtype | V | block | warps | regs sm_90 / sm_80 | spill+stack B | smem B | "
-             "occupancy sm_90 / sm_80 | limiter | floor | ok |", "|" + "---|" * 13]  # fmt: skip
+             "occupancy sm_90 / sm_80 | limiter | widest loop load sm_90 / sm_80 | floor | ok |",
+             "|" + "---|" * 14]  # fmt: skip
     for (kernel, flags, dtype, block, warps), g in by.items():
         a, b = g.get("sm_90"), g.get("sm_80")
         both = [x for x in (a, b) if x]
@@ -512,7 +562,9 @@ def markdown(payload: dict) -> str:
             f"| {kernel} | {flags or '-'} | {dtype} | {V} | {block} | {warps} | "
             f"{' / '.join(str(x['regs']) for x in both)} | {spill} | {max(x['shared_bytes'] for x in both)} | "
             f"{' / '.join(format(x['occupancy'], '.0%') for x in both)} | "
-            f"{' / '.join(x['limiter'] for x in both)} | {_floor_text(kernel)} | "
+            f"{' / '.join(x['limiter'] for x in both)} | "
+            f"{' / '.join(_load_text(x) for x in both)} | "
+            f"{_floor_text(kernel)} | "
             f"{'yes' if all(x['meets_floor'] for x in both) else 'NO'} |"
         )
     lines += ["", "## Bandwidth model: bytes each pass must move, and its time floor at the data-sheet peak", "",
@@ -545,7 +597,8 @@ def main(argv=None) -> int:
         "regs_per_sm": REGS_PER_SM, "max_warps_per_sm": MAX_WARPS_PER_SM, "max_blocks_per_sm": MAX_BLOCKS_PER_SM,
         "reg_alloc_unit_per_warp": REG_UNIT, "smem_per_sm": {f"sm_{a}": v for a, v in SMEM_PER_SM.items()},
         "smem_reserved_per_block": SMEM_RESERVED_PER_BLOCK}, "occupancy_formula": __doc__.split("::")[1].strip(),
-        "sm_count": {f"sm_{a}": v for a, v in SM_COUNT.items()}, "floors": FLOORS, "peak_bw": PEAK_BW, "kernels": kernels,
+        "sm_count": {f"sm_{a}": v for a, v in SM_COUNT.items()}, "floors": FLOORS, "streaming": STREAMING,
+        "vector_load_bits": VECTOR_LOAD_BITS, "peak_bw": PEAK_BW, "kernels": kernels,
         "records": records, "bandwidth": bandwidth_table()}  # fmt: skip
     sys.path.insert(0, str(REPO))
     from bench.common import write_report  # imports torch: only once the table is built

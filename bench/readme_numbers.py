@@ -2,6 +2,7 @@
 
     python bench/readme_numbers.py             # run every case for seeds 0, 1, 2, write the JSON, rewrite the README
     python bench/readme_numbers.py --render    # only rewrite the README from the committed JSON
+    python bench/readme_numbers.py --only pipeline   # measure one case again, keep the others from the JSON
     make readme-numbers                        # the same as the first line, in the project's venv
 
 Each case is the README's command, run as a user runs it (a subprocess of the `fusedrl` CLI in a scratch directory),
@@ -61,6 +62,44 @@ def train_command() -> list[str]:
     return [str(ROOT / a) if a.startswith("examples/") else a for a in argv[1:]]
 
 
+def pipeline_commands() -> dict[str, list[str]]:
+    """The README's `fusedrl sft` / `fusedrl rm` / `fusedrl train --reward-model` commands (its "SFT -> reward model
+    -> PPO on your data" section) as argv after `fusedrl`, the example data named by absolute path."""
+    text = README.read_text()
+    section = text[text.index("## SFT -> reward model -> PPO on your data") :]
+    start = section.index("```bash") + len("```bash")
+    commands = {}
+    for line in section[start : section.index("```", start)].replace("\\\n", " ").splitlines():
+        argv = shlex.split(line.split("#")[0])
+        if argv[:1] == ["fusedrl"]:
+            commands[argv[1]] = [str(ROOT / a) if a.startswith("examples/") else a for a in argv[1:]]
+    if sorted(commands) != ["rm", "sft", "train"] or "--reward-model" not in commands["train"]:
+        raise SystemExit(f"readme_numbers: the README's pipeline section has commands {sorted(commands)}")
+    return commands
+
+
+def measure_pipeline(tmp: Path, seeds=SEEDS) -> dict:
+    """The README's three pipeline commands per seed (in ``tmp/pipeline-<seed>``), then examples/pipeline_report.py."""
+    load_before = os.getloadavg()[0]
+    runs = []
+    for seed in seeds:
+        work = tmp / f"pipeline-{seed}"
+        work.mkdir()
+        walls = [_run([*argv, "--seed", str(seed), "--no-progress"], work) for argv in pipeline_commands().values()]
+        r = subprocess.run([sys.executable, str(ROOT / "examples" / "pipeline_report.py"), "--runs", "runs"], cwd=work,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+        runs.append({"seed": seed, "wall_s": round(sum(walls), 1), **json.loads(r.stdout)})
+        print(f"pipeline seed {seed}: {runs[-1]}", flush=True)
+    return {"commit": _commit(), "date": time.strftime("%Y-%m-%d"),
+            "load_average": round(max(load_before, os.getloadavg()[0]), 2), "runs": runs}  # fmt: skip
+
+
+def _commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+
+
 def _run(argv: list[str], cwd: Path) -> float:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -100,9 +139,9 @@ def measure(seeds=SEEDS) -> dict:
                                                     "reward_first5": sum(rewards[:5]) / 5,
                                                     "reward_last5": sum(rewards[-5:]) / 5})  # fmt: skip
             print(f"letters seed {seed}: {cases['letters'][-1]}", flush=True)
+        cases["pipeline"] = measure_pipeline(tmp, seeds)
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     return {
         "machine": {
             "cpu": cpu_name(),
@@ -111,7 +150,7 @@ def measure(seeds=SEEDS) -> dict:
             "load_average": round(max(load_before, os.getloadavg()[0]), 2),
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "commit": commit.strip(),
+        "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"),
         "seeds": list(seeds),
         "cases": cases,
@@ -173,7 +212,28 @@ def render(res: dict) -> dict[str, str]:
                     f"{_spread(letters, 'reward_first5', '{:.2f}')}, of the last five "
                     f"{_spread(letters, 'reward_last5', '{:.2f}')} (seed 0, and in brackets the range [min, max] over seeds "
                     f"{seeds})")  # fmt: skip
-    return {"demo-table": head + "\n".join(rows), "compare-table": compare_text, "letters": letters_text}
+    blocks = {"demo-table": head + "\n".join(rows), "compare-table": compare_text, "letters": letters_text}
+    if "pipeline" in c:
+        blocks["pipeline"] = render_pipeline(c["pipeline"], m, seeds)
+    return blocks
+
+
+def render_pipeline(case: dict, m: dict, seeds: str) -> str:
+    runs = case["runs"]
+    busy = case["load_average"] > 0.5 * m["cores"]
+    load = f", with other jobs running (load average {case['load_average']})" if busy else ""
+    return (f"Measured by `make readme-numbers` on {m['cpu']} ({m['cores']} cores, one torch thread; commit "
+            f"{case['commit']}, {case['date']}{load}): seed 0's value and, in brackets, the range [min, max] over seeds "
+            f"{seeds}. The three commands take {_wall(runs)} together. The SFT policy's held-out loss is "
+            f"{_spread(runs, 'sft_eval_loss', '{:.2f}')} nats per token (random digits and the eos that ends them: "
+            f"about 2.14 is the floor); the reward model ranks {_spread(runs, 'rm_eval_accuracy')} of the 60 held-out "
+            "pairs right (chance: 0.5); PPO against it raises the reward model's score of the sampled completions from "
+            f"{_spread(runs, 'ppo_reward_first_3_steps', '{:.2f}')} (mean over steps 1-3) to "
+            f"{_spread(runs, 'ppo_reward_last_3_steps', '{:.2f}')} (the last 3 steps), ending "
+            f"{_spread(runs, 'ppo_kl_last_step', '{:.1f}')} nats per sequence from the SFT policy (`objective/kl`). "
+            "What the comparisons asked for: the mean digit of sampled completions goes from "
+            f"{_spread(runs, 'mean_digit_sft', '{:.2f}')} (SFT policy) to {_spread(runs, 'mean_digit_ppo', '{:.2f}')} "
+            "(PPO).")  # fmt: skip
 
 
 def rewrite_readme(blocks: dict[str, str], text: str) -> str:
@@ -188,9 +248,16 @@ def rewrite_readme(blocks: dict[str, str], text: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--render", action="store_true", help="only rewrite the README from the committed JSON")
+    ap.add_argument("--only", choices=["pipeline"], help="measure this case again, keep the others from the JSON")
     args = ap.parse_args(argv)
     if args.render:
         res = json.loads(RESULTS.read_text())
+    elif args.only:
+        res = json.loads(RESULTS.read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            res["cases"]["pipeline"] = measure_pipeline(Path(tmp), res["seeds"])
+        RESULTS.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
     else:
         res = measure()
         RESULTS.write_text(json.dumps(res, indent=1) + "\n")

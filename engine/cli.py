@@ -330,11 +330,13 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-USAGE = """usage: fusedrl {train,demo,dpo,report} [options]
+USAGE = """usage: fusedrl {train,dpo,sft,rm,demo,report} [options]
 
   train   PPO / GRPO / RLOO / REINFORCE++ training (fusedrl train --help)
   demo    the built-in demo (fusedrl demo --help)
   dpo     offline DPO / IPO / SimPO / ORPO on {prompt, chosen, rejected} pairs (fusedrl dpo --help)
+  sft     supervised fine-tuning on {prompt, completion} or {messages} records (fusedrl sft --help)
+  rm      a Bradley-Terry reward model on {prompt, chosen, rejected} pairs (fusedrl rm --help)
   report  plots of runs (PNGs + one self-contained HTML page), several overlaid (fusedrl report --help)
 
   fusedrl --version prints the installed version
@@ -362,6 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         from .dpo import main as dpo_main
 
         return dpo_main(rest) or 0
+    if cmd == "sft":
+        from .sft_cli import main as sft_main
+
+        return sft_main(rest)
+    if cmd == "rm":
+        from .rm_cli import main as rm_main
+
+        return rm_main(rest)
     if cmd == "report":
         from .report import main as report_main
 

@@ -109,9 +109,12 @@ def _part_fields(f: dataclasses.Field) -> list[tuple[str, object, object, str]]:
 
 def _source_fields(package: str, class_name: str) -> list[tuple[str, object, object, str]]:
     """A dataclass's fields read from the source of ``package`` (a fusedrl subpackage) without importing it:
-    ``fusedrl train --help`` must not import torch. Types and defaults are literals there."""
+    ``fusedrl train --help`` must not import torch. Types and defaults may name builtins, ``Literal`` and the mode
+    names of ``fusedrl.names``; a type it cannot read is taken as ``str`` (the class validates the value anyway)."""
     import fusedrl
+    import fusedrl.names
 
+    names = {**vars(fusedrl.names), "Literal": Literal}
     sub = package.split(".")[-1]
     dirs = fusedrl._with_sources([str(Path(fusedrl.__file__).parent / sub)], sub)
     pattern = re.compile(rf"^class {class_name}\b", re.M)
@@ -126,8 +129,11 @@ def _source_fields(package: str, class_name: str) -> list[tuple[str, object, obj
                 if not (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)):
                     continue
                 doc = b.value.value if isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) else ""
-                tp = eval(ast.unparse(a.annotation), {})  # builtins only: float | None, str, bool, ...
-                out.append((a.target.id, tp, ast.literal_eval(a.value), " ".join(str(doc).split())))
+                try:
+                    tp = eval(ast.unparse(a.annotation), dict(names))  # float | None, Literal[POLICY_LOSSES], ...
+                except Exception:  # noqa: BLE001 - a type only the real class can resolve
+                    tp = str
+                out.append((a.target.id, tp, eval(ast.unparse(a.value), dict(names)), " ".join(str(doc).split())))
             return out
     raise ImportError(f"cannot find class {class_name} in the sources of {package}")
 

@@ -205,8 +205,8 @@ class PPOConfig:
     )  # fmt: skip
     """The policy loss (fusedrl.kernels.PPOLossConfig, validated there); kl_coef, kl_estimator, temperature,
     agg_norm_length and rollout_correction are set from this config's own fields (``loss_config``)."""
-    optim: OptimConfig = part(OptimConfig)
-    """The policy's optimizer."""
+    optim: OptimConfig = part(OptimConfig, owned=("lr_schedule", "warmup_steps"))
+    """The policy's optimizer (a constant learning rate: PPO steps run no schedule)."""
     run: RunConfig = part(RunConfig)
     """Output, seeding, checkpoints, logging."""
     episode: EpisodeConfig = part(EpisodeConfig)
@@ -289,6 +289,8 @@ class PPOConfig:
                 "samples_per_prompt",
                 f">= 2 for advantage_estimator={self.advantage_estimator!r} (a group of one has no baseline)",
             )
+        ok = self.optim.lr_schedule == "constant" and self.optim.warmup_steps == 0
+        need(ok, "optim", "an OptimConfig with lr_schedule='constant' and warmup_steps=0 (PPO runs no schedule)")
         default = _default_loss()
         set_here = [n for n in _PPO_OWNED_LOSS_FIELDS if getattr(self.loss, n) != getattr(default, n)]
         if set_here:

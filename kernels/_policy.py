@@ -40,8 +40,6 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
-
 import torch
 
 from ._rows import (
@@ -57,10 +55,8 @@ from ._rows import (
     ppo_fwd_triton,
 )
 from ._utils import AGG_MODES, IGNORE_INDEX, check_cu_seqlens, check_float, check_shape, data_checks_enabled
-from ._utils import check_same_device
-
-if TYPE_CHECKING:
-    from .ppo_loss import PPOLossConfig
+from ._utils import check_same_device, per_token
+from .configs import PPOLossConfig
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,7 +69,7 @@ def sequence_index(shape, cu_seqlens: torch.Tensor | None, device) -> tuple[torc
     ``(None, 0)`` for 1-D tokens without ``cu_seqlens`` (no sequence boundaries)."""
     n = math.prod(shape)
     if cu_seqlens is not None:
-        ends = cu_seqlens[1:].to(device=device, dtype=torch.int64)
+        ends = per_token(cu_seqlens[1:], torch.int64).to(device)
         return torch.bucketize(torch.arange(n, device=device), ends, right=True), cu_seqlens.numel() - 1
     if len(shape) >= 2:
         T = max(shape[-1], 1)
@@ -272,8 +268,8 @@ def prepare_ppo_inputs(labels, old_logp, advantages, mask, ref_logp, rollout_log
                 else f"rollout_correction_level={config.rollout_correction_level!r}")  # fmt: skip
         raise _needs_sequences(what, labels.shape)
     flat_valid = valid.reshape(-1)
-    flat_labels = torch.where(valid, labels, IGNORE_INDEX).reshape(-1).to(torch.int64)
-    as_f32 = lambda t: None if t is None else t.reshape(-1).to(dtype).contiguous()  # noqa: E731
+    flat_labels = per_token(torch.where(valid, labels, IGNORE_INDEX), torch.int64)
+    as_f32 = lambda t: None if t is None else per_token(t, dtype)  # noqa: E731
     old = as_f32(old_logp)
     is_weight, rollout_metrics = None, {}
     if rollout_logp is not None:
@@ -339,11 +335,18 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> t
     return k2 + (k3 - k2).detach()
 
 
+# Below this |d| k3 is its five-term series (the kernel's float32 threshold). The series' truncation, d^7 / 5040 in
+# the value and d^6 / 720 in the gradient, is below float32's rounding there but ~1e-9 in float64, so float64 switches
+# to the closed form sooner: at 5e-3 the gradient's truncation is ~2e-17 and the closed form's cancellation costs
+# ~2 eps / d ~ 4e-14 of the value's relative accuracy, i.e. ~1e-18 absolute.
+_K3_SERIES_BELOW = {torch.float64: 5e-3}
+
+
 def _k3(d: torch.Tensor) -> torch.Tensor:
     """k3 = exp(-d) - 1 + d, accurate for every d in d's dtype (differentiable), the formula of the kernel:
-    its series below |d| = 0.1, where exp(-d) - 1 + d cancels (0 in float32 for |d| ~ 1e-4), and
-    expm1(-d) + d above (whose relative error there is ~1e-5 at worst)."""
-    small = d.abs() < 0.1
+    its series below a per-dtype |d| (0.1 up to float32, where exp(-d) - 1 + d cancels: 0 in float32 for |d| ~
+    1e-4), and expm1(-d) + d above (whose relative error there is ~1e-5 at worst in float32)."""
+    small = d.abs() < _K3_SERIES_BELOW.get(d.dtype, 0.1)
     ds = torch.where(small, d, torch.zeros_like(d))  # the unused branch stays finite: no 0 * inf in backward
     series = ds * ds * (0.5 - ds * (1.0 / 6.0 - ds * (1.0 / 24.0 - ds * (1.0 / 120.0 - ds * (1.0 / 720.0)))))
     return torch.where(small, series, torch.expm1(-d) + d)

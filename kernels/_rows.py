@@ -32,8 +32,6 @@ The contract:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 
 from ._utils import (
@@ -45,14 +43,13 @@ from ._utils import (
     check_same_device,
     launch,
     next_pow2,
+    per_token,
     resolve_backend,
     tl,
     triton,
     vocab_block,
 )
-
-if TYPE_CHECKING:
-    from .ppo_loss import PPOLossConfig
+from .configs import PPOLossConfig
 
 # Rows per chunk on the PyTorch path: bounds the float32 temporaries at ~1M elements (4 MiB each) whatever N is.
 _TORCH_CHUNK_ELEMS = 1 << 20
@@ -87,7 +84,6 @@ def _stream_rows(
     """One streaming read of BLOCK_M vocabulary rows of logits / T -> (m, log_s, logp, entropy): the row
     max, log sum exp(x - m), the label's log-probability (NaN for a label outside [0, V)) and the entropy
     (garbage unless WITH_ENTROPY). Shared by the logprobs and PPO forward kernels."""
-    n_read = tl.where(valid, V, 0)
     cols0 = tl.arange(0, BLOCK_V)
     # Running max m, sum-exp s = sum exp(x - m) and, for the entropy, w = sum exp(x - m) * (x - m).
     # Keeping w relative to the running max makes H = log s - w / s a difference of O(1) terms; the
@@ -98,7 +94,11 @@ def _stream_rows(
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
-        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=float("-inf")).to(tl.float32) * inv_temp
+        # The mask is (cols < V) & row: a bound the compiler can see is constant over aligned groups of columns,
+        # so the load is a 16-byte vector per thread; a per-row bound such as where(valid, V, 0) is data it
+        # cannot see through, and every element becomes its own predicated scalar load.
+        mask = (cols[None, :] < V) & valid[:, None]
+        x = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
         m_new = tl.maximum(m, tl.max(x, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
         alpha = tl.exp(m - m_ref)
@@ -196,13 +196,12 @@ def _logprobs_bwd_kernel(
     if HAS_DENT:
         g_h = tl.where(valid, tl.load(DENT + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
         ent = tl.load(ENT + rows, mask=row_ok, other=0.0)
-    n_read = tl.where(valid, V, 0)
-    n_write = tl.where(row_ok, V, 0)  # ignored rows still get their zeros written
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         ptrs = base[:, None] + cols[None, :].to(tl.int64) * s_v
-        x = tl.load(ptrs, mask=cols[None, :] < n_read[:, None], other=0.0).to(tl.float32) * inv_temp
+        in_v = cols[None, :] < V  # vector loads and stores: see _stream_rows
+        x = tl.load(ptrs, mask=in_v & valid[:, None], other=0.0).to(tl.float32) * inv_temp
         lp = (x - m[:, None]) - log_s[:, None]
         p = tl.exp(lp)
         # d logp / dx_j = [j == y] - p_j. At the label, 1 - p is formed as -expm1(lp) in float32: the
@@ -214,7 +213,7 @@ def _logprobs_bwd_kernel(
             g -= g_h[:, None] * tl.where(p > 0.0, p * (lp + ent[:, None]), 0.0)
         g = tl.where(valid[:, None], g * inv_temp, 0.0)
         dptrs = dbase[:, None] + cols[None, :].to(tl.int64) * dx_v
-        tl.store(dptrs, g.to(DX.dtype.element_ty), mask=cols[None, :] < n_write[:, None])
+        tl.store(dptrs, g.to(DX.dtype.element_ty), mask=in_v & row_ok[:, None])  # ignored rows get their zeros
 
 
 # Elements of one (BLOCK_M, BLOCK_V) tile in the interpreter: bounds its NumPy temporaries.
@@ -232,6 +231,7 @@ def rows_per_program(n: int, block_v: int, device: torch.device) -> int:
 
 def logprobs_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy):
     x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    labels = per_token(labels)
     V = logits.shape[-1]
     dev = logits.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
@@ -252,10 +252,15 @@ def logprobs_fwd_triton(logits, labels, inv_temp, ignore_index, return_entropy):
 def logprobs_bwd_triton(logits, labels, stats, ent, dlogp, dent, inv_temp, ignore_index, out=None):
     """Gradient w.r.t. logits, written into ``out`` (default: a new tensor shaped like the logits; pass
     ``out=logits`` to overwrite them in place). ``stats`` is the forward kernel's (2, n) row max and log
-    sum-exp; a plain (n,) logsumexp is accepted too (slightly less accurate near p = 1)."""
+    sum-exp; a plain (n,) logsumexp is accepted too (slightly less accurate near p = 1). An ``out`` whose rows
+    ``as_rows`` can only copy gets the gradient written back from that copy."""
     x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    labels, dlogp = per_token(labels), per_token(dlogp)
+    ent = None if ent is None else per_token(ent)
+    dent = None if dent is None else per_token(dent)
     if stats.dim() == 1:
         stats = torch.stack([stats.float(), torch.zeros_like(stats, dtype=torch.float32)])
+    stats = stats.contiguous()  # read as one (2, n) block
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     dx, _, d_rows_inner, d_outer, d_inner, d_v = as_rows(out)
@@ -270,21 +275,26 @@ def logprobs_bwd_triton(logits, labels, stats, ent, dlogp, dent, inv_temp, ignor
             V, inner, s_outer, s_inner, s_v, d_rows_inner, d_outer, d_inner, d_v, inv_temp, ignore_index,
             HAS_DENT=has_dent, BLOCK_M=block_m, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
+        if dx.data_ptr() != out.data_ptr():
+            out.copy_(dx.view(out.shape))
     return out
 
 
 # ----------------------------------------------------------------------------------------------------
 # Streaming row softmax: the same math in torch ops, chunked over rows
 # ----------------------------------------------------------------------------------------------------
-def _row_blocks(x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(first_row, 2-D view) pieces covering a (..., V) tensor's rows in order, without copying."""
+def _row_blocks(x: torch.Tensor, first: int = 0) -> list[tuple[int, torch.Tensor]]:
+    """(first_row, 2-D view) pieces covering a (..., V) tensor's rows in order, never a copy (the backward
+    writes through them in place): the whole tensor when its leading dims merge, else one piece per index of
+    the leading dim, recursively."""
     V = x.shape[-1]
+    if x.dim() <= 2:
+        return [(first, x.reshape(-1, V) if x.dim() < 2 else x)]
     try:
-        return [(0, x.view(-1, V))]
-    except RuntimeError:
-        flat = x.flatten(0, -3) if x.dim() > 3 else x  # (B, T, V) with non-mergeable strides
-        T = flat.shape[-2]
-        return [(b * T, flat[b]) for b in range(flat.shape[0])]
+        return [(first, x.view(-1, V))]
+    except RuntimeError:  # leading dims whose strides do not merge
+        rows = x[0].numel() // max(V, 1)
+        return [piece for b in range(x.shape[0]) for piece in _row_blocks(x[b], first + b * rows)]
 
 
 def row_chunks(x: torch.Tensor):
@@ -710,6 +720,9 @@ def ppo_fwd_triton(logits, labels, old, adv, ref, weight, config: PPOLossConfig,
     """Run the forward kernel. Returns ``stats`` (8, n; may be given as a view into a larger buffer) and
     ``mls`` (2, n), the row max and log sum-exp the logprobs backward kernel reads."""
     x, n, inner, s_outer, s_inner, s_v = as_rows(logits)
+    labels, old, adv, weight = per_token(labels), per_token(old), per_token(adv), per_token(weight)
+    ref = None if ref is None else per_token(ref)
+    is_weight = None if is_weight is None else per_token(is_weight)
     V = logits.shape[-1]
     dev = logits.device
     if stats is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -101,14 +101,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+class InterpreterUnavailable(RuntimeError):
+    """backend='triton' on CPU tensors in a process whose Triton compiles for the GPU (no interpreter)."""
+
+
 def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
-    """Launch a Triton kernel; tensors on the CPU need it to be an interpreted function."""
+    """Launch a Triton kernel on the tensors' device. Triton launches on the current CUDA device and its current
+    stream, so a CUDA launch runs under the tensors' device guard: tensors on cuda:1 while cuda:0 is current
+    would otherwise be read through pointers of another device's context. Tensors on the CPU need the kernel
+    to be an interpreted function."""
     if device.type == "cpu" and not hasattr(kernel, "rewrite"):
-        raise RuntimeError(
+        raise InterpreterUnavailable(
             "backend='triton' on CPU tensors runs Triton's interpreter, which needs TRITON_INTERPRET=1 in the "
             "environment before triton is imported (it was not set, or triton was imported first)"
         )
-    kernel[grid](*args, **kwargs)
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        kernel[grid](*args, **kwargs)
 
 
 def next_pow2(n: int) -> int:
@@ -196,6 +204,29 @@ def check_labels_in_range(labels: torch.Tensor, V: int, ignore_index: int, name:
             f"{name} must be in [0, {V}) (the vocabulary size of logits) or equal ignore_index={ignore_index}; "
             f"got {val} at flat position {idx}"
         )
+
+
+def per_token(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A per-token tensor (any shape, any strides) as the flat (n,) vector, in ``dtype`` when given, that the
+    kernels index as ``PTR + row``. ``reshape(-1)`` alone may keep a stride (a column of a wider tensor, whose
+    neighbours a kernel would read instead); such a view is copied: n elements beside the (n, V) logits the ops
+    stream, and one indexing rule in every kernel. Contiguous input of the right dtype is returned as it is."""
+    flat = t.reshape(-1)
+    if dtype is not None:
+        flat = flat.to(dtype)
+    return flat.contiguous()
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two indices of ``t`` may address one element (an expanded or ``as_strided`` view): then writing
+    through it in place is undefined. Sorted by stride, each dim must step over everything the smaller ones
+    span (a sufficient test for no overlap; sliced, transposed and padded views pass it)."""
+    span = 0
+    for stride, size in sorted((abs(st), s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
 
 
 def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:

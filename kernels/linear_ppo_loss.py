@@ -14,6 +14,8 @@ holds (by arithmetic intensity, within a memory budget) is explained at ``_chunk
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -31,9 +33,18 @@ from ._rows import (
     row_chunks,
     torch_chunk_bwd,
 )
-from ._utils import IGNORE_INDEX, check_float, check_int, check_labels_in_range, check_same_device, resolve_backend
+from ._utils import (
+    IGNORE_INDEX,
+    check_float,
+    check_int,
+    check_labels_in_range,
+    check_same_device,
+    per_token,
+    resolve_backend,
+)
 from .logprobs import logprobs_ref
-from .ppo_loss import PPOLossConfig, ppo_loss_ref
+from .configs import PPOLossConfig
+from .ppo_loss import ppo_loss_ref
 
 # Tokens per chunk. Each chunk runs three GEMMs against the whole (V, H) weight -- logits = h W^T,
 # dh = dlogits W, dW += dlogits^T h -- i.e. 6 c V H flops for c rows, while W is streamed twice in the input
@@ -103,22 +114,33 @@ def _scored_rows(labels: torch.Tensor, use_triton: bool) -> torch.Tensor | None:
     return None if keep.numel() == labels.numel() else keep
 
 
-_ADDMM_OUT_DTYPE = True  # cleared if this torch / device has no fp32-output addmm for bf16 / fp16
+# Devices whose torch has a float32-output addmm for bf16 / fp16 operands (CPU torch has none: there the chunk is
+# upcast, as documented), and whether it has worked so far: cleared, with one warning, the first time it fails.
+_ADDMM_OUT_DTYPE_DEVICES = ("cuda",)
+_addmm_out_dtype = True
 
 
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with ``acc`` in float32 (or float64) and a, b in the input dtype, without rounding the
     partial product to bf16 / fp16 and, on CUDA, without an upcast copy of the chunk."""
-    global _ADDMM_OUT_DTYPE
+    global _addmm_out_dtype
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if a.is_cuda and _ADDMM_OUT_DTYPE:
+    if a.device.type in _ADDMM_OUT_DTYPE_DEVICES and _addmm_out_dtype:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
-        except (TypeError, RuntimeError):
-            _ADDMM_OUT_DTYPE = False
+        except (TypeError, RuntimeError) as e:
+            _addmm_out_dtype = False
+            warnings.warn(
+                f"torch.addmm(..., out_dtype={acc.dtype}) with {a.dtype} operands is unavailable in torch "
+                f"{torch.__version__} on {a.device.type} ({type(e).__name__}): the fused lm_head losses now accumulate "
+                f"dW through a {acc.dtype} copy of every chunk, a {acc.dtype} GEMM several times slower than the "
+                f"{a.dtype} one (a torch with out_dtype addmm avoids it)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
@@ -351,7 +373,7 @@ def linear_logprobs(
     check_temperature(temperature)
     n = labels.numel()
     chunk = _chunk_rows(n, *weight.shape, hidden.dtype, hidden.device, chunk_size)
-    flat_labels = labels.reshape(-1).to(torch.int64)
+    flat_labels = per_token(labels, torch.int64)
     logp, ent = _LinearLogProbs.apply(hidden, weight, bias, flat_labels, float(temperature), int(ignore_index),
                                       bool(return_entropy), chunk, backend == "triton")  # fmt: skip
     return (logp, ent) if return_entropy else logp

@@ -20,62 +20,15 @@ Two input layouts, as the other linear ops:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from ._utils import IGNORE_INDEX, check_cu_seqlens, check_float, check_int, data_checks_enabled
+from .configs import LOSS_TYPES, PreferenceLossConfig  # noqa: F401 (LOSS_TYPES re-exported)
 from .linear_ppo_loss import linear_logprobs, linear_logprobs_ref
 
-LOSS_TYPES = ("dpo", "ipo", "simpo", "orpo")
-"""The preference losses of ``PreferenceLossConfig.loss_type``."""
 _LN2 = math.log(2.0)
-
-
-@dataclass(frozen=True)
-class PreferenceLossConfig:
-    """Which preference loss and its constants. Every loss is a mean over pairs (or a sum divided by
-    ``num_pairs`` across micro-batches)."""
-
-    loss_type: Literal[LOSS_TYPES] = "dpo"
-    """dpo (sigmoid, Rafailov et al. 2023), ipo (Azar et al. 2023), simpo (Meng et al. 2024), orpo (Hong et al. 2024)."""
-    beta: float = 0.1
-    """dpo/simpo: the inverse temperature of the implicit reward; ipo: tau (target margin 1 / (2 beta)); orpo: lambda, the weight of the odds-ratio term."""
-    label_smoothing: float = 0.0
-    """dpo/simpo: assumed label-flip probability eps (conservative DPO: -(1-eps) log s(z) - eps log s(-z)); 0 = off."""
-    simpo_gamma: float = 0.5
-    """simpo: target reward margin gamma."""
-    rpo_alpha: float = 0.0
-    """Weight of an extra length-normalised NLL term on the chosen response (RPO, Pang et al. 2024); 0 = off."""
-    temperature: float = 1.0
-    """The log-probs are of softmax(logits / temperature) (a model's logit scale s enters as temperature / s)."""
-
-    def __post_init__(self):
-        def number(v):
-            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"PreferenceLossConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if not (number(self.beta) and self.beta > 0):
-            raise ValueError(f"PreferenceLossConfig.beta must be a number > 0, got {self.beta!r}")
-        if not (number(self.label_smoothing) and 0 <= self.label_smoothing < 0.5):
-            raise ValueError(f"PreferenceLossConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
-        if self.label_smoothing and self.loss_type not in ("dpo", "simpo"):
-            raise ValueError(f"PreferenceLossConfig.label_smoothing applies to dpo and simpo only, got "
-                             f"label_smoothing={self.label_smoothing} with loss_type={self.loss_type!r}")  # fmt: skip
-        if not number(self.simpo_gamma):
-            raise ValueError(f"PreferenceLossConfig.simpo_gamma must be a finite number, got {self.simpo_gamma!r}")
-        if not (number(self.rpo_alpha) and self.rpo_alpha >= 0):
-            raise ValueError(f"PreferenceLossConfig.rpo_alpha must be a number >= 0, got {self.rpo_alpha!r}")
-        if not (number(self.temperature) and self.temperature > 0):
-            raise ValueError(f"PreferenceLossConfig.temperature must be a number > 0, got {self.temperature!r}")
-
-    @property
-    def needs_reference(self) -> bool:
-        """dpo and ipo compare with the reference policy; simpo and orpo are reference-free."""
-        return self.loss_type in ("dpo", "ipo")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from ._rows import (
     logprobs_fwd_triton,
 )
 from ._rows import _logprobs_bwd_kernel, _logprobs_fwd_kernel  # noqa: F401  tests/test_gpu_compile.py compiles them here
+from ._utils import per_token
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -30,7 +31,7 @@ class _LogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, use_triton):
-        flat_labels = labels.reshape(-1).to(torch.int64)
+        flat_labels = per_token(labels, torch.int64)
         inv_temp = 1.0 / temperature
         fwd = logprobs_fwd_triton if use_triton else logprobs_fwd_torch
         logp, ent, stats = fwd(logits, flat_labels, inv_temp, ignore_index, return_entropy)

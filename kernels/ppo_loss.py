@@ -21,10 +21,6 @@ logits, optionally in place. ``ppo_loss_from_logprobs`` is the same math on log-
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass
-
 import torch
 
 from ._policy import (
@@ -40,136 +36,11 @@ from ._policy import (
 )
 from ._rows import _ppo_fwd_kernel  # noqa: F401  tests/test_gpu_compile.py compiles it here
 from ._rows import STAT_LOSS, check_logits_labels, ppo_bwd_torch, ppo_bwd_triton
-from ._utils import (
-    AGG_MODES,
-    IGNORE_INDEX,
-    IS_LEVELS,
-    KL_ESTIMATORS,
-    POLICY_LOSSES,
-    ROLLOUT_CORRECTION_LEVELS,
-    ROLLOUT_CORRECTIONS,
-    check_float,
-)
+from ._utils import IGNORE_INDEX, KL_ESTIMATORS, check_float, has_internal_overlap
+from .configs import PPOLossConfig
 from .logprobs import logprobs_ref
 
 __all__ = ["PPOLossConfig", "kl_penalty", "ppo_loss", "ppo_loss_from_logprobs", "ppo_loss_ref", "token_weights"]
-
-
-@dataclass(frozen=True)
-class PPOLossConfig:
-    """Settings of the PPO-family policy loss; every number is a runtime kernel argument (no recompile). The
-    formulas and their papers: ``kernels/_policy.py``."""
-
-    clip_low: float = 0.2
-    """Lower clip: the ratio is clipped at ``1 - clip_low`` (CISPO: the IS weight's lower bound; 1 = none)."""
-    clip_high: float = 0.2
-    """Upper clip: the ratio is clipped at ``1 + clip_high`` (DAPO's clip-higher when > clip_low; CISPO: the IS
-    weight's upper bound minus 1, e.g. 4 for TRL's ``epsilon_high=5``)."""
-    dual_clip: float | None = None
-    """Dual-clip constant c > 1: for negative advantages the loss is bounded by ``-c * A``; None = off."""
-    clip_delta: float | None = None
-    """Two-sided clip (INTELLECT-2; TRL's and Liger's ``delta``): the unclipped ratio is clamped at ``delta`` > 1, which
-    bounds the loss of negative-advantage tokens by ``-delta * A``; None = off. ``policy_loss='clip'`` only."""
-    policy_loss: str = "clip"
-    """``clip`` (PPO's clipped surrogate), ``cispo`` (``-sg[clip(r)] A logp``) or ``sapo`` (soft gate)."""
-    importance_sampling_level: str = "token"
-    """``token`` (one ratio per token), ``sequence`` (GSPO: ``exp(mean(logp - old_logp))`` per sequence) or
-    ``sequence-token`` (GSPO-token: the sequence ratio's value, a token ratio's gradient). Sequence levels need
-    sequences: (B, T) inputs or ``cu_seqlens``."""
-    sapo_temperature_pos: float = 1.0
-    """SAPO's gate temperature for positive advantages."""
-    sapo_temperature_neg: float = 1.05
-    """SAPO's gate temperature for zero / negative advantages (TRL's and Liger's defaults)."""
-    kl_coef: float = 0.0
-    """Weight of the per-token KL(policy || reference) term in the loss (needs ``ref_logp``)."""
-    kl_estimator: str = "k3"
-    """``k1`` (logp - ref), ``k2`` ((logp - ref)^2 / 2), ``k3`` (exp(ref - logp) - (ref - logp) - 1),
-    ``k3+`` (k3's value with k2's gradient, straight-through) or ``abs`` (|logp - ref|)."""
-    kl_clamp: float | None = None
-    """Clamp the per-token KL value to ``[-c, c]`` (no gradient where it holds; verl clamps at 10); None = off."""
-    kl_importance_weighted: bool = False
-    """Multiply the KL term by the importance ratio of the loss's level (DeepSeek-V3.2; TRL's
-    ``use_bias_correction_kl``): the KL estimate under samples of the old policy."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus: ``entropy_coef * H`` is subtracted from the loss."""
-    temperature: float = 1.0
-    """Sampling temperature: log-probs and entropy are those of ``softmax(logits / temperature)``."""
-    agg: str = "token-mean"
-    """One of ``AGG_MODES`` (see ``token_weights``)."""
-    agg_norm_length: int | None = None
-    """The constant length of ``agg='seq-mean-token-sum-norm'`` (Dr. GRPO; e.g. max_new_tokens); None = the padded
-    width of (B, T) inputs (packed inputs must set it)."""
-    log_ratio_clip: float | None = None
-    """Clamp ``logp - old_logp`` to ``[-c, c]`` before the exponential (no gradient where it holds), so that a
-    far-off-policy token cannot overflow the ratio (``exp`` > float32 past ~88.7); verl / OpenRLHF use 20.
-    None = off. Applies to the loss, the ratio metrics and approx_kl, on every backend and in the reference."""
-    rollout_correction: str = "none"
-    """Importance correction for a rollout engine whose log-probs differ from the trainer's (needs
-    ``rollout_logp``): ``none``, ``tis`` (truncated: weight ``min(w, rollout_is_max)``, ``w = exp(old_logp -
-    rollout_logp)``) or ``mis`` (masked: ``w`` inside ``[rollout_is_min, rollout_is_max]``, 0 outside). The weight
-    multiplies the policy term (not the KL or entropy terms)."""
-    rollout_correction_level: str = "token"
-    """``token``, ``sequence`` (w = the product of the sequence's token ratios) or ``sequence-mean`` (their
-    geometric mean)."""
-    rollout_is_max: float = 2.0
-    """The rollout weight's upper bound C (TIS: truncation; MIS: rejection above it)."""
-    rollout_is_min: float | None = None
-    """The rollout weight's lower bound: None = ``1 / rollout_is_max`` for MIS and no lower bound for TIS."""
-
-    def __post_init__(self):
-        def number(name, lo=None, lo_open=False, hi=None):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise ValueError(f"PPOLossConfig.{name} must be a finite number, got {v!r}")
-            if lo is not None and (v <= lo if lo_open else v < lo):
-                raise ValueError(f"PPOLossConfig.{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
-            if hi is not None and v > hi:
-                raise ValueError(f"PPOLossConfig.{name} must be <= {hi}, got {v!r}")
-
-        def choice(name, options):
-            if getattr(self, name) not in options:
-                raise ValueError(f"PPOLossConfig.{name} must be one of {options}, got {getattr(self, name)!r}")
-
-        number("clip_low", 0.0, hi=1.0)  # above 1 the lower bound 1 - clip_low would be negative
-        number("clip_high", 0.0)
-        number("kl_coef", 0.0)
-        number("entropy_coef")
-        number("temperature", 0.0, lo_open=True)
-        number("sapo_temperature_pos", 0.0, lo_open=True)
-        number("sapo_temperature_neg", 0.0, lo_open=True)
-        number("rollout_is_max", 0.0, lo_open=True)
-        for name in ("dual_clip", "clip_delta"):  # a bound of 1 or less would cap even on-policy ratios
-            if getattr(self, name) is not None:
-                number(name, 1.0, lo_open=True)
-        for name in ("log_ratio_clip", "kl_clamp"):
-            if getattr(self, name) is not None:
-                number(name, 0.0, lo_open=True)
-        if self.rollout_is_min is not None:
-            number("rollout_is_min", 0.0, hi=self.rollout_is_max)
-        if not isinstance(self.kl_importance_weighted, bool):
-            raise ValueError(
-                f"PPOLossConfig.kl_importance_weighted must be a bool, got {self.kl_importance_weighted!r}"
-            )
-        n = self.agg_norm_length
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"PPOLossConfig.agg_norm_length must be a positive int or None, got {n!r}")
-        choice("kl_estimator", KL_ESTIMATORS)
-        choice("agg", AGG_MODES)
-        choice("policy_loss", POLICY_LOSSES)
-        choice("importance_sampling_level", IS_LEVELS)
-        choice("rollout_correction", ROLLOUT_CORRECTIONS)
-        choice("rollout_correction_level", ROLLOUT_CORRECTION_LEVELS)
-        if self.dual_clip is not None and self.clip_delta is not None:
-            raise ValueError(
-                f"PPOLossConfig.dual_clip={self.dual_clip} and clip_delta={self.clip_delta} both bound the loss of "
-                "negative-advantage tokens: set one of them"
-            )
-        if self.policy_loss != "clip":
-            for name in ("dual_clip", "clip_delta"):
-                if getattr(self, name) is not None:
-                    raise ValueError(
-                        f"PPOLossConfig.{name} applies to policy_loss='clip' only, got policy_loss={self.policy_loss!r}"
-                    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,11 +168,11 @@ def _check_inplace_logits(logits: torch.Tensor) -> None:
     """inplace_backward=True overwrites the logits with their gradient: that needs every element to own its
     memory (not an expanded, stride-0, view) and nobody to need the logits after this op's backward (other
     nodes that saved them then raise autograd's version-counter error, see _PPOLoss.backward)."""
-    if any(st == 0 and sz > 1 for sz, st in zip(logits.shape, logits.stride())):
+    if has_internal_overlap(logits):
         raise ValueError(
-            f"inplace_backward=True needs logits whose elements do not share memory, got an expanded view "
-            f"(shape {tuple(logits.shape)}, strides {logits.stride()}): pass inplace_backward=False or "
-            f"logits.contiguous()"
+            f"inplace_backward=True needs logits whose elements do not share memory, got a view whose elements "
+            f"overlap (an expanded or as_strided view: shape {tuple(logits.shape)}, strides {logits.stride()}): pass "
+            f"inplace_backward=False or logits.contiguous()"
         )
 
 

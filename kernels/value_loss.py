@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from ._utils import AGG_MODES, check_cu_seqlens, check_float, launch, next_pow2, resolve_backend, tl, triton
+from ._utils import AGG_MODES, check_cu_seqlens, check_float, launch, next_pow2, per_token, resolve_backend, tl, triton
 from ._policy import check_binary_mask, check_per_token, token_weights
 
 # Rows of the (4, N) float32 per-token statistics.
@@ -91,7 +91,7 @@ class _ValueLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, old, returns, weight, keep, clip, use_triton):
         fwd = _value_loss_fwd_triton if use_triton else _value_loss_fwd_torch
-        stats = fwd(values.reshape(-1).contiguous(), old, returns, weight, keep, clip)
+        stats = fwd(per_token(values), old, returns, weight, keep, clip)
         ctx.save_for_backward(stats)
         ctx.shape, ctx.dtype = values.shape, values.dtype
         ctx.mark_non_differentiable(stats)
@@ -150,9 +150,8 @@ def value_loss(
     keep = torch.ones_like(values, dtype=torch.bool) if mask is None else mask != 0
     weight = token_weights(keep, agg, cu_seqlens=cu_seqlens, num_tokens=num_tokens,
                            num_sequences=num_sequences).reshape(-1)  # fmt: skip
-    flat = lambda t: t.reshape(-1).contiguous()  # noqa: E731
-    keep_f = keep.reshape(-1).to(torch.float32)
-    loss, stats = _ValueLoss.apply(values, flat(old_values), flat(returns), weight, keep_f, clip,
+    keep_f = per_token(keep, torch.float32)
+    loss, stats = _ValueLoss.apply(values, per_token(old_values), per_token(returns), weight, keep_f, clip,
                                    backend == "triton")  # fmt: skip
     count = keep_f.sum().clamp(min=1.0)
     means = stats[_CLIPPED:].sum(1) / count

@@ -2,8 +2,10 @@
 
 - Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET=1 is set here,
   before anything imports triton. With CUDA the kernels compile for the GPU (the interpreter is global to the
-  process), so tests that would run a Triton kernel on CPU tensors are skipped there; run
-  `TRITON_INTERPRET=1 pytest tests` as a second pass to cover them too on a GPU machine.
+  process), so tests that would run a Triton kernel on CPU tensors are skipped there: those parametrised with
+  backend="triton" before they start, any other the moment it launches a kernel on CPU tensors
+  (``InterpreterUnavailable``); run `TRITON_INTERPRET=1 pytest tests` as a second pass to cover them too on a GPU
+  machine. tests/test_kernels_on_cuda_box.py checks this with the interpreter switched off.
 - Tests taking the `device` fixture run on CPU and, when present, on CUDA with the same tolerances.
 - `@pytest.mark.torch_ops` (helpers.TORCH_OPS): backend="torch" with the native CPU loops switched off.
 - One intra-op thread per test process: tiny ops on a shared 2-core machine are 10-50x slower with more.
@@ -22,6 +24,19 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 import pytest  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not INTERPRET else [])
+INTERPRETER_OFF = "Triton on CPU tensors needs TRITON_INTERPRET=1 (a separate pass on CUDA machines)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    from fusedrl.kernels._utils import InterpreterUnavailable
+
+    try:
+        return (yield)
+    except InterpreterUnavailable:
+        if INTERPRET:
+            raise
+        pytest.skip(INTERPRETER_OFF)
 
 
 @pytest.fixture(params=DEVICES)
@@ -38,7 +53,7 @@ def _cwd_outside_the_repository(tmp_path_factory, monkeypatch):
 def _seed_and_threads(request):
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     if params.get("backend") == "triton" and not INTERPRET and str(params.get("device", "cpu")) == "cpu":
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (a separate pass on CUDA machines)")
+        pytest.skip(INTERPRETER_OFF)
     torch.manual_seed(1234)
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -357,6 +357,13 @@ def test_ppo_config_composes_the_kernels_loss_config(tmp_path, capsys):
         PPOConfig(loss=PPOLossConfig(kl_coef=0.2))
     with pytest.raises(TypeError, match="unexpected keyword argument 'clip_lo'"):
         PPOConfig(clip_lo=0.1)
+    # The optimizer part is shared with DPO; PPO runs a constant learning rate, so its schedule is no PPO setting.
+    from fusedrl.engine.config import OptimConfig
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'warmup_steps'"):
+        PPOConfig(warmup_steps=10)
+    with pytest.raises(ValueError, match="PPOConfig.optim must be an OptimConfig with lr_schedule='constant'"):
+        PPOConfig(optim=OptimConfig(lr_schedule="cosine"))
     # Flags keep their flat names; a bad loss setting is one parser error with the kernels' message.
     _, c = cli.parse_train_args(["--log-ratio-clip", "10", "--clip-low", "0.1", "--loss-agg", "token-sum"])
     assert (c.loss.log_ratio_clip, c.loss.clip_low, c.loss.agg) == (10.0, 0.1, "token-sum")
@@ -394,3 +401,12 @@ def test_engine_exports_its_public_names_lazily():
     assert (e.PPOTrainer, e.PPOConfig, e.train_dpo) == (PPOTrainer, PPOConfig, train_dpo)
     assert (e.RolloutBackend, e.RolloutOutput, e.SamplingSpec) == (RolloutBackend, RolloutOutput, SamplingSpec)
     assert {"train_sft", "train_reward_model", "DPOConfig", "SFTConfig", "RewardModelConfig"} <= set(e.__all__)
+
+
+def test_loss_flags_read_from_source_match_the_kernels_class():
+    """--help reads PPOLossConfig from its source (no torch): the same fields and defaults as the class itself."""
+    from fusedrl.engine.compose import _source_fields
+    from fusedrl.kernels import PPOLossConfig
+
+    read = [(name, default) for name, _, default, _ in _source_fields("fusedrl.kernels", "PPOLossConfig")]
+    assert read == [(f.name, f.default) for f in dataclasses.fields(PPOLossConfig)]

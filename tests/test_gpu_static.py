@@ -17,6 +17,12 @@ The floors, from what the table measures (Triton 3.9 here, 3.6 on the GPU machin
   register count up to ptxas's cap of 255 goes below 12.5%, so for GAE the check that bites is the spill check
   (3.6 is ~40 registers from it); the floor still catches a shared-memory blow-up or a change of warps.
 A kernel with no floor here fails the test: a new kernel needs a stated floor and its reason.
+
+Loads: the streaming kernels' main loop must read the logits with 16-byte vector loads (``ld.global.v4.b32``: 8 bf16
+or 4 fp32 per thread and instruction), read from the PTX. A load mask the compiler cannot prove constant over
+aligned groups of columns (a per-row bound such as ``cols < where(valid, V, 0)``) makes every element its own
+predicated scalar ``ld.global.b16``: 1/8 of the bytes per instruction in bf16. Triton 3.9 here; Triton 3.6 (the GPU
+machine's) gave the same loads when run by hand (bench/results/gpu-static-*-triton3.6.json).
 """
 
 import copy
@@ -38,6 +44,7 @@ FLOORS = {"_logprobs_fwd_kernel": 0.5, "_logprobs_bwd_kernel": 0.5, "_ppo_fwd_ke
           "_value_loss_fwd_kernel": 0.25, "_gae_fwd_kernel": 0.125}  # fmt: skip
 VOCABS = (32000, 128256, 151936, 262144)
 ARCHS = ("sm_90", "sm_80")
+STREAMING = ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_ppo_fwd_kernel")
 SMEM = {"sm_90": 228 * 1024, "sm_80": 164 * 1024}
 
 
@@ -81,6 +88,9 @@ def violations(data) -> list[str]:
         occ, blocks = occupancy(r["regs"], r["shared_bytes"], r["num_warps"], r["arch"])
         if occ != pytest.approx(r["occupancy"]):
             bad.append(f"{where}: the script says occupancy {r['occupancy']}, the formula {occ}")
+        if r["kernel"] in STREAMING and r["loop_load_bits"] < 128:
+            bad.append(f"{where}: the main loop loads the logits with {r['loop_load']} ({r['loop_load_bits']} bits), "
+                       "not 16-byte vectors")  # fmt: skip
         floor = FLOORS.get(r["kernel"])
         if floor is None:
             bad.append(f"{where}: no occupancy floor stated for this kernel in tests/test_gpu_static.py")
@@ -108,8 +118,11 @@ def test_the_check_catches_a_spill_and_an_occupancy_cliff(table):
     cliff["occupancy"] = 0.25
     gae = next(r for r in data["records"] if r["kernel"] == "_gae_fwd_kernel")
     gae["shared_bytes"], gae["occupancy"] = 120 * 1024, 0.0625  # 1 block per SM on either target
+    scalar = next(r for r in data["records"] if r["kernel"] == "_logprobs_fwd_kernel" and r["dtype"] == "bfloat16")
+    scalar["loop_load"], scalar["loop_load_bits"] = "ld.global.b16", 16
     bad = violations(data)
-    assert len(bad) == 3 and any("spills 8" in b for b in bad), bad
+    assert len(bad) == 4 and any("spills 8" in b for b in bad), bad
+    assert any("ld.global.b16 (16 bits), not 16-byte vectors" in b for b in bad), bad
     assert any("occupancy 25.0% < floor 50.0%" in b for b in bad), bad
     assert any("occupancy 6.2% < floor 12.5%" in b for b in bad), bad
 
@@ -173,3 +186,34 @@ def test_json_and_markdown(table):
     row = next(b for b in data["bandwidth"] if (b["op"], b["pass"], b["dtype"]) == ("logprobs", "fwd", "bfloat16")
                and b["shape"] == "8192x151936")  # fmt: skip
     assert row["floor_ms_h200"] == pytest.approx(row["bytes"] / 4.8e12 * 1e3)
+
+
+def test_streaming_kernels_load_16_byte_vectors(table):
+    """Every streaming kernel, dtype, vocabulary and target: a 128-bit global load in the main loop (the table's
+    reading of the PTX); the other kernels' widest loads are in the table too."""
+    data, md = table
+    assert tuple(data["streaming"]) == STREAMING and data["vector_load_bits"] == 128
+    seen = set()
+    for r in data["records"]:
+        assert r["loop_load_bits"] > 0 and r["loop_load"].startswith("ld.global"), r
+        if r["kernel"] in STREAMING:
+            assert r["in_loop"] and r["loop_load_bits"] >= 128, r
+            seen.add((r["kernel"], r["dtype"], r["arch"]))
+    assert len(seen) == len(STREAMING) * 2 * len(ARCHS), seen
+    assert "widest loop load" in md and "ld.global.v4.b32 (128 bit)" in md
+
+
+def test_widest_load_reads_the_loop_of_the_ptx():
+    gs = _load_static()
+    ptx = """
+    ld.global.b64 %rd1, [%rd0];
+    $L__BB0_1:
+    @%p1 ld.global.b16 { %rs1 }, [ %rd2 + 0 ];
+    @%p2 ld.global.L1::evict_last.v2.b32 { %r1, %r2 }, [ %rd3 + 0 ];
+    @%p3 bra $L__BB0_1;
+    ld.global.v4.b32 { %r3, %r4, %r5, %r6 }, [ %rd4 + 0 ];
+    """
+    assert gs.widest_load(ptx) == {"loop_load": "ld.global.L1::evict_last.v2.b32", "loop_load_bits": 64,
+                                   "in_loop": True}  # fmt: skip
+    no_loop = ptx.replace("bra $L__BB0_1", "bra $L__BB0_9")
+    assert gs.widest_load(no_loop) == {"loop_load": "ld.global.v4.b32", "loop_load_bits": 128, "in_loop": False}

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -388,3 +389,35 @@ def test_linear_ppo_loss_backward_scales_by_grad_out(grad_out):
     for g, g2, g64, name in zip(grads, again, grads64, ["dhidden", "dweight", "dbias"]):
         assert_close(g, g64, atol=1e-6 * grad_out, name=name)
         assert torch.equal(g, g2), name
+
+
+def test_dw_accumulation_out_dtype_path_and_its_fallback_warning(monkeypatch):
+    """dW += dlogits^T h with bf16 operands: torch.addmm(out_dtype=float32) where the device has it (faked here by
+    a recording addmm: CPU torch has no such kernel); where it fails, one warning and the fp32 fallback, same sums."""
+    lin = importlib.import_module("fusedrl.kernels.linear_ppo_loss")
+    a, b = torch.randn(5, 7).bfloat16(), torch.randn(7, 3).bfloat16()
+    want = a.double() @ b.double()
+    calls, real = [], torch.addmm
+
+    def fake_addmm(acc, x, y, *, out_dtype=None, out=None):
+        calls.append(out_dtype)
+        return out.addmm_(x.to(out_dtype), y.to(out_dtype))
+
+    monkeypatch.setattr(lin, "_ADDMM_OUT_DTYPE_DEVICES", ("cpu",))
+    monkeypatch.setattr(lin, "_addmm_out_dtype", True)
+    monkeypatch.setattr(torch, "addmm", fake_addmm)
+    acc = torch.zeros(5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lin._addmm_acc(acc, a, b)
+    assert calls == [torch.float32] and lin._addmm_out_dtype
+    assert_close(acc, want, atol=1e-5, name="out_dtype path")
+
+    monkeypatch.setattr(torch, "addmm", real)  # CPU torch: addmm.dtype_out is not implemented
+    acc = torch.zeros(5, 3)
+    with pytest.warns(RuntimeWarning, match="out_dtype=torch.float32.*unavailable.*several times slower") as rec:
+        lin._addmm_acc(acc, a, b)
+        lin._addmm_acc(acc, a, b)
+    assert len([w for w in rec if "out_dtype" in str(w.message)]) == 1, "warned more than once"
+    assert not lin._addmm_out_dtype
+    assert_close(acc, 2 * want, atol=1e-5, name="fp32 fallback")

@@ -145,66 +145,95 @@ struct RowStats {
     float m, log_s, logp, ent;
 };
 
-// One valid row: the forward kernel's (m, log s, logp, entropy). Per block of the row: load it as float32 / T into
-// `buf` with its max, re-reference the running sums when the max rises, add sum exp(x - m) (and
-// sum exp(x - m) (x - m)). The max skips NaN (a NaN-sticky select does not vectorise); a NaN logit still makes
-// s, and with it log s, logp, the entropy and every gradient of the row, NaN through exp(NaN - m). A +inf logit
-// makes m = +inf and its own term exp(inf - inf) = NaN.
+// 1 / T in double and rounded to float (hi).
+struct InvTemp {
+    float hi;
+    double d;
+};
+
+// What the hot loops subtract from x * hi (one fused multiply-add where the clone has FMA): c = m - (m / hi) lo with
+// lo = 1 / T - hi, so that x * hi - c = x / T - m - (x - max) lo. x * hi - m alone is off by x lo, the same
+// relative amount (|lo / hi| <= 6e-8) for every logit near the row max: a bias of every log-prob that no mean over
+// tokens removes (~3e-7 at T = 0.7 and logits of a few units). c is rounded to float; `delta` = c - fl(c) is put
+// back into log s once per row. The (x - max) lo left over is a relative 6e-8 of z: nothing for the terms of s.
+struct Ref {
+    float c;
+    double delta;
+};
+
+FUSEDRL_INLINE Ref ref_of(float m, InvTemp inv) {
+    if (!std::isfinite(m) || !(inv.hi > 0.0f) || !std::isfinite(inv.hi)) return {m == kNegInf ? 0.0f : m, 0.0};
+    const double c = m - static_cast<double>(m) / inv.hi * (inv.d - inv.hi);
+    const float cf = static_cast<float>(c);
+    return {cf, c - cf};
+}
+
+// One valid row: the forward kernel's (m, log s, logp, entropy), m = fl(max(x) * hi) the row max of logits / T. Per
+// block of the row: load it into `buf` with its max, re-reference the running sums when the max rises, add
+// sum exp(z) (and sum exp(z) z) with z = x * hi - c (see Ref), log s corrected by delta at the end. The max skips
+// NaN (a NaN-sticky select does not vectorise); a NaN logit still makes s, and with it log s, logp, the entropy and
+// every gradient of the row, NaN through exp(NaN - c). A +inf logit makes m = +inf and its own term NaN.
 template <typename T>
-FUSEDRL_INLINE RowStats forward_row(const T* x, int64_t V, float inv_temp, int64_t label, bool with_entropy) {
+FUSEDRL_INLINE RowStats forward_row(const T* x, int64_t V, InvTemp inv, int64_t label, bool with_entropy) {
     f32x16 buf[kBlock / kLanes];
-    float m = kNegInf, s = 0.0f, w = 0.0f;
+    float mx = kNegInf, m = kNegInf, s = 0.0f, w = 0.0f;  // mx: the max of the logits so far
+    Ref ref = ref_of(m, inv);
     for (int64_t start = 0; start < V; start += kBlock) {
         const int64_t n = std::min(kBlock, V - start);
         const int64_t full = n / kLanes, tail = n % kLanes;
         f32x16 mv = splat(kNegInf);
         for (int64_t k = 0; k < full; ++k) {
-            const f32x16 v = load16(x + start + k * kLanes) * inv_temp;
+            const f32x16 v = load16(x + start + k * kLanes);
             buf[k] = v;
             mv = v > mv ? v : mv;
         }
         if (tail) {
-            const f32x16 v = load_part(x + start + full * kLanes, tail, kNegInf) * inv_temp;
+            const f32x16 v = load_part(x + start + full * kLanes, tail, kNegInf);
             buf[full] = v;
             mv = v > mv ? v : mv;
         }
         float bm = mv[0];
         for (int l = 1; l < kLanes; ++l) bm = mv[l] > bm ? mv[l] : bm;
-        if (bm > m) {
+        if (bm > mx) {
+            mx = bm;
+            m = bm * inv.hi;
+            const Ref next = ref_of(m, inv);
             if (s > 0.0f) {  // re-reference the terms so far to the new max
-                const float d = m - bm;
+                const float d = static_cast<float>(static_cast<double>(ref.c) - next.c);  // exact
                 const float alpha = std::exp(d);
                 w = alpha * (w + d * s);
                 s *= alpha;
             }
-            m = bm;
+            ref = next;
         }
-        // Every logit so far -inf: exp(x - 0) adds 0 for them, and NaN for a NaN among them.
-        const float m_ref = m == kNegInf ? 0.0f : m;
+        // Every logit so far -inf: c = 0, and exp(x * hi) adds 0 for them (NaN for a NaN among them).
+        const float c = ref.c, hi = inv.hi;
         const int64_t nv = full + (tail ? 1 : 0);
         f32x16 acc = splat(0.0f);
         if (with_entropy) {
             f32x16 accw = splat(0.0f);
             for (int64_t k = 0; k < nv; ++k) {
-                const f32x16 z = buf[k] - m_ref;
+                const f32x16 z = buf[k] * hi - c;
                 const f32x16 e = exp_v(z);
                 acc += e;
                 accw += e > 0.0f ? e * z : splat(0.0f);  // exp(z) = 0 adds 0, not 0 * -inf = NaN
             }
             w += hsum(accw);
         } else {
-            for (int64_t k = 0; k < nv; ++k) acc += exp_v(buf[k] - m_ref);
+            for (int64_t k = 0; k < nv; ++k) acc += exp_v(buf[k] * hi - c);
         }
         s += hsum(acc);
     }
-    const float log_s = std::log(s);
+    const double log_s_d = std::log(static_cast<double>(s)) - ref.delta;  // log sum exp(x / T - m)
+    const float log_s = static_cast<float>(log_s_d);
     float logp = kNaN;  // a label outside [0, V) never reads out of bounds
     if (label >= 0 && label < V) {
-        // (x_y - m) - log s rather than x_y - (m + log s): log s survives when it is tiny (p_y -> 1).
-        logp = (load_one(x + label) * inv_temp - m) - log_s;
+        // x_y / T - m - log s in double, rounded once: delta (a fraction of an ulp of log s) is not lost, and log s
+        // survives when it is tiny (p_y -> 1).
+        logp = static_cast<float>(static_cast<double>(load_one(x + label)) * inv.d - m - log_s_d);
         logp = logp > 0.0f ? 0.0f : logp;  // a last-ulp excess; NaN stays
     }
-    float ent = log_s - w / s;
+    float ent = std::log(s) - w / s;  // the same for any reference of z
     ent = ent < 0.0f ? 0.0f : ent;
     return {m, log_s, logp, ent};
 }
@@ -212,14 +241,17 @@ FUSEDRL_INLINE RowStats forward_row(const T* x, int64_t V, float inv_temp, int64
 // dL/dx for one valid row, written to dx (which may be x itself: the label logit is read first, and each group of
 // 16 is read before it is written).
 template <typename T, typename D>
-FUSEDRL_INLINE void backward_row(const T* x, D* dx, int64_t V, float inv_temp, int64_t label, float m, float log_s,
+FUSEDRL_INLINE void backward_row(const T* x, D* dx, int64_t V, InvTemp inv, int64_t label, float m, float log_s,
                                  float ent, float g_lp, float g_h, bool with_entropy) {
     const bool has_label = label >= 0 && label < V;
-    const float x_y = has_label ? load_one(x + label) * inv_temp : 0.0f;
+    const float x_y = has_label ? load_one(x + label) : 0.0f;  // read before dx (maybe x) is written
+    const float inv_temp = inv.hi;
     const float c = -g_lp * inv_temp;
     const float cg = -g_h * inv_temp;
+    const Ref ref = ref_of(m, inv);  // log p = (x * hi - c) - (log s + delta), as the forward formed its terms
+    const float ref_c = ref.c, log_s_c = static_cast<float>(log_s + ref.delta);
     auto grad = [&](f32x16 v) {
-        const f32x16 lp = (v * inv_temp - m) - log_s;
+        const f32x16 lp = (v * inv_temp - ref_c) - log_s_c;
         const f32x16 p = exp_v(lp);
         if (!with_entropy) return c * p;
         return c * p + (p > 0.0f ? cg * (p * (lp + ent)) : splat(0.0f));  // dH/dx_j = -p_j (log p_j + H)
@@ -228,7 +260,7 @@ FUSEDRL_INLINE void backward_row(const T* x, D* dx, int64_t V, float inv_temp, i
     for (int64_t k = 0; k < full; ++k) store16(dx + k * kLanes, grad(load16(x + k * kLanes)));
     if (tail) store16(dx + full * kLanes, grad(load_part(x + full * kLanes, tail, 0.0f)), tail);
     if (has_label) {
-        const float lp_y = (x_y - m) - log_s;
+        const float lp_y = static_cast<float>(static_cast<double>(x_y) * inv.d - m) - log_s;
         const float p_y = std::exp(lp_y);
         float g = g_lp * -std::expm1(lp_y);  // 1 - p_y without cancellation when p_y -> 1
         if (with_entropy) g -= g_h * (p_y > 0.0f ? p_y * (lp_y + ent) : 0.0f);
@@ -364,7 +396,7 @@ void parallel_rows(int64_t rows, int64_t V, int64_t threads, F&& fn) {
 }
 
 template <typename T>
-FUSEDRL_CLONES void forward_range(const Rows& x, const Vec& labels, float inv_temp, int64_t ignore_index,
+FUSEDRL_CLONES void forward_range(const Rows& x, const Vec& labels, InvTemp inv_temp, int64_t ignore_index,
                                   const Vec& logp, const Vec& m, const Vec& log_s, const Vec* ent, int64_t r0,
                                   int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -381,7 +413,7 @@ FUSEDRL_CLONES void forward_range(const Rows& x, const Vec& labels, float inv_te
 }
 
 template <typename T, typename D>
-FUSEDRL_CLONES void backward_range(const Rows& x, const Rows& dx, const Vec& labels, float inv_temp,
+FUSEDRL_CLONES void backward_range(const Rows& x, const Rows& dx, const Vec& labels, InvTemp inv_temp,
                                    int64_t ignore_index, const Vec& m, const Vec& log_s, const Vec* ent,
                                    const Vec& g_lp, const Vec* g_h, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -416,11 +448,12 @@ void advise_huge_pages(const Rows& dx) {
 #endif
 }
 
-float inv_temp_arg(double inv_temp) {
+InvTemp inv_temp_arg(double inv_temp) {
     if (!(std::isfinite(inv_temp) && inv_temp > 0.0)) {
         throw py::value_error("inv_temp must be a finite number > 0, got " + std::to_string(inv_temp));
     }
-    return static_cast<float>(inv_temp);
+    const float hi = static_cast<float>(inv_temp);
+    return {hi, inv_temp};
 }
 
 int64_t threads_arg(int64_t threads) {
@@ -440,7 +473,7 @@ void logprobs_fwd(py::object x_obj, py::object labels_obj, double inv_temp_d, in
     Vec ent_v{nullptr, 0};
     const bool with_ent = !ent_obj.is_none();
     if (with_ent) ent_v = vec_arg("entropy", ent_obj, x.rows, 'f', true);
-    const float inv_temp = inv_temp_arg(inv_temp_d);
+    const InvTemp inv_temp = inv_temp_arg(inv_temp_d);
     threads = threads_arg(threads);
     if (x.V == 0 && x.rows > 0) throw py::value_error("logits must have V > 0 columns, got 0");
     const Vec* ent = with_ent ? &ent_v : nullptr;
@@ -477,7 +510,7 @@ void logprobs_bwd(py::object x_obj, py::object labels_obj, py::object m_obj, py:
         ent_v = vec_arg("entropy", ent_obj, x.rows, 'f', false);
         g_h_v = vec_arg("grad_entropy", g_h_obj, x.rows, 'f', false);
     }
-    const float inv_temp = inv_temp_arg(inv_temp_d);
+    const InvTemp inv_temp = inv_temp_arg(inv_temp_d);
     threads = threads_arg(threads);
     const Vec* ent = with_ent ? &ent_v : nullptr;
     const Vec* g_h = with_ent ? &g_h_v : nullptr;

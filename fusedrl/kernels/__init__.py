@@ -38,7 +38,8 @@ __all__ = [
 from .gae import gae, gae_ref, shape_token_rewards
 
 __all__ += ["gae", "gae_ref", "shape_token_rewards"]
-from .ppo_loss import PPOLossConfig, kl_penalty, ppo_loss, ppo_loss_from_logprobs, ppo_loss_ref, token_weights
+from .configs import LOSS_TYPES, PPOLossConfig, PreferenceLossConfig
+from .ppo_loss import kl_penalty, ppo_loss, ppo_loss_from_logprobs, ppo_loss_ref, token_weights
 
 __all__ += ["PPOLossConfig", "kl_penalty", "ppo_loss", "ppo_loss_from_logprobs", "ppo_loss_ref", "token_weights"]
 from .linear_ppo_loss import linear_logprobs, linear_logprobs_ref, linear_ppo_loss, linear_ppo_loss_ref
@@ -47,12 +48,6 @@ __all__ += ["linear_logprobs", "linear_logprobs_ref", "linear_ppo_loss", "linear
 from .value_loss import value_loss, value_loss_ref
 
 __all__ += ["value_loss", "value_loss_ref"]
-from .linear_preference_loss import (
-    LOSS_TYPES,
-    PreferenceLossConfig,
-    linear_preference_loss,
-    linear_preference_loss_ref,
-    pair_losses,
-)
+from .linear_preference_loss import linear_preference_loss, linear_preference_loss_ref, pair_losses
 
 __all__ += ["LOSS_TYPES", "PreferenceLossConfig", "linear_preference_loss", "linear_preference_loss_ref", "pair_losses"]
