@@ -299,8 +299,8 @@ class EpisodeRunner:
     # Environment text
     # ------------------------------------------------------------------------------------------------
     def _render(self, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, tools=self.schemas or None, tokenize=True,
-                                                 add_generation_prompt=add_generation_prompt, return_dict=False)  # fmt: skip
+        out = self.tokenizer.apply_chat_template(messages, tools=self.schemas or None, tokenize=True, return_dict=False,
+                                                 add_generation_prompt=add_generation_prompt)  # fmt: skip
         return list(out["input_ids"] if isinstance(out, dict) else out)
 
     def _delta(self, e: _Episode, new: list[dict], ended: bool) -> list[int]:
@@ -313,7 +313,8 @@ class EpisodeRunner:
         stops = [i for i, t in enumerate(before) if t in self.stop_ids]
         if not stops:
             raise ValueError(f"chat template of {self.template!r} renders the policy's turn without a stop token "
-                             f"{sorted(self.stop_ids)}: cannot tell where environment text starts (turn {e.turns})")  # fmt: skip
+                             f"{sorted(self.stop_ids)}: cannot tell where environment text starts "
+                             f"(turn {e.turns})")  # fmt: skip
         cut = stops[-1] + 1
         if after[:cut] != before[:cut]:
             at = next(i for i, (a, b) in enumerate(zip(after, before)) if a != b)

@@ -349,7 +349,8 @@ class PPOTrainer:
             lengths = layout.cu.diff()
             self.completions = completion_rows(prompt_texts, completions, rewards=raw_scores, lengths=lengths,
                                                advantages=layout.sequence_sum(adv) / lengths.clamp(min=1),
-                                               truncated=[not e for e in eos], reward_parts=reward_parts)  # fmt: skip
+                                               truncated=ro.truncated or [not e for e in eos],
+                                               reward_parts=reward_parts)  # fmt: skip
         return metrics
 
     # ------------------------------------------------------------------------------------------------
