@@ -125,6 +125,7 @@ class _Episode:
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     turns: int = 0
+    last_turn: int = 0  # tokens the policy sampled in its latest turn
     done: bool = False
     truncated: bool = False
     tool_calls: int = 0
@@ -189,7 +190,7 @@ class EpisodeRunner:
                 e.tokens += toks
                 e.mask += [1] * len(toks)
                 e.logprobs += [float(x) for x in lps]
-                e.turns += 1
+                e.turns, e.last_turn = e.turns + 1, len(toks)
             has_logprobs = has_logprobs and out.logprobs is not None
             for e in active:
                 self._answer(e)
@@ -207,6 +208,9 @@ class EpisodeRunner:
             raise TypeError(f"environment {self.name}.reset returned {type(obs).__name__} for row {index}; expected "
                             "a string or None")  # fmt: skip
         chat = bool(self.schemas) or is_conversation(prompt)
+        if chat and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"row {index}: the prompt is chat messages but tokenizer {self.template!r} has no chat "
+                             "template to render them")  # fmt: skip
         if chat:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
             if obs:  # appended to the last message, as TRL does
@@ -232,7 +236,7 @@ class EpisodeRunner:
 
     def _answer(self, e: _Episode) -> None:
         """The environment's answer to the episode's last turn: appended, or the episode ends."""
-        turn = e.tokens[len(e.tokens) - _last_turn_length(e.mask) :]
+        turn = e.tokens[len(e.tokens) - e.last_turn :]
         ended = bool(turn) and turn[-1] in self.stop_ids
         text = self.tokenizer.decode(turn, skip_special_tokens=True)
         if self.text_env:
@@ -376,16 +380,6 @@ class EpisodeRunner:
             shown = {k: (v if len(repr(v)) <= 80 else repr(v)[:77] + "...") for k, v in row.items()}
             raise EnvironmentFailure(f"environment {self.name}.{what} raised {type(err).__name__}: {err} (row {index}: "
                                     f"{shown})") from err  # fmt: skip
-
-
-def _last_turn_length(mask: list[int]) -> int:
-    """How many trailing tokens carry loss mask 1 (the policy's last turn)."""
-    n = 0
-    for m in reversed(mask):
-        if not m:
-            break
-        n += 1
-    return n
 
 
 class _Stateless:

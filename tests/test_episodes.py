@@ -522,3 +522,39 @@ def test_the_same_environment_class_runs_in_trl_grpo_trainer(tmp_path):
     )
     m = tr.step([{"prompt": prompt, "answer": 12}])
     assert len(rows) == 2 and all(r["answer"] == 12 for r in rows) and m["rollout/reward_mean"] == 1.0
+
+
+class Silent:
+    """Answers with an empty observation: the next turn follows the last one directly."""
+
+    def reset(self, **row):
+        self.seen = []
+
+    def step(self, completion):
+        self.seen.append(completion)
+        return None if len(self.seen) >= 2 else ""
+
+    def get_reward(self):
+        return float(len(self.seen[1]))
+
+
+def test_each_step_sees_only_its_own_turn(tok):
+    envs = []
+
+    def factory():
+        envs.append(Silent())
+        return envs[-1]
+
+    tr = make(tok, reward=None, env=factory, advantage_estimator="grpo", max_new_tokens=3, temperature=5.0)
+    torch.manual_seed(6)
+    tr.step(PROMPTS[:2])
+    for env, (tokens, mask) in zip(envs[1:], sequences(tr.buffer)):  # envs[0] is the trainer's probe
+        sampled = [t for t, k in zip(tokens, mask) if k]
+        assert len(env.seen) == 2 and "".join(env.seen) == tok.decode(sampled, skip_special_tokens=True)
+        assert all(len(c) <= 3 for c in env.seen)
+
+
+def test_chat_prompt_needs_a_chat_template(tok):
+    tr = make(tok)
+    with pytest.raises(ValueError, match="row 0: the prompt is chat messages but tokenizer .* has no chat template"):
+        tr.step([{"prompt": [{"role": "user", "content": "hi"}]}])
