@@ -22,7 +22,8 @@ str) -> str | None``: every turn goes to it; a string is the next observation, N
 
 An episode: the policy samples a turn (up to a stop token or ``max_new_tokens``); the environment answers; its
 text is tokenized once and appended; repeat until the environment ends it, ``max_turns`` or the episode's token
-budget (then it is flagged truncated). A turn cut by ``max_new_tokens`` still goes to the environment. Token in,
+budget (then it is flagged truncated; the environment still saw that last turn: its ``step`` ran, or its tool
+calls). A turn cut by ``max_new_tokens`` still goes to the environment. Token in,
 token out: the policy's sampled tokens are kept as sampled, never decoded and re-encoded; the loss mask is 1 on
 them and 0 on the prompt and on every environment token. All active episodes' next turns are generated together,
 in one call of the rollout backend.
