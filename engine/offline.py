@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,7 +193,7 @@ def load_tokenizer_for(cfg: OfflineConfig):
 
 def max_length_of(cfg: OfflineConfig, model) -> int | None:
     """``--max-length``, else the model's context length."""
-    from .rollout import context_length
+    from .data import context_length
 
     return cfg.max_length if cfg.max_length is not None else context_length(model)
 
@@ -236,89 +235,77 @@ def fit(model, tokenizer, objective: Objective, cfg: OfflineConfig, *, final_nam
 
     An optimizer step whose gradient norm is not finite is skipped (warned, counted in ``train/skipped_steps``):
     one bad batch must not write NaN into the weights."""
-    from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
+    from .distributed import Distributed
     from .metrics import MetricsLogger
-    from .sft import warmup_cosine
-    from .trainer import _adamw
+    from .update import GuardedStep, RunDir, accumulate, adamw, lr_factor, run_loop, save_model
 
+    dist = Distributed(next(model.parameters()).device, single=True)
     out = Path(cfg.output_dir)
-    latest = prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, extra_files=(final_name,))
+    run = RunDir(out, dist, resume=cfg.resume, overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints,
+                 extra_files=(final_name,))  # fmt: skip
     if run_config is not None:
-        import yaml
-
-        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        run.write_config(run_config)
     n = objective.num_records
     total = cfg.epochs * math.ceil(n / cfg.batch_size)
-    opt = _adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                 weight_decay=cfg.weight_decay)  # fmt: skip
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))
-    step = skipped = 0
-    if latest is not None:
-        state = load_checkpoint(latest)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor("cosine", cfg.warmup_steps, total))
+    guard = GuardedStep(dist)
+    step = 0
+    state = run.load()  # this process's RNG state restored: dropout draws continue where the checkpoint left them
+    if state is not None:
         if int(state["num_records"]) != n:
-            raise ValueError(f"resume: the checkpoint {str(latest)!r} was trained on {int(state['num_records'])} "
+            raise ValueError(f"resume: the checkpoint {str(run.latest)!r} was trained on {int(state['num_records'])} "
                              f"records, the data now holds {n}")  # fmt: skip
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, skipped = int(state["step"]), int(state["skipped_steps"])
-        set_rng_state(state["rng"])  # dropout draws continue where the checkpoint left them
+        step, guard.skipped = int(state["step"]), int(state["skipped_steps"])
         del state
 
     def save(at: int) -> None:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "step": at, "num_records": n, "skipped_steps": skipped, "rng": rng_state()}  # fmt: skip
-        save_checkpoint(out, at, state, keep_last=cfg.keep_checkpoints)
+        run.save(at, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "num_records": n, "skipped_steps": guard.skipped})  # fmt: skip
 
-    rows = []
+    def one_step(i: int) -> dict:
+        t0 = time.perf_counter()
+        ids = step_records(n, cfg.batch_size, cfg.seed, i)
+        denominator = objective.denominator(ids)
+        sums: dict[str, torch.Tensor] = {}
+        n_tok, losses = [0], []
+
+        def loss_of(mb, weight):
+            loss, m = objective.loss(mb)
+            losses.append(loss.detach())
+            yield loss / denominator
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            n_tok[0] += int(mb.input_ids.shape[1])
+
+        accumulate((), [(mb, 1.0) for mb in objective.micro_batches(ids)], loss_of)
+        ok = torch.isfinite(torch.stack(losses)).all()
+        norm = guard.step(model, opt, ok, max_grad_norm=cfg.max_grad_norm, step=i + 1, name="model")
+        sched.step()
+        keys = sorted(sums)
+        values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]) / denominator
+        metrics = dict(zip(keys, values.tolist()))  # one host sync for the step's metrics
+        dt = time.perf_counter() - t0
+        metrics.update({"grad_norm": norm.item(), "lr": sched.get_last_lr()[0], "epoch": (i + 1) * cfg.batch_size / n,
+                        "train/skipped_steps": float(guard.skipped), "perf/step_s": dt,
+                        "perf/tokens_per_s": n_tok[0] / dt})  # fmt: skip
+        if i + 1 == total or (cfg.eval_every and (i + 1) % cfg.eval_every == 0):
+            model.eval()
+            metrics.update(objective.evaluate())
+            model.train()
+        return metrics
+
     logger = MetricsLogger(out / "metrics.jsonl", progress=cfg.progress, total_steps=total,
-                           resume_step=step if latest is not None else None, report_to=cfg.report_to,
+                           resume_step=step if run.latest is not None else None, report_to=cfg.report_to,
                            log_every=cfg.log_every,
                            run_config=run_config if run_config is not None else dataclasses.asdict(cfg))  # fmt: skip
     model.train()
-    with logger:
-        while step < total:
-            t0 = time.perf_counter()
-            ids = step_records(n, cfg.batch_size, cfg.seed, step)
-            denominator = objective.denominator(ids)
-            sums: dict[str, torch.Tensor] = {}
-            n_tok = 0
-            for mb in objective.micro_batches(ids):
-                loss, m = objective.loss(mb)
-                (loss / denominator).backward()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach()
-                n_tok += int(mb.input_ids.shape[1])
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-            if torch.isfinite(norm):  # host sync, once per step
-                opt.step()
-            else:
-                skipped += 1
-                warnings.warn(f"step {step + 1}: non-finite gradient norm ({float(norm)}); that optimizer step was "
-                              "skipped", RuntimeWarning, stacklevel=2)  # fmt: skip
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            keys = sorted(sums)
-            values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]) / denominator
-            metrics = dict(zip(keys, values.tolist()))  # one host sync for the step's metrics
-            dt = time.perf_counter() - t0
-            metrics.update({"grad_norm": norm.item(), "lr": sched.get_last_lr()[0], "epoch": step * cfg.batch_size / n,
-                            "train/skipped_steps": float(skipped), "perf/step_s": dt,
-                            "perf/tokens_per_s": n_tok / dt})  # fmt: skip
-            if step == total or (cfg.eval_every and step % cfg.eval_every == 0):
-                model.eval()
-                metrics.update(objective.evaluate())
-                model.train()
-            rows.append(logger.log(step, metrics))
-            if cfg.save_every and step % cfg.save_every == 0:
-                save(step)
-    if cfg.save_every and step % cfg.save_every:
-        save(step)
+    rows = run_loop(one_step, step, total, logger, save_every=cfg.save_every, save=save)
     model.eval()
-    model.save_pretrained(out / final_name)
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(out / final_name)
+    save_model(model, tokenizer, out / final_name)
     return rows
 
 

@@ -54,7 +54,7 @@ class PackedPairs:
 
 def pair_rewards(model, mb) -> tuple[torch.Tensor, torch.Tensor]:
     """(p,), (p,) float32 rewards of the chosen and the rejected sequence of each pair in the micro-batch."""
-    from .models import score_packed
+    from .heads import score_packed
 
     r = score_packed(model, mb.input_ids, mb.position_ids, mb.cu_seqlens, max_length=mb.max_seqlen).view(-1, 2)
     return r[:, 0], r[:, 1]
