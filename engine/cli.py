@@ -53,6 +53,8 @@ class TrainArgs:
     """Rule-based reward: a built-in (math_answer, format_reward, length_penalty, count_token, target_length, echo_prompt), module:function or file.py:function."""
     reward_kwargs: str = "{}"
     """Keyword arguments bound to reward_fn, as a JSON object, e.g. '{"token": "a"}' or '{"pattern": "#### [0-9]+"}'."""
+    environment: str | None = None
+    """Multi-turn episodes against an environment class, module:Class or file.py:Class (TRL's environment_factory contract: reset(**row), tools as public methods, optional get_reward; or a text environment with step(completion)); each row reaches reset() with all its columns; reward_fn / reward_model become optional when it defines get_reward."""
     lora_r: int = 0
     """LoRA rank (0: train all weights). Needs peft (pip install 'fusedrl[lora]'); the reference policy is then the base model with the adapter disabled (no second copy of the weights), and policy/ holds the adapter."""
     lora_alpha: float | None = None
@@ -215,8 +217,11 @@ def train_main(argv: list[str]) -> int:
     if args.prompts is None:
         raise SystemExit("fusedrl train: --prompts is required (a .jsonl/.json/.parquet/.csv/.txt file, a datasets "
                          "directory or a Hub data set name)")  # fmt: skip
-    if (args.reward_model is None) == (args.reward_fn is None):
-        raise SystemExit("fusedrl train: give exactly one of --reward-model and --reward-fn")
+    if args.reward_model is not None and args.reward_fn is not None:
+        raise SystemExit("fusedrl train: give one of --reward-model and --reward-fn, not both")
+    if args.reward_model is None and args.reward_fn is None and args.environment is None:
+        raise SystemExit("fusedrl train: give one of --reward-model and --reward-fn (or an --environment that owns "
+                         "the reward with get_reward)")  # fmt: skip
     try:
         reward_kwargs = json.loads(args.reward_kwargs)
     except json.JSONDecodeError as e:
@@ -240,10 +245,10 @@ def train_main(argv: list[str]) -> int:
 
     from .checkpoint import prepare_run_dir
     from .compose import flat_dict
-    from .data import bind_columns, load_prompt_data
+    from .data import bind_columns, load_environment_rows, load_prompt_data, reward_columns
     from .distributed import default_threads, init_distributed, resolve_device, shutdown_distributed
     from .models import PRESETS, apply_lora, build_causal_lm, build_reward_model, is_peft_model, save_model
-    from .rewards import load_reward_fn
+    from .rewards import load_object, load_reward_fn
     from .tokenizer import build_char_tokenizer, load_tokenizer
     from .trainer import PPOTrainer
 
@@ -259,9 +264,19 @@ def train_main(argv: list[str]) -> int:
             tokenizer = load_tokenizer(args.tokenizer or args.policy, "tokenizer" if args.tokenizer else "policy")
         else:
             tokenizer = build_char_tokenizer()
-        data = load_prompt_data(args.prompts, prompt_field=args.prompt_field, tokenizer=tokenizer,
-                                split=args.dataset_split, config=args.dataset_config)  # fmt: skip
-        reward_fn = bind_columns(load_reward_fn(args.reward_fn, **reward_kwargs), data) if args.reward_fn else None
+        where = {"prompt_field": args.prompt_field, "split": args.dataset_split, "config": args.dataset_config}
+        if args.environment is not None:  # rows as they are: reset(**row) takes their columns
+            environment = load_object(args.environment, "environment")
+            data = load_environment_rows(args.prompts, **where)
+            reward_fn = load_reward_fn(args.reward_fn, **reward_kwargs) if args.reward_fn else None
+            columns = reward_columns(reward_fn, sorted({c for r in data for c in r} - {"prompt"})) if reward_fn else []
+            if columns:
+                raise ValueError(f"--reward-fn {args.reward_fn} takes the data set columns {columns}; with --environment "
+                                 "the row goes to the environment's reset(): score it in get_reward")  # fmt: skip
+        else:
+            environment = None
+            data = load_prompt_data(args.prompts, tokenizer=tokenizer, **where)
+            reward_fn = bind_columns(load_reward_fn(args.reward_fn, **reward_kwargs), data) if args.reward_fn else None
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         if rank0 and not args.resume:  # a refused run fails in a second, not after building the models
             prepare_run_dir(cfg.output_dir, resume=False, overwrite=args.overwrite)
@@ -271,7 +286,7 @@ def train_main(argv: list[str]) -> int:
             policy = apply_lora(policy, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                 target_modules=args.lora_target_modules)  # fmt: skip
         policy = policy.to(device)
-        if reward_fn is not None:
+        if reward_fn is not None or args.reward_model is None:
             reward = reward_fn
         else:
             rm_vocab = len(tokenizer) if args.reward_model in PRESETS else None
@@ -279,7 +294,7 @@ def train_main(argv: list[str]) -> int:
             reward = build_reward_model(args.reward_model, vocab_size=rm_vocab, seed=cfg.seed + 1, pad_token_id=pad,
                                         dtype=dtype).to(device)  # fmt: skip
         trainer_cls = _hf_checkpoint_trainer() if args.save_hf_checkpoints else PPOTrainer
-        trainer = trainer_cls(policy, tokenizer, reward, cfg)
+        trainer = trainer_cls(policy, tokenizer, reward, cfg, environment_factory=environment)
     except (OSError, ValueError, TypeError, ImportError) as e:  # FileNotFoundError, FileExistsError, ...
         raise _fail(e) from None
     if trainer.rank == 0:
@@ -295,7 +310,8 @@ def train_main(argv: list[str]) -> int:
     out = Path(cfg.output_dir)
     run = {**dataclasses.asdict(args), **flat_dict(cfg)}
     run.pop("resume"), run.pop("overwrite")  # how this invocation treats the directory, not part of the run
-    trainer.train(data.prompts, resume=args.resume, overwrite=args.overwrite, run_config=run)
+    rows = data if environment is not None else data.prompts
+    trainer.train(rows, resume=args.resume, overwrite=args.overwrite, run_config=run)
     if trainer.rank == 0:
         if args.merge_lora:  # policy/ becomes the plain model with the adapter merged in
             import shutil

@@ -161,6 +161,24 @@ class RunConfig:
             raise ValueError(f"RunConfig.{e}") from None
 
 
+@dataclass
+class EpisodeConfig:
+    """Multi-turn episodes against an environment (``PPOTrainer(..., environment_factory=...)``); unused without one.
+    A turn's token budget is max_new_tokens."""
+
+    max_turns: int = 8
+    """Most policy turns per episode; an episode the environment would continue after it is flagged truncated."""
+    max_episode_tokens: int | None = None
+    """Most tokens after the prompt per episode (sampled + environment); None: what max_tokens_per_microbatch and the model's context leave after the prompt (always capped by them)."""
+    mask_truncated: bool = False
+    """Episodes cut by max_turns or a token budget get zero advantages: no policy-gradient signal from them (TRL's mask_truncated_completions); a KL term in the loss still applies to their tokens."""
+
+    def __post_init__(self):
+        _need("EpisodeConfig", self, _integer(self.max_turns) and self.max_turns >= 1, "max_turns", "an int >= 1")
+        ok = self.max_episode_tokens is None or (_integer(self.max_episode_tokens) and self.max_episode_tokens >= 1)
+        _need("EpisodeConfig", self, ok, "max_episode_tokens", "None or an int >= 1")
+
+
 # The policy-loss settings PPOConfig decides itself (from where the KL goes, the sampling temperature, the engine).
 _PPO_OWNED_LOSS_FIELDS = ("kl_coef", "kl_estimator", "temperature", "agg_norm_length", "rollout_correction")
 
@@ -191,6 +209,8 @@ class PPOConfig:
     """The policy's optimizer (a constant learning rate: PPO steps run no schedule)."""
     run: RunConfig = part(RunConfig)
     """Output, seeding, checkpoints, logging."""
+    episode: EpisodeConfig = part(EpisodeConfig)
+    """Multi-turn episodes (with an environment)."""
     # --- advantages, KL, reward processing
     advantage_estimator: Literal[ADVANTAGE_ESTIMATORS] = "gae"
     """gae: critic + per-token KL reward; grpo: group-normalised; rloo: leave-one-out; reinforce++: batch-normalised."""

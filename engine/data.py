@@ -240,6 +240,30 @@ def load_prompt_data(source: str | os.PathLike, *, prompt_field: str | None = No
     return prompt_data_from_rows(rows, prompt_field=prompt_field, tokenizer=tokenizer, source=os.fspath(source))
 
 
+def load_environment_rows(source: str | os.PathLike, *, prompt_field: str | None = None, split: str = "train",
+                          config: str | None = None) -> list[dict]:  # fmt: skip
+    """The rows an environment's ``reset(**row)`` receives: every column, the prompt (a string or chat messages,
+    not rendered: the episode renders it with the environment's tools) under ``prompt``."""
+    source = os.fspath(source)
+    rows = load_rows(source, split=split, config=config)
+    if not rows:
+        raise ValueError(f"prompts {source!r} holds no prompts")
+    key = _prompt_field(rows, prompt_field, source)
+    out = []
+    for i, row in enumerate(rows, 1):
+        if key is None:
+            row = {"prompt": row}
+        elif not isinstance(row, dict) or key not in row:
+            raise ValueError(f"{source} row {i}: no {key!r} field")
+        else:
+            row = {**{k: v for k, v in row.items() if k != key}, "prompt": row[key]}
+        if not isinstance(row["prompt"], str) and not is_conversation(row["prompt"]):
+            raise TypeError(f"{source} row {i}: the prompt must be a string or a list of chat messages, got "
+                            f"{type(row['prompt']).__name__}")  # fmt: skip
+        out.append(row)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Extra columns -> reward keyword arguments
 # ----------------------------------------------------------------------------------------------------

@@ -242,6 +242,30 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
 }
 
 
+def load_object(spec: str, what: str = "object"):
+    """The attribute ``spec`` names: ``package.module:name`` or ``path/to/file.py:name``; ``what`` names it in
+    errors (``reward function``, ``environment``)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"{what} spec must be 'module:name' or 'path/to/file.py:name', got {spec!r}")
+    mod_name, _, attr = spec.rpartition(":")
+    if mod_name.endswith(".py"):
+        path = Path(mod_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file {str(path)!r} (from spec {spec!r}) does not exist")
+        mspec = importlib.util.spec_from_file_location(f"_fusedrl_{what.replace(' ', '_')}_{path.stem}", path)
+        module = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            raise ValueError(f"{what} spec {spec!r}: cannot import module {mod_name!r} ({e})") from e
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ValueError(f"{what} spec {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+    return obj
+
+
 def load_reward_fn(spec: str, **kwargs) -> RewardFn:
     """A reward callable from ``spec``: a built-in name (``count_token``), ``package.module:function`` or
     ``path/to/file.py:function``. ``kwargs`` are bound to it as keyword arguments."""
@@ -249,28 +273,13 @@ def load_reward_fn(spec: str, **kwargs) -> RewardFn:
         raise ValueError(f"reward function spec must be a non-empty string, got {spec!r}")
     if spec in BUILTIN_REWARDS:
         fn = BUILTIN_REWARDS[spec]
+    elif ":" not in spec:
+        raise ValueError(
+            f"reward function spec must be a built-in name {sorted(BUILTIN_REWARDS)} or 'module:function' "
+            f"or 'path/to/file.py:function', got {spec!r}"
+        )
     else:
-        if ":" not in spec:
-            raise ValueError(
-                f"reward function spec must be a built-in name {sorted(BUILTIN_REWARDS)} or 'module:function' "
-                f"or 'path/to/file.py:function', got {spec!r}"
-            )
-        mod_name, _, attr = spec.rpartition(":")
-        if mod_name.endswith(".py"):
-            path = Path(mod_name)
-            if not path.is_file():
-                raise FileNotFoundError(f"reward function file {str(path)!r} (from spec {spec!r}) does not exist")
-            mspec = importlib.util.spec_from_file_location(f"_fusedrl_reward_{path.stem}", path)
-            module = importlib.util.module_from_spec(mspec)
-            mspec.loader.exec_module(module)
-        else:
-            try:
-                module = importlib.import_module(mod_name)
-            except ModuleNotFoundError as e:
-                raise ValueError(f"reward function spec {spec!r}: cannot import module {mod_name!r} ({e})") from e
-        fn = getattr(module, attr, None)
-        if fn is None:
-            raise ValueError(f"reward function spec {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+        fn = load_object(spec, "reward function")
     if not callable(fn):
         raise TypeError(f"reward function spec {spec!r} names a {type(fn).__name__}, not a callable")
     return functools.partial(fn, **kwargs) if kwargs else fn

@@ -8,7 +8,10 @@ at the last token) or a callable ``(prompts, completions) -> list[float]``. The 
 to a frozen copy of the policy, the critic (``gae`` only) to a value model on a copy of its backbone.
 The rollout runs through ``PPOConfig.rollout_backend`` (``rollout_backends``: plain generate, transformers'
 continuous batching or a colocated vLLM that gets the weights after every optimizer step); an engine's own
-sampled-token log-probs are kept as ``rollout_logp`` beside the trainer's ``old_logp``.
+sampled-token log-probs are kept as ``rollout_logp`` beside the trainer's ``old_logp``. With
+``environment_factory=EnvClass`` each sample is a multi-turn episode against its own environment instance
+(``episodes.py``; ``train`` then takes rows, strings or dicts with a prompt) and ``reward`` may be None when the
+environment's ``get_reward`` owns it.
 
 Multi-process (``torchrun``): each rank draws its own slice of the step's prompts, rolls out and scores them; the
 update is planned over every rank's trajectories (``ppo.py``) with gradients summed over ranks (DDP, or FSDP2
@@ -36,6 +39,7 @@ from .checkpoint import rng_state, set_rng_state
 from .compose import flat_dict
 from .config import RESUME_MAY_CHANGE, PPOConfig
 from .data import context_length, encode_prompts
+from .episodes import make_episode_runner, mask_truncated, single_turn
 from .distributed import (
     Distributed,
     PolicyBody,
@@ -49,7 +53,7 @@ from .heads import ValueModel
 from .models import adapter_disabled, is_peft_model, logit_scale_of
 from .packing import RolloutBuffer, plan_microbatches
 from .ppo import ppo_update, prepare_model, rollout_metrics
-from .rollout_backends import RolloutBackend, SamplingSpec, build_rollout_backend, print_choice
+from .rollout_backends import RolloutBackend, build_rollout_backend, print_choice
 from .sampling import stop_token_ids
 from .scoring import MicroBatch, ResponseLayout, score_logprobs, score_reward_fn, score_reward_model, score_values
 from .trajectories import BUFFER_FIELDS, fill_buffer
@@ -71,6 +75,8 @@ class PPOTrainer:
         ref_policy: nn.Module | None = None,
         critic: nn.Module | None = None,
         rollout: RolloutBackend | None = None,
+        environment_factory: Callable | None = None,
+        tools: Sequence[Callable] | None = None,
     ):
         self.config = cfg = config if config is not None else PPOConfig()
         if not isinstance(cfg, PPOConfig):
@@ -129,8 +135,8 @@ class PPOTrainer:
 
         if isinstance(reward, nn.Module):
             self.reward_model, self.reward_fn = prepare_model(reward, trainable=False), None
-        elif callable(reward):
-            self.reward_model, self.reward_fn = None, reward
+        elif callable(reward) or (reward is None and environment_factory is not None):
+            self.reward_model, self.reward_fn = None, reward  # None: the environment's get_reward (checked below)
         else:
             raise TypeError(
                 f"reward must be a reward model (nn.Module) or a callable (prompts, completions) -> list[float], "
@@ -180,6 +186,9 @@ class PPOTrainer:
             if self.rank == 0:
                 print_choice(getattr(rollout, "name", type(rollout).__name__), why)
         self.rollout = rollout
+        # Multi-turn: episodes against an environment (engine/episodes.py) instead of one response per sample.
+        self.episodes = make_episode_runner(environment_factory, tools, tokenizer, cfg, stop_ids=self.stop_ids,
+                                            context=self.context, has_reward_fn=reward is not None)  # fmt: skip
         # A loss setting the kernels refuse fails here, not at the first update.
         self._loss_config(cfg.kl_coef, rollout_logp=getattr(rollout, "returns_logprobs", True))
 
@@ -199,7 +208,8 @@ class PPOTrainer:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty: train() needs at least one prompt")
-        encode_prompts(self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, context=self.context)
+        if self.episodes is None:  # rows for an environment are checked when their episodes start
+            encode_prompts(self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, context=self.context)
         out = Path(cfg.output_dir) if cfg.output_dir is not None else None
         if out is None and (resume or overwrite or run_config is not None):
             raise ValueError("resume=True, overwrite=True and run_config need config.output_dir (where the run is)")
@@ -249,20 +259,14 @@ class PPOTrainer:
         cfg, dist = self.config, self.dist
         timer = PhaseTimer(self.device)  # restarts the peak-memory counter
 
-        # 1. Rollout: sample responses, put prompt + response sequences in the buffer.
-        prompt_ids = encode_prompts(self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, context=self.context)
-        if (longest := max(len(p) for p in prompt_ids) + cfg.max_new_tokens) > cfg.max_tokens_per_microbatch:
-            raise ValueError(f"PPOConfig.max_tokens_per_microbatch={cfg.max_tokens_per_microbatch} is smaller than the "
-                             f"longest possible sequence ({longest} tokens: prompt + max_new_tokens)")  # fmt: skip
-        # Each prompt goes to the engine once with n samples (one prefill, shared KV); the group comes back
-        # consecutive, as the group estimators expect.
+        # 1. Rollout: sample responses (or run episodes against the environment), put the sequences in the buffer;
+        # a prompt's samples are consecutive, as the group estimators expect.
         rollout_t0 = time.perf_counter()
-        out = self._policy_root.run_gathered(self._generate, prompt_ids)
+        produce = self.episodes.run if self.episodes is not None else single_turn
+        ro = self._policy_root.run_gathered(produce, self, prompts)
         rollout_s = time.perf_counter() - rollout_t0
+        prompt_ids, out, prompt_texts, completions = ro.prompt_ids, ro.output, ro.prompts, ro.completions
         responses = out.responses
-        prompt_ids = [p for p in prompt_ids for _ in range(cfg.samples_per_prompt)]  # groups are consecutive
-        prompt_texts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-        completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         buf = self._buffer
         self._pending_fields = {}
         fill_buffer(
@@ -283,9 +287,12 @@ class PPOTrainer:
         reward_parts = None
         if self.reward_model is not None:
             raw_scores = score_reward_model(self.reward_model, micro, len(buf))
-        else:
+        elif self.reward_fn is not None:
             raw_scores = score_reward_fn(self.reward_fn, prompt_texts, completions)
             reward_parts = getattr(self.reward_fn, "last_parts", None)  # each function's part (rewards.combine)
+        if ro.env_scores is not None:  # the environment's own reward adds to the reward's, as in TRL
+            own = self.reward_fn is None and self.reward_model is None
+            raw_scores = ro.env_scores if own else raw_scores + ro.env_scores
         raw_scores = raw_scores.to(self.device)
         timer.lap("score")
 
@@ -306,6 +313,8 @@ class PPOTrainer:
             whiten_advantages=cfg.whiten_advantages,
             dist=dist, backend=cfg.backend,
         )  # fmt: skip
+        if cfg.mask_truncated:
+            adv = mask_truncated(adv, layout, ro.truncated)
         per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rewards": token_rewards,
                      "advantages": adv, "returns": returns}  # fmt: skip
         # Kept on the device; copied into the buffer's fields only when someone reads ``trainer.buffer``.
@@ -329,6 +338,7 @@ class PPOTrainer:
             **{f"perf/{k}_s": v for k, v in timer.laps.items()},
             # CUDA: bytes allocated through torch; CPU: the process's resident set (see metrics.peak_memory_gb).
             "perf/peak_mem_gb": timer.peak_gb, **{f"perf/peak_mem_{k}_gb": v for k, v in timer.peaks_gb.items()},
+            **{k: dist.mean(torch.tensor(v)) for k, v in ro.stats.items()},  # episodes: turns, tool calls
         }  # fmt: skip
         metrics["perf/rollout_tokens_per_s"] = dist.sum(float(layout.num_tokens)) / max(dist.max(rollout_s), 1e-9)
         if self.critic is not None:
@@ -339,7 +349,8 @@ class PPOTrainer:
             lengths = layout.cu.diff()
             self.completions = completion_rows(prompt_texts, completions, rewards=raw_scores, lengths=lengths,
                                                advantages=layout.sequence_sum(adv) / lengths.clamp(min=1),
-                                               truncated=[not e for e in eos], reward_parts=reward_parts)  # fmt: skip
+                                               truncated=ro.truncated or [not e for e in eos],
+                                               reward_parts=reward_parts)  # fmt: skip
         return metrics
 
     # ------------------------------------------------------------------------------------------------
@@ -349,16 +360,6 @@ class PPOTrainer:
     def rollout_backend(self) -> str:
         """The producer's name (``rollout.name``, else its class name)."""
         return getattr(self.rollout, "name", type(self.rollout).__name__)
-
-    def _generate(self, prompt_ids: list[list[int]]):
-        """``samples_per_prompt`` samples per prompt from the producer, checked (a ``RolloutOutput``)."""
-        cfg = self.config
-        spec = SamplingSpec(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            top_k=cfg.top_k)  # fmt: skip
-        out = self.rollout.generate(self.policy, prompt_ids, n=cfg.samples_per_prompt, spec=spec,
-                                    stop_ids=self.stop_ids, pad_token_id=self.pad_token_id)  # fmt: skip
-        out.check(len(prompt_ids) * cfg.samples_per_prompt, self.rollout_backend)
-        return out
 
     def _micro_batches(self, seq_ids: np.ndarray) -> list[MicroBatch]:
         """Token-budget micro-batches of this step's buffer covering ``seq_ids``, addressing ``self.layout``."""

@@ -410,3 +410,37 @@ def test_the_same_resume_command_survives_repeated_kills(tmp_path, full_run):
     assert resumed.returncode == 0 and "nothing to resume" not in resumed.stderr, resumed.stderr[-3000:]
     assert not list(killed.glob(".tmp-ckpt-*"))
     _compare_runs(full_run, killed)
+
+
+ECHO_ENV = """
+class Echo:
+    def reset(self, **row):
+        self.turns = 0
+
+    def step(self, completion):
+        self.turns += 1
+        return " ok " if self.turns < 3 else None
+
+    def get_reward(self):
+        return 0.5 * self.turns
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_with_an_environment(tmp_path):
+    """Multi-turn episodes against an environment (fresh instances every step, nothing of theirs to save): a run
+    killed after a checkpoint and resumed with the same command ends where the uninterrupted run ends."""
+    (tmp_path / "echo_env.py").write_text(ECHO_ENV)
+    extra = ("--environment", f"{tmp_path / 'echo_env.py'}:Echo", "--max-turns", "3")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    ref = subprocess.run(_cli(tmp_path, full, *extra), env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, check=False)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert all(r["episode/turns"] > 1 for r in read_metrics(full / "metrics.jsonl"))
+    cmd = _cli(tmp_path, killed, *extra, "--resume")
+    _kill_when(cmd, tmp_path, _pointer_is(killed, "ckpt-4"))
+    assert max(r["step"] for r in read_metrics(killed / "metrics.jsonl")) < 7
+    resumed = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             check=False)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _compare_runs(full, killed)

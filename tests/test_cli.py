@@ -146,8 +146,10 @@ def test_cli_usage_and_bad_invocations(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--prompts is required"):
         cli.main(["train", "--reward-fn", "count_token"])
     (tmp_path / "p.txt").write_text("ab\ncd\n")
-    with pytest.raises(SystemExit, match="exactly one of --reward-model and --reward-fn"):
+    with pytest.raises(SystemExit, match="give one of --reward-model and --reward-fn"):
         cli.main(["train", "--prompts", str(tmp_path / "p.txt")])
+    with pytest.raises(SystemExit, match="not both"):
+        cli.main(["train", "--prompts", str(tmp_path / "p.txt"), "--reward-fn", "count_token", "--reward-model", "x"])
     with pytest.raises(SystemExit, match="--reward-kwargs must be a JSON object"):
         cli.main(["train", "--prompts", str(tmp_path / "p.txt"), "--reward-fn", "count_token",
                   "--reward-kwargs", "{oops"])  # fmt: skip

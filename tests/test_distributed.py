@@ -27,6 +27,9 @@ CASES = {
     "grpo-2-minibatches": {"advantage_estimator": "grpo", "num_minibatches": 2},
     # The policy sharded with FSDP2 instead of DDP (the critic stays under DDP); one process ignores it.
     "gae-fsdp": {"advantage_estimator": "gae", "fsdp": True},
+    # Multi-turn episodes against a text environment (cases named "episodes"): observations in every sequence.
+    "gae-episodes": {"advantage_estimator": "gae", "max_turns": 3},
+    "grpo-episodes-2-minibatches": {"advantage_estimator": "grpo", "num_minibatches": 2, "max_turns": 3},
 }
 
 # Run by torchrun (2 ranks) and imported by the test (1 process). Generation is replaced by a
@@ -60,6 +63,18 @@ def fake_generate(policy, prompt_ids, *, max_new_tokens, **kw):
 
 def distinct_chars(prompts, completions):
     return [float(len(set(c))) for c in completions]
+
+
+class Echo:
+    def reset(self, **row):
+        self.turns = 0
+
+    def step(self, completion):
+        self.turns += 1
+        return " ok " if self.turns < 3 else None
+
+    def get_reward(self):
+        return float(self.turns)
 
 
 def run(case):
@@ -105,7 +120,8 @@ def run(case):
     cfg = T.PPOConfig(prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, learning_rate=1e-3,
                       critic_learning_rate=1e-3, max_tokens_per_microbatch=__MAX_TOKENS__, normalize_rewards=True,
                       progress=False, seed=0, **CASES[case])
-    tr = T.PPOTrainer(policy, tok, distinct_chars, cfg, rollout=HFBackend(generate_fn=fake_generate))
+    tr = T.PPOTrainer(policy, tok, distinct_chars, cfg, rollout=HFBackend(generate_fn=fake_generate),
+                      environment_factory=Echo if "episodes" in case else None)
     try:
         metrics = tr.step(tr.sample_prompts(PROMPTS, 0))
     finally:

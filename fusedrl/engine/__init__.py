@@ -19,6 +19,7 @@ _EXPORTS = {
     "RolloutConfig": "config",
     "OptimConfig": "config",
     "RunConfig": "config",
+    "EpisodeConfig": "config",
     # producers and the experience they make
     "RolloutBackend": "rollout_backends",
     "RolloutOutput": "rollout_backends",
@@ -27,6 +28,9 @@ _EXPORTS = {
     "HFPagedBackend": "rollout_backends",
     "VLLMBackend": "vllm_backend",
     "fill_buffer": "trajectories",
+    # multi-turn episodes against environments
+    "EpisodeRunner": "episodes",
+    "EnvironmentFailure": "episodes",
     # the update loop every objective runs through
     "GuardedStep": "update",
     "RunDir": "update",
