@@ -73,12 +73,19 @@ class RolloutBuffer:
     ``clear``; take a fresh one after appending. (An older view never dangles: once the buffer has
     grown it keeps the old memory alive, it just no longer sees the buffer.) Capacity grows
     geometrically and is kept by ``clear``, so a training loop stops allocating after its first step.
+
+    Per sequence the buffer also keeps a group id (``group_ids``: the samples of one prompt share one; -1 until
+    set) and a score (``scores``: the sequence's reward; NaN until set), both set for all sequences at once.
     """
 
     def __init__(self, fields=DEFAULT_FIELDS, token_dtype=np.int64):
         if isinstance(fields, str):
             raise TypeError(f"fields must be a sequence of names, got the single string {fields!r}")
         self._impl = _rollout.RolloutBuffer(list(fields), token_dtype)
+        # Per-sequence columns live here, beside the C++ buffer's per-token ones; a sequence appended after the
+        # last set_* reads the fill value.
+        self._group_ids = np.empty(0, dtype=np.int64)
+        self._scores = np.empty(0, dtype=np.float32)
 
     def append(self, tokens, response_mask, **fields) -> int:
         """Append one sequence and return its index.
@@ -150,15 +157,48 @@ class RolloutBuffer:
         """(num_tokens,) float32, zero-copy writable view of a named field; unknown name -> ValueError."""
         return self._impl.field(name)
 
+    def group_ids(self) -> np.ndarray:
+        """(n,) int64 group id of each sequence (-1: none set), a copy."""
+        return _padded(self._group_ids, len(self), -1)
+
+    def set_group_ids(self, group_ids) -> None:
+        """Set every sequence's group id: (n,) integers >= 0, one per sequence in buffer order."""
+        ids = _as_numpy("group_ids", group_ids)
+        if ids.shape != (len(self),) or (ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0)):
+            raise ValueError(f"group_ids must be ({len(self)},) integers >= 0 (one per sequence), "
+                             f"got shape {ids.shape} dtype {ids.dtype}")  # fmt: skip
+        self._group_ids = ids.astype(np.int64, copy=True)
+
+    def scores(self) -> np.ndarray:
+        """(n,) float32 score of each sequence (NaN: none set), a copy."""
+        return _padded(self._scores, len(self), np.nan)
+
+    def set_scores(self, scores) -> None:
+        """Set every sequence's score: (n,) floats, one per sequence in buffer order."""
+        s = _as_numpy("scores", scores, floating=True)
+        if s.shape != (len(self),) or s.dtype.kind not in "fiu":
+            raise ValueError(f"scores must be ({len(self)},) numbers (one per sequence), "
+                             f"got shape {s.shape} dtype {s.dtype}")  # fmt: skip
+        self._scores = s.astype(np.float32, copy=True)
+
     def clear(self) -> None:
-        """Drop every sequence, keeping the allocated capacity."""
+        """Drop every sequence (with its group id and score), keeping the allocated capacity."""
         self._impl.clear()
+        self._group_ids = self._group_ids[:0]
+        self._scores = self._scores[:0]
 
     def __repr__(self) -> str:
         return (
             f"RolloutBuffer({len(self)} sequences, {self.num_tokens} tokens, fields={self.fields}, "
             f"token_dtype={self.token_dtype})"
         )
+
+
+def _padded(a: np.ndarray, n: int, fill) -> np.ndarray:
+    """A copy of ``a`` extended to ``n`` items with ``fill`` (for sequences appended after it was set)."""
+    out = np.full(n, fill, dtype=a.dtype)
+    out[: min(n, len(a))] = a[:n]
+    return out
 
 
 def plan_microbatches(lengths, max_tokens: int, *, num_ranks: int = 1, balance: str = "kk") -> list[list[np.ndarray]]:

@@ -235,9 +235,11 @@ class PPOTrainer:
     def buffer(self) -> RolloutBuffer:
         """The last step's rollouts (tokens, response mask) with their per-token fields (``BUFFER_FIELDS``: old /
         ref / rollout log-probs, values, rewards, advantages, returns) at the flat position of the token each is
-        about. The fields are copied from the device on the first read after a step, not by the step itself."""
+        about, with each sequence's group id and score (its reward); fields and scores are copied from the device
+        on the first read after a step, not by the step itself."""
         if self._pending_fields:
             fields, self._pending_fields = self._pending_fields, {}
+            self._buffer.set_scores(fields.pop("scores").float().cpu())
             for name, t in fields.items():  # one device -> host copy per field
                 self.layout.to_buffer(self._buffer, name, t)
         return self._buffer
@@ -269,9 +271,10 @@ class PPOTrainer:
         responses = out.responses
         buf = self._buffer
         self._pending_fields = {}
-        fill_buffer(
-            buf, prompt_ids, responses, loss_mask=out.loss_mask, logprobs=out.logprobs, version=self.global_step
-        )
+        # A group is one prompt's samples; its id is the prompt's index among all ranks' prompts of the step.
+        n_prompts, n = len(prompt_ids) // cfg.samples_per_prompt, cfg.samples_per_prompt
+        fill_buffer(buf, prompt_ids, responses, loss_mask=out.loss_mask, logprobs=out.logprobs,
+                    version=self.global_step, group_ids=self.rank * n_prompts + np.arange(len(prompt_ids)) // n)  # fmt: skip
         self.layout = layout = ResponseLayout(buf, self.device)
         # The engine's own log-probs of the sampled tokens (the behaviour policy's), in the layout's order.
         rollout_logp = layout.from_buffer(buf, "rollout_logp") if out.logprobs is not None else None
@@ -309,16 +312,15 @@ class PPOTrainer:
         adv, returns = compute_advantages(
             est, scores=layout.sequence_sum(token_rewards), cu_seqlens=layout.cu,
             token_rewards=token_rewards if est in TOKEN_REWARD_ESTIMATORS else None, values=values,
-            group_size=cfg.samples_per_prompt, group_std=cfg.group_std, gamma=cfg.gamma, lam=cfg.lam,
-            whiten_advantages=cfg.whiten_advantages,
-            dist=dist, backend=cfg.backend,
+            group_index=torch.from_numpy(buf.group_ids()).to(self.device), group_std=cfg.group_std,
+            gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages, dist=dist, backend=cfg.backend,
         )  # fmt: skip
         if cfg.mask_truncated:
             adv = mask_truncated(adv, layout, ro.truncated)
         per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rewards": token_rewards,
                      "advantages": adv, "returns": returns}  # fmt: skip
         # Kept on the device; copied into the buffer's fields only when someone reads ``trainer.buffer``.
-        self._pending_fields = {name: t for name, t in per_token.items() if t is not None}
+        self._pending_fields = {name: t for name, t in {**per_token, "scores": raw_scores}.items() if t is not None}
         timer.lap("advantages")
 
         # 4. Update: PPO epochs over shuffled mini-batches of token-budget micro-batches.

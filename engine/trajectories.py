@@ -4,8 +4,9 @@ A batch of trajectories lives in the packed C++ rollout buffer (``packing.Rollou
 ids; per token a **loss mask** (the buffer's response mask: 1 = a token the policy sampled and the loss trains on,
 0 = prompt, environment or tool output, padding) and float fields, among them the behaviour policy's log-prob of
 each sampled token (``rollout_logp``, 0 where the engine gave none) and the **policy version** that sampled it
-(``version``: the trainer step whose weights were served). Group ids and per-sequence scores travel beside the
-buffer as (B,) tensors: the samples of one prompt are consecutive, ``samples_per_prompt`` to a group.
+(``version``: the trainer step whose weights were served). Per sequence it keeps a **group id** (the samples of
+one prompt share one; the group estimators read them) and a **score** (the sequence's reward) beside the per-token
+fields (``RolloutBuffer.group_ids`` / ``scores``).
 
 A trajectory is not limited to prompt + one response: a producer may return responses that interleave sampled
 tokens with text it did not sample (a tool's output, an environment's observation) by giving their loss mask
@@ -29,11 +30,11 @@ BUFFER_FIELDS = TOKEN_FIELDS
 
 def fill_buffer(buffer: RolloutBuffer, prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
                 loss_mask: Sequence[Sequence[int]] | None = None, logprobs: Sequence[Sequence[float]] | None = None,
-                version: int = 0) -> None:  # fmt: skip
+                version: int = 0, group_ids: Sequence[int] | None = None) -> None:  # fmt: skip
     """Replace the buffer's content with prompt + response sequences. ``loss_mask``: per response token, 1 where the
     policy sampled it (default: every response token); prompt tokens get 0. ``logprobs``: the behaviour log-prob of
     each response token (``rollout_logp``; where the mask is 0 it is not read); ``version``: the policy version of
-    every sampled token."""
+    every sampled token; ``group_ids``: each sequence's group (the samples of one prompt share one)."""
     if len(prompt_ids) != len(responses):
         raise ValueError(f"fill_buffer: {len(prompt_ids)} prompts but {len(responses)} responses")
     buffer.clear()
@@ -54,3 +55,5 @@ def fill_buffer(buffer: RolloutBuffer, prompt_ids: Sequence[Sequence[int]], resp
             lp[len(p) :] = np.asarray(logprobs[i], dtype=np.float32)
             extra["rollout_logp"] = lp * mask
         buffer.append(tokens, mask, **extra)
+    if group_ids is not None:
+        buffer.set_group_ids(np.asarray(group_ids, dtype=np.int64))

@@ -711,3 +711,29 @@ def test_plan_empty_list_and_huge_num_ranks():
     check_plan_invariants(plan, np.array([1, 2, 3]), I64_MAX, 4096)
     with pytest.raises(ValueError, match=rf"ignore_index must be <= {I64_MAX}, got {2**63}"):
         pack([0, 1], [0], [5], ignore_index=2**63)
+
+
+def test_buffer_per_sequence_group_ids_and_scores():
+    buf = RolloutBuffer(fields=("values",))
+    for n in (2, 3, 1):
+        buf.append(np.arange(n), np.ones(n, dtype=np.uint8))
+    np.testing.assert_array_equal(buf.group_ids(), [-1, -1, -1])  # none set
+    assert np.isnan(buf.scores()).all()
+    buf.set_group_ids([0, 0, 5])
+    buf.set_scores(np.array([0.5, -1.0, 2.0]))
+    np.testing.assert_array_equal(buf.group_ids(), [0, 0, 5])
+    np.testing.assert_array_equal(buf.scores(), np.array([0.5, -1.0, 2.0], dtype=np.float32))
+    assert buf.group_ids().dtype == np.int64 and buf.scores().dtype == np.float32
+    buf.append(np.arange(2), np.ones(2, dtype=np.uint8))  # appended after the set: the fill values
+    np.testing.assert_array_equal(buf.group_ids(), [0, 0, 5, -1])
+    assert np.isnan(buf.scores()[3])
+    with pytest.raises(ValueError, match=r"group_ids must be \(4,\) integers >= 0"):
+        buf.set_group_ids([0, 1, 2])
+    with pytest.raises(ValueError, match="group_ids must be"):
+        buf.set_group_ids([0, 1, 2, -3])
+    with pytest.raises(ValueError, match=r"scores must be \(4,\) numbers"):
+        buf.set_scores([1.0])
+    buf.clear()
+    assert buf.group_ids().shape == (0,) and buf.scores().shape == (0,)
+    buf.append(np.arange(2), np.ones(2, dtype=np.uint8))
+    np.testing.assert_array_equal(buf.group_ids(), [-1])  # clear dropped the old ids

@@ -617,3 +617,27 @@ def test_the_step_copies_per_token_fields_to_the_host_only_when_the_buffer_is_re
     assert np.asarray(adv)[np.asarray(tr.buffer.response_mask()).astype(bool)].any()
     tr.buffer.field("old_logp")
     assert len(copies) == 6  # once per step
+
+
+def test_the_buffer_keeps_each_sequence_s_group_id_and_score(tok):
+    """Each trajectory carries its group (the prompt's index in the step) and its score (the step's reward), and
+    the group estimator reads the group ids: every group's advantages are baselined within the group."""
+    seen = []
+
+    def reward(prompts, completions):
+        seen.append((list(prompts), list(completions)))
+        return [float(len(set(c))) + 10.0 * (p == "hello") for p, c in zip(prompts, completions)]
+
+    tr = make(tok, reward, advantage_estimator="grpo")
+    torch.manual_seed(0)
+    tr.step(["hello", "x"])
+    (prompts, completions), buf = seen[0], tr.buffer
+    assert prompts == ["hello"] * 3 + ["x"] * 3
+    np.testing.assert_array_equal(buf.group_ids(), [0, 0, 0, 1, 1, 1])
+    np.testing.assert_allclose(buf.scores(), reward(prompts, completions))
+    adv = torch.from_numpy(buf.field("advantages"))
+    mask = torch.from_numpy(buf.response_mask())
+    seq = torch.repeat_interleave(torch.arange(len(buf)), torch.from_numpy(buf.lengths()))
+    last = [int(np.flatnonzero(np.asarray(mask) & (seq.numpy() == i))[-1]) for i in range(len(buf))]
+    per_seq = adv[last].view(2, 3)  # a sequence's advantage sits on every one of its response tokens
+    torch.testing.assert_close(per_seq.mean(1), torch.zeros(2), atol=1e-5, rtol=0)  # the +10 of "hello" is gone
