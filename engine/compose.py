@@ -173,6 +173,8 @@ def composed(cls):
         return getattr(self.__dict__[where[0]], where[1])
 
     def __setattr__(self, name, value):
+        if cls.__dataclass_params__.frozen:  # its __init__ sets fields with object.__setattr__, never through here
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
         where = None if name in names else flat_map(type(self)).get(name)
         if where is None:
             object.__setattr__(self, name, value)

@@ -15,7 +15,6 @@ of the step's mean however the token budget splits it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -29,8 +28,8 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from fusedrl.kernels import BACKENDS
-
+from .compose import composed, flat_dict, part
+from .config import OptimConfig, RunConfig
 from .trackers import parse_report_to
 
 # Raised while setting a run up, they are the user's mistakes (a missing file or model, a bad record, a run directory
@@ -38,6 +37,7 @@ from .trackers import parse_report_to
 USER_ERRORS = (OSError, ValueError, TypeError, ImportError)
 
 
+@composed
 @dataclass
 class OfflineConfig:
     """Settings of ``fusedrl sft`` and ``fusedrl rm``; each field is a ``--kebab-case`` flag."""
@@ -64,36 +64,19 @@ class OfflineConfig:
     """Token budget of one packed forward/backward; a record (rm: both sequences of a pair) must fit in it."""
     max_length: int | None = None
     """Longest sequence in tokens (completions beyond it are truncated); None: the model's context."""
-    learning_rate: float = 1e-5
-    """AdamW peak learning rate (linear warmup, cosine decay to 10%)."""
-    warmup_steps: int = 0
-    """Linear learning-rate warmup steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm (None = off)."""
+    optim: OptimConfig = part(lambda: OptimConfig(lr_schedule="cosine"), owned=("lr_schedule",))
+    """The optimizer (shared with every objective): linear warmup, cosine decay to 10%."""
     eval_every: int = 0
     """Evaluate on the held-out records every this many steps (0 = after the last step only)."""
-    backend: Literal[BACKENDS] = "auto"
-    """Fused-op backend: auto = Triton on CUDA, the PyTorch path on CPU."""
-    seed: int = 0
-    """Seed of the record order, the held-out split and a preset's random weights."""
-    output_dir: str | None = None
-    """Where metrics.jsonl, config.yaml, checkpoints and the final model go (default: runs/sft or runs/rm)."""
-    save_every: int = 0
-    """Checkpoint every this many steps (0 = only the final model)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk (0 keeps all)."""
+    run: RunConfig = part(
+        RunConfig, owned=("tensorboard", "log_completions")
+    )  # nothing sampled; tensorboard: report_to
+    """Output directory (default: runs/sft or runs/rm), seed (of the record order, the held-out split and a preset's
+    random weights), checkpoints, logging."""
     resume: bool = False
     """Continue from the newest intact checkpoint in output_dir."""
     overwrite: bool = False
     """Start over in an output_dir that holds a run (its run files are deleted first)."""
-    progress: bool = True
-    """Show a progress bar."""
-    report_to: str = "none"
-    """Experiment trackers given the config once and every metrics row: none, or a comma-separated list of tensorboard, wandb, trackio, mlflow (as for fusedrl train)."""
-    log_every: int = 0
-    """Where stderr is not a terminal, print a one-line summary every this many steps instead of the progress bar (0 = off)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -108,20 +91,13 @@ class OfflineConfig:
 
         for name in ("epochs", "batch_size", "max_tokens_per_microbatch"):
             need(getattr(self, name) >= 1, name, "an int >= 1")
-        for name in ("warmup_steps", "save_every", "keep_checkpoints", "eval_every", "seed", "threads", "log_every"):
+        for name in ("eval_every", "threads"):
             need(getattr(self, name) >= 0, name, "an int >= 0")
         need(self.max_length is None or self.max_length >= 2, "max_length", "None or an int >= 2")
-        need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "a number > 0")
-        need(self.weight_decay >= 0, "weight_decay", ">= 0")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or > 0")
         need(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "in [0, 1)")
         need(not (self.eval_data is not None and self.eval_fraction > 0), "eval_fraction",
              "0 when --eval-data is given (one held-out set)")  # fmt: skip
         need(not (self.resume and self.overwrite), "overwrite", "False with --resume (they exclude each other)")
-        try:
-            parse_report_to(self.report_to)
-        except ValueError as e:
-            raise ValueError(f"--{str(e).replace('_', '-')}") from None
 
 
 def parse_args(argv: Sequence[str], *, prog: str, description: str, data_help: str) -> OfflineConfig:
@@ -301,7 +277,7 @@ def fit(model, tokenizer, objective: Objective, cfg: OfflineConfig, *, final_nam
     logger = MetricsLogger(out / "metrics.jsonl", progress=cfg.progress, total_steps=total,
                            resume_step=step if run.latest is not None else None, report_to=cfg.report_to,
                            log_every=cfg.log_every,
-                           run_config=run_config if run_config is not None else dataclasses.asdict(cfg))  # fmt: skip
+                           run_config=run_config if run_config is not None else flat_dict(cfg))  # fmt: skip
     model.train()
     rows = run_loop(one_step, step, total, logger, save_every=cfg.save_every, save=save)
     model.eval()
@@ -324,7 +300,7 @@ def setup_device(cfg: OfflineConfig) -> torch.device:
 
 def run_config_of(cfg: OfflineConfig) -> dict:
     """The run's settings for config.yaml (without how this invocation treats the directory)."""
-    run = dataclasses.asdict(cfg)
+    run = flat_dict(cfg)
     run.pop("resume"), run.pop("overwrite")
     return run
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .compose import composed, part
+from .config import OptimConfig, RunConfig
 from .distributed import Distributed
 from .sft import encode_demonstrations
 from .update import GuardedStep, accumulate, adamw, lr_factor
@@ -37,22 +39,22 @@ class PreferencePair:
     """The other completion y_l (without eos)."""
 
 
+@composed
 @dataclass(frozen=True)
 class RewardModelConfig:
-    """Settings for ``train_reward_model``."""
+    """Settings for ``train_reward_model``; ``lr`` and ``grad_clip`` are the shared optimizer's learning_rate and
+    max_grad_norm."""
 
     epochs: int = 2
     """Passes over the pairs."""
     batch_size: int = 64
     """Pairs per optimizer step (2 x batch_size sequences per forward)."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate (linear warmup over the first 10% of steps, cosine decay to 10%)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Max global gradient norm."""
-    seed: int = 0
-    """Seed of the pair shuffling."""
+    optim: OptimConfig = part(lambda: OptimConfig(learning_rate=1e-3, lr_schedule="cosine", weight_decay=0.01),
+                              rename={"learning_rate": "lr", "max_grad_norm": "grad_clip"},
+                              owned=("lr_schedule", "warmup_steps", "backend"))  # fmt: skip
+    """The optimizer (shared with every objective): linear warmup over the first 10% of steps, cosine decay to 10%."""
+    run: RunConfig = part(RunConfig, owned=tuple(f for f in RunConfig.__dataclass_fields__ if f != "seed"))
+    """Only the seed (of the pair shuffling): ``train_reward_model`` writes nothing."""
 
 
 def bradley_terry_loss(

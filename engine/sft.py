@@ -15,28 +15,28 @@ import torch
 
 from fusedrl.kernels import IGNORE_INDEX, logprobs
 
+from .compose import composed, part
+from .config import OptimConfig, RunConfig
 from .distributed import Distributed
 from .update import GuardedStep, accumulate, adamw, lr_factor
 
 
+@composed
 @dataclass(frozen=True)
 class SFTConfig:
-    """Settings for ``train_sft``."""
+    """Settings for ``train_sft``; ``lr`` and ``grad_clip`` are the shared optimizer's learning_rate and
+    max_grad_norm."""
 
     steps: int = 300
     """Optimizer steps (each draws ``batch_size`` demonstrations at random)."""
     batch_size: int = 64
     """Demonstrations per step."""
-    lr: float = 3e-3
-    """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
-    warmup_steps: int = 20
-    """Steps of linear learning-rate warmup."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Max global gradient norm."""
-    seed: int = 0
-    """Seed of the batch sampler."""
+    optim: OptimConfig = part(lambda: OptimConfig(learning_rate=3e-3, lr_schedule="cosine", warmup_steps=20),
+                              rename={"learning_rate": "lr", "max_grad_norm": "grad_clip"},
+                              owned=("lr_schedule", "backend"))  # fmt: skip
+    """The optimizer (shared with every objective): linear warmup, cosine decay to 10%."""
+    run: RunConfig = part(RunConfig, owned=tuple(f for f in RunConfig.__dataclass_fields__ if f != "seed"))
+    """Only the seed (of the batch sampler): ``train_sft`` writes nothing."""
 
 
 def encode_demonstrations(

@@ -318,3 +318,29 @@ def test_fit_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tok,
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in rows[3:]]
     for k, v in whole.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_offline_config_composes_the_shared_optimizer_and_run_parts():
+    """fusedrl sft / rm keep their flags, and each optimizer / run setting has its one home in the parts every
+    objective shares (validated there)."""
+    from fusedrl.engine.compose import flat_dict
+    from fusedrl.engine.config import OptimConfig, RunConfig
+    from fusedrl.engine.offline import parse_args
+
+    argv = ["--data", "d.jsonl", "--learning-rate", "0.01", "--warmup-steps", "3", "--weight-decay", "0.1",
+            "--max-grad-norm", "2", "--backend", "torch", "--seed", "5", "--output-dir", "o", "--save-every", "4",
+            "--keep-checkpoints", "1", "--no-progress", "--report-to", "none", "--log-every", "2"]  # fmt: skip
+    cfg = parse_args(argv, prog="fusedrl sft", description="", data_help="")
+    assert isinstance(cfg.optim, OptimConfig) and isinstance(cfg.run, RunConfig)
+    assert (cfg.optim.learning_rate, cfg.optim.warmup_steps, cfg.optim.weight_decay, cfg.optim.max_grad_norm,
+            cfg.optim.backend, cfg.optim.lr_schedule) == (0.01, 3, 0.1, 2.0, "torch", "cosine")  # fmt: skip
+    assert (cfg.run.seed, cfg.run.output_dir, cfg.run.save_every, cfg.run.keep_checkpoints, cfg.run.progress,
+            cfg.run.log_every) == (5, "o", 4, 1, False, 2)  # fmt: skip
+    assert cfg.learning_rate == 0.01 and cfg.seed == 5  # flat names read the parts
+    flat = flat_dict(cfg)
+    assert flat["learning_rate"] == 0.01 and flat["output_dir"] == "o" and "optim" not in flat
+    assert "lr_schedule" not in flat and "log_completions" not in flat  # set by the command, not the user
+    with pytest.raises(ValueError, match="OptimConfig.learning_rate must be a number > 0"):
+        OfflineConfig(data="x", learning_rate=0.0)
+    with pytest.raises(ValueError, match="RunConfig.save_every must be an int >= 0"):
+        OfflineConfig(data="x", save_every=-1)

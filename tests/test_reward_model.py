@@ -179,3 +179,38 @@ def test_reward_model_bad_input(tok):
         score_sequences(other, tok, ["1:"], ["2"])
     with pytest.raises(ValueError, match="prompts and completions must have the same length"):
         encode_sequences(tok, ["1:", "2:"], ["3"])
+
+
+def test_sft_and_reward_model_configs_compose_the_shared_optimizer():
+    """train_sft / train_reward_model keep their setting names (lr, grad_clip, seed, ...), which live in the
+    optimizer and run parts every objective shares and are validated there; the configs stay frozen."""
+    import dataclasses
+
+    from fusedrl.engine.config import OptimConfig, RunConfig
+    from fusedrl.engine.sft import SFTConfig
+
+    s = SFTConfig(steps=7, lr=5e-3, grad_clip=0.5, warmup_steps=2, weight_decay=0.1, seed=3)
+    assert isinstance(s.optim, OptimConfig) and isinstance(s.run, RunConfig)
+    assert (s.optim.learning_rate, s.optim.max_grad_norm, s.optim.warmup_steps, s.optim.weight_decay,
+            s.optim.lr_schedule, s.run.seed) == (5e-3, 0.5, 2, 0.1, "cosine", 3)  # fmt: skip
+    assert (s.lr, s.grad_clip, s.warmup_steps, s.seed, s.steps) == (5e-3, 0.5, 2, 3, 7)
+    assert (SFTConfig().lr, SFTConfig().warmup_steps, SFTConfig().grad_clip) == (3e-3, 20, 1.0)  # the defaults kept
+    r = RewardModelConfig(epochs=3, lr=2e-3, weight_decay=0.0, seed=4)
+    assert (r.optim.learning_rate, r.optim.weight_decay, r.run.seed, r.epochs) == (2e-3, 0.0, 4, 3)
+    assert (RewardModelConfig().lr, RewardModelConfig().weight_decay, RewardModelConfig().grad_clip) == (
+        1e-3,
+        0.01,
+        1.0,
+    )
+    with pytest.raises(ValueError, match="OptimConfig.learning_rate must be a number > 0"):
+        SFTConfig(lr=-1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'warmup_steps'"):
+        RewardModelConfig(warmup_steps=3)  # its warmup is 10% of the steps
+    with pytest.raises(TypeError, match="unexpected keyword argument 'output_dir'"):
+        SFTConfig(output_dir="x")  # train_sft writes nothing
+    for cfg in (s, r):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cfg.lr = 1.0
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cfg.batch_size = 1
+    assert dataclasses.replace(s, lr=1e-2).lr == 1e-2 and s.lr == 5e-3
