@@ -97,7 +97,8 @@ def _last_token_rewards(scores: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens
 # ----------------------------------------------------------------------------------------------------
 def _group_index(scores: torch.Tensor, group_size: int | None, group_index: torch.Tensor | None) -> torch.Tensor:
     """(B,) int64 group of each sequence in [0, G): consecutive groups of ``group_size``, or ``group_index`` (any
-    integer ids, any group sizes; renumbered by ``torch.unique``, a host sync on GPU)."""
+    integer ids, any group sizes; renumbered by ``torch.unique`` where they are: a host sync on a GPU, none for ids
+    on the host, which then move to the scores' device)."""
     if (group_size is None) == (group_index is None):
         raise ValueError("pass exactly one of group_size (consecutive groups) and group_index (a (B,) group id array)")
     if group_index is None:
@@ -110,7 +111,7 @@ def _group_index(scores: torch.Tensor, group_size: int | None, group_index: torc
         raise ValueError(
             f"group_index must have the shape of scores {tuple(scores.shape)}, got {tuple(group_index.shape)}"
         )
-    return torch.unique(group_index.to(scores.device), return_inverse=True)[1]
+    return torch.unique(group_index, return_inverse=True)[1].to(scores.device)
 
 
 def _group_sums(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:

@@ -312,7 +312,7 @@ class PPOTrainer:
         adv, returns = compute_advantages(
             est, scores=layout.sequence_sum(token_rewards), cu_seqlens=layout.cu,
             token_rewards=token_rewards if est in TOKEN_REWARD_ESTIMATORS else None, values=values,
-            group_index=torch.from_numpy(buf.group_ids()).to(self.device), group_std=cfg.group_std,
+            group_index=torch.from_numpy(buf.group_ids()), group_std=cfg.group_std,  # host ids: no device sync
             gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages, dist=dist, backend=cfg.backend,
         )  # fmt: skip
         if cfg.mask_truncated:
