@@ -171,7 +171,7 @@ class EpisodeConfig:
     max_episode_tokens: int | None = None
     """Most tokens after the prompt per episode (sampled + environment); None: what max_tokens_per_microbatch and the model's context leave after the prompt (always capped by them)."""
     mask_truncated: bool = False
-    """Episodes cut by max_turns or a token budget get zero advantages: no policy-gradient signal from them (TRL's mask_truncated_completions); a KL term in the loss still applies to their tokens."""
+    """Episodes cut by max_turns or a token budget carry no loss (TRL's mask_truncated_completions): their tokens get zero advantages and are left out of the policy, KL, entropy and value losses and of every denominator."""
 
     def __post_init__(self):
         _need("EpisodeConfig", self, _integer(self.max_turns) and self.max_turns >= 1, "max_turns", "an int >= 1")

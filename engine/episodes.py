@@ -402,9 +402,8 @@ def make_episode_runner(environment_factory, tools, tokenizer, config, *, stop_i
                          has_reward_fn=has_reward_fn)  # fmt: skip
 
 
-def mask_truncated(advantages: torch.Tensor, layout, truncated: Sequence[bool] | None) -> torch.Tensor:
-    """``advantages`` (R,) with the tokens of truncated episodes zeroed (``PPOConfig.mask_truncated``)."""
-    if not truncated or not any(truncated):
-        return advantages
-    cut = torch.tensor(truncated, device=advantages.device)[layout.seq_index]
-    return advantages.masked_fill(cut, 0.0)
+def truncated_tokens(layout, truncated: Sequence[bool] | None) -> torch.Tensor | None:
+    """(R,) bool: the tokens of the episodes cut by a limit (``PPOConfig.mask_truncated``); None without episodes."""
+    if truncated is None:
+        return None
+    return torch.tensor(list(truncated), dtype=torch.bool, device=layout.device)[layout.seq_index]

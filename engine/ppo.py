@@ -38,11 +38,18 @@ def prepare_model(model, *, trainable: bool, checkpointing: bool = False):
 
 def ppo_update(tr, per_token: dict[str, torch.Tensor | None]) -> dict[str, float]:
     """The update of one PPO step for trainer ``tr``: ``ppo_epochs`` passes over the global batch in shuffled
-    mini-batches, each one optimizer step of the update loop. Returns the update's metrics."""
+    mini-batches, each one optimizer step of the update loop. ``per_token``: this rank's (R,) stage tensors by name;
+    its optional ``cut`` (1.0 per token of a sequence left out: ``mask_truncated``) takes those sequences out of
+    every loss and denominator. Returns the update's metrics."""
     cfg = tr.config
     buf, layout, per_token = gather_rollouts(tr, per_token)
     lengths = np.asarray(buf.lengths())
     loss_tokens = loss_tokens_per_sequence(buf)
+    # Sequences left out of the loss (mask_truncated): masked token by token, so each micro-batch keeps its rows
+    # (an all-masked sequence contributes exact zeros in every aggregation mode), and out of every denominator.
+    cut = per_token.get("cut")
+    kept = np.ones(len(buf), dtype=bool) if cut is None else (layout.sequence_sum(cut) == 0).cpu().numpy()
+    loss_tokens = loss_tokens * kept
     loss_cfg = tr._loss_config(tr.kl_controller.value, rollout_logp=per_token.get("rollout_logp") is not None)
     use_ref, use_rollout = loss_cfg.kl_coef > 0, loss_cfg.rollout_correction != "none"
     # The same seed on every rank: all ranks split the global batch into the same mini-batches.
@@ -56,17 +63,19 @@ def ppo_update(tr, per_token: dict[str, torch.Tensor | None]) -> dict[str, float
             # One plan for the whole mini-batch, identical on every rank; this rank trains plan[rank].
             plan = plan_microbatches(lengths[mini], cfg.max_tokens_per_microbatch, num_ranks=tr.world_size)
             # Global denominators: each micro-batch loss is its share of the full mini-batch loss.
-            n_tok, n_seq = int(loss_tokens[mini].sum()), len(mini)
+            # At least 1: a mini-batch of truncated sequences alone has a zero loss, not 0 / 0.
+            n_tok, n_seq = max(int(loss_tokens[mini].sum()), 1), max(int(kept[mini].sum()), 1)
             losses = {"policy": [], "value": []}
 
             def objective(ids, weight):
                 mb = MicroBatch(buf, ids, tr.device, layout)
                 take = lambda name: layout.gather(per_token[name], mb)  # noqa: E731
+                mask = None if cut is None else take("cut") == 0
                 hidden = tr._policy_body(mb.input_ids, mb.position_ids, **mb.attn_kwargs)[0][mb.rows]
                 # After the forward: FSDP swaps the gathered head weight in for the shard until backward.
                 head, bias, _ = output_head(tr.policy)
                 loss, m = linear_ppo_loss(
-                    hidden, head, mb.labels, take("old_logp"), take("advantages"), bias=bias,
+                    hidden, head, mb.labels, take("old_logp"), take("advantages"), mask, bias=bias,
                     ref_logp=take("ref_logp") if use_ref else None,
                     rollout_logp=take("rollout_logp") if use_rollout else None, config=loss_cfg,
                     cu_seqlens=mb.cu_rows, num_tokens=n_tok, num_sequences=n_seq, backend=cfg.backend,
@@ -76,12 +85,12 @@ def ppo_update(tr, per_token: dict[str, torch.Tensor | None]) -> dict[str, float
                 vloss = vm = None
                 if tr.critic is not None:
                     v = tr._critic_body(mb.input_ids, position_ids=mb.position_ids, **mb.attn_kwargs)
-                    vloss, vm = value_loss(v[0][mb.rows], take("values"), take("returns"), clip=cfg.value_clip,
+                    vloss, vm = value_loss(v[0][mb.rows], take("values"), take("returns"), mask, clip=cfg.value_clip,
                                            agg="token-mean", num_tokens=n_tok, backend=cfg.backend)  # fmt: skip
                     losses["value"].append(vloss.detach())
                     yield vloss
                 if weight:
-                    _record(stats, mb.num_loss_tokens, loss, m, vloss, vm, use_rollout)
+                    _record(stats, int(loss_tokens[ids].sum()), loss, m, vloss, vm, use_rollout)
 
             mine = [mini[mb] for mb in plan[tr.rank] if len(mb)]
             accumulate(bodies, passes(mine, mini[:1]), objective)

@@ -30,6 +30,15 @@ CASES = {
     # Multi-turn episodes against a text environment (cases named "episodes"): observations in every sequence.
     "gae-episodes": {"advantage_estimator": "gae", "max_turns": 3},
     "grpo-episodes-2-minibatches": {"advantage_estimator": "grpo", "num_minibatches": 2, "max_turns": 3},
+    # Some episodes cut by the token budget and left out of the loss (their tokens masked on whichever rank).
+    "gae-episodes-mask-truncated": {
+        "advantage_estimator": "gae",
+        "max_turns": 3,
+        "max_episode_tokens": 14,
+        "mask_truncated": True,
+        "kl_coef": 0.1,
+        "kl_in_reward": False,
+    },
 }
 
 # Run by torchrun (2 ranks) and imported by the test (1 process). Generation is replaced by a
@@ -56,7 +65,9 @@ def fake_generate(policy, prompt_ids, *, max_new_tokens, **kw):
     seen, out = {}, []
     for p in prompt_ids:
         k = seen[tuple(p)] = seen.get(tuple(p), -1) + 1  # sample number within the prompt's group
-        n = 1 + (sum(p) + 3 * k) % max_new_tokens
+        # As a sampler: a response does not depend on the budget, which only cuts it (episodes generate a batch
+        # with the largest budget of its episodes, then cut each to its own; batches differ between the layouts).
+        n = min(1 + (sum(p) + 3 * k) % 6, max_new_tokens)
         out.append([4 + (sum(p) * 7 + 11 * k + 5 * i) % 50 for i in range(n)])
     return out
 
@@ -251,6 +262,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             moved = sum(not torch.equal(init[k], v) for k, v in one["policy"].items())
             assert moved > 0, "the update must change the policy for the comparison to mean anything"
             m1, m2 = one["metrics"], two[case]["metrics"]
+            assert not overrides.get("mask_truncated") or 0 < m1["episode/truncated_frac"] < 1, m1
             for k in m1:
                 if not k.startswith("perf/"):
                     assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6, nan_ok=True), (case, k)

@@ -13,11 +13,13 @@ import pytest
 import torch
 from fusedrl.engine.episodes import EnvironmentFailure
 from fusedrl.engine.models import build_causal_lm
-from fusedrl.engine.ppo import loss_tokens_per_sequence
+from fusedrl.engine.packing import RolloutBuffer
+from fusedrl.engine.ppo import loss_tokens_per_sequence, ppo_update
 from fusedrl.engine.rollout_backends import HFBackend, RolloutBackend, RolloutOutput, hf_paged_available
-from fusedrl.engine.scoring import MicroBatch
+from fusedrl.engine.scoring import MicroBatch, ResponseLayout
 from fusedrl.engine.tokenizer import build_char_tokenizer
 from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+from fusedrl.engine.trajectories import BUFFER_FIELDS
 from fusedrl.kernels import linear_logprobs, linear_ppo_loss
 from fusedrl.names import AGG_MODES
 from helpers import assert_close
@@ -200,11 +202,14 @@ def test_gae_bootstraps_across_environment_tokens(tok):
         assert_close(a[s:e], ref, atol=1e-5, name="gae advantages")
 
 
-def test_max_turns_truncates_and_mask_truncated_zeroes_advantages(tok):
+def test_max_turns_truncates_and_mask_truncated_leaves_every_token_out(tok):
     tr = make(tok, advantage_estimator="grpo", max_turns=2, mask_truncated=True)
     torch.manual_seed(3)
     m = tr.step(PROMPTS[:2])
     assert m["episode/truncated_frac"] == 1.0 and m["episode/turns"] == 2.0
+    # Every episode cut: nothing carries a loss, and the step's metrics stay finite (no 0 / 0).
+    assert m["loss/policy"] == 0.0 and m["policy/grad_norm"] == 0.0
+    assert all(math.isfinite(v) for v in m.values()), {k: v for k, v in m.items() if not math.isfinite(v)}
     buf = tr.buffer
     assert all(len(turns_of(mask)) == 2 for _, mask in sequences(buf))
     assert not np.asarray(buf.field("advantages")).any()
@@ -558,3 +563,64 @@ def test_chat_prompt_needs_a_chat_template(tok):
     tr = make(tok)
     with pytest.raises(ValueError, match="row 0: the prompt is chat messages but tokenizer .* has no chat template"):
         tr.step([{"prompt": [{"role": "user", "content": "hi"}]}])
+
+
+class ShortPromptsEnd:
+    """Ends the episode after the first turn for a prompt of at most two characters; answers every turn of a
+    longer one, which max_turns then cuts."""
+
+    def reset(self, **row):
+        self.short = len(row["prompt"]) <= 2
+
+    def step(self, completion: str) -> str | None:
+        return None if self.short else " ok "
+
+    def get_reward(self) -> float:
+        return 1.0
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_mask_truncated_gradient_is_that_of_the_batch_without_truncated_episodes(tok, agg, monkeypatch):
+    tr = make(tok, env=ShortPromptsEnd, advantage_estimator="gae", max_turns=2, mask_truncated=True, kl_coef=0.1,
+              kl_in_reward=False, entropy_coef=0.01, loss_agg=agg, ppo_epochs=1, num_minibatches=1)  # fmt: skip
+    torch.manual_seed(3)
+    m = tr.step(PROMPTS[:2])  # "ab" ends after a turn, "hello" is cut by max_turns
+    assert m["episode/truncated_frac"] == 0.5
+    buf, layout = tr.buffer, tr.layout
+    truncated = [len(turns_of(mask)) == 2 for _, mask in sequences(buf)]
+    assert truncated == [False, False, True, True]
+    assert not np.asarray(buf.field("advantages"))[np.asarray(buf.offsets())[2] :].any()
+    g = torch.Generator().manual_seed(0)
+    per_token = {name: layout.from_buffer(buf, name) for name in ("old_logp", "ref_logp", "values", "returns")}
+    # Nonzero advantages and a KL term on every token: only the mask can keep truncated tokens out of the loss.
+    per_token["advantages"] = torch.randn(layout.num_tokens, generator=g)
+    per_token["ref_logp"] = per_token["ref_logp"] + 0.1 * torch.randn(layout.num_tokens, generator=g)
+    per_token["returns"] = per_token["values"] + torch.randn(layout.num_tokens, generator=g)
+    per_token["rollout_logp"] = None
+    cut = torch.tensor(truncated)[layout.seq_index]
+
+    grads = []
+
+    def capture(model, optimizer, loss_ok=True):
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        model.zero_grad()
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(tr, "_optimizer_step", capture)
+    masked = ppo_update(tr, {**per_token, "cut": cut.float()})
+    unmasked = ppo_update(tr, {**per_token, "cut": None})
+    # The same update on a batch of the episodes that ended by themselves.
+    sub = RolloutBuffer(fields=BUFFER_FIELDS)
+    for (tokens, mask), t in zip(sequences(buf), truncated):
+        if not t:
+            sub.append(np.asarray(tokens), np.asarray(mask))
+    tr._buffer, tr.layout = sub, ResponseLayout(sub, tr.device)
+    alone = ppo_update(tr, {k: None if v is None else v[~cut] for k, v in per_token.items()})
+    (policy, critic), (policy_all, _), (policy_ref, critic_ref) = grads[0:2], grads[2:4], grads[4:6]
+    assert policy.abs().sum() > 0 and critic.abs().sum() > 0
+    assert_close(policy, policy_ref, atol=1e-6, name=f"policy gradient ({agg})")
+    assert_close(critic, critic_ref, atol=1e-6, name=f"critic gradient ({agg})")
+    assert not torch.allclose(policy, policy_all, atol=1e-4)  # the truncated episodes would have counted
+    for k in ("loss/policy", "loss/value", "policy/kl", "policy/entropy"):
+        assert masked[k] == pytest.approx(alone[k], rel=1e-5, abs=1e-7), k
+    assert masked["loss/policy"] != pytest.approx(unmasked["loss/policy"], rel=1e-4)
