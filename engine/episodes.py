@@ -402,8 +402,11 @@ def make_episode_runner(environment_factory, tools, tokenizer, config, *, stop_i
                          has_reward_fn=has_reward_fn)  # fmt: skip
 
 
-def truncated_tokens(layout, truncated: Sequence[bool] | None) -> torch.Tensor | None:
-    """(R,) bool: the tokens of the episodes cut by a limit (``PPOConfig.mask_truncated``); None without episodes."""
+def mask_truncated(adv: torch.Tensor, layout, truncated: Sequence[bool] | None):
+    """``PPOConfig.mask_truncated``: the episodes cut by a limit carry no loss. Returns the advantages (R,) with theirs
+    zeroed and ``cut`` (R,) float32, 1 on their tokens, which the update leaves out of every loss and denominator
+    (float: gathered over ranks with the other per-token tensors); ``(adv, None)`` without episodes."""
     if truncated is None:
-        return None
-    return torch.tensor(list(truncated), dtype=torch.bool, device=layout.device)[layout.seq_index]
+        return adv, None
+    cut = torch.tensor(list(truncated), dtype=torch.bool, device=layout.device)[layout.seq_index]
+    return adv.masked_fill(cut, 0.0), cut.float()

@@ -39,7 +39,7 @@ from .checkpoint import rng_state, set_rng_state
 from .compose import flat_dict
 from .config import RESUME_MAY_CHANGE, PPOConfig
 from .data import context_length, encode_prompts
-from .episodes import make_episode_runner, single_turn, truncated_tokens
+from .episodes import make_episode_runner, mask_truncated, single_turn
 from .distributed import (
     Distributed,
     PolicyBody,
@@ -315,11 +315,8 @@ class PPOTrainer:
             group_index=torch.from_numpy(buf.group_ids()), group_std=cfg.group_std,  # host ids: no device sync
             gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages, dist=dist, backend=cfg.backend,
         )  # fmt: skip
-        # Truncated episodes carry no loss: zero advantages here, and the update leaves their tokens out (``cut``).
-        cut = truncated_tokens(layout, ro.truncated) if cfg.mask_truncated else None
-        if cut is not None:
-            adv = adv.masked_fill(cut, 0.0)
-            cut = cut.float()  # gathered over ranks with the other per-token tensors
+        # Truncated episodes carry no loss: zero advantages, and the update leaves their tokens out (``cut``).
+        adv, cut = mask_truncated(adv, layout, ro.truncated) if cfg.mask_truncated else (adv, None)
         per_token = {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rewards": token_rewards,
                      "advantages": adv, "returns": returns}  # fmt: skip
         # Kept on the device; copied into the buffer's fields only when someone reads ``trainer.buffer``.

@@ -41,3 +41,13 @@ def test_no_top_level_kernels_or_engine(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         for where in out.stdout.split():
             assert not where.startswith(str(repo / name)), f"top-level `{name}` resolves to this repository: {where}"
+
+
+def test_engine_modules_stay_readable():
+    """The trainer reads top to bottom like a recipe: at most 450 lines, and no engine module above 500."""
+    import pathlib
+
+    engine = pathlib.Path(__file__).resolve().parents[1] / "engine"
+    sizes = {p.name: len(p.read_text().splitlines()) for p in engine.glob("*.py")}
+    assert sizes["trainer.py"] <= 450, sizes["trainer.py"]
+    assert max(sizes.values()) <= 500, {k: v for k, v in sizes.items() if v > 500}
