@@ -25,8 +25,14 @@ text is tokenized once and appended; repeat until the environment ends it, ``max
 budget (then it is flagged truncated; the environment still saw that last turn: its ``step`` ran, or its tool
 calls). A turn cut by ``max_new_tokens`` still goes to the environment. Token in,
 token out: the policy's sampled tokens are kept as sampled, never decoded and re-encoded; the loss mask is 1 on
-them and 0 on the prompt and on every environment token. All active episodes' next turns are generated together,
-in one call of the rollout backend.
+them and 0 on the prompt and on every environment token.
+
+All active episodes' next turns are generated together. Turn-synchronous (plain hf, which cannot admit a request
+mid-generation; hf-paged by default): one backend call per turn, then the environment calls, concurrently in
+``EpisodeConfig.environment_workers`` threads. Re-admitting (vllm; hf-paged with ``readmit=True``): an episode's
+environment runs while the engine decodes the others and its next turn joins the running batch as soon as the
+observation is ready (``episode_stream.py``, which also says what stays reproducible). Either way an episode sees
+only its own turns and its own environment's answers, whatever order the environments answer in.
 
 Environment text with a chat template (tool environments, or chat prompts) is the template's rendering of only
 the new messages: the conversation is rendered before and after them, and the tokens after the end of the

@@ -14,7 +14,9 @@
 The protocol (``RolloutBackend``) is these three methods, plus two optional attributes: ``name`` (shown in logs and
 config.yaml) and ``returns_logprobs`` (False when ``generate`` never returns log-probs: an explicit
 ``rollout_correction`` is then refused at construction rather than at the first step). ``PPOTrainer(...,
-rollout=backend)`` takes any such object; the names below are only the command line's shortcuts.
+rollout=backend)`` takes any such object; the names below are only the command line's shortcuts. A
+continuous-batching backend may also offer ``stream(...)``, a session that admits requests while it decodes
+(``episode_stream``: multi-turn episodes re-admitted as soon as their environment answered).
 
 - ``hf``: plain left-padded ``generate`` with fusedrl's sampler (``sampling.generate_responses``); the reference.
 - ``hf-paged``: transformers' continuous batching (``generate_batch``): a paged KV cache sized from the call's

@@ -80,9 +80,9 @@ class Recording(HFPagedBackend):
         return session
 
 
-def make(tok, rollout=None, **overrides):
+def make(tok, rollout=None, env=None, **overrides):
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
-    return PPOTrainer(policy, tok, None, PPOConfig(**{**SMALL, **overrides}), environment_factory=Slow,
+    return PPOTrainer(policy, tok, None, PPOConfig(**{**SMALL, **overrides}), environment_factory=env or Slow,
                       rollout=rollout)  # fmt: skip
 
 
@@ -177,3 +177,23 @@ def test_environment_calls_run_concurrently_or_in_order(tok, workers):
     if workers == 1:
         assert [c[0] for c in first] == [r["prompt"] for r in ROWS for _ in range(2)]
         assert threads == {threading.get_ident()}
+
+
+class Failing(Slow):
+    def step(self, completion: str) -> str | None:
+        if self.prompt == "x" and self.turns == 1:
+            raise ValueError("no answer")
+        return super().step(completion)
+
+
+@pytest.mark.skipif(not hf_paged_available(), reason="this transformers has no continuous batching")
+def test_environment_failure_while_readmitting_stops_the_session(tok):
+    """An exception in step() while other episodes decode stops the run naming the class and the row, and the
+    manager is stopped (the next step runs on a fresh one)."""
+    from fusedrl.engine.episodes import EnvironmentFailure
+
+    tr = make(tok, rollout=HFPagedBackend(), env=Failing, readmit=True)
+    with pytest.raises(EnvironmentFailure, match=r"Failing\.step raised ValueError: no answer \(row 2"):
+        tr.episodes.run(tr, ROWS)
+    rows = [r for r in ROWS if r["prompt"] != "x"]
+    assert tr.episodes.run(tr, rows).stats["episode/turns"] == [3.0] * 6
