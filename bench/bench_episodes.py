@@ -55,6 +55,7 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="tiny-llama")
     p.add_argument("--backends", nargs="+", default=None, help="default: hf hf-paged, and vllm when importable")
     p.add_argument("--env-latency-ms", type=float, default=0.0, help="mean latency of an environment answer")
+    p.add_argument("--environment-workers", type=int, default=None, help="default: PPOConfig's")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--turns", type=int, default=3)
@@ -76,11 +77,14 @@ def main(argv=None) -> None:
     rows = [{"prompt": f"{i}+{i % 7}="} for i in range(args.prompts)]
     trainers = {}
     modes = [(b, r) for b in args.backends for r in ((False, True) if b != "hf" else (False,))]
+    # vLLM's CPU attention has no head_dim 16 (tiny-llama's): then every backend runs the preset with 2 heads of 32.
+    shape = {"num_attention_heads": 2, "num_key_value_heads": 1} if "vllm" in args.backends else {}
+    workers = {} if args.environment_workers is None else {"environment_workers": args.environment_workers}
     for backend, readmit in modes:
         cfg = PPOConfig(prompts_per_step=args.prompts, samples_per_prompt=args.samples, max_turns=args.turns,
                         max_new_tokens=args.max_new_tokens, rollout_backend=backend, advantage_estimator="grpo",
-                        progress=False, readmit=readmit)  # fmt: skip
-        policy = build_causal_lm(args.preset, vocab_size=len(tok), seed=0).to(args.device)
+                        progress=False, readmit=readmit, **workers)  # fmt: skip
+        policy = build_causal_lm(args.preset, vocab_size=len(tok), seed=0, **shape).to(args.device)
         name = backend + ("+readmit" if readmit else "")
         trainers[name] = PPOTrainer(
             policy, tok, None, cfg, environment_factory=make_env(args.turns, args.env_latency_ms)
@@ -117,6 +121,8 @@ def main(argv=None) -> None:
                           f"episodes-{tag}-latency{args.env_latency_ms:g}ms.json")  # fmt: skip
         setting = {k: getattr(args, k) for k in ("preset", "prompts", "samples", "turns", "max_new_tokens", "repeats",
                                                  "env_latency_ms")}  # fmt: skip
+        setting["model_overrides"] = shape
+        setting["environment_workers"] = next(iter(trainers.values())).config.environment_workers
         path.write_text(json.dumps({**environment(args.device), "setting": setting, "records": records}, indent=2)
                         + "\n")  # fmt: skip
         print(f"wrote {path}")
