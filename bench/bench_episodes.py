@@ -19,6 +19,8 @@ limit at the default sizes); the policy's turns run to ``max_new_tokens`` or a s
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import random
 import statistics
@@ -122,6 +124,8 @@ def main(argv=None) -> None:
         setting = {k: getattr(args, k) for k in ("preset", "prompts", "samples", "turns", "max_new_tokens", "repeats",
                                                  "env_latency_ms")}  # fmt: skip
         setting["model_overrides"] = shape
+        setting["versions"] = {m: importlib.metadata.version(m) for m in ("transformers", "vllm")
+                               if importlib.util.find_spec(m) is not None}  # fmt: skip
         setting["environment_workers"] = next(iter(trainers.values())).config.environment_workers
         path.write_text(json.dumps({**environment(args.device), "setting": setting, "records": records}, indent=2)
                         + "\n")  # fmt: skip
