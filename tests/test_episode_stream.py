@@ -197,3 +197,9 @@ def test_environment_failure_while_readmitting_stops_the_session(tok):
         tr.episodes.run(tr, ROWS)
     rows = [r for r in ROWS if r["prompt"] != "x"]
     assert tr.episodes.run(tr, rows).stats["episode/turns"] == [3.0] * 6
+
+
+@pytest.mark.parametrize("field,value", [("environment_workers", 0), ("environment_workers", 2.0), ("readmit", "yes")])
+def test_bad_episode_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        PPOConfig(**{field: value})
