@@ -172,11 +172,19 @@ class EpisodeConfig:
     """Most tokens after the prompt per episode (sampled + environment); None: what max_tokens_per_microbatch and the model's context leave after the prompt (always capped by them)."""
     mask_truncated: bool = False
     """Episodes cut by max_turns or a token budget carry no loss (TRL's mask_truncated_completions): their tokens get zero advantages and are left out of the policy, KL, entropy and value losses and of every denominator."""
+    environment_workers: int = 8
+    """Threads that run environment calls (step, tools) concurrently across episodes; 1: one at a time in episode order, in the trainer's thread (environments that are not thread-safe). Each episode's calls stay in order."""
+    readmit: bool | None = None
+    """On a continuous-batching backend, start an episode's next turn as soon as its environment answered, while the others decode (episode_stream.py). None: where seeded runs still repeat (vllm: per-request seeds); True: also on hf-paged (samples then depend on timing); False: turn-synchronous everywhere."""
 
     def __post_init__(self):
         _need("EpisodeConfig", self, _integer(self.max_turns) and self.max_turns >= 1, "max_turns", "an int >= 1")
         ok = self.max_episode_tokens is None or (_integer(self.max_episode_tokens) and self.max_episode_tokens >= 1)
         _need("EpisodeConfig", self, ok, "max_episode_tokens", "None or an int >= 1")
+        ok = _integer(self.environment_workers) and self.environment_workers >= 1
+        _need("EpisodeConfig", self, ok, "environment_workers", "an int >= 1")
+        ok = self.readmit is None or isinstance(self.readmit, bool)
+        _need("EpisodeConfig", self, ok, "readmit", "None, True or False")
 
 
 # The policy-loss settings PPOConfig decides itself (from where the KL goes, the sampling temperature, the engine).

@@ -25,8 +25,14 @@ text is tokenized once and appended; repeat until the environment ends it, ``max
 budget (then it is flagged truncated; the environment still saw that last turn: its ``step`` ran, or its tool
 calls). A turn cut by ``max_new_tokens`` still goes to the environment. Token in,
 token out: the policy's sampled tokens are kept as sampled, never decoded and re-encoded; the loss mask is 1 on
-them and 0 on the prompt and on every environment token. All active episodes' next turns are generated together,
-in one call of the rollout backend.
+them and 0 on the prompt and on every environment token.
+
+All active episodes' next turns are generated together. Turn-synchronous (plain hf, which cannot admit a request
+mid-generation; hf-paged by default): one backend call per turn, then the environment calls, concurrently in
+``EpisodeConfig.environment_workers`` threads. Re-admitting (vllm; hf-paged with ``readmit=True``): an episode's
+environment runs while the engine decodes the others and its next turn joins the running batch as soon as the
+observation is ready (``episode_stream.py``, which also says what stays reproducible). Either way an episode sees
+only its own turns and its own environment's answers, whatever order the environments answer in.
 
 Environment text with a chat template (tool environments, or chat prompts) is the template's rendering of only
 the new messages: the conversation is rendered before and after them, and the tokens after the end of the
@@ -41,6 +47,7 @@ that includes the observation), discounted once.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import inspect
 import json
 import re
@@ -50,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import encode_prompts, is_conversation
+from .episode_stream import readmits, run_readmitting
 from .rewards import check_rewards
 from .rollout_backends import RolloutOutput, SamplingSpec
 
@@ -175,6 +183,19 @@ class EpisodeRunner:
         cfg = tr.config
         n = cfg.samples_per_prompt
         episodes = [self._start(row, i, tr) for i, row in enumerate(rows) for _ in range(n)]
+        workers = cfg.environment_workers
+        with cf.ThreadPoolExecutor(workers, thread_name_prefix="fusedrl-env") if workers > 1 else _Inline() as pool:
+            if readmits(tr):
+                has_logprobs = run_readmitting(self, tr, episodes, None if workers == 1 else pool)
+            else:
+                has_logprobs = self._run_turns(tr, episodes, pool)
+        return self._finish(episodes, has_logprobs=has_logprobs)
+
+    def _run_turns(self, tr, episodes: list[_Episode], pool) -> bool:
+        """Turn-synchronous: every active episode's next turn in one backend call, then their environment calls
+        (concurrently in ``pool``). True when every turn came with the engine's log-probs."""
+        cfg = tr.config
+        n = cfg.samples_per_prompt
         active, first, has_logprobs = list(episodes), True, True
         while active:
             budget = [min(cfg.max_new_tokens, e.limit - len(e.tokens)) for e in active]
@@ -186,17 +207,24 @@ class EpisodeRunner:
                 out = generate(tr, prompts, n=1, max_new_tokens=max(budget))
             first = False
             for j, e in enumerate(active):
-                toks = out.responses[j][: budget[j]]
-                lps = out.logprobs[j][: budget[j]] if out.logprobs is not None else [0.0] * len(toks)
-                e.tokens += toks
-                e.mask += [1] * len(toks)
-                e.logprobs += [float(x) for x in lps]
-                e.turns, e.last_turn = e.turns + 1, len(toks)
+                self._add_turn(e, out.responses[j], None if out.logprobs is None else out.logprobs[j], budget[j])
             has_logprobs = has_logprobs and out.logprobs is not None
-            for e in active:
-                self._answer(e)
+            reads = [self._read(e) for e in active]
+            for e, read, reply in zip(active, reads, pool.map(self._ask, active, reads)):
+                self._take(e, read, reply)
             active = [e for e in active if not e.done]
-        return self._finish(episodes, has_logprobs=has_logprobs)
+        return has_logprobs
+
+    @staticmethod
+    def _add_turn(e: _Episode, tokens: list[int], logprobs, budget: int) -> None:
+        """Append a sampled turn (cut to the episode's ``budget``) with its log-probs (zeros when the engine gave
+        none), loss mask 1."""
+        toks = list(tokens[:budget])
+        lps = logprobs[:budget] if logprobs is not None else [0.0] * len(toks)
+        e.tokens += toks
+        e.mask += [1] * len(toks)
+        e.logprobs += [float(x) for x in lps]
+        e.turns, e.last_turn = e.turns + 1, len(toks)
 
     def _start(self, row, index: int, tr) -> _Episode:
         row = {"prompt": row} if isinstance(row, str) else dict(row)
@@ -237,41 +265,56 @@ class EpisodeRunner:
 
     def _answer(self, e: _Episode) -> None:
         """The environment's answer to the episode's last turn: appended, or the episode ends."""
+        read = self._read(e)
+        self._take(e, read, self._ask(e, read))
+
+    # An answer in three parts, so that the environment call alone can run in a worker thread while the engine
+    # generates: _read (tokenizer, this thread), _ask (the environment, any thread), _take (tokenizer, this thread).
+    def _read(self, e: _Episode) -> tuple:
+        """(turn text, ended by a stop token, tool calls, the turn's other text) of the episode's last turn."""
         turn = e.tokens[len(e.tokens) - e.last_turn :]
         ended = bool(turn) and turn[-1] in self.stop_ids
         text = self.tokenizer.decode(turn, skip_special_tokens=True)
+        calls, content = ([], "") if self.text_env else self._tool_calls(e, turn, text)
+        return text, ended, calls, content
+
+    def _ask(self, e: _Episode, read: tuple):
+        """The environment's reply to a turn: the new messages and the assistant message, or None (episode over).
+        Touches only this episode's environment (and the stateless tools)."""
+        text, _, calls, content = read
         if self.text_env:
             obs = self._call(e.env, "step", e.row, e.index, text)
             if obs is None:
-                e.done = True
-                return
+                return None
             if not isinstance(obs, str):
                 raise TypeError(f"environment {self.name}.step returned {type(obs).__name__} for row {e.index}; "
                                 "expected a string or None")  # fmt: skip
-            new = [{"role": "user", "content": obs}]
-        else:
-            calls, content = self._tool_calls(e, turn, text)
-            if not calls:
-                e.done = True
-                return
-            new = []
-            assistant = {"role": "assistant", "content": content, "tool_calls": []}
-            for raw in calls:
-                name, content, ok, call = self._run_tool(e, raw)
-                e.tool_calls += 1
-                e.tool_failures += not ok
-                if call is not None:
-                    assistant["tool_calls"].append(call)
-                new.append({"role": "tool", "name": name, "content": content})
+            return [{"role": "user", "content": obs}], {"role": "assistant", "content": text}
+        if not calls:
+            return None
+        new = []
+        assistant = {"role": "assistant", "content": content, "tool_calls": []}
+        for raw in calls:
+            name, answer, ok, call = self._run_tool(e, raw)
+            e.tool_calls += 1
+            e.tool_failures += not ok
+            if call is not None:
+                assistant["tool_calls"].append(call)
+            new.append({"role": "tool", "name": name, "content": answer})
+        return new, assistant
+
+    def _take(self, e: _Episode, read: tuple, reply) -> None:
+        """Append the environment's reply as tokens, or end the episode (by the environment or a limit)."""
+        if reply is None:
+            e.done = True
+            return
+        new, assistant = reply
         if e.turns >= self.config.max_turns:  # the environment would go on: cut from outside
             e.done = e.truncated = True
             return
         if e.messages is not None:
-            if self.text_env:
-                e.messages.append({"role": "assistant", "content": text})
-            else:
-                e.messages.append(assistant)
-            delta = self._delta(e, new, ended)
+            e.messages.append(assistant)
+            delta = self._delta(e, new, read[1])
         else:
             delta = self.tokenizer(new[0]["content"], add_special_tokens=False)["input_ids"]
         if len(e.tokens) + len(delta) >= e.limit:  # no room for the observation and a next turn
@@ -381,6 +424,20 @@ class EpisodeRunner:
             shown = {k: (v if len(repr(v)) <= 80 else repr(v)[:77] + "...") for k, v in row.items()}
             raise EnvironmentFailure(f"environment {self.name}.{what} raised {type(err).__name__}: {err} (row {index}: "
                                     f"{shown})") from err  # fmt: skip
+
+
+class _Inline:
+    """``environment_workers=1``: environment calls run here, one at a time, in episode order."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def map(fn, *iterables):
+        return map(fn, *iterables)
 
 
 class _Stateless:

@@ -14,7 +14,9 @@
 The protocol (``RolloutBackend``) is these three methods, plus two optional attributes: ``name`` (shown in logs and
 config.yaml) and ``returns_logprobs`` (False when ``generate`` never returns log-probs: an explicit
 ``rollout_correction`` is then refused at construction rather than at the first step). ``PPOTrainer(...,
-rollout=backend)`` takes any such object; the names below are only the command line's shortcuts.
+rollout=backend)`` takes any such object; the names below are only the command line's shortcuts. A
+continuous-batching backend may also offer ``stream(...)``, a session that admits requests while it decodes
+(``episode_stream``: multi-turn episodes re-admitted as soon as their environment answered).
 
 - ``hf``: plain left-padded ``generate`` with fusedrl's sampler (``sampling.generate_responses``); the reference.
 - ``hf-paged``: transformers' continuous batching (``generate_batch``): a paged KV cache sized from the call's
@@ -226,26 +228,12 @@ class HFPagedBackend(RolloutBackend):
         self.page_size, self.max_batch_tokens = page_size, max_batch_tokens
 
     def generate(self, policy, prompt_ids, *, n, spec, stop_ids, pad_token_id):
-        from transformers import GenerationConfig
-        from transformers.generation import ContinuousBatchingConfig
-
         _check_request(prompt_ids, n)
         model = policy
         # Greedy has no num_return_sequences in transformers: its n copies go in as separate requests.
         inputs, forks = ([p for p in prompt_ids for _ in range(n)], 1) if spec.greedy else (prompt_ids, n)
         pages = sum(math.ceil((len(p) + spec.max_new_tokens) / self.page_size) for p in prompt_ids) * n
-        gen = GenerationConfig(
-            do_sample=not spec.greedy, temperature=None if spec.greedy else spec.temperature,
-            top_p=None if spec.greedy or spec.top_p >= 1 else spec.top_p,
-            top_k=None if spec.greedy or not spec.top_k else spec.top_k,
-            max_new_tokens=spec.max_new_tokens, eos_token_id=list(stop_ids) or None, pad_token_id=pad_token_id,
-            num_return_sequences=forks, repetition_penalty=None, min_new_tokens=None,
-        )  # fmt: skip
-        cb = ContinuousBatchingConfig(
-            page_size=self.page_size, num_blocks=pages + 2, max_batch_tokens=self.max_batch_tokens,
-            return_logprobs=True, allow_block_sharing=False, auto_switch_to_flash=False,
-            seed=int(torch.randint(0, 2**31 - 1, ())),  # from the caller's RNG: seeded runs repeat
-        )  # fmt: skip
+        gen, cb = self._configs(spec, stop_ids, pad_token_id, forks, pages)
         # generate_batch re-seeds torch's global RNG with cb.seed: keep the caller's stream as it was.
         with (
             eval_mode(model),
@@ -270,6 +258,34 @@ class HFPagedBackend(RolloutBackend):
         if any(len(lp) != len(t) for lp, t in zip(logprobs, responses)):
             logprobs = None  # this transformers did not return one per token
         return RolloutOutput(responses, logprobs)
+
+    def _configs(self, spec, stop_ids, pad_token_id, forks: int, pages: int):
+        """(GenerationConfig, ContinuousBatchingConfig) of a call: ``forks`` samples per request, ``pages`` pages."""
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+
+        gen = GenerationConfig(
+            do_sample=not spec.greedy, temperature=None if spec.greedy else spec.temperature,
+            top_p=None if spec.greedy or spec.top_p >= 1 else spec.top_p,
+            top_k=None if spec.greedy or not spec.top_k else spec.top_k,
+            max_new_tokens=spec.max_new_tokens, eos_token_id=list(stop_ids) or None, pad_token_id=pad_token_id,
+            num_return_sequences=forks, repetition_penalty=None, min_new_tokens=None,
+        )  # fmt: skip
+        cb = ContinuousBatchingConfig(
+            page_size=self.page_size, num_blocks=pages + 2, max_batch_tokens=self.max_batch_tokens,
+            return_logprobs=True, allow_block_sharing=False, auto_switch_to_flash=False,
+            seed=int(torch.randint(0, 2**31 - 1, ())),  # from the caller's RNG: seeded runs repeat
+        )  # fmt: skip
+        return gen, cb
+
+    stream_reproducible = False  # one random stream per batch: re-admission makes samples depend on timing
+
+    def stream(self, policy, *, spec, stop_ids, capacity):
+        """A re-admitting session (``episode_stream``) on one continuous-batching manager."""
+        from .episode_stream import HFPagedSession
+
+        pages = sum(math.ceil(length / self.page_size) for length in capacity)
+        return HFPagedSession(policy, *self._configs(spec, stop_ids, None, 1, pages), stop_ids)
 
 
 # ----------------------------------------------------------------------------------------------------

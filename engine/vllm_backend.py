@@ -30,7 +30,8 @@ class VLLMBackend(RolloutBackend):
         self._stale = False
 
     # -- engine life cycle
-    def _build(self, policy, prompt_ids, n, spec) -> None:
+    def _build(self, policy, tokens: int) -> None:
+        """Build the engine; ``tokens``: the most tokens its sequences may hold at once (the KV cache's size)."""
         model = _unwrap(policy)
         device = next(model.parameters()).device
         self._dir = tempfile.mkdtemp(prefix="fusedrl-vllm-")
@@ -44,8 +45,7 @@ class VLLMBackend(RolloutBackend):
                 heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
                 head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
                 per_token = 2 * cfg.num_hidden_layers * heads * head_dim * model.dtype.itemsize
-                tokens = sum(len(p) + spec.max_new_tokens for p in prompt_ids) * n + ctx
-                gb = 2 * per_token * tokens / 2**30
+                gb = 2 * per_token * (tokens + ctx) / 2**30
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(gb)))
         # The sampler vLLM compiles with inductor on the first call that asks for log-probs (seconds): cached where
         # the run lives, so a second run in the same directory skips it. Kept set: later compiles find it too.
@@ -91,6 +91,34 @@ class VLLMBackend(RolloutBackend):
         self.llm.reset_prefix_cache()
         self._stale = False
 
+    def _ready(self, policy, tokens: int) -> None:
+        """The engine built (sized for ``tokens`` resident tokens) and serving the policy's current weights."""
+        if self.llm is None:
+            self._build(policy, tokens)
+        elif self._stale:
+            self._push(policy)
+
+    @staticmethod
+    def params(spec, stop_ids, *, n: int, max_tokens: int, seed: int):
+        """vLLM's SamplingParams for ``spec``: ``n`` samples of at most ``max_tokens``, seeded per request."""
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n, temperature=0.0 if spec.greedy else spec.temperature, seed=seed,
+            top_p=1.0 if spec.greedy else spec.top_p, top_k=0 if spec.greedy else spec.top_k,  # 0: vLLM's "off"
+            max_tokens=max_tokens, stop_token_ids=list(stop_ids), logprobs=0, detokenize=False,
+            ignore_eos=True,  # stop_ids are the only stops (they hold the eos when the caller wants it), as in hf
+        )  # fmt: skip
+
+    stream_reproducible = True  # every request samples from its own seeded generator
+
+    def stream(self, policy, *, spec, stop_ids, capacity):
+        """A re-admitting session (``episode_stream``) on the engine's step-wise ``LLMEngine``."""
+        from .episode_stream import VLLMSession
+
+        self._ready(policy, sum(capacity))
+        return VLLMSession(self, spec, stop_ids)
+
     def close(self) -> None:
         self.llm = None
         if self._dir is not None:
@@ -98,33 +126,31 @@ class VLLMBackend(RolloutBackend):
             self._dir = None
 
     def generate(self, policy, prompt_ids, *, n, spec, stop_ids, pad_token_id):
-        from vllm import SamplingParams
-
         _check_request(prompt_ids, n)
-        if self.llm is None:
-            self._build(policy, prompt_ids, n, spec)
-        elif self._stale:
-            self._push(policy)
+        self._ready(policy, sum(len(p) + spec.max_new_tokens for p in prompt_ids) * n)
         # Greedy takes n = 1 only: its n copies go in as separate requests (the prefix cache shares their prefill).
         inputs, forks = ([p for p in prompt_ids for _ in range(n)], 1) if spec.greedy else (prompt_ids, n)
-        params = SamplingParams(
-            n=forks, temperature=0.0 if spec.greedy else spec.temperature,
-            top_p=1.0 if spec.greedy else spec.top_p, top_k=0 if spec.greedy else spec.top_k,  # 0: vLLM's "off"
-            max_tokens=spec.max_new_tokens, stop_token_ids=list(stop_ids), logprobs=0, detokenize=False,
-            ignore_eos=True,  # stop_ids are the only stops (they hold the eos when the caller wants it), as in hf
-        )  # fmt: skip
+        # A seed per request, from the caller's RNG: a request's samples do not depend on what shares its batch
+        # (episode_stream re-admits turns at any time and seeds them the same way).
+        seeds = torch.randint(0, 2**31 - 1, (len(inputs),)).tolist()
+        params = [self.params(spec, stop_ids, n=forks, max_tokens=spec.max_new_tokens, seed=s) for s in seeds]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in inputs], params, use_tqdm=False)
         stops = set(stop_ids)
         responses, logprobs = [], []
         for o in outs:
             for c in sorted(o.outputs, key=lambda c: c.index):
-                lps = None if c.logprobs is None else [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
-                toks, lps = _cut_at_stop(c.token_ids, lps, stops, spec.max_new_tokens)
+                toks, lps = completion(c, stops, spec.max_new_tokens)
                 responses.append(toks)
                 logprobs.append(lps)
         if any(lp is None or len(lp) != len(t) for lp, t in zip(logprobs, responses)):
             logprobs = None
         return RolloutOutput(responses, logprobs)
+
+
+def completion(c, stops: set[int], limit: int):
+    """(tokens, log-probs or None) of a vLLM completion, cut at its first stop id and ``limit``."""
+    lps = None if c.logprobs is None else [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]
+    return _cut_at_stop(c.token_ids, lps, stops, limit)
 
 
 def _unwrap(policy):
