@@ -153,8 +153,8 @@ class VLLMBackend(RolloutBackend):
         self.stats = {"perf/weight_sync_s": [time.perf_counter() - t0]}
 
     def _wake(self, policy) -> None:
-        """Out of sleep: the weights first, the pending push into them, then the KV cache (so that the push never
-        shares the GPU with both), and a fresh prefix cache (the KV it indexed is gone)."""
+        """Out of sleep: the weights first, the pending push into them, then the KV cache (so that the push does
+        not compete with the KV cache for GPU memory), and a fresh prefix cache (the KV it indexed is gone)."""
         self.llm.wake_up(tags=["weights"])
         if self._stale:
             self._push(policy)

@@ -53,7 +53,7 @@ def _lora_delta(module: nn.Module) -> torch.Tensor | None:
     """The sum of the active adapters' ``scale * B @ A`` of one LoRA layer (None when none applies)."""
     if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
         return None  # merged: already inside the base weight; disabled: the layer computes the base alone
-    deltas = [module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A]
+    deltas = [_full(module.get_delta_weight(a)) for a in module.active_adapters if a in module.lora_A]
     return sum(deltas[1:], deltas[0]) if deltas else None
 
 
@@ -91,7 +91,8 @@ def engine_weights(policy: nn.Module, *, merge_lora: bool) -> Iterator[tuple[str
 def adapter_limits(policy: nn.Module) -> tuple[int, list[str]] | None:
     """(largest LoRA rank, reasons the adapter alone would not carry the update) of a peft policy, else None.
     The adapter alone falls short where something besides the LoRA matrices trains (their base weights then
-    move too), or where the layer is not a plain low-rank sum (DoRA, several adapters at once)."""
+    move too), where the layer is not a plain low-rank sum (DoRA, several adapters at once), or where the
+    adapters are FSDP shards (peft saves an adapter from full tensors)."""
     peft = peft_of(policy)
     if peft is None:
         return None
@@ -108,6 +109,8 @@ def adapter_limits(policy: nn.Module) -> tuple[int, list[str]] | None:
         reasons.append("modules_to_save")
     if any(getattr(m, "merged", False) for m in peft.modules() if _is_lora_layer(m)):
         reasons.append("adapters merged into the model")
+    if any(callable(getattr(p, "full_tensor", None)) for p in peft.parameters()):
+        reasons.append("FSDP-sharded weights")
     rank = max((int(getattr(c, "r", 0)) for c in configs), default=0)
     rank = max([rank, *(int(r) for c in configs for r in (getattr(c, "rank_pattern", None) or {}).values())])
     return rank, reasons

@@ -60,3 +60,18 @@ def test_adapter_limits():
     policy.base_model.model.model.norm.weight.requires_grad_(True)
     rank, reasons = adapter_limits(policy)
     assert rank == 4 and "trained tensors besides the LoRA matrices" in reasons[0] and "norm" in reasons[0]
+
+
+def test_sharded_weights_are_gathered_one_by_one_and_merged():
+    """A parameter that is an FSDP2 shard (anything with ``full_tensor``) is given whole, gathered when its turn
+    comes; a LoRA policy so sharded is pushed merged (peft saves an adapter from full tensors only)."""
+    policy = lora_policy()
+    calls = []
+    sharded = {n: p for n, p in policy.named_parameters() if "lora_A" in n or n.endswith("norm.weight")}
+    for name, p in sharded.items():
+        p.full_tensor = lambda p=p, name=name: calls.append(name) or p.data * 1  # a "gathered" full copy
+    merged = dict(engine_weights(policy, merge_lora=True))
+    assert sorted(calls) == sorted(n for n in sharded if "lora_A" not in n)  # lora_A is read through the delta
+    assert len(merged) == len(dict(engine_weights(build_causal_lm("tiny-llama", vocab_size=64), merge_lora=True)))
+    rank, reasons = adapter_limits(policy)
+    assert rank == 4 and reasons == ["FSDP-sharded weights"]
