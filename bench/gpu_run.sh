@@ -98,6 +98,10 @@ fi
 if say suite-compile "$PY bench/gpu_suite.py --cases $HEADLINE --compile only --out $OUT"; then
   step suite-compile 120 "$PY" bench/gpu_suite.py --cases "$HEADLINE" --compile only --out "$OUT"
 fi
+# The vllm backend's sleep mode (CUDA only; skipped, saying so, where this Python has no vllm).
+if say vllm-sleep "$PYTEST -s --junitxml=$OUT/vllm-sleep.xml tests/test_vllm.py -k sleep_mode_cuda"; then
+  step vllm-sleep 120 $PYTEST -s --junitxml="$OUT/vllm-sleep.xml" tests/test_vllm.py -k sleep_mode_cuda
+fi
 if say tests-kernels "$PYTEST --junitxml=$OUT/tests-kernels.xml $KERNEL_TESTS"; then
   step tests-kernels 150 $PYTEST --junitxml="$OUT/tests-kernels.xml" $KERNEL_TESTS
 fi

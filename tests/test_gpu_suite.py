@@ -127,11 +127,13 @@ def test_gpu_run_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = {line.split("\t")[0]: line.split("\t")[1] for line in (tmp_path / "steps.tsv").read_text().splitlines()[1:]}
     order = [line.split("\t")[0] for line in (tmp_path / "steps.tsv").read_text().splitlines()[1:]]
-    # The core (build, CUDA tests, the headline suite cases) first, then sweep, engine step, compile, all tests.
+    # The core (build, CUDA tests, the headline suite cases) first, then sweep, engine step, compile, vLLM's sleep
+    # mode, all tests.
     assert order == ["env", "build", "static", "tests-cuda", "suite-core", "sweep", "suite-gae-step", "suite-compile",
-                     "tests-kernels"], order  # fmt: skip
+                     "vllm-sleep", "tests-kernels"], order  # fmt: skip
     assert steps == {"env": "0", "build": "dry-run", "static": "dry-run", "tests-cuda": "0", "suite-core": "0",
-                     "sweep": "0", "suite-gae-step": "0", "suite-compile": "dry-run", "tests-kernels": "dry-run"}, steps  # fmt: skip
+                     "sweep": "0", "suite-gae-step": "0", "suite-compile": "dry-run", "vllm-sleep": "dry-run",
+                     "tests-kernels": "dry-run"}, steps  # fmt: skip
     script = (REPO / "bench" / "gpu_run.sh").read_text()
     assert "PY=${PYTHON:-python3}" in script  # the GPU box has python3, no python
     assert "timeout -s INT" in script and "PYTHONUNBUFFERED=1" in script

