@@ -51,9 +51,10 @@ def test_shipped_files_are_what_make_data_writes(tmp_path):
     for name in written:
         assert filecmp.cmp(tmp_path / "tokenizer" / name, CALC / "tokenizer" / name, shallow=False), name
     pairs = [(r["a"], r["b"]) for name in ("train", "test") for r in rows(name)]
-    pairs += [tuple(m["tool_calls"][0]["function"]["arguments"].values()) for m in
-              (r["messages"][1] for r in rows("sft"))]  # fmt: skip
-    assert len(set(pairs)) == len(pairs) == 756  # no pair in two files
+    pairs += [tuple(map(int, r["messages"][0]["content"].split("*"))) for r in rows("sft")]
+    assert len(set(pairs)) == len(pairs) == 956  # no pair in two files
+    first_calls = [r["messages"][1]["tool_calls"][0]["function"]["name"] for r in rows("sft")]
+    assert first_calls.count("multiply") == 400 and first_calls.count("answer") == 200
     assert all(100_000 <= a * b <= 999_999 and 100 <= min(a, b) and max(a, b) <= 999 for a, b in pairs)
 
 
@@ -90,8 +91,8 @@ def call(name: str, **arguments) -> str:
 
 
 def test_a_demonstration_is_token_for_token_the_episode_rl_records(tok):
-    demo = rows("sft")[0]
-    sft = encode_demonstration(tok, demo, "sft.jsonl:1")
+    demo = next(r for r in rows("sft") if r["messages"][1]["tool_calls"][0]["function"]["name"] == "multiply")
+    sft = encode_demonstration(tok, demo, "sft.jsonl")
     msgs = demo["messages"]
     a, b = msgs[1]["tool_calls"][0]["function"]["arguments"].values()
     turns = [call("multiply", a=a, b=b), call("answer", value=a * b)]

@@ -2,7 +2,9 @@
 
 - ``tokenizer/``: a character tokenizer with the task's chat template and response parser (``<|im_start|>`` /
   ``<|im_end|>`` special, ``<|im_end|>`` its eos; ``<tool_call>`` / ``</tool_call>`` one token each);
-- ``sft.jsonl``: 400 tool-use demonstrations ``{"messages": [...], "tools": [...]}`` (multiply, answer, stop);
+- ``sft.jsonl``: 600 demonstrations ``{"messages": [...], "tools": [...]}`` in a seeded order: 400 use the tool
+  (multiply, answer with its result, stop), 200 guess (answer a random 6-digit number without the tool, stop), so
+  the SFT policy calls the tool on only part of the questions and RL has to find out that calling it pays;
 - ``train.jsonl``: 256 RL rows ``{"prompt": "347*829", "a": 347, "b": 829}``;
 - ``test.jsonl``: 100 held-out rows in the same form, for ``evaluate.py``.
 
@@ -23,6 +25,7 @@ sys.path.insert(0, str(HERE))
 from calculator import CHARS, CHAT_TEMPLATE, RESPONSE_TEMPLATE, Calculator  # noqa: E402
 
 SIZES = {"sft": 400, "train": 256, "test": 100}
+GUESSES = 200
 
 
 def build_tokenizer():
@@ -59,6 +62,16 @@ def demonstration(a: int, b: int, tools: list[dict]) -> dict:
     ], "tools": tools}  # fmt: skip
 
 
+def guess(a: int, b: int, value: int, tools: list[dict]) -> dict:
+    """A demonstration that answers without the tool (wrong but for a 1 in 900,000 chance)."""
+    return {"messages": [
+        {"role": "user", "content": f"{a}*{b}"},
+        {"role": "assistant", "content": "", "tool_calls": [call("answer", value=value)]},
+        {"role": "tool", "name": "answer", "content": "ok"},
+        {"role": "assistant", "content": ""},
+    ], "tools": tools}  # fmt: skip
+
+
 def pairs(rng: random.Random, n: int) -> list[tuple[int, int]]:
     seen: set[tuple[int, int]] = set()
     out = []
@@ -78,13 +91,16 @@ def main(argv=None) -> None:
     out = Path(ap.parse_args(argv).out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    drawn = pairs(rng, sum(SIZES.values()))
+    drawn = pairs(rng, sum(SIZES.values()) + GUESSES)
     split = {}
     for name, size in SIZES.items():
         split[name], drawn = drawn[:size], drawn[size:]
     tools = tool_schemas()
+    sft = [demonstration(a, b, tools) for a, b in split["sft"]]
+    sft += [guess(a, b, rng.randint(100_000, 999_999), tools) for a, b in drawn[:GUESSES]]
+    rng.shuffle(sft)
     rows = {
-        "sft": [demonstration(a, b, tools) for a, b in split["sft"]],
+        "sft": sft,
         "train": [{"prompt": f"{a}*{b}", "a": a, "b": b} for a, b in split["train"]],
         "test": [{"prompt": f"{a}*{b}", "a": a, "b": b} for a, b in split["test"]],
     }
