@@ -33,6 +33,7 @@ def episode_trainer(policy, tokenizer, *, greedy: bool, samples: int, rows: int)
         def generate(self, policy, prompt_ids, *, n, spec, **kw):
             return super().generate(policy, prompt_ids, n=n, spec=dataclasses.replace(spec, greedy=True), **kw)
 
+    # No step is taken: the estimator only has to accept one sample per row (greedy), which reinforce++ does.
     cfg = PPOConfig(prompts_per_step=rows, samples_per_prompt=samples, max_new_tokens=MAX_NEW_TOKENS,
                     max_turns=MAX_TURNS, advantage_estimator="reinforce++", rollout_backend="hf", progress=False)  # fmt: skip
     return PPOTrainer(

@@ -20,23 +20,22 @@ def plot(case: dict, machine: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 4.2), dpi=110)
     for i, run in enumerate(case["runs"]):
         color = f"C{i}"
         curve = run["reward_per_step"]
-        steps = range(1, len(curve) + 1)
-        ax.plot(steps, curve, color=color, lw=1.2, label=f"seed {run['seed']}: training episodes (T = 1)")
         last = len(curve)
+        ax.plot(range(1, last + 1), curve, color=color, lw=1.2, label=f"seed {run['seed']}: training episodes (T = 1)")
         ev = run["eval"]
-        ax.plot([0, last], [ev["sft"]["sampled"], ev["grpo"]["sampled"]], "o--", color=color, ms=5, lw=0.8,
-                label=f"seed {run['seed']}: held-out, sampled" if i == 0 else None)  # fmt: skip
-        ax.plot([0, last], [ev["sft"]["greedy"], ev["grpo"]["greedy"]], "s:", color=color, ms=5, lw=0.8,
-                label=f"seed {run['seed']}: held-out, greedy" if i == 0 else None)  # fmt: skip
+        ax.plot([0, last], [ev["sft"]["sampled"], ev["grpo"]["sampled"]], "o--", color=color, ms=5, lw=0.8)
+        ax.plot([0, last], [ev["sft"]["greedy"], ev["grpo"]["greedy"]], "s:", color=color, ms=5, lw=0.8)
+    ax.plot([], [], "o--", color="gray", label="held-out, sampled (T = 1): SFT -> GRPO")
+    ax.plot([], [], "s:", color="gray", label="held-out, greedy: SFT -> GRPO")
     ax.set_xlabel("GRPO step (0: the SFT policy; before SFT every success rate is 0)")
     ax.set_ylabel("success rate (the product submitted)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(f"calculator tool, tiny-llama (0.1M parameters), {machine['cores']} CPU cores", fontsize=9)
     fig.tight_layout()
     fig.savefig(out)
