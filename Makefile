@@ -64,8 +64,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_ppo_loss.py
 	$(BIN)/python bench/bench_packing.py
 
-# The README's measured outputs of commands (the demo table, the letters example), three seeds each, with the CPU
-# they were measured on: bench/results/readme-numbers.json, rendered into README.md (~10 minutes on 2 cores).
+# The README's measured outputs of commands (the demo table, the letters example, the pipeline, the calculator tool),
+# three seeds each, with the CPU they were measured on: bench/results/readme-numbers.json, rendered into README.md
+# (~30 minutes on 2 cores; `python bench/readme_numbers.py --only calculator` redoes one case).
 readme-numbers: $(STAMP)
 	$(BIN)/python bench/readme_numbers.py
 

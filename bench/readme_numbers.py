@@ -1,8 +1,10 @@
-"""The README's measured outputs of commands, regenerated: the demo table and the letters example.
+"""The README's measured outputs of commands, regenerated: the demo table, the letters example, the pipeline and the
+calculator tool.
 
     python bench/readme_numbers.py             # run every case for seeds 0, 1, 2, write the JSON, rewrite the README
     python bench/readme_numbers.py --render    # only rewrite the README from the committed JSON
     python bench/readme_numbers.py --only pipeline   # measure one case again, keep the others from the JSON
+    python bench/readme_numbers.py --only calculator # (also redraws docs/calculator-success.png)
     make readme-numbers                        # the same as the first line, in the project's venv
 
 Each case is the README's command, run as a user runs it (a subprocess of the `fusedrl` CLI in a scratch directory),
@@ -94,6 +96,51 @@ def measure_pipeline(tmp: Path, seeds=SEEDS) -> dict:
             "load_average": round(max(load_before, os.getloadavg()[0]), 2), "runs": runs}  # fmt: skip
 
 
+def readme_commands(heading: str) -> list[list[str]]:
+    """The commands of the first ```bash block after ``heading`` as argv lists (``fusedrl ...`` or ``python ...``),
+    the repository's files named by absolute path."""
+    text = README.read_text()
+    section = text[text.index(heading) :]
+    start = section.index("```bash") + len("```bash")
+    out = []
+    for line in section[start : section.index("```", start)].replace("\\\n", " ").splitlines():
+        argv = shlex.split(line.split("#")[0])
+        if argv:
+            out.append([str(ROOT / a) if a.startswith("examples/") else a for a in argv])
+    return out
+
+
+CALCULATOR = "### Multi-turn on a CPU: a calculator tool"
+
+
+def measure_calculator(tmp: Path, seeds=SEEDS) -> dict:
+    """The README's calculator commands per seed (in ``tmp/calculator-<seed>``): SFT, GRPO, then evaluate.py on the
+    random-weight, SFT and GRPO policies; the GRPO run's per-step success rate."""
+    commands = readme_commands(CALCULATOR)
+    kinds = [c[1] if c[0] == "fusedrl" else Path(c[1]).name for c in commands]
+    if kinds != ["sft", "train", "evaluate.py"]:
+        raise SystemExit(f"readme_numbers: the README's calculator section has commands {kinds}")
+    load_before = os.getloadavg()[0]
+    runs = []
+    for seed in seeds:
+        work = tmp / f"calculator-{seed}"
+        work.mkdir()
+        walls = [_run([*argv[1:], "--seed", str(seed), "--no-progress"], work) for argv in commands[:2]]
+        argv = commands[2]
+        r = subprocess.run([sys.executable, *argv[1:], "--seed", str(seed)], cwd=work, capture_output=True, text=True,
+                           check=True)  # fmt: skip
+        evals = list(json.loads(r.stdout.splitlines()[-1]).values())
+        out = work / commands[1][commands[1].index("--output-dir") + 1]
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append({"seed": seed, "sft_s": round(walls[0], 1), "grpo_s": round(walls[1], 1),
+                     "eval": dict(zip(("before", "sft", "grpo"), evals)),
+                     "reward_per_step": [m["rollout/reward_mean"] for m in metrics],
+                     "turns_per_step": [m["episode/turns"] for m in metrics]})  # fmt: skip
+        print(f"calculator seed {seed}: {runs[-1]}", flush=True)
+    return {"commit": _commit(), "date": time.strftime("%Y-%m-%d"),
+            "load_average": round(max(load_before, os.getloadavg()[0]), 2), "runs": runs}  # fmt: skip
+
+
 def _commit() -> str:
     return subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -140,6 +187,7 @@ def measure(seeds=SEEDS) -> dict:
                                                     "reward_last5": sum(rewards[-5:]) / 5})  # fmt: skip
             print(f"letters seed {seed}: {cases['letters'][-1]}", flush=True)
         cases["pipeline"] = measure_pipeline(tmp, seeds)
+        cases["calculator"] = measure_calculator(tmp, seeds)
     import torch
 
     return {
@@ -215,7 +263,29 @@ def render(res: dict) -> dict[str, str]:
     blocks = {"demo-table": head + "\n".join(rows), "compare-table": compare_text, "letters": letters_text}
     if "pipeline" in c:
         blocks["pipeline"] = render_pipeline(c["pipeline"], m, seeds)
+    if "calculator" in c:
+        blocks["calculator"] = render_calculator(c["calculator"], m, seeds)
     return blocks
+
+
+def render_calculator(case: dict, m: dict, seeds: str) -> str:
+    runs = case["runs"]
+    busy = case["load_average"] > 0.5 * m["cores"]
+    load = f", with other jobs running (load average {case['load_average']})" if busy else ""
+    steps = len(runs[0]["reward_per_step"])
+    rows = ["| seed | SFT, GRPO time | held-out greedy: random -> SFT -> GRPO | held-out sampled: random -> SFT -> GRPO | "
+            f"training episodes: steps 1-5 -> {steps - 4}-{steps} | tool calls per episode: SFT -> GRPO |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in runs:
+        ev, curve = r["eval"], r["reward_per_step"]
+        stages = lambda how: " -> ".join(f"{ev[s][how]:.2f}" for s in ("before", "sft", "grpo"))  # noqa: E731
+        rows.append(f"| {r['seed']} | {r['sft_s']:.0f} s, {r['grpo_s']:.0f} s | {stages('greedy')} | "
+                    f"**{stages('sampled')}** | {sum(curve[:5]) / 5:.2f} -> {sum(curve[-5:]) / 5:.2f} | "
+                    f"{ev['sft']['tool_calls']:.2f} -> {ev['grpo']['tool_calls']:.2f} |")  # fmt: skip
+    return (f"Measured by `make readme-numbers` on {m['cpu']} ({m['cores']} cores, one torch thread; commit "
+            f"{case['commit']}, {case['date']}{load}), seeds {seeds}: the share of episodes that submit the product, "
+            "held out (the 100 rows of `test.jsonl`; sampled: 4 episodes per row at temperature 1) and during GRPO (its "
+            "training episodes, mean over 5 steps).\n\n" + "\n".join(rows))  # fmt: skip
 
 
 def render_pipeline(case: dict, m: dict, seeds: str) -> str:
@@ -248,20 +318,24 @@ def rewrite_readme(blocks: dict[str, str], text: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--render", action="store_true", help="only rewrite the README from the committed JSON")
-    ap.add_argument("--only", choices=["pipeline"], help="measure this case again, keep the others from the JSON")
+    ap.add_argument("--only", choices=["pipeline", "calculator"],
+                    help="measure this case again, keep the others from the JSON")  # fmt: skip
     args = ap.parse_args(argv)
     if args.render:
         res = json.loads(RESULTS.read_text())
     elif args.only:
         res = json.loads(RESULTS.read_text())
+        measure_case = {"pipeline": measure_pipeline, "calculator": measure_calculator}[args.only]
         with tempfile.TemporaryDirectory() as tmp:
-            res["cases"]["pipeline"] = measure_pipeline(Path(tmp), res["seeds"])
+            res["cases"][args.only] = measure_case(Path(tmp), res["seeds"])
         RESULTS.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {RESULTS.relative_to(ROOT)}")
     else:
         res = measure()
         RESULTS.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {RESULTS.relative_to(ROOT)}")
+    if not args.render and args.only in (None, "calculator"):
+        subprocess.run([sys.executable, str(ROOT / "examples" / "calculator" / "plot.py")], check=True)
     README.write_text(rewrite_readme(render(res), README.read_text()))
     print("rewrote README.md's readme-numbers blocks")
     return 0

@@ -10,6 +10,8 @@ Records (a .jsonl/.json/.parquet file, a datasets directory or a Hub data set), 
   every assistant turn is trained on (the tokens the template renders for it, its end-of-turn included);
 - ``{"prompt": [messages], "completion": [messages]}`` (TRL's conversational prompt-completion form; the
   completion may also be a string, the assistant's content): the completion as the template renders it.
+A chat record may carry ``"tools"``: a list of JSON schemas of the functions the conversation could call (TRL's
+``tools`` column), given to the chat template so that the demonstrations see the tool list the policy will see.
 A character tokenizer or any other without a chat template cannot render messages: such a record stops the
 run with one line naming it.
 
@@ -47,7 +49,8 @@ class Demonstration:
     """``file:line`` (or ``source row i``) of the record."""
 
 
-def _chat_segments(tokenizer, messages: list, spans: list[tuple[int, int]], where: str) -> list[tuple[str, int]]:
+def _chat_segments(tokenizer, messages: list, spans: list[tuple[int, int]], where: str,
+                   tools: list | None = None) -> list[tuple[str, int]]:  # fmt: skip
     """``(text, trained)`` pieces of ``messages`` through the chat template: ``messages[a:b]`` of each span is
     trained on, as the template renders it after the generation prompt of ``messages[:a]``; the rest is context.
     Each rendering must extend the one before it, or the trained tokens cannot be told apart."""
@@ -56,8 +59,8 @@ def _chat_segments(tokenizer, messages: list, spans: list[tuple[int, int]], wher
                          "prompt / completion strings, or --tokenizer with a chat_template)")  # fmt: skip
     out, done = [], ""
     for a, b in spans:
-        head = tokenizer.apply_chat_template(messages[:a], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages[:b], tokenize=False)
+        head = tokenizer.apply_chat_template(messages[:a], tools=tools, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(messages[:b], tools=tools, tokenize=False)
         if not head.startswith(done) or not full.startswith(head):
             raise ValueError(f"{where}: the chat template renders the conversation up to message {b} with a "
                              f"different prefix than up to message {a}, so the trained tokens cannot be told "
@@ -72,6 +75,9 @@ def encode_demonstration(tokenizer, row, where: str, *, max_length: int | None =
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with 'prompt' and 'completion', or 'messages'; got "
                          f"{type(row).__name__}")  # fmt: skip
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"{where}: 'tools' must be a list of JSON schema objects, got {type(tools).__name__}")
     if "messages" in row:
         msgs = row["messages"]
         if not is_conversation(msgs):
@@ -81,7 +87,7 @@ def encode_demonstration(tokenizer, row, where: str, *, max_length: int | None =
             raise ValueError(f"{where}: 'messages' has no assistant message to train on")
         if turns[0] == 0:
             raise ValueError(f"{where}: the first message is the assistant's; a trained turn needs a context before it")
-        pieces = _chat_segments(tokenizer, msgs, [(i, i + 1) for i in turns], where)
+        pieces = _chat_segments(tokenizer, msgs, [(i, i + 1) for i in turns], where, tools)
     elif "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str):
@@ -98,7 +104,7 @@ def encode_demonstration(tokenizer, row, where: str, *, max_length: int | None =
                 raise ValueError(f"{where}: 'completion' must be a string or a list of {{'role', 'content'}} "
                                  "messages when 'prompt' is a list of messages")  # fmt: skip
             msgs = list(prompt) + list(completion)
-            pieces = _chat_segments(tokenizer, msgs, [(len(prompt), len(msgs))], where)
+            pieces = _chat_segments(tokenizer, msgs, [(len(prompt), len(msgs))], where, tools)
         else:
             raise ValueError(f"{where}: 'prompt' must be a string or a non-empty list of chat messages, got "
                              f"{type(prompt).__name__}")  # fmt: skip
