@@ -1,0 +1,207 @@
+"""Asynchronous RL and dynamic sampling: the produce / learn split, DAPO's group filter (``dynamic_sampling.py``), the
+streaming backend's chunks and versions, and the producer process (``async_rl.py``): exactness at max_staleness=0,
+the staleness bound, a producer crash, no process left behind, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from fusedrl.engine.checkpoint import load_checkpoint
+from fusedrl.engine.async_rl import ProducerFailed, StreamingBackend, fresh_groups
+from fusedrl.engine.dynamic_sampling import fill_batch
+from fusedrl.engine.episodes import Rollout
+from fusedrl.engine.models import build_causal_lm
+from fusedrl.engine.producer import ScoredBatch
+from fusedrl.engine.rollout_backends import RolloutBackend, RolloutOutput, SamplingSpec
+from fusedrl.engine.tokenizer import build_char_tokenizer
+from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+
+PROMPTS = ["ab", "hello", "x", "1+1=", "abc d", "zz"]
+SMALL = {
+    "prompts_per_step": 2,
+    "samples_per_prompt": 3,
+    "max_new_tokens": 6,
+    "learning_rate": 1e-3,
+    "progress": False,
+    "rollout_backend": "hf",
+    "advantage_estimator": "grpo",
+    "seed": 3,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+# Rewards are module-level functions: the producer process gets them by pickling.
+def distinct_chars(prompts, completions):
+    return [float(len(set(c))) for c in completions]
+
+
+def flat_for_z(prompts, completions):
+    """Every sample of a prompt starting with z gets the same reward (a zero-advantage group)."""
+    return [1.0 if p.startswith("z") else float(len(set(c))) for p, c in zip(prompts, completions)]
+
+
+def constant(prompts, completions):
+    return [1.0] * len(completions)
+
+
+def fails_on_second_call(prompts, completions):
+    fails_on_second_call.calls = getattr(fails_on_second_call, "calls", 0) + 1
+    if fails_on_second_call.calls == 2:
+        raise ValueError("boom from the reward function")
+    return distinct_chars(prompts, completions)
+
+
+def make(tok, reward=distinct_chars, **overrides):
+    policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0)
+    return PPOTrainer(policy, tok, reward, PPOConfig(**{**SMALL, **overrides}))
+
+
+def children() -> set[int]:
+    """This process's child processes, less Python's shared resource tracker (one per interpreter, started by the
+    first multiprocessing lock and kept for the interpreter's life, not a producer)."""
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())}  # fmt: skip
+
+
+def learned(rows):
+    """The metrics that depend on what was sampled and learned (not on timing or the async bookkeeping)."""
+    return [{k: v for k, v in r.items() if not k.startswith(("perf/", "async/"))} for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dynamic sampling
+# ---------------------------------------------------------------------------------------------------------------
+def fake_batch(scores, tag):
+    n = len(scores)
+    out = RolloutOutput([[tag, i] for i in range(n)], None)
+    ro = Rollout([[1]] * n, out, [f"p{tag}"] * n, [f"c{tag}-{i}" for i in range(n)])
+    return ScoredBatch(ro, torch.tensor(scores, dtype=torch.float32), None, version=0)
+
+
+def test_fill_batch_keeps_informative_groups_in_order_and_bounds_the_rounds():
+    rounds = [
+        fake_batch([1, 1, 0, 1, 2, 2], 0),  # groups of 2: (1,1) flat, (0,1) kept, (2,2) flat
+        fake_batch([3, 3, 5, 6, 7, 8], 1),  # (3,3) flat, two kept
+    ]
+    calls = []
+    out = fill_batch(lambda r: calls.append(r) or rounds[r], group_size=2, num_groups=2, max_rounds=4)
+    assert calls == [0, 1]  # stops as soon as the batch is full
+    assert out.rollout.output.responses == [[0, 2], [0, 3], [1, 2], [1, 3]]
+    assert out.scores.tolist() == [0, 1, 5, 6]
+    assert out.stats["rollout/dynamic_rounds"] == 2
+    assert out.stats["rollout/dynamic_dropped_groups"] == 3
+    assert out.stats["rollout/dynamic_surplus_groups"] == 1
+    assert out.stats["rollout/dynamic_filled_groups"] == 0
+
+    flat = [fake_batch([1, 1, 2, 2], r) for r in range(3)]
+    out = fill_batch(lambda r: flat[r], group_size=2, num_groups=2, max_rounds=3)
+    # Never more than max_rounds rollouts; the short batch is filled with the newest dropped groups.
+    assert out.stats["rollout/dynamic_rounds"] == 3
+    assert out.stats["rollout/dynamic_filled_groups"] == 2
+    assert out.stats["rollout/dynamic_dropped_groups"] == 4
+    assert [r[0] for r in out.rollout.output.responses] == [2, 2, 2, 2]
+
+
+def test_dynamic_sampling_trains_only_on_informative_groups(tok):
+    tr = make(tok, flat_for_z, dynamic_sampling=True, total_steps=3, prompts_per_step=2)
+    rows = tr.train(["zz", "za", "zq", "hello", "abc d"])
+    scores = tr.buffer.scores().reshape(-1, 3)
+    assert len(scores) == 2 and (scores.max(1) > scores.min(1)).all()
+    assert all(1 <= r["rollout/dynamic_rounds"] <= 4 for r in rows)
+    assert sum(r["rollout/dynamic_dropped_groups"] for r in rows) > 0  # 3 of the 5 prompts give flat groups
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming generation
+# ---------------------------------------------------------------------------------------------------------------
+class CountingBackend(RolloutBackend):
+    """Samples tokens 10, 11, ... (stop id 99 after 5 tokens in all), with log-prob -token/100."""
+
+    def generate(self, policy, prompt_ids, *, n, spec, stop_ids, pad_token_id):
+        out = []
+        for p in [p for p in prompt_ids for _ in range(n)]:
+            done = len(p) - 1  # every prompt here is one token long
+            r = [10 + done + j for j in range(spec.max_new_tokens)]
+            if done + len(r) >= 5:
+                r = r[: 5 - done - 1] + [99]
+            out.append(r)
+        return RolloutOutput(out, [[-t / 100 for t in r] for r in out])
+
+
+def test_streaming_backend_tags_each_chunk_with_the_version_that_sampled_it():
+    versions = iter(range(100))
+    sb = StreamingBackend(CountingBackend(), chunk=2, refresh=lambda: next(versions), score=None)
+    out = sb.generate(None, [[1], [2]], n=2, spec=SamplingSpec(max_new_tokens=8), stop_ids=[99], pad_token_id=0)
+    assert out.responses == [[10, 11, 12, 13, 99]] * 4
+    assert sb.last_versions == [[0, 0, 1, 1, 2]] * 4
+    assert out.logprobs[0] == [-0.1, -0.11, -0.12, -0.13, -0.99]
+
+
+def test_fresh_groups_drops_whole_groups_with_a_stale_token():
+    b = fake_batch([0, 1, 2, 3], 0)
+    b.versions = [[5, 5], [3, 5], [5, 5], [4, 4]]
+    assert fresh_groups(b, 6, 2, 2).tolist() == [False, False, True, True]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The producer process
+# ---------------------------------------------------------------------------------------------------------------
+def test_streaming_at_staleness_zero_reproduces_the_synchronous_run(tok):
+    before = children()
+    sync = make(tok, total_steps=3).train(PROMPTS)
+    tr = make(tok, total_steps=3, async_mode="streaming", max_staleness=0)
+    rows = tr.train(PROMPTS)
+    assert learned(rows) == learned(sync)
+    assert all(r["async/staleness_max"] == 0 and r["async/dropped_trajectories"] == 0 for r in rows)
+    assert all(r["perf/weight_sync_s"] > 0 for r in rows)
+    assert children() == before
+
+
+def test_streaming_stays_within_the_staleness_bound_and_corrects_the_loss(tok, tmp_path):
+    tr = make(tok, total_steps=4, async_mode="streaming", max_staleness=2, stream_chunk_tokens=2,
+              output_dir=str(tmp_path), save_every=2)  # fmt: skip
+    rows = tr.train(PROMPTS)
+    assert len(rows) == 4
+    assert all(0 <= r["async/staleness_max"] <= 2 for r in rows)
+    assert all("rollout/corrected_frac" in r for r in rows)  # tis against the producer's behaviour log-probs
+    buf = tr.buffer
+    v = np.asarray(buf.field("version"))[np.asarray(buf.response_mask()).astype(bool)]
+    assert v.min() >= 3 - 2 and v.max() <= 3  # step 4 trains at version 3
+    assert load_checkpoint(tmp_path / "ckpt-4", map_location="cpu")["producer"]["next_batch"] == 4
+    # Resume: a new producer continues from the checkpoint's step.
+    tr2 = make(tok, total_steps=5, async_mode="streaming", max_staleness=2, stream_chunk_tokens=2,
+               output_dir=str(tmp_path), save_every=2)  # fmt: skip
+    rows2 = tr2.train(PROMPTS, resume=True)
+    assert len(rows2) == 1 and tr2.global_step == 5
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines][-1] == 5
+
+
+def test_a_producer_crash_stops_the_run_with_its_traceback(tok):
+    before = children()
+    tr = make(tok, fails_on_second_call, total_steps=5, async_mode="one-step-off", max_staleness=1)
+    with pytest.raises(ProducerFailed, match="(?s)producer process raised.*boom from the reward function"):
+        tr.train(PROMPTS)
+    assert children() == before
+
+
+def test_an_unpicklable_reward_is_refused_before_the_producer_starts(tok):
+    tr = make(tok, lambda p, c: [0.0] * len(c), total_steps=1, async_mode="one-step-off")
+    with pytest.raises(ValueError, match="reward must be picklable"):
+        tr.train(PROMPTS)
