@@ -25,10 +25,12 @@ and is stopped by the learner). Multi-turn episodes take new weights between bat
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import copy
 import pickle
 import queue as queue_mod
 import signal
+import sys
 import time
 import traceback
 from dataclasses import replace
@@ -115,6 +117,9 @@ class StreamingBackend(RolloutBackend):
 def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, plan: dict) -> None:
     """The producer process: batches ``plan["start"]`` .. ``plan["total"] - 1`` into ``out_queue``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the learner, which stops this process
+    _die_with_parent()
+    parent = mp.parent_process()
+    stopped = lambda: stop.is_set() or (parent is not None and not parent.is_alive())  # noqa: E731
     try:
         torch.set_num_threads(plan["threads"])
         cfg, policy = producer.config, producer.policy
@@ -144,7 +149,7 @@ def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, plan
         busy, started = 0.0, time.perf_counter()
         for b in range(plan["start"], plan["total"]):
             while board.version.value < b - ahead:  # the learner has not published the weights batch b may use
-                if stop.is_set():
+                if stopped():
                     return
                 time.sleep(0.002)
             t0 = time.perf_counter()
@@ -156,16 +161,13 @@ def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, plan
             draw = lambda r, b=b: draw_prompts(plan["prompts"], seed=cfg.seed, step=b, n=cfg.prompts_per_step,  # noqa: E731
                                                world_size=plan["world_size"], rank=plan["rank"], round=r)  # fmt: skip
             batch = produce_step(produce, draw, cfg)
-            versions = getattr(producer.rollout, "last_versions", None)
-            if versions is not None and not cfg.dynamic_sampling:
-                batch = replace(batch, versions=versions)
             busy += time.perf_counter() - t0
             timing = {"busy_frac": busy / max(time.perf_counter() - started, 1e-9), "weight_load_s": sync_s[0]}
             sync_s[0] = 0.0
             # Plain pickle: tensors by value (torch's queue would share them through this process, which may
             # have exited by the time the learner reads them).
             data = pickle.dumps(batch)
-            while not stop.is_set():
+            while not stopped():
                 try:
                     out_queue.put(("batch", b, data, timing), timeout=0.1)
                     break
@@ -174,6 +176,14 @@ def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, plan
     except BaseException:  # noqa: BLE001 - everything goes back to the learner, which raises it
         with contextlib.suppress(Exception):
             out_queue.put(("error", traceback.format_exc()), timeout=5)
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel stop this process when the learner dies (SIGKILL included), even mid-generation; the
+    waits above also poll the parent elsewhere."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class ProducerFailed(RuntimeError):

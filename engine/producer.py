@@ -146,7 +146,9 @@ class Producer:
         """Roll out ``prompts`` (a prompt's samples consecutive) and score their rewards."""
         t0 = time.perf_counter()
         ro = self.episodes.run(self, prompts) if self.episodes is not None else single_turn(self, prompts)
-        batch = ScoredBatch(ro, torch.zeros(0), None, version, rollout_s=time.perf_counter() - t0)
+        # A streaming backend (``async_rl.StreamingBackend``) says which version sampled each token.
+        versions = getattr(self.rollout, "last_versions", None) if self.episodes is None else None
+        batch = ScoredBatch(ro, torch.zeros(0), None, version, versions, rollout_s=time.perf_counter() - t0)
         return self.score(batch)
 
     def score(self, batch: ScoredBatch) -> ScoredBatch:

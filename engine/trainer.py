@@ -11,7 +11,8 @@ continuous batching or a colocated vLLM that gets the weights after every optimi
 sampled-token log-probs are kept as ``rollout_logp`` beside the trainer's ``old_logp``. With
 ``environment_factory=EnvClass`` each sample is a multi-turn episode against its own environment instance
 (``episodes.py``; ``train`` then takes rows, strings or dicts with a prompt) and ``reward`` may be None when the
-environment's ``get_reward`` owns it.
+environment's ``get_reward`` owns it. A step is ``produce`` (``producer.py``: rollout + reward) then ``learn``; with
+``PPOConfig.async_mode`` a producer process runs ahead (``async_rl.py``); ``dynamic_sampling``: ``dynamic_sampling.py``.
 
 Multi-process (``torchrun``): each rank draws its own slice of the step's prompts, rolls out and scores them; the
 update is planned over every rank's trajectories (``ppo.py``) with gradients summed over ranks (DDP, or FSDP2

@@ -4,7 +4,13 @@ the staleness bound, a producer crash, no process left behind, resume."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import psutil
@@ -205,3 +211,64 @@ def test_an_unpicklable_reward_is_refused_before_the_producer_starts(tok):
     tr = make(tok, lambda p, c: [0.0] * len(c), total_steps=1, async_mode="one-step-off")
     with pytest.raises(ValueError, match="reward must be picklable"):
         tr.train(PROMPTS)
+
+
+def _producers(pid: int) -> list[psutil.Process]:
+    """The producer processes under process ``pid`` (spawned children, not the resource tracker)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return [c for c in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+    return []
+
+
+def _wait_for(what, timeout: float = 180.0):
+    deadline = time.monotonic() + timeout
+    while not (found := what()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+    return found
+
+
+@pytest.mark.slow
+def test_cli_async_run_killed_resumes_and_ctrl_c_stops_both_processes(tmp_path):
+    """SIGKILL of the learner takes its producer down with it and --resume finishes the run; Ctrl-C stops both
+    processes with a one-line message."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "fusedrl.engine.cli", "train", "--prompts", str(prompts), "--policy", "tiny-llama",
+        "--reward-fn", "count_token", "--reward-kwargs", '{"token": "a"}', "--advantage-estimator", "grpo",
+        "--prompts-per-step", "2", "--samples-per-prompt", "3", "--max-new-tokens", "6", "--total-steps", "4",
+        "--save-every", "2", "--async-mode", "one-step-off", "--max-staleness", "1", "--rollout-backend", "hf",
+        "--threads", "1", "--no-progress", "--output-dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    try:
+        producers = _wait_for(lambda: _producers(p.pid))
+        _wait_for(lambda: (out / "ckpt-2").is_dir())
+        p.kill()
+        p.wait(timeout=30)
+        _, alive = psutil.wait_procs(producers, timeout=15)
+        assert not alive, "the producer outlived its killed learner"
+    finally:
+        if p.poll() is None:
+            p.kill()
+    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4 and steps == sorted(set(steps)), steps
+
+    long = [*cmd[: cmd.index("--total-steps") + 1], "1000", *cmd[cmd.index("--total-steps") + 2 : -1], str(out) + "2"]
+    p = subprocess.Popen(long, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        producers = _wait_for(lambda: _producers(p.pid))
+        _wait_for(lambda: (out.parent / "run2" / "metrics.jsonl").is_file())
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        _, alive = psutil.wait_procs(producers, timeout=15)
+        assert not alive
+        assert p.returncode != 0 and "interrupted" in err and "Traceback" not in err, err[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
