@@ -64,11 +64,13 @@ def child(mode: str, steps: int, seed: int) -> dict:
         return out
 
     tr.learn = timed_learn
+    load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     rows = tr.train(prompts)
     keep = ("rollout/reward_mean", "async/staleness_mean", "async/staleness_max", "async/producer_busy_frac",
             "async/trainer_busy_frac", "perf/weight_sync_s", "async/dropped_trajectories")  # fmt: skip
     return {
+        "load_avg_1min": [load_start, os.getloadavg()[0]],  # other processes on the machine, start and end
         "wall_s": [t - t0 for t, _ in marks],
         "tokens": [n for _, n in marks],
         "rows": [{k: r[k] for k in keep if k in r} for r in rows],
@@ -82,7 +84,7 @@ def summarise(mode: str, run: dict, target: float) -> dict:
     out = {
         "mode": mode, "steps": len(wall), "wall_s": round(wall[-1], 2), "tokens_per_s": round(sum(tokens) / wall[-1], 1),
         "steady_tokens_per_s": round(steady, 1), "time_to_target_s": None if hit is None else round(hit, 2),
-        "final_reward_5": round(statistics.mean(rewards[-5:]), 3),
+        "final_reward_5": round(statistics.mean(rewards[-5:]), 3), "load_avg_1min": run["load_avg_1min"],
     }  # fmt: skip
     for k in ("async/staleness_mean", "async/producer_busy_frac", "async/trainer_busy_frac", "perf/weight_sync_s"):
         vals = [r[k] for r in run["rows"] if k in r]

@@ -197,6 +197,9 @@ class AsyncRun:
     def __init__(self, tr, prompts: list, *, timeout_s: float = 600.0):
         cfg = tr.config
         self.tr, self.timeout_s = tr, timeout_s
+        if tr.fsdp:
+            raise ValueError(f"async_mode={cfg.async_mode!r} needs the policy's full weights in every learner "
+                             "(DDP); FSDP shards them: use fsdp=False or async_mode='off'")  # fmt: skip
         for name, obj in (("reward", tr.reward_fn), ("rollout", tr._given_rollout), ("environment", tr.episodes)):
             try:
                 pickle.dumps(obj)

@@ -199,6 +199,15 @@ def test_streaming_stays_within_the_staleness_bound_and_corrects_the_loss(tok, t
     assert [json.loads(x)["step"] for x in lines][-1] == 5
 
 
+def test_dynamic_sampling_runs_in_the_producer_process(tok):
+    tr = make(tok, flat_for_z, dynamic_sampling=True, total_steps=3, async_mode="one-step-off", max_staleness=1)
+    rows = tr.train(["zz", "za", "zq", "hello", "abc d"])
+    scores = tr.buffer.scores().reshape(-1, 3)
+    assert len(scores) == 2 and (scores.max(1) > scores.min(1)).all()
+    assert sum(r["rollout/dynamic_dropped_groups"] for r in rows) > 0
+    assert all(r["async/staleness_max"] <= 1 for r in rows)
+
+
 def test_a_producer_crash_stops_the_run_with_its_traceback(tok):
     before = children()
     tr = make(tok, fails_on_second_call, total_steps=5, async_mode="one-step-off", max_staleness=1)
