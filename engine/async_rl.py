@@ -214,7 +214,7 @@ class AsyncRun:
         self.queue = ctx.Queue(maxsize=cfg.queue_batches)
         self.stop = ctx.Event()
         k = cfg.max_staleness
-        producer = Producer.of(tr, behaviour_logp=k > 0)
+        producer = Producer.of(tr, behaviour_logp=scores_behaviour(cfg))
         producer.policy = copy.deepcopy(tr.policy).eval()
         producer.rollout = tr._given_rollout  # None: the producer builds the configured backend itself
         seed = producer_seed(cfg.seed, tr.rank, tr.global_step)
@@ -306,6 +306,12 @@ def producer_seed(seed: int, rank: int, step: int) -> int:
     if step == 0:
         return seed + 1000003 * rank
     return int(np.random.default_rng([seed, rank, step]).integers(2**62))
+
+
+def scores_behaviour(config) -> bool:
+    """Whether the producer process gives behaviour log-probs for every batch (scoring them when the engine gives
+    none): in an async mode with a staleness above 0 (at 0 the behaviour policy is the one the learner scores)."""
+    return config.async_mode != "off" and config.max_staleness > 0
 
 
 def producer_state(tr) -> dict:

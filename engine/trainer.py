@@ -34,7 +34,7 @@ from torch import nn
 from fusedrl.kernels import PPOLossConfig, shape_token_rewards
 from fusedrl.names import TOKEN_REWARD_ESTIMATORS
 
-from .async_rl import producer_state, step_source
+from .async_rl import producer_state, scores_behaviour, step_source
 from .advantages import AdaptiveKLController, FixedKLController, RunningMeanStd, clip_rewards, compute_advantages
 from .checkpoint import rng_state, set_rng_state
 from .compose import flat_dict
@@ -195,8 +195,8 @@ class PPOTrainer:
         self.episodes = make_episode_runner(environment_factory, tools, tokenizer, cfg, stop_ids=self.stop_ids,
                                             context=self.context, has_reward_fn=reward is not None)  # fmt: skip
         self.producer = Producer.of(self)  # rollout + reward: the step's producing half
-        # A loss setting the kernels refuse fails here, not at the first update.
-        self._loss_config(cfg.kl_coef, rollout_logp=getattr(rollout, "returns_logprobs", True))
+        # A loss setting the kernels refuse fails here, not at the first update (an async producer scores log-probs).
+        self._loss_config(cfg.kl_coef, rollout_logp=getattr(rollout, "returns_logprobs", True) or scores_behaviour(cfg))
 
     # ------------------------------------------------------------------------------------------------
     # The loop

@@ -200,8 +200,11 @@ def test_streaming_stays_within_the_staleness_bound_and_corrects_the_loss(tok, t
 
 
 def test_dynamic_sampling_runs_in_the_producer_process(tok):
-    tr = make(tok, flat_for_z, dynamic_sampling=True, total_steps=3, async_mode="one-step-off", max_staleness=1)
+    # An explicit correction with the hf engine (no log-probs of its own): the producer's behaviour log-probs serve.
+    tr = make(tok, flat_for_z, dynamic_sampling=True, total_steps=3, async_mode="one-step-off", max_staleness=1,
+              rollout_correction="mis")  # fmt: skip
     rows = tr.train(["zz", "za", "zq", "hello", "abc d"])
+    assert all("rollout/corrected_frac" in r for r in rows)
     scores = tr.buffer.scores().reshape(-1, 3)
     assert len(scores) == 2 and (scores.max(1) > scores.min(1)).all()
     assert sum(r["rollout/dynamic_dropped_groups"] for r in rows) > 0
@@ -281,3 +284,63 @@ def test_cli_async_run_killed_resumes_and_ctrl_c_stops_both_processes(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+DDP_WORKER = """
+import json, sys
+
+import psutil
+import torch
+
+from fusedrl.engine.models import build_causal_lm
+from fusedrl.engine.tokenizer import build_char_tokenizer
+from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+
+PROMPTS = __PROMPTS__
+
+
+def distinct_chars(prompts, completions):
+    return [float(len(set(c))) for c in completions]
+
+
+def run(**overrides):
+    tok = build_char_tokenizer()
+    cfg = PPOConfig(prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, learning_rate=1e-3, progress=False,
+                    rollout_backend="hf", advantage_estimator="grpo", total_steps=3, seed=0, **overrides)
+    tr = PPOTrainer(build_causal_lm("tiny-llama", vocab_size=len(tok), seed=0), tok, distinct_chars, cfg)
+    rows = tr.train(PROMPTS)
+    learned = [{k: v for k, v in r.items() if not k.startswith(("perf/", "async/"))} for r in rows]
+    return learned, rows, {k: v.clone() for k, v in tr.policy.state_dict().items()}
+
+
+if __name__ == "__main__":
+    torch.distributed.init_process_group("gloo")
+    torch.set_num_threads(1)
+    sync, _, w_sync = run()
+    zero, _, w_zero = run(async_mode="streaming", max_staleness=0)
+    _, one_step, _ = run(async_mode="one-step-off", max_staleness=1)
+    left = [c.pid for c in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+    result = {"same_metrics": sync == zero, "same_weights": all(torch.equal(w_sync[k], w_zero[k]) for k in w_sync),
+              "one_step": one_step, "left": left, "rank": torch.distributed.get_rank()}
+    with open(sys.argv[1] + f".{result['rank']}", "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_in_async_mode(tmp_path):
+    """Two learners (DDP over gloo), each with its own producer process: streaming at staleness 0 reproduces the
+    synchronous two-rank run (metrics and weights), one-step-off trains within its bound, no producer is left."""
+    script = tmp_path / "async_worker.py"
+    script.write_text(DDP_WORKER.replace("__PROMPTS__", repr(PROMPTS)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(tmp_path / "out")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"out.{rank}").read_text())
+        assert res["same_metrics"] and res["same_weights"], rank
+        assert len(res["one_step"]) == 3 and all(row["async/staleness_max"] <= 1 for row in res["one_step"])
+        assert res["left"] == []
