@@ -4,8 +4,9 @@ reward against wall clock, same model, prompts and settings for every mode.
     python bench/bench_async.py                 # 30 steps, 2 interleaved rounds, writes bench/results/async-cpu.*
     python bench/bench_async.py --steps 10 --rounds 1   # smoke run
 
-Modes: ``sync-1t`` (async_mode off, one torch thread), ``sync-2t`` (off, two threads), ``one-step-off`` and
-``streaming`` (learner one thread + producer process one thread). Each run is a fresh process; the rounds
+Modes: ``sync-1t`` (async_mode off, one torch thread), ``sync-1t+spin`` (the same beside a process spinning on a core:
+what a second busy process costs the machine), ``sync-2t`` (off, two threads; not run by default), ``one-step-off``
+and ``streaming`` (learner one thread + producer process one thread). Each run is a fresh process; the rounds
 interleave the modes so that load from other processes falls on all of them alike. Wall time counts from the start
 of ``train()`` (the producer process's start-up included) to the end of each step's update; tokens are the trained
 sequences' tokens (prompt + response). Writes ``bench/results/async-cpu.json`` and ``async-cpu.png`` (mean reward
@@ -30,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 MODES = {
     "sync-1t": {"async_mode": "off", "threads": 1},
     "sync-2t": {"async_mode": "off", "threads": 2},
+    # The synchronous run beside a process spinning on one core: what a second busy process costs on this machine.
+    "sync-1t+spin": {"async_mode": "off", "threads": 1, "spin": True},
     "one-step-off": {"async_mode": "one-step-off", "max_staleness": 1, "threads": 1},
     "streaming": {"async_mode": "streaming", "max_staleness": 2, "stream_chunk_tokens": 4, "threads": 1},
 }
@@ -50,6 +53,7 @@ def child(mode: str, steps: int, seed: int) -> dict:
 
     settings = dict(MODES[mode])
     torch.set_num_threads(settings.pop("threads"))
+    spin = settings.pop("spin", False) and subprocess.Popen([sys.executable, "-c", "while True: pass"])
     prompts = [json.loads(line)["prompt"] for line in (ROOT / "examples" / "letters.jsonl").read_text().splitlines()]
     tok = build_char_tokenizer()
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=seed)
@@ -66,7 +70,12 @@ def child(mode: str, steps: int, seed: int) -> dict:
     tr.learn = timed_learn
     load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
-    rows = tr.train(prompts)
+    try:
+        rows = tr.train(prompts)
+    finally:
+        if spin:
+            spin.kill()
+            spin.wait()
     keep = ("rollout/reward_mean", "async/staleness_mean", "async/staleness_max", "async/producer_busy_frac",
             "async/trainer_busy_frac", "perf/weight_sync_s", "async/dropped_trajectories")  # fmt: skip
     return {
@@ -99,7 +108,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--target", type=float, default=6.0, help="mean reward whose first step ends 'time to target'")
     # sync-2t is left out by default: two threads on two shared cores oversubscribe them (the README's --threads).
-    ap.add_argument("--modes", default="sync-1t,one-step-off,streaming")
+    ap.add_argument("--modes", default="sync-1t,sync-1t+spin,one-step-off,streaming")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

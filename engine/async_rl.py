@@ -176,11 +176,15 @@ def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, plan
     except BaseException:  # noqa: BLE001 - everything goes back to the learner, which raises it
         with contextlib.suppress(Exception):
             out_queue.put(("error", traceback.format_exc()), timeout=5)
+    finally:
+        if producer.rollout is not None:
+            with contextlib.suppress(Exception):
+                producer.rollout.close()
 
 
 def _die_with_parent() -> None:
-    """Linux: have the kernel stop this process when the learner dies (SIGKILL included), even mid-generation; the
-    waits above also poll the parent elsewhere."""
+    """Linux: have the kernel stop this process when the learner dies (SIGKILL included), even mid-generation (the
+    producer's waits also poll the parent, for the other platforms)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -274,6 +278,8 @@ class AsyncRun:
         learn_s = time.perf_counter() - t_learn
         now = time.perf_counter()
         self.dropped_groups += dropped
+        # Tokens over the step's wall time (waiting for the producer included), as the synchronous step counts them.
+        metrics["perf/tokens_per_s"] *= metrics["perf/step_s"] / max(now - self.last_end, 1e-9)
         metrics.update({
             "async/staleness_mean": float(lag.mean()), "async/staleness_max": float(lag.max()),
             "async/dropped_trajectories": float(dropped), "async/queued_batches": float(self.queue.qsize()),
