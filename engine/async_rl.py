@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 from dataclasses import replace
 
 import numpy as np
@@ -114,8 +115,8 @@ class StreamingBackend(RolloutBackend):
         self.inner.close()
 
 
-def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, plan: dict) -> None:
-    """The producer process: batches ``plan["start"]`` .. ``plan["total"] - 1`` into ``out_queue``."""
+def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, handover, plan: dict) -> None:
+    """The producer process: batches ``handover.start`` .. ``plan["total"] - 1`` into ``out_queue``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the learner, which stops this process
     _die_with_parent()
     parent = mp.parent_process()
@@ -126,9 +127,15 @@ def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, plan
         for model in (policy, producer.reward_model):  # the packed attention registers per process
             if model is not None:
                 use_packed_attention(model)
-        torch.manual_seed(plan["torch_seed"])
         if producer.rollout is None:
             producer.rollout, _ = build_rollout_backend(cfg, policy, rank=plan["rank"])
+        handover.ready.set()
+        while not handover.go.is_set():  # the learner says at which step the producer takes over
+            if stopped():
+                return
+            time.sleep(0.002)
+        start = handover.start.value
+        torch.manual_seed(producer_seed(cfg.seed, plan["rank"], start))
         held = [board.load(policy, -1)]
         producer.rollout.sync_weights(policy)
         sync_s = [0.0]
@@ -147,7 +154,7 @@ def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, plan
             score = lambda heads, resp: behaviour_logprobs(policy, heads, resp, cfg, producer.device)  # noqa: E731
             producer.rollout = StreamingBackend(producer.rollout, cfg.stream_chunk_tokens, refresh, score)
         busy, started = 0.0, time.perf_counter()
-        for b in range(plan["start"], plan["total"]):
+        for b in range(start, plan["total"]):
             while board.version.value < b - ahead:  # the learner has not published the weights batch b may use
                 if stopped():
                     return
@@ -221,11 +228,15 @@ class AsyncRun:
         producer = Producer.of(tr, behaviour_logp=scores_behaviour(cfg))
         producer.policy = copy.deepcopy(tr.policy).eval()
         producer.rollout = tr._given_rollout  # None: the producer builds the configured backend itself
-        seed = producer_seed(cfg.seed, tr.rank, tr.global_step)
-        plan = {"start": tr.global_step, "total": cfg.total_steps, "prompts": prompts, "threads": cfg.producer_threads,
-                "torch_seed": seed, "rank": tr.rank, "world_size": tr.world_size, "staleness": k}  # fmt: skip
-        self.process = ctx.Process(target=_producer_main, args=(producer, self.board, self.queue, self.stop, plan),
-                                   daemon=True, name="fusedrl-producer")  # fmt: skip
+        plan = {"total": cfg.total_steps, "prompts": prompts, "threads": cfg.producer_threads, "rank": tr.rank,
+                "world_size": tr.world_size, "staleness": k}  # fmt: skip
+        # ready: the producer has started; go + start: the step it takes over at (the learner runs the steps before
+        # synchronously with sync_warmup; at max_staleness=0 the producer takes the first step, as the trainer would).
+        self.handover = types.SimpleNamespace(ready=ctx.Event(), go=ctx.Event(), start=ctx.Value("q", -1, lock=False))
+        self.warmup = cfg.sync_warmup and k > 0
+        self.prompts = prompts
+        args = (producer, self.board, self.queue, self.stop, self.handover, plan)
+        self.process = ctx.Process(target=_producer_main, args=args, daemon=True, name="fusedrl-producer")
         self.process.start()
         del producer
         self.dropped_groups = 0
@@ -257,8 +268,16 @@ class AsyncRun:
         return msg
 
     def step(self, i: int) -> dict[str, float]:
-        """Step ``i`` on the next batch the producer made that is fresh enough; returns its metrics."""
+        """Step ``i`` on the next batch the producer made that is fresh enough (or, until the producer has
+        started, a synchronous step); returns its metrics."""
         tr, k = self.tr, self.tr.config.max_staleness
+        if not self.handover.go.is_set():
+            # Every rank hands over at the same step: the synchronous step's rollout may hold collectives.
+            waiting = not self.handover.ready.is_set() and self.process.is_alive()
+            if self.warmup and tr.dist.max(float(waiting)):
+                return self._synchronous_step(i)
+            self.handover.start.value = i
+            self.handover.go.set()
         t_wait = time.perf_counter()
         dropped = 0
         while True:
@@ -285,9 +304,18 @@ class AsyncRun:
             "async/dropped_trajectories": float(dropped), "async/queued_batches": float(self.queue.qsize()),
             "async/producer_busy_frac": timing["busy_frac"], "async/trainer_busy_frac": learn_s / max(now - self.last_end, 1e-9),
             "async/wait_s": wait_s, "perf/weight_sync_s": sync_s, "async/producer_weight_load_s": timing["weight_load_s"],
+            "async/synchronous_step": 0.0,
         })  # fmt: skip
         self.last_end = now
         return metrics
+
+    def _synchronous_step(self, i: int) -> dict[str, float]:
+        tr = self.tr
+        metrics = tr.step(tr.sample_prompts(self.prompts, i))
+        sync_s = self.board.publish(tr.policy, tr.global_step)
+        self.last_end = time.perf_counter()
+        return {**metrics, "async/synchronous_step": 1.0, "async/staleness_mean": 0.0, "async/staleness_max": 0.0,
+                "async/dropped_trajectories": 0.0, "perf/weight_sync_s": sync_s}  # fmt: skip
 
     def close(self) -> None:
         """Stop the producer and reap it (terminate, then kill, if it does not stop in time)."""

@@ -194,6 +194,8 @@ class AsyncConfig:
     """Async modes: scored batches the producer may hold ready in its queue (bounds memory)."""
     producer_threads: int = 1
     """Async modes: torch threads of the producer process (the learner keeps its own setting)."""
+    sync_warmup: bool = True
+    """Async modes with max_staleness > 0: run synchronous steps while the producer process starts (a fresh interpreter), then hand over to it."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage) and sample more prompts until the step's batch is full, in at most max_sampling_rounds rounds; a batch still short then is filled with dropped groups (counted in rollout/dynamic_filled_groups)."""
     max_sampling_rounds: int = 4
@@ -208,7 +210,8 @@ class AsyncConfig:
             need(_integer(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
         for name in ("stream_chunk_tokens", "queue_batches", "producer_threads", "max_sampling_rounds"):
             need(_integer(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
-        need(isinstance(self.dynamic_sampling, bool), "dynamic_sampling", "a bool")
+        for name in ("dynamic_sampling", "sync_warmup"):
+            need(isinstance(getattr(self, name), bool), name, "a bool")
 
 
 # The policy-loss settings PPOConfig decides itself (from where the KL goes, the sampling temperature, the engine).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -67,6 +68,9 @@ def constant(prompts, completions):
 
 
 def fails_on_second_call(prompts, completions):
+    """Raises at its second call in the producer process (the learner's own synchronous steps call it too)."""
+    if multiprocessing.parent_process() is None:
+        return distinct_chars(prompts, completions)
     fails_on_second_call.calls = getattr(fails_on_second_call, "calls", 0) + 1
     if fails_on_second_call.calls == 2:
         raise ValueError("boom from the reward function")
@@ -181,7 +185,7 @@ def test_streaming_at_staleness_zero_reproduces_the_synchronous_run(tok):
 
 def test_streaming_stays_within_the_staleness_bound_and_corrects_the_loss(tok, tmp_path):
     tr = make(tok, total_steps=4, async_mode="streaming", max_staleness=2, stream_chunk_tokens=2,
-              output_dir=str(tmp_path), save_every=2)  # fmt: skip
+              output_dir=str(tmp_path), save_every=2, sync_warmup=False)  # fmt: skip
     rows = tr.train(PROMPTS)
     assert len(rows) == 4
     assert all(0 <= r["async/staleness_max"] <= 2 for r in rows)
@@ -192,7 +196,7 @@ def test_streaming_stays_within_the_staleness_bound_and_corrects_the_loss(tok, t
     assert load_checkpoint(tmp_path / "ckpt-4", map_location="cpu")["producer"]["next_batch"] == 4
     # Resume: a new producer continues from the checkpoint's step.
     tr2 = make(tok, total_steps=5, async_mode="streaming", max_staleness=2, stream_chunk_tokens=2,
-               output_dir=str(tmp_path), save_every=2)  # fmt: skip
+               output_dir=str(tmp_path), save_every=2, sync_warmup=False)  # fmt: skip
     rows2 = tr2.train(PROMPTS, resume=True)
     assert len(rows2) == 1 and tr2.global_step == 5
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -202,7 +206,7 @@ def test_streaming_stays_within_the_staleness_bound_and_corrects_the_loss(tok, t
 def test_dynamic_sampling_runs_in_the_producer_process(tok):
     # An explicit correction with the hf engine (no log-probs of its own): the producer's behaviour log-probs serve.
     tr = make(tok, flat_for_z, dynamic_sampling=True, total_steps=3, async_mode="one-step-off", max_staleness=1,
-              rollout_correction="mis")  # fmt: skip
+              rollout_correction="mis", sync_warmup=False)  # fmt: skip
     rows = tr.train(["zz", "za", "zq", "hello", "abc d"])
     assert all("rollout/corrected_frac" in r for r in rows)
     scores = tr.buffer.scores().reshape(-1, 3)
@@ -213,10 +217,16 @@ def test_dynamic_sampling_runs_in_the_producer_process(tok):
 
 def test_a_producer_crash_stops_the_run_with_its_traceback(tok):
     before = children()
-    tr = make(tok, fails_on_second_call, total_steps=5, async_mode="one-step-off", max_staleness=1)
+    # Synchronous steps until the producer has started (sync_warmup), then its second batch raises.
+    tr = make(tok, fails_on_second_call, total_steps=100000, async_mode="one-step-off", max_staleness=1)
     with pytest.raises(ProducerFailed, match="(?s)producer process raised.*boom from the reward function"):
         tr.train(PROMPTS)
     assert children() == before
+
+
+def test_the_learner_steps_synchronously_while_the_producer_starts(tok):
+    rows = make(tok, total_steps=2, async_mode="one-step-off", max_staleness=1).train(PROMPTS)
+    assert rows[0]["async/synchronous_step"] == 1.0  # the producer needs seconds to start: step 1 is the learner's
 
 
 def test_an_unpicklable_reward_is_refused_before_the_producer_starts(tok):
@@ -318,10 +328,11 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     sync, _, w_sync = run()
     zero, _, w_zero = run(async_mode="streaming", max_staleness=0)
-    _, one_step, _ = run(async_mode="one-step-off", max_staleness=1)
+    _, one_step, _ = run(async_mode="one-step-off", max_staleness=1, sync_warmup=False)
+    _, warm, _ = run(async_mode="one-step-off", max_staleness=1)  # ranks hand over to their producers at one step
     left = [c.pid for c in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
     result = {"same_metrics": sync == zero, "same_weights": all(torch.equal(w_sync[k], w_zero[k]) for k in w_sync),
-              "one_step": one_step, "left": left, "rank": torch.distributed.get_rank()}
+              "one_step": one_step, "warm": warm, "left": left, "rank": torch.distributed.get_rank()}
     with open(sys.argv[1] + f".{result['rank']}", "w") as f:
         json.dump(result, f)
     torch.distributed.destroy_process_group()
@@ -343,4 +354,5 @@ def test_two_gloo_ranks_in_async_mode(tmp_path):
         res = json.loads((tmp_path / f"out.{rank}").read_text())
         assert res["same_metrics"] and res["same_weights"], rank
         assert len(res["one_step"]) == 3 and all(row["async/staleness_max"] <= 1 for row in res["one_step"])
+        assert len(res["warm"]) == 3 and res["warm"][0]["async/synchronous_step"] == 1.0
         assert res["left"] == []
