@@ -9,7 +9,8 @@ what a second busy process costs the machine), ``sync-2t`` (off, two threads; no
 and ``streaming`` (learner one thread + producer process one thread). Each run is a fresh process; the rounds
 interleave the modes so that load from other processes falls on all of them alike. Wall time counts from the start
 of ``train()`` (the producer process's start-up included) to the end of each step's update; tokens are the trained
-sequences' tokens (prompt + response). Writes ``bench/results/async-cpu.json`` and ``async-cpu.png`` (mean reward
+sequences' tokens (prompt + response); steady tokens/s counts from the end of step 1 (async modes: over the steps the
+producer fed, after the learner's synchronous steps while the producer started). Writes ``bench/results/async-cpu.json`` and ``async-cpu.png`` (mean reward
 against wall clock, the first round of every mode).
 """
 
@@ -53,7 +54,9 @@ def child(mode: str, steps: int, seed: int) -> dict:
 
     settings = dict(MODES[mode])
     torch.set_num_threads(settings.pop("threads"))
-    spin = settings.pop("spin", False) and subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # Spins until killed below or until this process dies (never left behind).
+    spinner = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+    spin = settings.pop("spin", False) and subprocess.Popen([sys.executable, "-c", spinner])
     prompts = [json.loads(line)["prompt"] for line in (ROOT / "examples" / "letters.jsonl").read_text().splitlines()]
     tok = build_char_tokenizer()
     policy = build_causal_lm("tiny-llama", vocab_size=len(tok), seed=seed)
@@ -77,7 +80,7 @@ def child(mode: str, steps: int, seed: int) -> dict:
             spin.kill()
             spin.wait()
     keep = ("rollout/reward_mean", "async/staleness_mean", "async/staleness_max", "async/producer_busy_frac",
-            "async/trainer_busy_frac", "perf/weight_sync_s", "async/dropped_trajectories")  # fmt: skip
+            "async/trainer_busy_frac", "perf/weight_sync_s", "async/dropped_trajectories", "async/synchronous_step")  # fmt: skip
     return {
         "load_avg_1min": [load_start, os.getloadavg()[0]],  # other processes on the machine, start and end
         "wall_s": [t - t0 for t, _ in marks],
@@ -90,10 +93,15 @@ def summarise(mode: str, run: dict, target: float) -> dict:
     wall, tokens, rewards = run["wall_s"], run["tokens"], [r["rollout/reward_mean"] for r in run["rows"]]
     hit = next((w for w, r in zip(wall, rewards) if r >= target), None)
     steady = sum(tokens[1:]) / max(wall[-1] - wall[0], 1e-9)  # from the end of step 1 on: start-up excluded
+    # Async modes: the steps the producer fed (after the learner's synchronous steps while it started).
+    fed = [i for i, r in enumerate(run["rows"]) if r.get("async/synchronous_step") == 0.0]
+    if len(fed) >= 2:
+        steady = sum(tokens[i] for i in fed[1:]) / max(wall[fed[-1]] - wall[fed[0]], 1e-9)
     out = {
         "mode": mode, "steps": len(wall), "wall_s": round(wall[-1], 2), "tokens_per_s": round(sum(tokens) / wall[-1], 1),
         "steady_tokens_per_s": round(steady, 1), "time_to_target_s": None if hit is None else round(hit, 2),
         "final_reward_5": round(statistics.mean(rewards[-5:]), 3), "load_avg_1min": run["load_avg_1min"],
+        "synchronous_steps": sum(r.get("async/synchronous_step", 0.0) == 1.0 for r in run["rows"]),
     }  # fmt: skip
     for k in ("async/staleness_mean", "async/producer_busy_frac", "async/trainer_busy_frac", "perf/weight_sync_s"):
         vals = [r[k] for r in run["rows"] if k in r]

@@ -27,10 +27,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import copy
+import math
 import pickle
 import queue as queue_mod
 import signal
 import sys
+import threading
 import time
 import traceback
 import types
@@ -50,9 +52,22 @@ class WeightBoard:
     """The learner's published weights in shared memory, with their version."""
 
     def __init__(self, policy: torch.nn.Module, ctx):
-        self.tensors = {k: v.detach().clone().share_memory_() for k, v in policy.state_dict().items()}
+        # One shared buffer per dtype, the tensors views into it: a producer attaches to a handful of shared
+        # segments instead of one per tensor (each a round trip to this process while it starts).
+        state = policy.state_dict()
+        sizes: dict[torch.dtype, int] = {}
+        self.slots = []  # (name, dtype, offset, shape)
+        for name, t in state.items():
+            self.slots.append((name, t.dtype, sizes.get(t.dtype, 0), tuple(t.shape)))
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+        self.flat = {dt: torch.empty(n, dtype=dt).share_memory_() for dt, n in sizes.items()}
         self.version = ctx.Value("q", 0, lock=False)
         self.lock = ctx.Lock()
+        self.publish(policy, 0)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: self.flat[dt][off : off + math.prod(shape)].view(shape) for name, dt, off, shape in self.slots}
 
     def publish(self, policy: torch.nn.Module, version: int) -> float:
         """Copy ``policy``'s weights in as ``version``; returns the seconds it took."""
@@ -115,14 +130,17 @@ class StreamingBackend(RolloutBackend):
         self.inner.close()
 
 
-def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, handover, plan: dict) -> None:
-    """The producer process: batches ``handover.start`` .. ``plan["total"] - 1`` into ``out_queue``."""
+def _producer_main(data: bytes, board: WeightBoard, out_queue, stop, handover, plan: dict) -> None:
+    """The producer process (``data``: the pickled ``Producer``): batches ``handover.start`` .. ``plan["total"] - 1``
+    into ``out_queue``."""
+    producer = None
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the learner, which stops this process
     _die_with_parent()
     parent = mp.parent_process()
     stopped = lambda: stop.is_set() or (parent is not None and not parent.is_alive())  # noqa: E731
     try:
         torch.set_num_threads(plan["threads"])
+        producer = pickle.loads(data)
         cfg, policy = producer.config, producer.policy
         for model in (policy, producer.reward_model):  # the packed attention registers per process
             if model is not None:
@@ -184,7 +202,7 @@ def _producer_main(producer: Producer, board: WeightBoard, out_queue, stop, hand
         with contextlib.suppress(Exception):
             out_queue.put(("error", traceback.format_exc()), timeout=5)
     finally:
-        if producer.rollout is not None:
+        if producer is not None and producer.rollout is not None:
             with contextlib.suppress(Exception):
                 producer.rollout.close()
 
@@ -235,9 +253,19 @@ class AsyncRun:
         self.handover = types.SimpleNamespace(ready=ctx.Event(), go=ctx.Event(), start=ctx.Value("q", -1, lock=False))
         self.warmup = cfg.sync_warmup and k > 0
         self.prompts = prompts
-        args = (producer, self.board, self.queue, self.stop, self.handover, plan)
+        # The producer by value (plain pickle): only the published weights are shared memory.
+        args = (pickle.dumps(producer), self.board, self.queue, self.stop, self.handover, plan)
         self.process = ctx.Process(target=_producer_main, args=args, daemon=True, name="fusedrl-producer")
-        self.process.start()
+        # Ctrl-C is ignored for the moment the producer is started: an interrupt would cut its start-up data
+        # mid-write, and the child keeps the ignored disposition through its own start-up (it then ignores SIGINT for
+        # good: the learner stops it).
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self.process.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, before)
         del producer
         self.dropped_groups = 0
         self.last_end = time.perf_counter()
@@ -319,6 +347,11 @@ class AsyncRun:
 
     def close(self) -> None:
         """Stop the producer and reap it (terminate, then kill, if it does not stop in time)."""
+        # A producer still reading its start-up data would die mid-read with a traceback: let it finish starting
+        # (it then sees the stop and returns quietly).
+        deadline = time.monotonic() + 60
+        while self.process.is_alive() and not self.handover.ready.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.stop.set()
         with contextlib.suppress(Exception):
             while True:

@@ -285,7 +285,8 @@ def test_cli_async_run_killed_resumes_and_ctrl_c_stops_both_processes(tmp_path):
     p = subprocess.Popen(long, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
         producers = _wait_for(lambda: _producers(p.pid))
-        _wait_for(lambda: (out.parent / "run2" / "metrics.jsonl").is_file())
+        metrics = out.parent / "run2" / "metrics.jsonl"
+        _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1)  # a step done: running
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
         _, alive = psutil.wait_procs(producers, timeout=15)
