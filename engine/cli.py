@@ -311,7 +311,10 @@ def train_main(argv: list[str]) -> int:
     run = {**dataclasses.asdict(args), **flat_dict(cfg)}
     run.pop("resume"), run.pop("overwrite")  # how this invocation treats the directory, not part of the run
     rows = data if environment is not None else data.prompts
-    trainer.train(rows, resume=args.resume, overwrite=args.overwrite, run_config=run)
+    try:
+        trainer.train(rows, resume=args.resume, overwrite=args.overwrite, run_config=run)
+    except KeyboardInterrupt:  # train() has stopped its producer process by now
+        raise SystemExit(f"fusedrl train: interrupted; --resume continues {out} from its last checkpoint") from None
     if trainer.rank == 0:
         if args.merge_lora:  # policy/ becomes the plain model with the adapter merged in
             import shutil

@@ -192,6 +192,41 @@ class EpisodeConfig:
         _need("EpisodeConfig", self, ok, "readmit", "None, True or False")
 
 
+@dataclass
+class AsyncConfig:
+    """Where experience comes from in time: the synchronous step or a producer process running ahead of the learner
+    (``async_rl.py``), and DAPO's dynamic sampling (``dynamic_sampling.py``)."""
+
+    async_mode: Literal["off", "one-step-off", "streaming"] = "off"
+    """off: rollout then update in one process; one-step-off: a producer process samples the next batch with the weights published after the previous update while the learner updates; streaming: as one-step-off, and the producer also takes newly published weights between generation chunks, so a response may span policy versions (each token keeps its version and behaviour log-prob; rollout_correction auto corrects with tis)."""
+    max_staleness: int = 1
+    """Async modes: a trajectory trains only if every token was sampled by a policy at most this many trainer steps older than the one it updates (older ones are dropped and counted); 0 makes the producer wait for each step's weights (the synchronous trainer's results)."""
+    stream_chunk_tokens: int = 8
+    """streaming: tokens generated per chunk between two looks for new weights."""
+    queue_batches: int = 2
+    """Async modes: scored batches the producer may hold ready in its queue (bounds memory)."""
+    producer_threads: int = 1
+    """Async modes: torch threads of the producer process (the learner keeps its own setting)."""
+    sync_warmup: bool = True
+    """Async modes with max_staleness > 0: run synchronous steps while the producer process starts (a fresh interpreter), then hand over to it."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage) and sample more prompts until the step's batch is full, in at most max_sampling_rounds rounds; a batch still short then is filled with dropped groups (counted in rollout/dynamic_filled_groups)."""
+    max_sampling_rounds: int = 4
+    """dynamic_sampling: most rollout rounds per step (bounds oversampling at this many times the batch)."""
+
+    def __post_init__(self):
+        need = lambda ok, name, what: _need("AsyncConfig", self, ok, name, what)  # noqa: E731
+        need(
+            self.async_mode in ("off", "one-step-off", "streaming"), "async_mode", "one of off, one-step-off, streaming"
+        )
+        for name in ("max_staleness",):
+            need(_integer(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
+        for name in ("stream_chunk_tokens", "queue_batches", "producer_threads", "max_sampling_rounds"):
+            need(_integer(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
+        for name in ("dynamic_sampling", "sync_warmup"):
+            need(isinstance(getattr(self, name), bool), name, "a bool")
+
+
 # The policy-loss settings PPOConfig decides itself (from where the KL goes, the sampling temperature, the engine).
 _PPO_OWNED_LOSS_FIELDS = ("kl_coef", "kl_estimator", "temperature", "agg_norm_length", "rollout_correction")
 
@@ -224,6 +259,8 @@ class PPOConfig:
     """Output, seeding, checkpoints, logging."""
     episode: EpisodeConfig = part(EpisodeConfig)
     """Multi-turn episodes (with an environment)."""
+    asynchronous: AsyncConfig = part(AsyncConfig)
+    """Asynchronous producer and dynamic sampling."""
     # --- advantages, KL, reward processing
     advantage_estimator: Literal[ADVANTAGE_ESTIMATORS] = "gae"
     """gae: critic + per-token KL reward; grpo: group-normalised; rloo: leave-one-out; reinforce++: batch-normalised."""

@@ -11,7 +11,8 @@ continuous batching or a colocated vLLM that gets the weights after every optimi
 sampled-token log-probs are kept as ``rollout_logp`` beside the trainer's ``old_logp``. With
 ``environment_factory=EnvClass`` each sample is a multi-turn episode against its own environment instance
 (``episodes.py``; ``train`` then takes rows, strings or dicts with a prompt) and ``reward`` may be None when the
-environment's ``get_reward`` owns it.
+environment's ``get_reward`` owns it. A step is ``produce`` (``producer.py``: rollout + reward) then ``learn``; with
+``PPOConfig.async_mode`` a producer process runs ahead (``async_rl.py``); ``dynamic_sampling``: ``dynamic_sampling.py``.
 
 Multi-process (``torchrun``): each rank draws its own slice of the step's prompts, rolls out and scores them; the
 update is planned over every rank's trajectories (``ppo.py``) with gradients summed over ranks (DDP, or FSDP2
@@ -22,7 +23,6 @@ checkpoints and saved models hold full weights, and ``trainer.policy`` holds DTe
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,12 +34,14 @@ from torch import nn
 from fusedrl.kernels import PPOLossConfig, shape_token_rewards
 from fusedrl.names import TOKEN_REWARD_ESTIMATORS
 
+from .async_rl import producer_state, scores_behaviour, step_source
 from .advantages import AdaptiveKLController, FixedKLController, RunningMeanStd, clip_rewards, compute_advantages
 from .checkpoint import rng_state, set_rng_state
 from .compose import flat_dict
 from .config import RESUME_MAY_CHANGE, PPOConfig
 from .data import context_length, encode_prompts
-from .episodes import make_episode_runner, mask_truncated, single_turn
+from .dynamic_sampling import produce_step
+from .episodes import make_episode_runner, mask_truncated
 from .distributed import (
     Distributed,
     PolicyBody,
@@ -51,11 +53,12 @@ from .distributed import (
 from .metrics import PhaseTimer, completion_rows, explained_variance
 from .heads import ValueModel
 from .models import adapter_disabled, is_peft_model, logit_scale_of
-from .packing import RolloutBuffer, plan_microbatches
+from .packing import RolloutBuffer
 from .ppo import ppo_update, prepare_model, rollout_metrics
 from .rollout_backends import RolloutBackend, build_rollout_backend, print_choice
 from .sampling import stop_token_ids
-from .scoring import MicroBatch, ResponseLayout, score_logprobs, score_reward_fn, score_reward_model, score_values
+from .producer import Producer, ScoredBatch, draw_prompts, micro_batches
+from .scoring import MicroBatch, ResponseLayout, score_logprobs, score_values
 from .trajectories import BUFFER_FIELDS, fill_buffer
 from .update import GuardedStep, RunDir, adamw, load_state, metrics_logger, run_loop, save_model, save_state
 
@@ -177,10 +180,12 @@ class PPOTrainer:
         # per-token values travel as tensors.
         self._all_rollouts = RolloutBuffer(fields=()) if self.world_size > 1 else self._buffer
         self.global_step = 0
+        self._prompts: list | None = None  # train()'s prompts: where dynamic sampling draws more
         self.completions = None  # the last step's sample of rollouts, every log_completions steps
         self.guard = GuardedStep(self.dist)  # counts the optimizer steps skipped in the current update
         self.context = context_length(policy)
         # The producer: the object given, or the one PPOConfig.rollout_backend names.
+        self._given_rollout = rollout  # what an async producer process gets (None: it builds the configured one)
         if rollout is None:
             rollout, why = build_rollout_backend(cfg, policy, rank=self.rank)
             if self.rank == 0:
@@ -189,8 +194,9 @@ class PPOTrainer:
         # Multi-turn: episodes against an environment (engine/episodes.py) instead of one response per sample.
         self.episodes = make_episode_runner(environment_factory, tools, tokenizer, cfg, stop_ids=self.stop_ids,
                                             context=self.context, has_reward_fn=reward is not None)  # fmt: skip
-        # A loss setting the kernels refuse fails here, not at the first update.
-        self._loss_config(cfg.kl_coef, rollout_logp=getattr(rollout, "returns_logprobs", True))
+        self.producer = Producer.of(self)  # rollout + reward: the step's producing half
+        # A loss setting the kernels refuse fails here, not at the first update (an async producer scores log-probs).
+        self._loss_config(cfg.kl_coef, rollout_logp=getattr(rollout, "returns_logprobs", True) or scores_behaviour(cfg))
 
     # ------------------------------------------------------------------------------------------------
     # The loop
@@ -205,7 +211,7 @@ class PPOTrainer:
         (delete that run's files first); ``run_config`` is written as output_dir/config.yaml once the directory
         is ready, so a refused run writes nothing."""
         cfg = self.config
-        prompts = list(prompts)
+        self._prompts = prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty: train() needs at least one prompt")
         if self.episodes is None:  # rows for an environment are checked when their episodes start
@@ -224,9 +230,10 @@ class PPOTrainer:
         logger = metrics_logger(out, self.dist, cfg, total_steps=cfg.total_steps,
                                 resume_step=self.global_step if run is not None and run.latest else None,
                                 run_config=run_config if run_config is not None else flat_dict(cfg))  # fmt: skip
-        rows = run_loop(lambda i: self.step(self.sample_prompts(prompts, i)), self.global_step, cfg.total_steps, logger,
-                        save_every=cfg.save_every, save=(lambda _: self.save_checkpoint()) if out else None,
-                        completions=lambda: self.completions)  # fmt: skip
+        with step_source(self, prompts) as step:  # async modes: a producer process runs ahead (async_rl.py)
+            rows = run_loop(step, self.global_step, cfg.total_steps, logger, save_every=cfg.save_every,
+                            save=(lambda _: self.save_checkpoint()) if out else None,
+                            completions=lambda: self.completions)  # fmt: skip
         if out is not None:
             self.save_pretrained(out)
         return rows
@@ -244,29 +251,31 @@ class PPOTrainer:
                 self.layout.to_buffer(self._buffer, name, t)
         return self._buffer
 
-    def sample_prompts(self, prompts: Sequence[str], step: int) -> list[str]:
-        """This rank's prompts for ``step``: a seeded draw without replacement (with, when there are fewer
-        prompts than needed), derived from (seed, step) alone so that a resumed run draws the same ones."""
-        cfg = self.config
-        rng = np.random.default_rng([cfg.seed, step])
-        n = cfg.prompts_per_step
-        idx = rng.choice(len(prompts), size=n, replace=len(prompts) < n)
-        per_rank = n // self.world_size
-        return [prompts[i] for i in idx[self.rank * per_rank : (self.rank + 1) * per_rank]]
+    def sample_prompts(self, prompts: Sequence[str], step: int, round: int = 0) -> list[str]:
+        """This rank's prompts for ``step`` (and dynamic sampling's ``round``): ``producer.draw_prompts``."""
+        return draw_prompts(prompts, seed=self.config.seed, step=step, n=self.config.prompts_per_step,
+                            world_size=self.world_size, rank=self.rank, round=round)  # fmt: skip
 
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         """One PPO step on these prompts (this rank's share): rollout, score, advantages, update.
         Returns the step's metrics (global over ranks); ``self.completions`` is then a sample of this rank's
         rollouts (``metrics.completion_rows``) on every ``log_completions``-th step, else None."""
-        cfg, dist = self.config, self.dist
         timer = PhaseTimer(self.device)  # restarts the peak-memory counter
+        produce = lambda p: self._policy_root.run_gathered(self.producer.produce, p, version=self.global_step,  # noqa: E731
+                                                           gather=getattr(self.rollout, "runs_policy", True))  # fmt: skip
+        # Dynamic sampling's further rounds draw from train()'s prompts (the step's own outside train()).
+        draw = lambda r: prompts if r == 0 else self.sample_prompts(self._prompts or prompts, self.global_step, r)  # noqa: E731
+        return self.learn(produce_step(produce, draw, self.config, self.dist), timer)
 
-        # 1. Rollout: sample responses (or run episodes against the environment), put the sequences in the buffer;
-        # a prompt's samples are consecutive, as the group estimators expect.
-        rollout_t0 = time.perf_counter()
-        produce = self.episodes.run if self.episodes is not None else single_turn
-        ro = self._policy_root.run_gathered(produce, self, prompts, gather=getattr(self.rollout, "runs_policy", True))
-        rollout_s = time.perf_counter() - rollout_t0
+    def learn(self, batch: ScoredBatch, timer: PhaseTimer | None = None) -> dict[str, float]:
+        """The learner's half of a step on a produced batch (``producer.py``): old / reference log-probs and
+        values, advantages, update. ``timer``: started before the batch was produced (its rollout lap)."""
+        cfg, dist = self.config, self.dist
+        timer = timer if timer is not None else PhaseTimer(self.device)
+
+        # 1. Rollout: the produced sequences go in the buffer; a prompt's samples are consecutive, as the group
+        # estimators expect.
+        ro, rollout_s, raw_scores, reward_parts = batch.rollout, batch.rollout_s, batch.scores, batch.reward_parts
         prompt_ids, out, prompt_texts, completions = ro.prompt_ids, ro.output, ro.prompts, ro.completions
         responses = out.responses
         buf = self._buffer
@@ -274,7 +283,8 @@ class PPOTrainer:
         # A group is one prompt's samples; its id is the prompt's index among all ranks' prompts of the step.
         n_prompts, n = len(prompt_ids) // cfg.samples_per_prompt, cfg.samples_per_prompt
         fill_buffer(buf, prompt_ids, responses, loss_mask=out.loss_mask, logprobs=out.logprobs,
-                    version=self.global_step, group_ids=self.rank * n_prompts + np.arange(len(prompt_ids)) // n)  # fmt: skip
+                    version=batch.versions if batch.versions is not None else batch.version,
+                    group_ids=self.rank * n_prompts + np.arange(len(prompt_ids)) // n)  # fmt: skip
         self.layout = layout = ResponseLayout(buf, self.device)
         # The engine's own log-probs of the sampled tokens (the behaviour policy's), in the layout's order.
         rollout_logp = layout.from_buffer(buf, "rollout_logp") if out.logprobs is not None else None
@@ -287,15 +297,6 @@ class PPOTrainer:
         with self._ref_scope():  # the LoRA policy's base model (adapters off), or the separate reference
             ref_logp = score_logprobs(self.ref_policy, micro, layout, temperature=cfg.temperature, backend=cfg.backend)
         values = score_values(self.critic, micro, layout) if self.critic is not None else None
-        reward_parts = None
-        if self.reward_model is not None:
-            raw_scores = score_reward_model(self.reward_model, micro, len(buf))
-        elif self.reward_fn is not None:
-            raw_scores = score_reward_fn(self.reward_fn, prompt_texts, completions)
-            reward_parts = getattr(self.reward_fn, "last_parts", None)  # each function's part (rewards.combine)
-        if ro.env_scores is not None:  # the environment's own reward adds to the reward's, as in TRL
-            own = self.reward_fn is None and self.reward_model is None
-            raw_scores = ro.env_scores if own else raw_scores + ro.env_scores
         raw_scores = raw_scores.to(self.device)
         timer.lap("score")
 
@@ -341,6 +342,7 @@ class PPOTrainer:
             # CUDA: bytes allocated through torch; CPU: the process's resident set (see metrics.peak_memory_gb).
             "perf/peak_mem_gb": timer.peak_gb, **{f"perf/peak_mem_{k}_gb": v for k, v in timer.peaks_gb.items()},
             **{k: dist.mean(torch.tensor(v)) for k, v in {**ro.stats, **getattr(self.rollout, "stats", {})}.items()},
+            **{k: (dist.max if k.endswith("rounds") else dist.sum)(v) for k, v in batch.stats.items()},  # producer's
         }  # fmt: skip
         metrics["perf/rollout_tokens_per_s"] = dist.sum(float(layout.num_tokens)) / max(dist.max(rollout_s), 1e-9)
         if self.critic is not None:
@@ -365,10 +367,7 @@ class PPOTrainer:
 
     def _micro_batches(self, seq_ids: np.ndarray) -> list[MicroBatch]:
         """Token-budget micro-batches of this step's buffer covering ``seq_ids``, addressing ``self.layout``."""
-        lengths = np.asarray(self._buffer.lengths())[seq_ids]
-        plan = plan_microbatches(lengths, self.config.max_tokens_per_microbatch)[0]
-        return [MicroBatch(self._buffer, seq_ids[np.asarray(mb, dtype=np.int64)], self.device, self.layout)
-                for mb in plan if len(mb)]  # fmt: skip
+        return micro_batches(self._buffer, self.layout, seq_ids, self.config.max_tokens_per_microbatch, self.device)
 
     def _update(self, per_token: dict[str, torch.Tensor | None]) -> dict[str, float]:
         return ppo_update(self, per_token)  # the objective's module: engine/ppo.py
@@ -399,6 +398,7 @@ class PPOTrainer:
             "kl_controller": self.kl_controller.state_dict(),
             "reward_stats": self.reward_stats.state_dict(),
             "rng": rng_state(),
+            "producer": producer_state(self),  # where an async producer restarts
         }
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()

@@ -30,11 +30,11 @@ BUFFER_FIELDS = TOKEN_FIELDS
 
 def fill_buffer(buffer: RolloutBuffer, prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
                 loss_mask: Sequence[Sequence[int]] | None = None, logprobs: Sequence[Sequence[float]] | None = None,
-                version: int = 0, group_ids: Sequence[int] | None = None) -> None:  # fmt: skip
+                version: int | Sequence[Sequence[int]] = 0, group_ids: Sequence[int] | None = None) -> None:  # fmt: skip
     """Replace the buffer's content with prompt + response sequences. ``loss_mask``: per response token, 1 where the
     policy sampled it (default: every response token); prompt tokens get 0. ``logprobs``: the behaviour log-prob of
     each response token (``rollout_logp``; where the mask is 0 it is not read); ``version``: the policy version of
-    every sampled token; ``group_ids``: each sequence's group (the samples of one prompt share one)."""
+    every sampled token, or per response the version of each of its tokens; ``group_ids``: each sequence's group (the samples of one prompt share one)."""
     if len(prompt_ids) != len(responses):
         raise ValueError(f"fill_buffer: {len(prompt_ids)} prompts but {len(responses)} responses")
     buffer.clear()
@@ -49,7 +49,9 @@ def fill_buffer(buffer: RolloutBuffer, prompt_ids: Sequence[Sequence[int]], resp
             raise ValueError(f"fill_buffer: response {i} has no token with loss mask 1 (nothing the policy sampled)")
         extra = {}
         if "version" in fields:
-            extra["version"] = mask.astype(np.float32) * float(version)
+            v = np.zeros(len(tokens), dtype=np.float32)
+            v[len(p) :] = version if isinstance(version, (int, float)) else np.asarray(version[i], dtype=np.float32)
+            extra["version"] = mask.astype(np.float32) * v
         if logprobs is not None and "rollout_logp" in fields:
             lp = np.zeros(len(tokens), dtype=np.float32)
             lp[len(p) :] = np.asarray(logprobs[i], dtype=np.float32)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "OptimConfig": "config",
     "RunConfig": "config",
     "EpisodeConfig": "config",
+    "AsyncConfig": "config",
     # producers and the experience they make
     "RolloutBackend": "rollout_backends",
     "RolloutOutput": "rollout_backends",
@@ -28,6 +29,8 @@ _EXPORTS = {
     "HFPagedBackend": "rollout_backends",
     "VLLMBackend": "vllm_backend",
     "fill_buffer": "trajectories",
+    "Producer": "producer",
+    "ScoredBatch": "producer",
     # multi-turn episodes against environments
     "EpisodeRunner": "episodes",
     "EnvironmentFailure": "episodes",
