@@ -66,3 +66,11 @@ def _seed_and_threads(request):
     if rows is not None:
         rows.native_cpu = native
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The character tokenizer most engine tests use (a test module may define its own ``tok``)."""
+    from fusedrl.engine.tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer()

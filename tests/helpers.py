@@ -61,3 +61,9 @@ def assert_kernel_close(kernel, ref_low, truth, *, atol=None, name="tensor", fac
     err_ref = (ref_low - truth).abs().max().item() if truth.numel() else 0.0
     bound = factor * err_ref + atol
     assert_close(kernel, truth, atol=bound, name=f"{name} (bound {factor}*err_ref {err_ref:.3e} + atol {atol:.1e})")
+
+
+def distinct_chars(prompts, completions):
+    """A reward that differs between samples of one prompt from the very first step (module-level: a producer
+    process gets it by pickling)."""
+    return [float(len(set(c))) for c in completions]

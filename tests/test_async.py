@@ -24,8 +24,8 @@ from fusedrl.engine.episodes import Rollout
 from fusedrl.engine.models import build_causal_lm
 from fusedrl.engine.producer import ScoredBatch
 from fusedrl.engine.rollout_backends import RolloutBackend, RolloutOutput, SamplingSpec
-from fusedrl.engine.tokenizer import build_char_tokenizer
 from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+from helpers import distinct_chars
 
 PROMPTS = ["ab", "hello", "x", "1+1=", "abc d", "zz"]
 SMALL = {
@@ -38,24 +38,6 @@ SMALL = {
     "advantage_estimator": "grpo",
     "seed": 3,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
-
-
-# Rewards are module-level functions: the producer process gets them by pickling.
-def distinct_chars(prompts, completions):
-    return [float(len(set(c))) for c in completions]
 
 
 def flat_for_z(prompts, completions):

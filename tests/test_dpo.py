@@ -28,11 +28,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{
                  "{% if add_generation_prompt %}<a>{% endif %}")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
-
-
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

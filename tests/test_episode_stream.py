@@ -13,26 +13,12 @@ import pytest
 import torch
 from fusedrl.engine.models import build_causal_lm
 from fusedrl.engine.rollout_backends import HFPagedBackend, hf_paged_available
-from fusedrl.engine.tokenizer import build_char_tokenizer
 from fusedrl.engine.trainer import PPOConfig, PPOTrainer
 from helpers import assert_close
 
 SMALL = {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 6, "max_turns": 3, "progress": False,
          "advantage_estimator": "grpo", "learning_rate": 1e-3}  # fmt: skip
 ROWS = [{"prompt": p, "delay": d} for p, d in (("ab", 0.0), ("hello", 0.08), ("x", 0.0), ("1+1=", 0.08))]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
 
 
 class Slow:

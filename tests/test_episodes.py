@@ -22,28 +22,11 @@ from fusedrl.engine.trainer import PPOConfig, PPOTrainer
 from fusedrl.engine.trajectories import BUFFER_FIELDS
 from fusedrl.kernels import linear_logprobs, linear_ppo_loss
 from fusedrl.names import AGG_MODES
-from helpers import assert_close
+from helpers import assert_close, distinct_chars
 
 PROMPTS = ["ab", "hello", "x", "1+1="]
 SMALL = {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 5, "learning_rate": 1e-3,
          "critic_learning_rate": 1e-3, "progress": False, "rollout_backend": "hf"}  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
-
-
-def distinct_chars(prompts, completions):
-    return [float(len(set(c))) for c in completions]
 
 
 class Echo:

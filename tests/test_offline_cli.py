@@ -29,11 +29,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def chat_tok():
     t = build_char_tokenizer()
     t.chat_template = CHAT_TEMPLATE

@@ -14,11 +14,10 @@ from fusedrl.engine import distributed
 from fusedrl.engine import trainer as trainer_mod
 from fusedrl.engine.models import build_causal_lm, build_reward_model
 from fusedrl.engine.rewards import count_token
-from fusedrl.engine.tokenizer import build_char_tokenizer
 from fusedrl.engine.trainer import PPOConfig, PPOTrainer
 from fusedrl.engine.update import adamw
 from fusedrl.kernels import linear_logprobs
-from helpers import assert_close
+from helpers import assert_close, distinct_chars
 
 PROMPTS = ["ab", "hello", "x", "1+1=", "abc d", "zz"]
 SMALL = {
@@ -32,26 +31,6 @@ SMALL = {
     # reads the score before a sampled pad id); the other backends are tests/test_rollout_backends.py's.
     "rollout_backend": "hf",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core box: OpenMP threads spinning against other processes cost far more
-    # than they give.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
-
-
-def distinct_chars(prompts, completions):
-    """A reward that differs between samples of one prompt from the very first step."""
-    return [float(len(set(c))) for c in completions]
 
 
 def make(tok, reward=None, **overrides):

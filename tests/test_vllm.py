@@ -21,6 +21,7 @@ pytest.importorskip("vllm", reason="vllm is not installed here: the vLLM tests r
 
 import torch  # noqa: E402
 from fusedrl.engine.rollout_backends import SamplingSpec, VLLMBackend  # noqa: E402
+from helpers import distinct_chars  # noqa: E402
 from rollout_checks import (  # noqa: E402
     check_distribution,
     check_greedy_parity,
@@ -138,10 +139,6 @@ class Echo:
 
     def get_reward(self) -> float:
         return float(self.turns)
-
-
-def distinct_chars(prompts, completions):
-    return [float(len(set(c))) for c in completions]
 
 
 class OneTurn:
