@@ -20,6 +20,10 @@ Reliability: a producer that raises stops the run with its traceback; the learne
 ``train()`` leaves no producer process behind, on return or on error (Ctrl-C included: the producer ignores SIGINT
 and is stopped by the learner). Multi-turn episodes take new weights between batches only (``streaming`` acts as
 ``one-step-off`` there).
+
+The vllm backend runs in the producer process only (its engine is built there; the learner's is never started, so
+there are no synchronous warm-up steps with it): the engine's own log-probs are the behaviour log-probs, and a refresh
+marks the engine stale so that it takes the new weights before its next generation (or chunk, in ``streaming``).
 """
 
 from __future__ import annotations
@@ -251,7 +255,9 @@ class AsyncRun:
         # ready: the producer has started; go + start: the step it takes over at (the learner runs the steps before
         # synchronously with sync_warmup; at max_staleness=0 the producer takes the first step, as the trainer would).
         self.handover = types.SimpleNamespace(ready=ctx.Event(), go=ctx.Event(), start=ctx.Value("q", -1, lock=False))
-        self.warmup = cfg.sync_warmup and k > 0
+        # A backend with an engine of its own (vllm) is built on first use: synchronous warm-up steps would build a
+        # second engine in the learner for a few steps, so with one the learner waits for the producer's engine.
+        self.warmup = cfg.sync_warmup and k > 0 and getattr(tr.rollout, "runs_policy", True)
         self.prompts = prompts
         # The producer by value (plain pickle): only the published weights are shared memory.
         args = (pickle.dumps(producer), self.board, self.queue, self.stop, self.handover, plan)

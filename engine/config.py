@@ -208,7 +208,7 @@ class AsyncConfig:
     producer_threads: int = 1
     """Async modes: torch threads of the producer process (the learner keeps its own setting)."""
     sync_warmup: bool = True
-    """Async modes with max_staleness > 0: run synchronous steps while the producer process starts (a fresh interpreter), then hand over to it."""
+    """Async modes with max_staleness > 0: run synchronous steps while the producer process starts (a fresh interpreter), then hand over to it (not with the vllm backend, whose engine lives in the producer only)."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage) and sample more prompts until the step's batch is full, in at most max_sampling_rounds rounds; a batch still short then is filled with dropped groups (counted in rollout/dynamic_filled_groups)."""
     max_sampling_rounds: int = 4

@@ -541,3 +541,47 @@ def test_sleep_mode_cuda(cache_dir):
     assert after != before, "the update did not change the greedy outputs: the check cannot tell"
     print(f"sleep mode returned {(asleep - awake) / 2**30:.2f} GiB; weight push {backend.stats}")
     backend.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Asynchronous RL on vllm (engine/async_rl.py): the engine lives in the producer process
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("mode", "staleness"), [("one-step-off", 0), ("one-step-off", 1), ("streaming", 2)])
+def test_async_modes_run_the_engine_in_the_producer(cache_dir, mode, staleness):
+    """async_mode with --rollout-backend vllm: the engine is built in the producer process only (the learner's
+    backend never starts one: no synchronous warm-up steps), its log-probs are the behaviour log-probs and the
+    producer pushes each published version into it (streaming: between chunks). At max_staleness=0 every batch is
+    sampled by the weights it trains at: mismatch ~0 in fp32 after every update, which a producer serving stale
+    weights would fail. Above 0 the staleness stays within the bound, tis corrects the loss, and a batch sampled at
+    the version it trains at still matches. No process is left behind."""
+    import functools
+
+    import psutil
+    from fusedrl.engine.rewards import count_token
+    from fusedrl.engine.tokenizer import build_char_tokenizer
+    from fusedrl.engine.trainer import PPOConfig, PPOTrainer
+
+    def children():
+        return {p.pid for p in psutil.Process().children(recursive=True)
+                if "resource_tracker" not in " ".join(p.cmdline())}  # fmt: skip
+
+    before = children()
+    tok = build_char_tokenizer()
+    cfg = PPOConfig(advantage_estimator="grpo", prompts_per_step=2, samples_per_prompt=4, max_new_tokens=6,
+                    total_steps=4, learning_rate=1e-2, rollout_backend="vllm", vllm_kv_cache_gb=1, progress=False,
+                    async_mode=mode, max_staleness=staleness, stream_chunk_tokens=2, seed=0)  # fmt: skip
+    policy = tiny_policy(vocab=len(tok))
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    tr = PPOTrainer(policy, tok, functools.partial(count_token, token="a"), cfg)
+    rows = tr.train(["hi", "ok", "1+2", "go:"])
+    assert len(rows) == 4 and tr.rollout.llm is None  # the learner's backend never built an engine
+    assert all(r["async/synchronous_step"] == 0.0 for r in rows)
+    assert any(not torch.equal(start[k], v) for k, v in policy.state_dict().items())  # it trained
+    for r in rows:
+        assert 0 <= r["async/staleness_max"] <= staleness, r
+        assert 0 <= r["rollout/logp_mismatch_k3"] < 1.0 and torch.isfinite(torch.tensor(r["loss/policy"])), r
+        if r["async/staleness_max"] == 0:  # sampled by the weights it trains at, in the producer's engine
+            assert r["rollout/logp_mismatch_k3"] < 1e-6 and r["rollout/ratio_max"] < 1.01, r
+        if staleness > 0:
+            assert "rollout/corrected_frac" in r, r
+    assert children() == before
