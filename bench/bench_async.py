@@ -194,11 +194,13 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from bench.common import RESULTS, environment
+    from bench.common import RESULTS, child_result, environment
 
     backends = args.backend.split(",")
     if not set(backends) <= {"hf", "vllm"}:
         raise SystemExit(f"--backend: hf, vllm or both comma-separated, got {args.backend!r}")
+    if not set(args.modes.split(",")) <= MODES.keys():
+        raise SystemExit(f"--modes: comma-separated from {', '.join(MODES)}, got {args.modes!r}")
     # One run per (backend, mode), labelled by the mode alone when there is one backend.
     label = {(b, m): m if len(backends) == 1 else f"{b} {m}" for b in backends for m in args.modes.split(",")}
     modes = list(label.values())
@@ -217,11 +219,10 @@ def main() -> None:
         for (backend, m), mode in label.items():
             cmd = [sys.executable, __file__, "--child", m, "--steps", str(args.steps), "--seed", str(args.seed),
                    "--task", args.task, "--backend", backend, *(["--head-dim-32"] * args.head_dim_32)]  # fmt: skip
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
-            line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if r.returncode or line is None:
-                raise SystemExit(f"{mode} failed:\n{r.stderr[-3000:]}")
-            runs[mode].append(json.loads(line[len("RESULT ") :]))
+            result = child_result(cmd, env=env, timeout=1800, tail=15)
+            if "error" in result:
+                raise SystemExit(f"{mode} failed: {result['error']}")
+            runs[mode].append(result)
             print(f"round {rnd} {mode}: {summarise(mode, runs[mode][-1], target)}", flush=True)
 
     records = []

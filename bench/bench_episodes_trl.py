@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CALC = ROOT / "examples" / "calculator"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(CALC))
-from common import RESULTS, environment  # noqa: E402
+from common import RESULTS, child_result, environment  # noqa: E402
 
 
 def _status_mib(field: str) -> float:
@@ -204,11 +204,10 @@ def main(argv=None) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
         for r in range(args.rounds):
             for name in runs:
-                out = subprocess.run([*base, "--worker", name], capture_output=True, text=True, env=env, check=False)
-                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if out.returncode or line is None:
-                    raise SystemExit(f"bench_episodes_trl: the {name} worker failed:\n{out.stderr[-3000:]}")
-                runs[name].append(json.loads(line[len("RESULT ") :]))
+                result = child_result([*base, "--worker", name], env=env, tail=15)
+                if "error" in result:
+                    raise SystemExit(f"bench_episodes_trl: the {name} worker failed: {result['error']}")
+                runs[name].append(result)
                 print(f"round {r} {name}: {runs[name][-1]}", flush=True)
     records = []
     for name, rs in runs.items():

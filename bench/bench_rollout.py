@@ -143,6 +143,8 @@ def child_e2e(backend: str, setting: dict) -> dict:
 
 
 def run_child(python: str, backend: str, setting: dict, timeout: float) -> dict:
+    from bench.common import child_result
+
     env = {**os.environ, "OMP_NUM_THREADS": str(setting["threads"]), "MKL_NUM_THREADS": str(setting["threads"])}
     # vLLM compiles its sampler once per cache: every vllm child of this run shares one (warm-up stays honest: the
     # first child pays it).
@@ -157,15 +159,7 @@ def run_child(python: str, backend: str, setting: dict, timeout: float) -> dict:
             str(VLLM_VARIANTS[backend]["ranks"]),
         ]
         cmd = [python, *launch, *cmd[1:]]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {r.returncode}: {' | '.join(tail)[-400:]}"}
-    return json.loads(lines[-1][len("RESULT ") :])
+    return child_result(cmd, env=env, timeout=timeout, cwd=ROOT, tail=3)
 
 
 def main(argv=None) -> None:

@@ -210,19 +210,24 @@ def child_main(measure, argv) -> None:
     print("RESULT " + json.dumps(measure(provider, case, mode, reps)), flush=True)
 
 
-def run_child(script: Path, provider: str, case: dict, mode: str, reps: int, timeout: float) -> dict:
-    env = {**os.environ, **CHILD_ENV, **(MEM_ENV if mode == "mem" else {})}
-    root = Path(__file__).resolve().parents[1]
+def child_result(cmd: list[str], *, env: dict, timeout: float | None = None, cwd=None, tail: int = 1) -> dict:
+    """Run a benchmark's child process: the JSON of its last ``RESULT `` line, or ``{"error": ...}`` with the exit
+    status and the last ``tail`` lines of its output when it failed or timed out."""
     try:
-        out = subprocess.run([sys.executable, str(script), "--child", provider, json.dumps(case), mode, str(reps)],
-                             env=env, capture_output=True, text=True, timeout=timeout, cwd=root)  # fmt: skip
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or [""]
-        return {"error": f"exit {out.returncode}: {tail[0][:200]}"}
+        last = (out.stderr or out.stdout).strip().splitlines()[-tail:]
+        return {"error": f"exit {out.returncode}: {' | '.join(last)[-200 * tail :]}"}
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_child(script: Path, provider: str, case: dict, mode: str, reps: int, timeout: float) -> dict:
+    env = {**os.environ, **CHILD_ENV, **(MEM_ENV if mode == "mem" else {})}
+    cmd = [sys.executable, str(script), "--child", provider, json.dumps(case), mode, str(reps)]
+    return child_result(cmd, env=env, timeout=timeout, cwd=Path(__file__).resolve().parents[1])
 
 
 def side_by_side(script: Path, cases: list[dict], providers: list[str], *, repeats: int, reps: int,
