@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -67,3 +69,31 @@ def distinct_chars(prompts, completions):
     """A reward that differs between samples of one prompt from the very first step (module-level: a producer
     process gets it by pickling)."""
     return [float(len(set(c))) for c in completions]
+
+
+class Echo:
+    """A text environment answering " ok " twice, then ending the episode at the third turn; its reward is the
+    number of turns. A row's ``delay`` (seconds) is slept before the first answer (a remote environment), so that
+    re-admitted turns reach the engine in a timing-dependent order."""
+
+    def reset(self, **row):
+        self.turns, self.delay = 0, row.get("delay", 0.0)
+
+    def step(self, completion: str) -> str | None:
+        if self.turns == 0 and self.delay:
+            time.sleep(self.delay)
+        self.turns += 1
+        return None if self.turns >= 3 else " ok "
+
+    def get_reward(self) -> float:
+        return float(self.turns)
+
+
+class OneTurn:
+    """A text environment that ends every episode after the policy's first turn (and owns no reward)."""
+
+    def reset(self, **row):
+        return None
+
+    def step(self, completion):
+        return None

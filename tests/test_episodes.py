@@ -22,33 +22,11 @@ from fusedrl.engine.trainer import PPOConfig, PPOTrainer
 from fusedrl.engine.trajectories import BUFFER_FIELDS
 from fusedrl.kernels import linear_logprobs, linear_ppo_loss
 from fusedrl.names import AGG_MODES
-from helpers import assert_close, distinct_chars
+from helpers import Echo, OneTurn, assert_close, distinct_chars
 
 PROMPTS = ["ab", "hello", "x", "1+1="]
 SMALL = {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 5, "learning_rate": 1e-3,
          "critic_learning_rate": 1e-3, "progress": False, "rollout_backend": "hf"}  # fmt: skip
-
-
-class Echo:
-    """A text environment: answers the first two turns with an observation, ends the episode at the third."""
-
-    def reset(self, **row):
-        self.turns = 0
-
-    def step(self, completion: str) -> str | None:
-        self.turns += 1
-        return None if self.turns >= 3 else " ok "
-
-    def get_reward(self) -> float:
-        return float(self.turns)
-
-
-class OneTurn:
-    def reset(self, **row):
-        return None
-
-    def step(self, completion):
-        return None
 
 
 class RecordingBackend(HFBackend):

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -21,7 +20,7 @@ pytest.importorskip("vllm", reason="vllm is not installed here: the vLLM tests r
 
 import torch  # noqa: E402
 from fusedrl.engine.rollout_backends import SamplingSpec, VLLMBackend  # noqa: E402
-from helpers import distinct_chars  # noqa: E402
+from helpers import Echo, OneTurn, distinct_chars  # noqa: E402
 from rollout_checks import (  # noqa: E402
     check_distribution,
     check_greedy_parity,
@@ -92,9 +91,9 @@ def test_stops_at_stop_ids(engine):
     assert ended >= 6, out.responses
 
 
-def test_cli_trains_with_vllm(tmp_path, cache_dir):
-    """fusedrl train --rollout-backend vllm on a tiny Llama saved from a config (head_dim 32), GRPO, 3 steps:
-    the engine serves each step's new weights (mismatch stays ~0 in fp32)."""
+def saved_policy_and_prompts(tmp_path):
+    """A tiny Llama vLLM can serve (head_dim 32) saved with the character tokenizer, and a prompts file, for the
+    CLI runs: (model directory, prompts file)."""
     from fusedrl.engine.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
@@ -103,6 +102,13 @@ def test_cli_trains_with_vllm(tmp_path, cache_dir):
     tok.save_pretrained(model_dir)
     prompts = tmp_path / "p.txt"
     prompts.write_text("hi\nok\n1+2\ngo:\n")
+    return model_dir, prompts
+
+
+def test_cli_trains_with_vllm(tmp_path, cache_dir):
+    """fusedrl train --rollout-backend vllm on a tiny Llama saved from a config (head_dim 32), GRPO, 3 steps:
+    the engine serves each step's new weights (mismatch stays ~0 in fp32)."""
+    model_dir, prompts = saved_policy_and_prompts(tmp_path)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fusedrl.engine.cli", "train", "--prompts", str(prompts), "--policy", str(model_dir),
            "--reward-fn", "count_token", "--reward-kwargs", '{"token": "a"}', "--advantage-estimator", "grpo",
@@ -124,31 +130,6 @@ def test_cli_trains_with_vllm(tmp_path, cache_dir):
 # ----------------------------------------------------------------------------------------------------
 # Multi-turn episodes on vllm (engine/episodes.py, engine/episode_stream.py)
 # ----------------------------------------------------------------------------------------------------
-class Echo:
-    """A text environment answering " ok " twice, then ending the episode; the first answer of the rows with a
-    ``delay`` sleeps it (a remote environment), so re-admitted turns reach the engine in a timing-dependent order."""
-
-    def reset(self, **row):
-        self.turns, self.delay = 0, row.get("delay", 0.0)
-
-    def step(self, completion: str) -> str | None:
-        if self.turns == 0:
-            time.sleep(self.delay)
-        self.turns += 1
-        return None if self.turns >= 3 else " ok "
-
-    def get_reward(self) -> float:
-        return float(self.turns)
-
-
-class OneTurn:
-    def reset(self, **row):
-        return None
-
-    def step(self, completion):
-        return None
-
-
 ROWS = [{"prompt": p, "delay": d} for p, d in (("ab", 0.05), ("hello", 0.0), ("x", 0.03), ("1+1=", 0.0))]
 
 
@@ -480,14 +461,7 @@ def test_cli_two_ranks(tmp_path, cache_dir, extra):
     shards gathered one at a time into each rank's engine, never all at once for the rollout), and with a LoRA
     policy under DDP whose adapter alone is pushed. After every update each rank's engine serves the trainer's
     weights (log-prob mismatch ~0 in fp32) and the push is timed."""
-    from fusedrl.engine.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    model_dir = tmp_path / "tiny"
-    tiny_policy(vocab=len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("hi\nok\n1+2\ngo:\n")
+    model_dir, prompts = saved_policy_and_prompts(tmp_path)
     out = tmp_path / "run"
     args = ["-m", "fusedrl.engine.cli", "train", "--prompts", str(prompts), "--policy", str(model_dir),
             "--reward-fn", "count_token", "--reward-kwargs", '{"token": "a"}', "--advantage-estimator", "grpo",
